@@ -1,0 +1,69 @@
+// Conversion of Python arguments for the bindings: scalars and numpy arrays are checked here so
+// that every error names the argument. Integer arrays of another width are converted (with a range
+// check); float, bool or object arrays are a TypeError; non-contiguous or wrongly shaped arrays are a
+// ValueError. Only bindings include this file.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kvsched/block_hash.h"
+
+namespace kvsched::bindings {
+
+namespace py = pybind11;
+
+// A Python int (or numpy integer); bools and floats are rejected.
+int64_t to_int64(py::handle value, const char* name);
+
+// A 1-D C-contiguous integer array viewed as int64 (zero-copy when it already is int64).
+class Int64Array {
+ public:
+  Int64Array(py::handle value, const char* name);
+  const int64_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  py::array owner_;
+  const int64_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// A 1-D C-contiguous integer array of token ids viewed as int32.
+class TokenArray {
+ public:
+  TokenArray(py::handle value, const char* name);
+  const int32_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  py::array owner_;
+  const int32_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Block keys: uint64 array of shape (n, 2) as (lo, hi) pairs, or shape (n,) of 64-bit keys (hi = 0).
+class KeyArray {
+ public:
+  KeyArray(py::handle value, const char* name);
+  const Hash128* data() const { return keys_.empty() ? nullptr : keys_.data(); }
+  size_t size() const { return keys_.size(); }
+
+ private:
+  std::vector<Hash128> keys_;
+};
+
+// Moves a vector into a numpy array without copying (the array owns the buffer).
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& values) {
+  auto* owned = new std::vector<T>(std::move(values));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                        owned->data(), free_when_done);
+}
+
+}  // namespace kvsched::bindings
