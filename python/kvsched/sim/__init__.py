@@ -1,0 +1,1 @@
+"""Workloads and replays that drive the real kvsched core (the simulator grows here)."""
