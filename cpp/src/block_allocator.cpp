@@ -9,6 +9,8 @@ namespace kvsched {
 namespace {
 constexpr int32_t kNone = -1;
 constexpr int32_t kMaxBlockSize = 1 << 20;
+// Block tables of released sequences kept for reuse: saves an allocation per new sequence.
+constexpr size_t kMaxSpareTables = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
@@ -152,12 +154,13 @@ void BlockAllocator::allocate(SeqId seq_id, int64_t num_tokens, const Hash128* k
       counters_.prefix_query_blocks += static_cast<int64_t>(std::min(num_keys, max_hits));
       counters_.prefix_hit_blocks += static_cast<int64_t>(hits);
     }
+    size_t first = added.size();
     for (size_t i = 0; i < hits; ++i) {
       BlockId block = cached_blocks_.at(keys[i]);
       add_seq_ref(block);
-      append_block(*seq, block);
       added.push_back(block);
     }
+    append_blocks(*seq, added.data() + first, hits);
     if (hits > 0) {
       seq->num_tokens = seq->num_cached_tokens = static_cast<int64_t>(hits) * options_.block_size;
       seq->num_keyed_blocks = static_cast<int64_t>(hits);
@@ -172,51 +175,58 @@ void BlockAllocator::allocate_batch(const SeqId* seq_ids, const int64_t* num_tok
                                     std::vector<int64_t>& indptr, std::vector<BlockId>& added) {
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t stamp = ++batch_counter_;
-  std::vector<SeqId> new_ids;
+  // New ids are inserted (empty) while checking, which also detects duplicates among them; a failed
+  // check erases exactly those, so the call stays all or nothing.
+  std::vector<Sequence*>& targets = batch_targets_;
+  std::vector<SeqId>& inserted = batch_inserted_;
+  targets.clear();
+  inserted.clear();
   std::vector<BlockId> shared_tails;  // partial last blocks that will need a copy-on-write
   int64_t needed = 0;
   int64_t capacity = static_cast<int64_t>(options_.num_blocks) * options_.block_size;
-  for (size_t i = 0; i < count; ++i) {
-    SeqId id = seq_ids[i];
-    int64_t tokens = num_tokens[i];
-    KVSCHED_EXPECTS(id >= 0, std::invalid_argument, "seq_ids[", i, "] must be >= 0, got ", id);
-    KVSCHED_EXPECTS(pins_.count(id) == 0, std::invalid_argument, "seq_ids[", i, "] = ", id,
-                    " is pinned; restore() or unpin() it first");
-    KVSCHED_EXPECTS(tokens >= 0 && tokens <= capacity, std::invalid_argument, "num_tokens[", i, "] must be in [0, ",
-                    capacity, "], got ", tokens);
-    auto it = sequences_.find(id);
-    if (it == sequences_.end()) {
-      new_ids.push_back(id);
-      needed += growth_blocks(nullptr, tokens);
-      continue;
+  try {
+    for (size_t i = 0; i < count; ++i) {
+      SeqId id = seq_ids[i];
+      int64_t tokens = num_tokens[i];
+      KVSCHED_EXPECTS(id >= 0, std::invalid_argument, "seq_ids[", i, "] must be >= 0, got ", id);
+      KVSCHED_EXPECTS(tokens >= 0 && tokens <= capacity, std::invalid_argument, "num_tokens[", i,
+                      "] must be in [0, ", capacity, "], got ", tokens);
+      auto [it, is_new] = sequences_.try_emplace(id);
+      Sequence& seq = it->second;
+      if (is_new) {
+        inserted.push_back(id);
+        KVSCHED_EXPECTS(pins_.count(id) == 0, std::invalid_argument, "seq_ids[", i, "] = ", id,
+                        " is pinned; restore() or unpin() it first");
+      }
+      KVSCHED_EXPECTS(seq.batch_stamp != stamp, std::invalid_argument, "seq_ids[", i, "] = ", id, " appears twice");
+      seq.batch_stamp = stamp;
+      targets.push_back(&seq);
+      needed += growth_blocks(&seq, tokens);
+      if (needs_copy_on_write(&seq, tokens)) shared_tails.push_back(seq.blocks.back());
     }
-    Sequence& seq = it->second;
-    KVSCHED_EXPECTS(seq.batch_stamp != stamp, std::invalid_argument, "seq_ids[", i, "] = ", id, " appears twice");
-    seq.batch_stamp = stamp;
-    needed += growth_blocks(&seq, tokens);
-    if (needs_copy_on_write(&seq, tokens)) shared_tails.push_back(seq.blocks.back());
-  }
-  std::sort(new_ids.begin(), new_ids.end());
-  auto duplicate = std::adjacent_find(new_ids.begin(), new_ids.end());
-  KVSCHED_EXPECTS(duplicate == new_ids.end(), std::invalid_argument, "seq_ids: ",
-                  duplicate == new_ids.end() ? 0 : *duplicate, " appears twice");
-  // k sharers of one block copying it need min(k, refs - 1) copies: the last sharer writes in place.
-  std::sort(shared_tails.begin(), shared_tails.end());
-  for (size_t i = 0; i < shared_tails.size();) {
-    size_t j = i;
-    while (j < shared_tails.size() && shared_tails[j] == shared_tails[i]) ++j;
-    BlockId block = shared_tails[i];
-    needed += std::min<int64_t>(static_cast<int64_t>(j - i), seq_ref_[block] + pin_ref_[block] - 1);
-    i = j;
-  }
-  if (needed > free_pool_->size() + lru_size_) {
-    throw OutOfBlocks(detail::concat("allocate_batch needs ", needed, " blocks but only ", free_pool_->size() + lru_size_,
-                                     " are available (", free_pool_->size(), " free, ", lru_size_, " cached)"));
+    // k sharers of one block copying it need min(k, refs - 1) copies: the last sharer writes in place.
+    std::sort(shared_tails.begin(), shared_tails.end());
+    for (size_t i = 0; i < shared_tails.size();) {
+      size_t j = i;
+      while (j < shared_tails.size() && shared_tails[j] == shared_tails[i]) ++j;
+      BlockId block = shared_tails[i];
+      needed += std::min<int64_t>(static_cast<int64_t>(j - i), seq_ref_[block] + pin_ref_[block] - 1);
+      i = j;
+    }
+    if (needed > free_pool_->size() + lru_size_) {
+      throw OutOfBlocks(detail::concat("allocate_batch needs ", needed, " blocks but only ",
+                                       free_pool_->size() + lru_size_, " are available (", free_pool_->size(),
+                                       " free, ", lru_size_, " cached)"));
+    }
+  } catch (...) {
+    for (SeqId id : inserted) sequences_.erase(id);
+    throw;
   }
   indptr.reserve(indptr.size() + count + 1);
+  added.reserve(added.size() + static_cast<size_t>(needed));
   indptr.push_back(static_cast<int64_t>(added.size()));
   for (size_t i = 0; i < count; ++i) {
-    grow(seq_ids[i], sequences_[seq_ids[i]], num_tokens[i], added);
+    grow(seq_ids[i], *targets[i], num_tokens[i], added);
     indptr.push_back(static_cast<int64_t>(added.size()));
   }
 }
@@ -241,12 +251,14 @@ void BlockAllocator::grow(SeqId seq_id, Sequence& seq, int64_t num_tokens, std::
   }
   int64_t extra = growth_blocks(&seq, num_tokens);
   if (extra > 0) {
+    if (seq.blocks.capacity() == 0 && !spare_tables_.empty()) {
+      seq.blocks.swap(spare_tables_.back());
+      spare_tables_.pop_back();
+    }
     size_t first = added.size();
     take_blocks(seq.blocks.empty() ? kNone : seq.blocks.back(), extra, added);
-    for (size_t i = first; i < added.size(); ++i) {
-      add_seq_ref(added[i]);
-      append_block(seq, added[i]);
-    }
+    for (size_t i = first; i < added.size(); ++i) add_seq_ref(added[i]);
+    append_blocks(seq, added.data() + first, added.size() - first);
   }
   seq.num_tokens = num_tokens;
 }
@@ -268,12 +280,17 @@ int32_t BlockAllocator::extent_starts(const std::vector<BlockId>& blocks, size_t
   return index == 0 || blocks[index] != blocks[index - 1] + 1 ? 1 : 0;
 }
 
-void BlockAllocator::append_block(Sequence& seq, BlockId block) {
-  seq.blocks.push_back(block);
-  int32_t starts = extent_starts(seq.blocks, seq.blocks.size() - 1);
+void BlockAllocator::append_blocks(Sequence& seq, const BlockId* blocks, size_t count) {
+  int32_t starts = 0;
+  BlockId previous = seq.blocks.empty() ? kNone - 1 : seq.blocks.back();
+  for (size_t i = 0; i < count; ++i) {
+    starts += blocks[i] != previous + 1 ? 1 : 0;
+    previous = blocks[i];
+  }
+  seq.blocks.insert(seq.blocks.end(), blocks, blocks + count);
   seq.num_extents += starts;
   counters_.table_extents += starts;
-  ++counters_.table_blocks;
+  counters_.table_blocks += static_cast<int64_t>(count);
 }
 
 void BlockAllocator::add_seq_ref(BlockId block) {
@@ -368,6 +385,10 @@ void BlockAllocator::free_locked(SeqId seq_id, int64_t ttl_steps) {
   counters_.table_extents -= seq.num_extents;
   if (ttl_steps == 0) {
     release_blocks(seq.blocks, /*pinned=*/false);
+    if (spare_tables_.size() < kMaxSpareTables) {
+      seq.blocks.clear();
+      spare_tables_.push_back(std::move(seq.blocks));
+    }
     return;
   }
   for (BlockId block : seq.blocks) ++pin_ref_[block];

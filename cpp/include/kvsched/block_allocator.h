@@ -156,7 +156,7 @@ class BlockAllocator {
   // Mutations; callers have checked that they succeed.
   void grow(SeqId seq_id, Sequence& seq, int64_t num_tokens, std::vector<BlockId>& added);
   void take_blocks(BlockId after, int64_t count, std::vector<BlockId>& out);
-  void append_block(Sequence& seq, BlockId block);
+  void append_blocks(Sequence& seq, const BlockId* blocks, size_t count);
   void add_seq_ref(BlockId block);
   // Drop one reference; true when the block is left unreferenced and must be released.
   bool drop_seq_ref(BlockId block);
@@ -197,6 +197,9 @@ class BlockAllocator {
   int32_t num_pinned_only_ = 0;
   std::vector<CopyOnWrite> pending_copies_;
   std::vector<BlockId> scratch_;
+  std::vector<std::vector<BlockId>> spare_tables_;
+  std::vector<Sequence*> batch_targets_;  // reused across batched calls to avoid reallocation
+  std::vector<SeqId> batch_inserted_;
   BlockAllocatorStats counters_;  // the cumulative counters and table totals; states are derived
 };
 
