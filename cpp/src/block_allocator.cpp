@@ -9,8 +9,6 @@ namespace kvsched {
 namespace {
 constexpr int32_t kNone = -1;
 constexpr int32_t kMaxBlockSize = 1 << 20;
-// Block tables of released sequences kept for reuse: saves an allocation per new sequence.
-constexpr size_t kMaxSpareTables = 4096;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
@@ -45,7 +43,7 @@ int32_t BlockAllocator::num_free_blocks() const {
 
 bool BlockAllocator::contains(SeqId seq_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return sequences_.count(seq_id) != 0;
+  return sequences_.find(seq_id) != nullptr;
 }
 
 bool BlockAllocator::is_pinned(SeqId seq_id) const {
@@ -53,27 +51,27 @@ bool BlockAllocator::is_pinned(SeqId seq_id) const {
   return pins_.count(seq_id) != 0;
 }
 
-#define KVSCHED_FIND_SEQUENCE(it, seq_id, name)                                                      \
-  auto it = sequences_.find(seq_id);                                                                 \
-  KVSCHED_EXPECTS(it != sequences_.end(), UnknownId, name, " ", seq_id,                            \
+#define KVSCHED_FIND_SEQUENCE(seq, seq_id, name)                                                     \
+  auto* seq = sequences_.find(seq_id);                                                               \
+  KVSCHED_EXPECTS(seq != nullptr, UnknownId, name, " ", seq_id,                                      \
                   pins_.count(seq_id) ? " is pinned, not live" : " is not a live sequence")
 
 int64_t BlockAllocator::num_tokens(SeqId seq_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  KVSCHED_FIND_SEQUENCE(it, seq_id, "seq_id");
-  return it->second.num_tokens;
+  KVSCHED_FIND_SEQUENCE(seq, seq_id, "seq_id");
+  return seq->num_tokens;
 }
 
 int64_t BlockAllocator::num_cached_tokens(SeqId seq_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  KVSCHED_FIND_SEQUENCE(it, seq_id, "seq_id");
-  return it->second.num_cached_tokens;
+  KVSCHED_FIND_SEQUENCE(seq, seq_id, "seq_id");
+  return seq->num_cached_tokens;
 }
 
 std::vector<BlockId> BlockAllocator::block_table(SeqId seq_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  KVSCHED_FIND_SEQUENCE(it, seq_id, "seq_id");
-  return it->second.blocks;
+  KVSCHED_FIND_SEQUENCE(seq, seq_id, "seq_id");
+  return seq->blocks;
 }
 
 void BlockAllocator::check_seq_id(SeqId seq_id, const char* name) const {
@@ -110,8 +108,7 @@ int64_t BlockAllocator::blocks_needed(SeqId seq_id, int64_t num_tokens) const {
   std::lock_guard<std::mutex> lock(mutex_);
   check_seq_id(seq_id, "seq_id");
   check_num_tokens(num_tokens, "num_tokens");
-  auto it = sequences_.find(seq_id);
-  const Sequence* seq = it == sequences_.end() ? nullptr : &it->second;
+  const Sequence* seq = sequences_.find(seq_id);
   return growth_blocks(seq, num_tokens) + (needs_copy_on_write(seq, num_tokens) ? 1 : 0);
 }
 
@@ -127,8 +124,7 @@ void BlockAllocator::allocate(SeqId seq_id, int64_t num_tokens, const Hash128* k
   std::lock_guard<std::mutex> lock(mutex_);
   check_seq_id(seq_id, "seq_id");
   check_num_tokens(num_tokens, "num_tokens");
-  auto it = sequences_.find(seq_id);
-  Sequence* seq = it == sequences_.end() ? nullptr : &it->second;
+  Sequence* seq = sequences_.find(seq_id);
   bool use_keys = keys != nullptr && options_.enable_prefix_caching;
   if (use_keys && seq && seq->num_keyed_blocks > 0 && num_keys >= static_cast<size_t>(seq->num_keyed_blocks)) {
     KVSCHED_EXPECTS(keys[seq->num_keyed_blocks - 1] == seq->last_key, std::invalid_argument,
@@ -148,7 +144,7 @@ void BlockAllocator::allocate(SeqId seq_id, int64_t num_tokens, const Hash128* k
   if (needed > free_pool_->size() + lru_size_ - hits_in_lru) throw_out_of_blocks(seq_id, needed);
 
   if (!seq) {
-    seq = &sequences_[seq_id];
+    seq = sequences_.try_emplace(seq_id).first;
     if (use_keys && num_tokens > 0) {
       ++counters_.prefix_queries;
       counters_.prefix_query_blocks += static_cast<int64_t>(std::min(num_keys, max_hits));
@@ -191,8 +187,8 @@ void BlockAllocator::allocate_batch(const SeqId* seq_ids, const int64_t* num_tok
       KVSCHED_EXPECTS(id >= 0, std::invalid_argument, "seq_ids[", i, "] must be >= 0, got ", id);
       KVSCHED_EXPECTS(tokens >= 0 && tokens <= capacity, std::invalid_argument, "num_tokens[", i,
                       "] must be in [0, ", capacity, "], got ", tokens);
-      auto [it, is_new] = sequences_.try_emplace(id);
-      Sequence& seq = it->second;
+      auto [record, is_new] = sequences_.try_emplace(id);
+      Sequence& seq = *record;
       if (is_new) {
         inserted.push_back(id);
         KVSCHED_EXPECTS(pins_.count(id) == 0, std::invalid_argument, "seq_ids[", i, "] = ", id,
@@ -219,7 +215,7 @@ void BlockAllocator::allocate_batch(const SeqId* seq_ids, const int64_t* num_tok
                                        " free, ", lru_size_, " cached)"));
     }
   } catch (...) {
-    for (SeqId id : inserted) sequences_.erase(id);
+    for (SeqId id : inserted) sequences_.erase(id, reset_sequence);
     throw;
   }
   indptr.reserve(indptr.size() + count + 1);
@@ -251,10 +247,6 @@ void BlockAllocator::grow(SeqId seq_id, Sequence& seq, int64_t num_tokens, std::
   }
   int64_t extra = growth_blocks(&seq, num_tokens);
   if (extra > 0) {
-    if (seq.blocks.capacity() == 0 && !spare_tables_.empty()) {
-      seq.blocks.swap(spare_tables_.back());
-      spare_tables_.pop_back();
-    }
     size_t first = added.size();
     take_blocks(seq.blocks.empty() ? kNone : seq.blocks.back(), extra, added);
     for (size_t i = first; i < added.size(); ++i) add_seq_ref(added[i]);
@@ -358,7 +350,7 @@ void BlockAllocator::register_keys(Sequence& seq, const Hash128* keys, size_t nu
 void BlockAllocator::free(SeqId seq_id, int64_t ttl_steps) {
   std::lock_guard<std::mutex> lock(mutex_);
   KVSCHED_EXPECTS(ttl_steps >= 0, std::invalid_argument, "ttl_steps must be >= 0, got ", ttl_steps);
-  KVSCHED_FIND_SEQUENCE(it, seq_id, "seq_id");
+  KVSCHED_FIND_SEQUENCE(seq, seq_id, "seq_id");
   free_locked(seq_id, ttl_steps);
 }
 
@@ -367,49 +359,52 @@ void BlockAllocator::free_batch(const SeqId* seq_ids, size_t count, int64_t ttl_
   KVSCHED_EXPECTS(ttl_steps >= 0, std::invalid_argument, "ttl_steps must be >= 0, got ", ttl_steps);
   uint64_t stamp = ++batch_counter_;
   for (size_t i = 0; i < count; ++i) {
-    auto it = sequences_.find(seq_ids[i]);
-    KVSCHED_EXPECTS(it != sequences_.end(), UnknownId, "seq_ids[", i, "] = ", seq_ids[i],
+    Sequence* seq = sequences_.find(seq_ids[i]);
+    KVSCHED_EXPECTS(seq != nullptr, UnknownId, "seq_ids[", i, "] = ", seq_ids[i],
                     pins_.count(seq_ids[i]) ? " is pinned, not live" : " is not a live sequence");
-    KVSCHED_EXPECTS(it->second.batch_stamp != stamp, std::invalid_argument, "seq_ids[", i, "] = ", seq_ids[i],
+    KVSCHED_EXPECTS(seq->batch_stamp != stamp, std::invalid_argument, "seq_ids[", i, "] = ", seq_ids[i],
                     " appears twice");
-    it->second.batch_stamp = stamp;
+    seq->batch_stamp = stamp;
   }
   for (size_t i = 0; i < count; ++i) free_locked(seq_ids[i], ttl_steps);
 }
 
 void BlockAllocator::free_locked(SeqId seq_id, int64_t ttl_steps) {
-  auto it = sequences_.find(seq_id);
-  Sequence seq = std::move(it->second);
-  sequences_.erase(it);
+  Sequence& seq = *sequences_.find(seq_id);
   counters_.table_blocks -= static_cast<int64_t>(seq.blocks.size());
   counters_.table_extents -= seq.num_extents;
   if (ttl_steps == 0) {
     release_blocks(seq.blocks, /*pinned=*/false);
-    if (spare_tables_.size() < kMaxSpareTables) {
-      seq.blocks.clear();
-      spare_tables_.push_back(std::move(seq.blocks));
-    }
-    return;
+  } else {
+    for (BlockId block : seq.blocks) ++pin_ref_[block];
+    for (BlockId block : seq.blocks) drop_seq_ref(block);  // never releases: the pin holds a ref
+    int64_t expires_at = clock_ + ttl_steps;
+    pin_expiry_.emplace(expires_at, seq_id);
+    pins_.emplace(seq_id, Pin{std::move(seq), expires_at});
   }
-  for (BlockId block : seq.blocks) ++pin_ref_[block];
-  for (BlockId block : seq.blocks) drop_seq_ref(block);  // never releases: the pin holds a ref
-  int64_t expires_at = clock_ + ttl_steps;
-  pin_expiry_.emplace(expires_at, seq_id);
-  pins_.emplace(seq_id, Pin{std::move(seq), expires_at});
+  sequences_.erase(seq_id, reset_sequence);
+}
+
+void BlockAllocator::reset_sequence(Sequence& seq) {
+  seq.blocks.clear();  // keeps its capacity for the next sequence in this slot
+  seq.num_tokens = seq.num_cached_tokens = seq.num_keyed_blocks = 0;
+  seq.last_key = Hash128{};
+  seq.num_extents = 0;
+  seq.batch_stamp = 0;
 }
 
 void BlockAllocator::fork(SeqId parent, SeqId child) {
   std::lock_guard<std::mutex> lock(mutex_);
-  KVSCHED_FIND_SEQUENCE(it, parent, "parent");
+  KVSCHED_FIND_SEQUENCE(source, parent, "parent");
   check_seq_id(child, "child");
   KVSCHED_EXPECTS(child != parent, std::invalid_argument, "child must differ from parent, both are ", child);
-  KVSCHED_EXPECTS(sequences_.count(child) == 0, std::invalid_argument, "child ", child, " already exists");
-  Sequence copy = it->second;
+  KVSCHED_EXPECTS(sequences_.find(child) == nullptr, std::invalid_argument, "child ", child, " already exists");
+  Sequence& copy = *sequences_.try_emplace(child).first;  // records have stable addresses
+  copy = *source;
   copy.batch_stamp = 0;
   for (BlockId block : copy.blocks) add_seq_ref(block);
   counters_.table_blocks += static_cast<int64_t>(copy.blocks.size());
   counters_.table_extents += copy.num_extents;
-  sequences_.emplace(child, std::move(copy));
 }
 
 int64_t BlockAllocator::advance_steps(int64_t steps) {
@@ -448,7 +443,7 @@ void BlockAllocator::restore(SeqId seq_id) {
   counters_.table_blocks += static_cast<int64_t>(seq.blocks.size());
   counters_.table_extents += seq.num_extents;
   seq.batch_stamp = 0;
-  sequences_.emplace(seq_id, std::move(seq));
+  *sequences_.try_emplace(seq_id).first = std::move(seq);
 }
 
 // ---------------------------------------------------------------- prefix cache
@@ -552,11 +547,11 @@ void BlockAllocator::check_invariants() const {
     }
     KVSCHED_ASSERT(extents == seq.num_extents, "seq ", id, " counts ", seq.num_extents, " extents, has ", extents);
   };
-  for (const auto& [id, seq] : sequences_) {
+  sequences_.for_each([&](SeqId id, const Sequence& seq) {
     check_sequence(id, seq, seq_refs);
     table_blocks += static_cast<int64_t>(seq.blocks.size());
     table_extents += seq.num_extents;
-  }
+  });
   for (const auto& [id, pin] : pins_) check_sequence(id, pin.sequence, pin_refs);
   KVSCHED_ASSERT(table_blocks == counters_.table_blocks && table_extents == counters_.table_extents,
                  "table totals drifted");

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "kvsched/block_hash.h"
+#include "kvsched/detail/id_map.h"
 
 namespace kvsched {
 
@@ -165,6 +166,7 @@ class BlockAllocator {
   void release_blocks(const std::vector<BlockId>& blocks, bool pinned);
   void register_keys(Sequence& seq, const Hash128* keys, size_t num_keys);
   void free_locked(SeqId seq_id, int64_t ttl_steps);
+  static void reset_sequence(Sequence& seq);
   size_t match_prefix_locked(const Hash128* keys, size_t num_keys, size_t max_blocks) const;
   void lru_push(BlockId block);
   void lru_remove(BlockId block);
@@ -174,7 +176,7 @@ class BlockAllocator {
   BlockAllocatorOptions options_;
   mutable std::mutex mutex_;
   std::unique_ptr<FreePool> free_pool_;
-  std::unordered_map<SeqId, Sequence> sequences_;
+  detail::IdMap<Sequence> sequences_;
   std::unordered_map<SeqId, Pin> pins_;
   std::priority_queue<std::pair<int64_t, SeqId>, std::vector<std::pair<int64_t, SeqId>>, std::greater<>> pin_expiry_;
   int64_t clock_ = 0;
@@ -197,7 +199,6 @@ class BlockAllocator {
   int32_t num_pinned_only_ = 0;
   std::vector<CopyOnWrite> pending_copies_;
   std::vector<BlockId> scratch_;
-  std::vector<std::vector<BlockId>> spare_tables_;
   std::vector<Sequence*> batch_targets_;  // reused across batched calls to avoid reallocation
   std::vector<SeqId> batch_inserted_;
   BlockAllocatorStats counters_;  // the cumulative counters and table totals; states are derived
