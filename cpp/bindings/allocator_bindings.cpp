@@ -28,7 +28,7 @@ std::vector<Hash128> keys_from(const BlockAllocator& allocator, py::handle token
   std::vector<Hash128> keys;
   if (!tokens.is_none() && !block_keys.is_none()) throw py::value_error("pass tokens or block_keys, not both");
   if (!tokens.is_none()) {
-    TokenArray token_array(tokens, "tokens");
+    Int32Array token_array(tokens, "tokens");
     uint64_t salt_value = static_cast<uint64_t>(to_int64(salt, "salt"));
     GilRelease release;
     allocator.hash_tokens(token_array.data(), token_array.size(), salt_value, keys);

@@ -71,7 +71,7 @@ Int64Array::Int64Array(py::handle value, const char* name) {
   size_ = static_cast<size_t>(owner_.size());
 }
 
-TokenArray::TokenArray(py::handle value, const char* name) {
+Int32Array::Int32Array(py::handle value, const char* name) {
   owner_ = checked_integer_array(value, name, 1);
   if (!owner_.dtype().is(py::dtype::of<int32_t>())) owner_ = convert_checked<int32_t>(owner_, name);
   data_ = static_cast<const int32_t*>(owner_.data());

@@ -33,10 +33,10 @@ class Int64Array {
   size_t size_ = 0;
 };
 
-// A 1-D C-contiguous integer array of token ids viewed as int32.
-class TokenArray {
+// A 1-D C-contiguous integer array viewed as int32 (token ids, class ids), range-checked.
+class Int32Array {
  public:
-  TokenArray(py::handle value, const char* name);
+  Int32Array(py::handle value, const char* name);
   const int32_t* data() const { return data_; }
   size_t size() const { return size_; }
 

@@ -22,4 +22,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_device_count", &kvsched::cuda_device_count, py::call_guard<py::gil_scoped_release>(),
         "Number of usable CUDA devices (0 without a driver, a device or CUDA support).");
   kvsched::bindings::init_allocator(m);
+  kvsched::bindings::init_estimator(m);
 }

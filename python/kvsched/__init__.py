@@ -11,6 +11,7 @@ from importlib import metadata as _metadata
 from . import _core
 from ._core import OutOfBlocks
 from .allocator import BlockAllocator
+from .estimator import PeakEstimator, future_peak
 
 OutOfBlocks.__module__ = __name__
 OutOfBlocks.__doc__ = "Not enough free KV blocks for the request; raised with no state change (a MemoryError)."
@@ -31,4 +32,4 @@ def cuda_compiled() -> bool:
     return bool(_core.cuda_compiled())
 
 
-__all__ = ["BlockAllocator", "OutOfBlocks", "__version__", "cuda_compiled", "has_cuda"]
+__all__ = ["BlockAllocator", "OutOfBlocks", "PeakEstimator", "__version__", "cuda_compiled", "future_peak", "has_cuda"]

@@ -51,3 +51,47 @@ class BlockAllocator:
     def pop_copy_on_writes(self) -> npt.NDArray[np.int64]: ...
     def stats(self) -> Dict[str, Any]: ...
     def check_invariants(self) -> None: ...
+
+def future_peak(held: Any, remaining: Any, block_size: int = 0) -> int: ...
+
+class PeakEstimator:
+    def __init__(
+        self,
+        window: int,
+        block_size: int,
+        quantile: float,
+        adaptive: bool,
+        target_preemption_rate: float,
+        adapt_gain: float,
+        min_quantile: float,
+        max_quantile: float,
+        sampling: bool,
+        num_scenarios: int,
+        seed: int,
+        prior: Optional[Any],
+    ) -> None: ...
+    @property
+    def quantile(self) -> float: ...
+    @property
+    def block_size(self) -> int: ...
+    def history_size(self, class_id: int = -1) -> int: ...
+    def record(self, lengths: Any, class_ids: Optional[Any] = None) -> None: ...
+    def observe(self, preempted: int, admitted: int) -> None: ...
+    def predict_remaining(
+        self, mode: int, generated: Any, max_new_tokens: Any, class_ids: Optional[Any], lengths: Optional[Any]
+    ) -> npt.NDArray[np.int64]: ...
+    def admit(
+        self,
+        mode: int,
+        capacity: int,
+        reserve: int,
+        running_held: Any,
+        running_generated: Any,
+        running_max_new_tokens: Any,
+        running_class_ids: Optional[Any],
+        running_lengths: Optional[Any],
+        candidate_prompt: Any,
+        candidate_max_new_tokens: Any,
+        candidate_class_ids: Optional[Any],
+        candidate_lengths: Optional[Any],
+    ) -> int: ...

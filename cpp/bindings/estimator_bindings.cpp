@@ -1,0 +1,150 @@
+// Bindings for kvsched::PeakEstimator; kvsched.PeakEstimator (Python) wraps and documents them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "array_args.h"
+#include "bindings.h"
+#include "kvsched/peak_estimator.h"
+
+namespace kvsched::bindings {
+namespace {
+
+// Owns the converted arrays of one request set and exposes them as RequestArrays.
+struct RequestSet {
+  std::optional<Int64Array> held, generated, max_new_tokens, known_lengths;
+  std::optional<Int32Array> class_ids;
+  RequestArrays view;
+
+  RequestSet(const std::string& prefix, py::handle held_in, const char* held_name, py::handle generated_in,
+             py::handle max_new_in, py::handle class_ids_in, py::handle known_in) {
+    std::string held_label = prefix + held_name, max_label = prefix + "max_new_tokens";
+    held.emplace(held_in, held_label.c_str());
+    max_new_tokens.emplace(max_new_in, max_label.c_str());
+    view.count = held->size();
+    view.held = held->data();
+    view.max_new_tokens = max_new_tokens->data();
+    check_length(max_label, max_new_tokens->size());
+    if (!generated_in.is_none()) {
+      std::string label = prefix + "generated";
+      generated.emplace(generated_in, label.c_str());
+      check_length(label, generated->size());
+      view.generated = generated->data();
+    }
+    if (!class_ids_in.is_none()) {
+      std::string label = prefix + "class_ids";
+      class_ids.emplace(class_ids_in, label.c_str());
+      check_length(label, class_ids->size());
+      view.class_ids = class_ids->data();
+    }
+    if (!known_in.is_none()) {
+      std::string label = prefix + "lengths";
+      known_lengths.emplace(known_in, label.c_str());
+      check_length(label, known_lengths->size());
+      view.known_lengths = known_lengths->data();
+    }
+  }
+
+  void check_length(const std::string& label, size_t size) const {
+    if (size != view.count) {
+      throw py::value_error(label + " has " + std::to_string(size) + " entries, expected " +
+                            std::to_string(view.count));
+    }
+  }
+};
+
+}  // namespace
+
+void init_estimator(py::module_& m) {
+  m.def(
+      "future_peak",
+      [](py::handle held, py::handle remaining, int32_t block_size) {
+        Int64Array held_array(held, "held"), remaining_array(remaining, "remaining");
+        if (held_array.size() != remaining_array.size()) {
+          throw py::value_error("held and remaining must have the same length");
+        }
+        for (size_t i = 0; i < held_array.size(); ++i) {
+          if (held_array.data()[i] < 0 || remaining_array.data()[i] < 0) {
+            throw py::value_error("held and remaining must be >= 0 (index " + std::to_string(i) + ")");
+          }
+        }
+        if (block_size < 0) throw py::value_error("block_size must be >= 0");
+        py::gil_scoped_release release;
+        return future_peak(held_array.data(), remaining_array.data(), held_array.size(), block_size);
+      },
+      py::arg("held"), py::arg("remaining"), py::arg("block_size") = 0);
+
+  py::class_<PeakEstimator>(m, "PeakEstimator")
+      .def(py::init([](int32_t window, int32_t block_size, double quantile, bool adaptive, double target_rate,
+                       double adapt_gain, double min_quantile, double max_quantile, bool sampling,
+                       int32_t num_scenarios, uint64_t seed, py::handle prior) {
+             PeakEstimatorOptions options;
+             options.window = window;
+             options.block_size = block_size;
+             options.quantile = quantile;
+             options.adaptive = adaptive;
+             options.target_preemption_rate = target_rate;
+             options.adapt_gain = adapt_gain;
+             options.min_quantile = min_quantile;
+             options.max_quantile = max_quantile;
+             options.sampling = sampling;
+             options.num_scenarios = num_scenarios;
+             options.seed = seed;
+             if (!prior.is_none()) {
+               Int64Array values(prior, "prior");
+               options.prior.assign(values.data(), values.data() + values.size());
+             }
+             return new PeakEstimator(std::move(options));
+           }),
+           py::arg("window"), py::arg("block_size"), py::arg("quantile"), py::arg("adaptive"),
+           py::arg("target_preemption_rate"), py::arg("adapt_gain"), py::arg("min_quantile"), py::arg("max_quantile"),
+           py::arg("sampling"), py::arg("num_scenarios"), py::arg("seed"), py::arg("prior"))
+      .def_property_readonly("quantile", &PeakEstimator::quantile)
+      .def_property_readonly("block_size", [](const PeakEstimator& e) { return e.options().block_size; })
+      .def("history_size", &PeakEstimator::history_size, py::arg("class_id") = -1)
+      .def(
+          "record",
+          [](PeakEstimator& e, py::handle lengths, py::handle class_ids) {
+            Int64Array length_array(lengths, "lengths");
+            std::optional<Int32Array> classes;
+            if (!class_ids.is_none()) {
+              classes.emplace(class_ids, "class_ids");
+              if (classes->size() != length_array.size()) {
+                throw py::value_error("class_ids must have the same length as lengths");
+              }
+            }
+            e.record(length_array.data(), classes ? classes->data() : nullptr, length_array.size());
+          },
+          py::arg("lengths"), py::arg("class_ids") = py::none())
+      .def(
+          "predict_remaining",
+          [](PeakEstimator& e, int mode, py::handle generated, py::handle max_new, py::handle class_ids,
+             py::handle lengths) {
+            RequestSet requests("", generated, "generated", generated, max_new, class_ids, lengths);
+            std::vector<int64_t> out(requests.view.count);
+            {
+              py::gil_scoped_release release;
+              e.predict_remaining(static_cast<AdmissionMode>(mode), requests.view, out.data());
+            }
+            return to_numpy(std::move(out));
+          },
+          py::arg("mode"), py::arg("generated"), py::arg("max_new_tokens"), py::arg("class_ids"), py::arg("lengths"))
+      .def(
+          "admit",
+          [](PeakEstimator& e, int mode, int64_t capacity, int64_t reserve, py::handle running_held,
+             py::handle running_generated, py::handle running_max_new, py::handle running_classes,
+             py::handle running_lengths, py::handle candidate_prompt, py::handle candidate_max_new,
+             py::handle candidate_classes, py::handle candidate_lengths) {
+            RequestSet running("running_", running_held, "held", running_generated, running_max_new, running_classes,
+                               running_lengths);
+            RequestSet candidates("candidate_", candidate_prompt, "prompt", py::none(), candidate_max_new,
+                                  candidate_classes, candidate_lengths);
+            py::gil_scoped_release release;
+            return e.admit(static_cast<AdmissionMode>(mode), running.view, candidates.view, capacity, reserve);
+          })
+      .def("observe", &PeakEstimator::observe, py::arg("preempted"), py::arg("admitted"));
+}
+
+}  // namespace kvsched::bindings

@@ -1,0 +1,105 @@
+// Peak-memory future estimation and admission control (after LightLLM's Past-Future scheduler).
+//
+// Glossary
+//   held a_i       KV tokens a request holds now (for a waiting candidate: its prompt).
+//   remaining b_i  tokens it is predicted to still generate; it finishes after b_i more steps and
+//                  releases everything.
+//   future peak    occupancy only rises between completions, so the peak is reached at a
+//                  completion: with b sorted descending, max_j ( j * b_(j) + sum_{i<=j} a_(i) )
+//                  in tokens; in blocks, sum_{i<=j} ceil((a_(i) + b_(j)) / block_size).
+//   mode           where b comes from: aggressive (0: no growth), conservative (max_new_tokens),
+//                  past_future (a quantile, or a random draw, of the history of finished output
+//                  lengths L conditioned on L > generated), oracle (true lengths, simulation only)
+//                  or predicted (lengths from the caller's own predictor).
+//   safety quantile  the quantile past_future uses; adaptive: raised after preemptions, relaxed
+//                  while admissions go by without one, so the preemption rate tracks a target.
+// A non-oracle mode never reads a true length: only kOracle and kPredicted read `known_lengths`.
+// Thread safety: every public method takes an internal mutex.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <random>
+#include <unordered_map>
+#include <vector>
+
+#include "kvsched/output_length_history.h"
+
+namespace kvsched {
+
+enum class AdmissionMode : int { kAggressive = 0, kConservative = 1, kPastFuture = 2, kOracle = 3, kPredicted = 4 };
+
+// Requests as parallel arrays of length `count`. Optional arrays may be null: generated (0),
+// class_ids (class 0), known_lengths (required by kOracle and kPredicted only).
+struct RequestArrays {
+  const int64_t* held = nullptr;
+  const int64_t* generated = nullptr;
+  const int64_t* max_new_tokens = nullptr;
+  const int32_t* class_ids = nullptr;
+  const int64_t* known_lengths = nullptr;
+  size_t count = 0;
+};
+
+struct PeakEstimatorOptions {
+  int32_t window = 1000;
+  int32_t block_size = 0;  // 0: count tokens; otherwise count blocks of this many tokens
+  double quantile = 0.9;
+  bool adaptive = true;
+  double target_preemption_rate = 0.01;  // preemptions per admitted request
+  double adapt_gain = 0.1;               // logit step per preemption
+  double min_quantile = 0.5;
+  double max_quantile = 0.999;
+  bool sampling = false;  // draw remaining lengths instead of taking the quantile
+  int32_t num_scenarios = 1;
+  uint64_t seed = 0;
+  std::vector<int64_t> prior;  // lengths that fill every window until real ones push them out
+};
+
+// Exact future peak of a set of requests (tokens, or blocks when block_size > 0).
+int64_t future_peak(const int64_t* held, const int64_t* remaining, size_t count, int32_t block_size);
+
+class PeakEstimator {
+ public:
+  explicit PeakEstimator(PeakEstimatorOptions options);
+
+  const PeakEstimatorOptions& options() const { return options_; }
+
+  // Finished requests' output lengths, with their classes (null: class 0).
+  void record(const int64_t* lengths, const int32_t* class_ids, size_t count);
+
+  // Predicted remaining tokens of each request under `mode` (one scenario when sampling).
+  void predict_remaining(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
+
+  // How many leading candidates can join `running` with the future peak <= capacity - reserve.
+  int64_t admit(AdmissionMode mode, const RequestArrays& running, const RequestArrays& candidates,
+                int64_t capacity, int64_t reserve);
+
+  // Feedback for the adaptive quantile: requests preempted and admitted since the last call.
+  void observe(int64_t preempted, int64_t admitted);
+
+  double quantile() const;
+  size_t history_size(int32_t class_id) const;  // -1: all classes together
+
+ private:
+  struct Item {
+    int64_t remaining;
+    int64_t held;
+  };
+  void check_requests(AdmissionMode mode, const RequestArrays& requests, const char* prefix,
+                      const char* held_name) const;
+  void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
+  const OutputLengthHistory* history_for(int32_t class_id) const;
+  int64_t peak_with_prefix(const std::vector<Item>& running, const std::vector<Item>& candidates, size_t prefix,
+                           std::vector<Item>& scratch) const;
+
+  PeakEstimatorOptions options_;
+  mutable std::mutex mutex_;
+  OutputLengthHistory all_classes_;
+  std::unordered_map<int32_t, OutputLengthHistory> by_class_;
+  double quantile_logit_;
+  std::mt19937_64 rng_;
+  std::vector<int64_t> scratch_remaining_;
+  std::vector<Item> running_items_, candidate_items_, merge_scratch_;
+};
+
+}  // namespace kvsched
