@@ -16,7 +16,8 @@ double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 // Walks requests in descending `remaining` order and keeps the occupancy at each completion.
 class PeakScan {
  public:
-  explicit PeakScan(int32_t block_size) : block_size_(block_size) {
+  // `counts` is scratch space for the block count (reused across scans to avoid allocating).
+  PeakScan(int32_t block_size, std::vector<int64_t>& counts) : block_size_(block_size), remainder_counts_(counts) {
     if (block_size_ > 0) remainder_counts_.assign(static_cast<size_t>(block_size_) + 1, 0);
   }
 
@@ -55,16 +56,37 @@ class PeakScan {
 
   int32_t block_size_;
   int64_t count_ = 0, held_sum_ = 0, held_blocks_ = 0, nonzero_rests_ = 0, peak_ = 0;
-  std::vector<int64_t> remainder_counts_;
+  std::vector<int64_t>& remainder_counts_;
 };
 
 }  // namespace
+
+void PeakEstimator::sort_by_remaining_descending(std::vector<Item>& items, std::vector<Item>& buffer) {
+  // LSD radix sort on the complemented key, 11 bits a pass, only over the bits in use: linear
+  // where a comparison sort of a thousand running requests costs several microseconds.
+  int64_t largest = 0;
+  for (const Item& item : items) largest = std::max(largest, item.remaining);
+  constexpr int kBits = 11;
+  constexpr size_t kBuckets = size_t{1} << kBits;
+  buffer.resize(items.size());
+  for (int shift = 0; (largest >> shift) > 0; shift += kBits) {
+    size_t counts[kBuckets + 1] = {0};
+    auto digit = [&](const Item& item) {
+      return static_cast<size_t>(((largest - item.remaining) >> shift) & static_cast<int64_t>(kBuckets - 1));
+    };
+    for (const Item& item : items) ++counts[digit(item) + 1];
+    for (size_t b = 1; b <= kBuckets; ++b) counts[b] += counts[b - 1];
+    for (const Item& item : items) buffer[counts[digit(item)]++] = item;
+    items.swap(buffer);
+  }
+}
 
 int64_t future_peak(const int64_t* held, const int64_t* remaining, size_t count, int32_t block_size) {
   std::vector<size_t> order(count);
   for (size_t i = 0; i < count; ++i) order[i] = i;
   std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return remaining[x] > remaining[y]; });
-  PeakScan scan(block_size);
+  std::vector<int64_t> counts;
+  PeakScan scan(block_size, counts);
   for (size_t i : order) scan.add(held[i], remaining[i]);
   return scan.peak();
 }
@@ -160,43 +182,63 @@ void PeakEstimator::check_requests(AdmissionMode mode, const RequestArrays& r, c
 }
 
 void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, int64_t* out) {
+  static const int64_t kNoneGenerated = 0;
+  // Start from the cap every mode respects: max_new_tokens - generated.
+  for (size_t i = 0; i < r.count; ++i) {
+    out[i] = std::max<int64_t>(0, r.max_new_tokens[i] - (r.generated ? r.generated[i] : 0));
+  }
+  switch (mode) {
+    case AdmissionMode::kConservative:
+      return;
+    case AdmissionMode::kAggressive:
+      std::fill(out, out + r.count, 0);
+      return;
+    case AdmissionMode::kOracle:
+    case AdmissionMode::kPredicted:
+      for (size_t i = 0; i < r.count; ++i) {
+        int64_t generated = r.generated ? r.generated[i] : 0;
+        int64_t left = r.known_lengths[i] - generated;
+        // Oracle: a request at its true length has nothing left. A prediction already passed
+        // says nothing: keep the max_new_tokens cap.
+        if (left > 0 || mode == AdmissionMode::kOracle) out[i] = std::min(out[i], std::max<int64_t>(0, left));
+      }
+      return;
+    case AdmissionMode::kPastFuture:
+      break;
+  }
   double q = sigmoid(quantile_logit_);
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
-  for (size_t i = 0; i < r.count; ++i) {
-    int64_t generated = r.generated ? r.generated[i] : 0;
-    int64_t budget = std::max<int64_t>(0, r.max_new_tokens[i] - generated);
-    int64_t remaining = budget;
-    switch (mode) {
-      case AdmissionMode::kAggressive:
-        remaining = 0;
-        break;
-      case AdmissionMode::kConservative:
-        break;
-      case AdmissionMode::kPastFuture: {
-        const OutputLengthHistory* history = history_for(r.class_ids ? r.class_ids[i] : 0);
-        if (!history) break;  // no history yet: reserve max_new_tokens
-        int64_t total = -1;
-        if (options_.sampling) {
-          size_t longer = history->count_longer(generated);
-          if (longer > 0) {
-            size_t k = std::min(longer - 1, static_cast<size_t>(uniform(rng_) * static_cast<double>(longer)));
-            total = history->conditional_select(generated, k);
-          }
-        } else {
-          total = history->conditional_quantile(generated, q);
-        }
-        // No finished request ran this long: fall back to max_new_tokens.
-        if (total >= 0) remaining = std::min(budget, total - generated);
-        break;
+  std::vector<int64_t>& totals = scratch_totals_;
+  totals.resize(r.count);
+  // Requests are handled in runs of one class, so a uniform batch is one lookup and one
+  // lockstep search.
+  for (size_t start = 0; start < r.count;) {
+    int32_t class_id = r.class_ids ? r.class_ids[start] : 0;
+    size_t end = start + 1;
+    while (end < r.count && (r.class_ids ? r.class_ids[end] : 0) == class_id) ++end;
+    const OutputLengthHistory* history = history_for(class_id);
+    const int64_t* generated = r.generated ? r.generated + start : nullptr;
+    if (!history) {
+      std::fill(totals.begin() + static_cast<std::ptrdiff_t>(start), totals.begin() + static_cast<std::ptrdiff_t>(end), -1);
+    } else if (options_.sampling) {
+      for (size_t i = start; i < end; ++i) {
+        int64_t g = generated ? generated[i - start] : 0;
+        size_t longer = history->count_longer(g);
+        totals[i] = longer == 0 ? -1
+                                : history->conditional_select(
+                                      g, std::min(longer - 1, static_cast<size_t>(uniform(rng_) * static_cast<double>(longer))));
       }
-      case AdmissionMode::kOracle:
-        remaining = std::min(budget, std::max<int64_t>(0, r.known_lengths[i] - generated));
-        break;
-      case AdmissionMode::kPredicted:
-        if (r.known_lengths[i] > generated) remaining = std::min(budget, r.known_lengths[i] - generated);
-        break;
+    } else if (generated) {
+      history->conditional_quantiles(generated, end - start, q, totals.data() + start);
+    } else {
+      int64_t total = history->conditional_quantile(kNoneGenerated, q);
+      std::fill(totals.begin() + static_cast<std::ptrdiff_t>(start), totals.begin() + static_cast<std::ptrdiff_t>(end), total);
     }
-    out[i] = remaining;
+    start = end;
+  }
+  for (size_t i = 0; i < r.count; ++i) {
+    // No finished request ran this long (or no history at all): keep max_new_tokens.
+    if (totals[i] >= 0) out[i] = std::min(out[i], totals[i] - (r.generated ? r.generated[i] : 0));
   }
 }
 
@@ -206,18 +248,20 @@ void PeakEstimator::predict_remaining(AdmissionMode mode, const RequestArrays& r
   predict_locked(mode, requests, out);
 }
 
-int64_t PeakEstimator::peak_with_prefix(const std::vector<Item>& running, const std::vector<Item>& candidates,
-                                        size_t prefix, std::vector<Item>& scratch) const {
-  scratch.assign(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(prefix));
-  std::sort(scratch.begin(), scratch.end(), [](const Item& x, const Item& y) { return x.remaining > y.remaining; });
-  PeakScan scan(options_.block_size);
+bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
+  std::vector<Item>& added = merge_scratch_;
+  added.assign(candidate_items_.begin(), candidate_items_.begin() + static_cast<std::ptrdiff_t>(prefix));
+  std::sort(added.begin(), added.end(), [](const Item& x, const Item& y) { return x.remaining > y.remaining; });
+  PeakScan scan(options_.block_size, scan_counts_);
   size_t i = 0, j = 0;
-  while (i < running.size() || j < scratch.size()) {
-    bool take_running = j == scratch.size() || (i < running.size() && running[i].remaining >= scratch[j].remaining);
-    const Item& item = take_running ? running[i++] : scratch[j++];
+  while (i < running_items_.size() || j < added.size()) {
+    bool take_running = j == added.size() || (i < running_items_.size() && running_items_[i].remaining >= added[j].remaining);
+    const Item& item = take_running ? running_items_[i++] : added[j++];
     scan.add(item.held, item.remaining);
+    if (scan.peak() > budget) return false;  // the peak only grows along the scan
   }
-  return scan.peak();
+  last_peak_ = scan.peak();
+  return true;
 }
 
 int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, const RequestArrays& candidates,
@@ -236,21 +280,31 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
     predict_locked(mode, running, scratch_remaining_.data());
     running_items_.resize(running.count);
     for (size_t i = 0; i < running.count; ++i) running_items_[i] = Item{scratch_remaining_[i], running.held[i]};
-    std::sort(running_items_.begin(), running_items_.end(),
-              [](const Item& x, const Item& y) { return x.remaining > y.remaining; });
+    sort_by_remaining_descending(running_items_, merge_scratch_);
     predict_locked(mode, candidates, scratch_remaining_.data());
     candidate_items_.resize(candidates.count);
     for (size_t i = 0; i < candidates.count; ++i) candidate_items_[i] = Item{scratch_remaining_[i], candidates.held[i]};
-    // The peak grows with every candidate added, so the admissible candidates form a prefix.
-    if (peak_with_prefix(running_items_, candidate_items_, 0, merge_scratch_) > budget) return 0;
-    int64_t low = 0, high = admitted;  // peak(low) fits; find the largest fitting prefix <= high
+    // The peak grows with every candidate added, so the admissible candidates form a prefix. The
+    // occupancy now (t = 0) is a lower bound of the peak: it caps the prefix before any scan.
+    int64_t now = 0;
+    for (const Item& item : running_items_) now += held_units(item.held);
+    int64_t high = 0;
+    while (high < admitted && (now += held_units(candidate_items_[static_cast<size_t>(high)].held)) <= budget) ++high;
+    if (!fits_with_prefix(0, budget)) return 0;
+    // Occupancy is additive over requests at every instant, so peak(R + C) <= peak(R) + sum of
+    // each candidate's own peak: a prefix whose own peaks fit in the slack fits for sure.
+    int64_t slack = budget - last_peak_;
+    int64_t low = 0;  // the prefix of `low` candidates fits; find the largest fitting one <= high
+    while (low < high) {
+      const Item& item = candidate_items_[static_cast<size_t>(low)];
+      slack -= held_units(item.held + item.remaining);  // a lone request peaks when it finishes
+      if (slack < 0) break;
+      ++low;
+    }
     while (low < high) {
       int64_t middle = low + (high - low + 1) / 2;
-      if (peak_with_prefix(running_items_, candidate_items_, static_cast<size_t>(middle), merge_scratch_) <= budget) {
-        low = middle;
-      } else {
-        high = middle - 1;
-      }
+      if (fits_with_prefix(static_cast<size_t>(middle), budget)) low = middle;
+      else high = middle - 1;
     }
     admitted = low;
   }

@@ -89,8 +89,13 @@ class PeakEstimator {
                       const char* held_name) const;
   void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
   const OutputLengthHistory* history_for(int32_t class_id) const;
-  int64_t peak_with_prefix(const std::vector<Item>& running, const std::vector<Item>& candidates, size_t prefix,
-                           std::vector<Item>& scratch) const;
+  // Whether running_items_ (sorted) plus the first `prefix` candidate_items_ peak within budget.
+  // Records the peak in last_peak_ when it fits.
+  bool fits_with_prefix(size_t prefix, int64_t budget);
+  static void sort_by_remaining_descending(std::vector<Item>& items, std::vector<Item>& buffer);
+  int64_t held_units(int64_t held) const {  // tokens, or blocks when counting blocks
+    return options_.block_size > 0 ? (held + options_.block_size - 1) / options_.block_size : held;
+  }
 
   PeakEstimatorOptions options_;
   mutable std::mutex mutex_;
@@ -98,8 +103,10 @@ class PeakEstimator {
   std::unordered_map<int32_t, OutputLengthHistory> by_class_;
   double quantile_logit_;
   std::mt19937_64 rng_;
-  std::vector<int64_t> scratch_remaining_;
+  std::vector<int64_t> scratch_remaining_, scratch_totals_;
   std::vector<Item> running_items_, candidate_items_, merge_scratch_;
+  std::vector<int64_t> scan_counts_;
+  int64_t last_peak_ = 0;
 };
 
 }  // namespace kvsched
