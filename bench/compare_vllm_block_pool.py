@@ -46,19 +46,6 @@ def kvsched_rounds(requests: int, per_request: int, block_size: int):
     return batched, per_call
 
 
-def vllm_rounds(requests: int, per_request: int, block_size: int):
-    from vllm.v1.core.block_pool import BlockPool  # noqa: import inside: optional dependency
-
-    pool = BlockPool(requests * per_request + 1, enable_caching=True, hash_block_size=block_size)
-
-    def get_new_then_free():
-        held = [pool.get_new_blocks(per_request) for _ in range(requests)]
-        for blocks in held:
-            pool.free_blocks(blocks)
-
-    return pool, get_new_then_free
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1024)
@@ -77,12 +64,12 @@ def main() -> None:
     vllm_ns = None
     try:
         import vllm
+        from vllm.v1.core.block_pool import BlockPool
 
-        pool, round_fn = vllm_rounds(args.requests, args.blocks_per_request, args.block_size)
-        round_fn()
-        # Split the round to report get_new_blocks and free_blocks separately, as they are quoted.
+        pool = BlockPool(blocks + 1, enable_caching=True, hash_block_size=args.block_size)
+        # Time get_new_blocks and free_blocks separately, as they are quoted; the first round warms up.
         get_samples, free_samples = [], []
-        for _ in range(args.repeats):
+        for _ in range(args.repeats + 1):
             t0 = time.perf_counter_ns()
             held = [pool.get_new_blocks(args.blocks_per_request) for _ in range(args.requests)]
             t1 = time.perf_counter_ns()
@@ -91,6 +78,7 @@ def main() -> None:
             t2 = time.perf_counter_ns()
             get_samples.append((t1 - t0) / blocks)
             free_samples.append((t2 - t1) / blocks)
+        get_samples, free_samples = get_samples[1:], free_samples[1:]
         vllm_get, vllm_free = statistics.median(get_samples), statistics.median(free_samples)
         vllm_ns = vllm_get + vllm_free
         print(f"vLLM {vllm.__version__} BlockPool: get_new_blocks {vllm_get:.1f} ns/block, free_blocks {vllm_free:.1f} ns/block")

@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from kvsched import BlockAllocator
+from kvsched import BlockAllocator, OutOfBlocks
 
 
 def test_keys_are_chained_over_the_whole_prefix():
@@ -152,7 +152,7 @@ def test_ttl_pin_holds_blocks_until_expiry():
     a.free(1, ttl_steps=3)
     assert a.is_pinned(1) and 1 not in a
     assert a.num_free_blocks == 6  # pinned blocks are not available
-    with pytest.raises(Exception):
+    with pytest.raises(OutOfBlocks):
         a.allocate(2, 32)
     assert a.advance_steps(2) == 0 and a.is_pinned(1)
     # A new turn finds the pinned prefix.

@@ -68,9 +68,9 @@ class ReferenceAdmissionRound:
     def setup(self):
         w = _workload()
         self.w = w
-        estimator = PeakEstimator(adaptive=False) if PeakEstimator else None
-        if estimator is None:
+        if PeakEstimator is None:
             raise NotImplementedError("kvsched is not installed")
+        estimator = PeakEstimator(adaptive=False)
         estimator.record(w["history"])
         self.capacity = _capacity_admitting(estimator, w, "past_future", 0, 32)
         self.rng = np.random.default_rng(1)

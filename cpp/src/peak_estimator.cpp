@@ -59,35 +59,35 @@ class PeakScan {
   std::vector<int64_t>& remainder_counts_;
 };
 
-}  // namespace
-
-void PeakEstimator::sort_by_remaining_descending(std::vector<Item>& items, std::vector<Item>& buffer) {
+void sort_by_remaining_descending(std::vector<detail::PeakItem>& items, std::vector<detail::PeakItem>& buffer) {
   // LSD radix sort on the complemented key, 11 bits a pass, only over the bits in use: linear
   // where a comparison sort of a thousand running requests costs several microseconds.
   int64_t largest = 0;
-  for (const Item& item : items) largest = std::max(largest, item.remaining);
+  for (const detail::PeakItem& item : items) largest = std::max(largest, item.remaining);
   constexpr int kBits = 11;
   constexpr size_t kBuckets = size_t{1} << kBits;
   buffer.resize(items.size());
   for (int shift = 0; (largest >> shift) > 0; shift += kBits) {
     size_t counts[kBuckets + 1] = {0};
-    auto digit = [&](const Item& item) {
+    auto digit = [&](const detail::PeakItem& item) {
       return static_cast<size_t>(((largest - item.remaining) >> shift) & static_cast<int64_t>(kBuckets - 1));
     };
-    for (const Item& item : items) ++counts[digit(item) + 1];
+    for (const detail::PeakItem& item : items) ++counts[digit(item) + 1];
     for (size_t b = 1; b <= kBuckets; ++b) counts[b] += counts[b - 1];
-    for (const Item& item : items) buffer[counts[digit(item)]++] = item;
+    for (const detail::PeakItem& item : items) buffer[counts[digit(item)]++] = item;
     items.swap(buffer);
   }
 }
 
+}  // namespace
+
 int64_t future_peak(const int64_t* held, const int64_t* remaining, size_t count, int32_t block_size) {
-  std::vector<size_t> order(count);
-  for (size_t i = 0; i < count; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return remaining[x] > remaining[y]; });
+  std::vector<detail::PeakItem> items(count), buffer;
+  for (size_t i = 0; i < count; ++i) items[i] = detail::PeakItem{remaining[i], held[i]};
+  sort_by_remaining_descending(items, buffer);
   std::vector<int64_t> counts;
   PeakScan scan(block_size, counts);
-  for (size_t i : order) scan.add(held[i], remaining[i]);
+  for (const detail::PeakItem& item : items) scan.add(item.held, item.remaining);
   return scan.peak();
 }
 
@@ -182,7 +182,6 @@ void PeakEstimator::check_requests(AdmissionMode mode, const RequestArrays& r, c
 }
 
 void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, int64_t* out) {
-  static const int64_t kNoneGenerated = 0;
   // Start from the cap every mode respects: max_new_tokens - generated.
   for (size_t i = 0; i < r.count; ++i) {
     out[i] = std::max<int64_t>(0, r.max_new_tokens[i] - (r.generated ? r.generated[i] : 0));
@@ -231,7 +230,7 @@ void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, i
     } else if (generated) {
       history->conditional_quantiles(generated, end - start, q, totals.data() + start);
     } else {
-      int64_t total = history->conditional_quantile(kNoneGenerated, q);
+      int64_t total = history->conditional_quantile(0, q);
       std::fill(totals.begin() + static_cast<std::ptrdiff_t>(start), totals.begin() + static_cast<std::ptrdiff_t>(end), total);
     }
     start = end;

@@ -55,6 +55,13 @@ struct PeakEstimatorOptions {
   std::vector<int64_t> prior;  // lengths that fill every window until real ones push them out
 };
 
+namespace detail {
+struct PeakItem {  // one request in a peak computation
+  int64_t remaining;
+  int64_t held;
+};
+}  // namespace detail
+
 // Exact future peak of a set of requests (tokens, or blocks when block_size > 0).
 int64_t future_peak(const int64_t* held, const int64_t* remaining, size_t count, int32_t block_size);
 
@@ -81,10 +88,7 @@ class PeakEstimator {
   size_t history_size(int32_t class_id) const;  // -1: all classes together
 
  private:
-  struct Item {
-    int64_t remaining;
-    int64_t held;
-  };
+  using Item = detail::PeakItem;
   void check_requests(AdmissionMode mode, const RequestArrays& requests, const char* prefix,
                       const char* held_name) const;
   void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
@@ -92,7 +96,6 @@ class PeakEstimator {
   // Whether running_items_ (sorted) plus the first `prefix` candidate_items_ peak within budget.
   // Records the peak in last_peak_ when it fits.
   bool fits_with_prefix(size_t prefix, int64_t budget);
-  static void sort_by_remaining_descending(std::vector<Item>& items, std::vector<Item>& buffer);
   int64_t held_units(int64_t held) const {  // tokens, or blocks when counting blocks
     return options_.block_size > 0 ? (held + options_.block_size - 1) / options_.block_size : held;
   }

@@ -45,7 +45,6 @@ def replay_placement(
     remaining = trace.output_tokens.copy()
     capacity = num_blocks * block_size
     fits = context + remaining <= capacity
-    waiting = np.empty(0, dtype=np.int64)
     running = np.empty(0, dtype=np.int64)
     next_arrival = int(np.searchsorted(trace.arrival_s, 0.0, side="right"))
     waiting = np.flatnonzero(fits[:next_arrival])
