@@ -8,7 +8,9 @@ namespace {
 std::string describe_type(py::handle value) { return py::str(py::type::of(value).attr("__name__")); }
 
 // Checks ndim/contiguity/kind and returns the array (converted from lists/tuples when needed).
-py::array checked_integer_array(py::handle value, const char* name, int ndim) {
+// `kinds` lists the accepted numpy dtype kinds.
+py::array checked_array(py::handle value, const char* name, int ndim, const std::string& kinds,
+                        const std::string& noun) {
   py::array array;
   if (py::isinstance<py::array>(value)) {
     array = py::reinterpret_borrow<py::array>(value);
@@ -16,11 +18,10 @@ py::array checked_integer_array(py::handle value, const char* name, int ndim) {
     array = py::module_::import("numpy").attr("asarray")(value);
     if (array.size() == 0) array = py::array_t<int64_t>(std::vector<py::ssize_t>(static_cast<size_t>(ndim < 0 ? 1 : ndim), 0));
   } else {
-    throw py::type_error(std::string(name) + " must be a numpy integer array, got " + describe_type(value));
+    throw py::type_error(std::string(name) + " must be a numpy " + noun + " array, got " + describe_type(value));
   }
-  char kind = array.dtype().kind();
-  if (kind != 'i' && kind != 'u') {
-    throw py::type_error(std::string(name) + " must have an integer dtype, got " +
+  if (kinds.find(array.dtype().kind()) == std::string::npos) {
+    throw py::type_error(std::string(name) + " must have " + (noun[0] == 'i' ? "an " : "a ") + noun + " dtype, got " +
                          std::string(py::str(array.dtype())));
   }
   if (ndim >= 0 && array.ndim() != ndim) {
@@ -31,6 +32,10 @@ py::array checked_integer_array(py::handle value, const char* name, int ndim) {
     throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
   }
   return array;
+}
+
+py::array checked_integer_array(py::handle value, const char* name, int ndim) {
+  return checked_array(value, name, ndim, "iu", "integer");
 }
 
 // Converts an integer array to dtype T, raising ValueError when a value does not fit.
@@ -75,6 +80,26 @@ Int32Array::Int32Array(py::handle value, const char* name) {
   owner_ = checked_integer_array(value, name, 1);
   if (!owner_.dtype().is(py::dtype::of<int32_t>())) owner_ = convert_checked<int32_t>(owner_, name);
   data_ = static_cast<const int32_t*>(owner_.data());
+  size_ = static_cast<size_t>(owner_.size());
+}
+
+Float64Array::Float64Array(py::handle value, const char* name) {
+  owner_ = checked_array(value, name, 1, "fiu", "float");
+  if (!owner_.dtype().is(py::dtype::of<double>())) owner_ = owner_.attr("astype")(py::dtype::of<double>());
+  data_ = static_cast<const double*>(owner_.data());
+  size_ = static_cast<size_t>(owner_.size());
+}
+
+FlagArray::FlagArray(py::handle value, const char* name) {
+  owner_ = checked_array(value, name, 1, "biu", "bool");
+  if (owner_.dtype().kind() != 'b' && owner_.size() > 0) {
+    py::int_ min(owner_.attr("min")()), max(owner_.attr("max")());
+    if (py::cast<int64_t>(min) < 0 || py::cast<int64_t>(max) > 1) {
+      throw py::value_error(std::string(name) + " must hold only 0 and 1 (or be a bool array)");
+    }
+  }
+  if (!owner_.dtype().is(py::dtype::of<uint8_t>())) owner_ = owner_.attr("astype")(py::dtype::of<uint8_t>());
+  data_ = static_cast<const uint8_t*>(owner_.data());
   size_ = static_cast<size_t>(owner_.size());
 }
 

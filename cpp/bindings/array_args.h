@@ -46,6 +46,32 @@ class Int32Array {
   size_t size_ = 0;
 };
 
+// A 1-D C-contiguous float or integer array viewed as float64 (times, policy keys).
+class Float64Array {
+ public:
+  Float64Array(py::handle value, const char* name);
+  const double* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  py::array owner_;
+  const double* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// A 1-D C-contiguous bool array (or integers that are all 0 or 1) viewed as uint8 flags.
+class FlagArray {
+ public:
+  FlagArray(py::handle value, const char* name);
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  py::array owner_;
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // Block keys: uint64 array of shape (n, 2) as (lo, hi) pairs, or shape (n,) of 64-bit keys (hi = 0).
 class KeyArray {
  public:

@@ -7,5 +7,6 @@ namespace kvsched::bindings {
 
 void init_allocator(pybind11::module_& m);
 void init_estimator(pybind11::module_& m);
+void init_batch_former(pybind11::module_& m);
 
 }  // namespace kvsched::bindings

@@ -23,4 +23,5 @@ PYBIND11_MODULE(_core, m) {
         "Number of usable CUDA devices (0 without a driver, a device or CUDA support).");
   kvsched::bindings::init_allocator(m);
   kvsched::bindings::init_estimator(m);
+  kvsched::bindings::init_batch_former(m);
 }

@@ -12,6 +12,8 @@ from . import _core
 from ._core import OutOfBlocks
 from .allocator import BlockAllocator
 from .estimator import PeakEstimator, future_peak
+from .policies import Policy
+from .scheduler import Scheduler, SchedulerConfig, StepPlan
 
 OutOfBlocks.__module__ = __name__
 OutOfBlocks.__doc__ = "Not enough free KV blocks for the request; raised with no state change (a MemoryError)."
@@ -32,4 +34,7 @@ def cuda_compiled() -> bool:
     return bool(_core.cuda_compiled())
 
 
-__all__ = ["BlockAllocator", "OutOfBlocks", "PeakEstimator", "__version__", "cuda_compiled", "future_peak", "has_cuda"]
+__all__ = [
+    "BlockAllocator", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler", "SchedulerConfig", "StepPlan",
+    "__version__", "cuda_compiled", "future_peak", "has_cuda",
+]

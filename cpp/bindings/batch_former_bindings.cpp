@@ -1,0 +1,273 @@
+// Bindings for kvsched::BatchFormer; kvsched.Scheduler (Python) wraps them with policies and docs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <set>
+
+#include "array_args.h"
+#include "bindings.h"
+#include "kvsched/batch_former.h"
+
+namespace kvsched::bindings {
+namespace {
+
+using GilRelease = py::gil_scoped_release;
+
+// Reads BatchFormerOptions from a dict of keyword options; an unknown key is a ValueError.
+BatchFormerOptions options_from(const py::dict& given) {
+  BatchFormerOptions o;
+  std::set<std::string> used;
+  auto take = [&](const char* name) -> std::optional<py::handle> {
+    if (!given.contains(name)) return std::nullopt;
+    used.insert(name);
+    return given[name];
+  };
+  auto int_option = [&](const char* name, auto& field, int64_t lowest, int64_t highest) {
+    if (auto value = take(name)) {
+      int64_t v = to_int64(*value, name);
+      if (v < lowest || v > highest) {
+        throw py::value_error(std::string(name) + " must be in [" + std::to_string(lowest) + ", " +
+                              std::to_string(highest) + "], got " + std::to_string(v));
+      }
+      field = static_cast<std::remove_reference_t<decltype(field)>>(v);
+    }
+  };
+  auto float_option = [&](const char* name, double& field) {
+    if (auto value = take(name)) field = py::cast<double>(*value);
+  };
+  auto bool_option = [&](const char* name, bool& field) {
+    if (auto value = take(name)) field = py::cast<bool>(*value);
+  };
+  int_option("num_blocks", o.allocator.num_blocks, 1, INT32_MAX - 1);
+  int_option("block_size", o.allocator.block_size, 1, INT32_MAX);
+  bool_option("enable_prefix_caching", o.allocator.enable_prefix_caching);
+  int placement = static_cast<int>(o.allocator.placement), hash = static_cast<int>(o.allocator.hash_algorithm);
+  int admission = static_cast<int>(o.admission);
+  int_option("placement", placement, 0, 2);
+  int_option("hash_algorithm", hash, 0, 1);
+  int_option("admission", admission, 0, 4);
+  o.allocator.placement = static_cast<Placement>(placement);
+  o.allocator.hash_algorithm = static_cast<HashAlgorithm>(hash);
+  o.admission = static_cast<AdmissionMode>(admission);
+  int_option("max_num_batched_tokens", o.max_num_batched_tokens, 1, INT64_MAX);
+  int_option("max_num_seqs", o.max_num_seqs, 1, INT32_MAX);
+  int_option("max_prefill_chunk", o.max_prefill_chunk, 0, INT64_MAX);
+  int_option("num_lookahead_tokens", o.num_lookahead_tokens, 0, 1 << 16);
+  int_option("max_bypass", o.max_bypass, 0, INT32_MAX);
+  int_option("watermark_blocks", o.watermark_blocks, 0, INT32_MAX);
+  bool_option("preempt_for_priority", o.preempt_for_priority);
+  int_option("window", o.estimator.window, 1, INT32_MAX);
+  float_option("quantile", o.estimator.quantile);
+  bool_option("adaptive", o.estimator.adaptive);
+  float_option("target_preemption_rate", o.estimator.target_preemption_rate);
+  float_option("adapt_gain", o.estimator.adapt_gain);
+  float_option("min_quantile", o.estimator.min_quantile);
+  float_option("max_quantile", o.estimator.max_quantile);
+  bool_option("sampling", o.estimator.sampling);
+  int_option("num_scenarios", o.estimator.num_scenarios, 1, INT32_MAX);
+  int64_t seed = 0;
+  int_option("seed", seed, 0, INT64_MAX);
+  o.estimator.seed = static_cast<uint64_t>(seed);
+  if (auto prior = take("prior"); prior && !prior->is_none()) {
+    Int64Array values(*prior, "prior");
+    o.estimator.prior.assign(values.data(), values.data() + values.size());
+  }
+  for (auto item : given) {
+    std::string key = py::str(item.first);
+    if (!used.count(key)) throw py::value_error("unknown scheduler option " + key);
+  }
+  return o;
+}
+
+template <typename T>
+py::array_t<T> triples(std::vector<T>&& flat) {
+  py::array_t<T> array = to_numpy(std::move(flat));
+  return array.reshape({static_cast<py::ssize_t>(array.size() / 3), py::ssize_t{3}});
+}
+
+py::dict stats_dict(const BatchFormerStats& s) {
+  py::dict d;
+  d["num_waiting"] = s.num_waiting;
+  d["num_running"] = s.num_running;
+  d["num_swapped"] = s.num_swapped;
+  d["added"] = s.added;
+  d["finished"] = s.finished;
+  d["aborted"] = s.aborted;
+  d["rejected"] = s.rejected;
+  d["admitted"] = s.admitted;
+  d["preemptions"] = s.preemptions;
+  d["priority_preemptions"] = s.priority_preemptions;
+  d["max_new_tokens_capped"] = s.max_new_tokens_capped;
+  d["steps"] = s.steps;
+  d["scheduled_tokens"] = s.scheduled_tokens;
+  d["estimator_quantile"] = s.estimator_quantile;
+  return d;
+}
+
+}  // namespace
+
+void init_batch_former(py::module_& m) {
+  py::class_<BatchFormer>(m, "BatchFormer")
+      .def(py::init([](const py::dict& options) { return new BatchFormer(options_from(options)); }),
+           py::arg("options"))
+      .def(
+          "add_requests",
+          [](BatchFormer& f, py::handle ids, py::handle prompt_lens, py::handle max_new_tokens,
+             py::handle arrival_times, py::handle keys, py::handle class_ids, py::handle client_ids,
+             py::handle true_output_lens, py::handle block_keys) {
+            Int64Array id_array(ids, "req_ids"), prompt(prompt_lens, "prompt_lens"),
+                max_new(max_new_tokens, "max_new_tokens"), true_len(true_output_lens, "true_output_lens");
+            Float64Array arrival(arrival_times, "arrival_times"), key(keys, "keys");
+            Int32Array classes(class_ids, "class_ids"), clients(client_ids, "client_ids");
+            const size_t n = id_array.size();
+            auto same = [n](size_t size, const char* name) {
+              if (size != n) {
+                throw py::value_error(std::string(name) + " has " + std::to_string(size) + " entries, req_ids has " +
+                                      std::to_string(n));
+              }
+            };
+            same(prompt.size(), "prompt_lens");
+            same(max_new.size(), "max_new_tokens");
+            same(arrival.size(), "arrival_times");
+            same(key.size(), "keys");
+            same(classes.size(), "class_ids");
+            same(clients.size(), "client_ids");
+            same(true_len.size(), "true_output_lens");
+            std::vector<std::vector<Hash128>> request_keys;
+            if (!block_keys.is_none()) {
+              py::sequence per_request = py::reinterpret_borrow<py::sequence>(block_keys);
+              same(static_cast<size_t>(py::len(per_request)), "block_keys");
+              for (size_t i = 0; i < n; ++i) {
+                std::string label = "block_keys[" + std::to_string(i) + "]";
+                KeyArray k(per_request[i], label.c_str());
+                request_keys.emplace_back(k.data(), k.data() + k.size());
+              }
+            }
+            std::vector<NewRequest> requests(n);
+            for (size_t i = 0; i < n; ++i) {
+              requests[i] = NewRequest{id_array.data()[i], prompt.data()[i],  max_new.data()[i],
+                                       arrival.data()[i],  key.data()[i],     classes.data()[i],
+                                       clients.data()[i],  true_len.data()[i]};
+            }
+            GilRelease release;
+            f.add_requests(requests.data(), n, request_keys.empty() ? nullptr : request_keys.data());
+          },
+          py::arg("req_ids"), py::arg("prompt_lens"), py::arg("max_new_tokens"), py::arg("arrival_times"),
+          py::arg("keys"), py::arg("class_ids"), py::arg("client_ids"), py::arg("true_output_lens"),
+          py::arg("block_keys"))
+      .def(
+          "abort",
+          [](BatchFormer& f, py::handle ids) {
+            Int64Array id_array(ids, "req_ids");
+            GilRelease release;
+            f.abort(id_array.data(), id_array.size());
+          },
+          py::arg("req_ids"))
+      .def(
+          "set_keys",
+          [](BatchFormer& f, py::handle ids, py::handle keys) {
+            Int64Array id_array(ids, "req_ids");
+            Float64Array key_array(keys, "keys");
+            if (key_array.size() != id_array.size()) throw py::value_error("keys must have the same length as req_ids");
+            GilRelease release;
+            f.set_keys(id_array.data(), key_array.data(), id_array.size());
+          },
+          py::arg("req_ids"), py::arg("keys"))
+      .def(
+          "set_client_keys",
+          [](BatchFormer& f, py::handle clients, py::handle keys) {
+            Int32Array client_array(clients, "client_ids");
+            Float64Array key_array(keys, "keys");
+            if (key_array.size() != client_array.size()) {
+              throw py::value_error("keys must have the same length as client_ids");
+            }
+            GilRelease release;
+            f.set_client_keys(client_array.data(), key_array.data(), client_array.size());
+          },
+          py::arg("client_ids"), py::arg("keys"))
+      .def("schedule",
+           [](BatchFormer& f) {
+             StepPlan plan;
+             {
+               GilRelease release;
+               plan = f.schedule();
+             }
+             py::dict d;
+             d["req_ids"] = to_numpy(std::move(plan.req_ids));
+             d["client_ids"] = to_numpy(std::move(plan.client_ids));
+             d["num_tokens"] = to_numpy(std::move(plan.num_tokens));
+             d["computed_offsets"] = to_numpy(std::move(plan.computed_offsets));
+             d["is_prefill"] = to_numpy(std::move(plan.is_prefill)).view("bool");
+             d["block_indptr"] = to_numpy(std::move(plan.block_indptr));
+             d["new_blocks"] = to_numpy(std::move(plan.new_blocks));
+             d["copy_on_writes"] = triples(std::move(plan.copy_on_writes));
+             d["preempted_ids"] = to_numpy(std::move(plan.preempted_ids));
+             d["swap_out"] = triples(std::move(plan.swap_out));
+             d["swap_in"] = triples(std::move(plan.swap_in));
+             d["rejected_ids"] = to_numpy(std::move(plan.rejected_ids));
+             d["rejected_reasons"] = to_numpy(std::move(plan.rejected_reasons));
+             d["num_admitted"] = plan.num_admitted;
+             return d;
+           })
+      .def(
+          "update",
+          [](BatchFormer& f, py::handle ids, py::handle num_new_tokens, py::handle finished) {
+            Int64Array id_array(ids, "req_ids"), new_tokens(num_new_tokens, "num_new_tokens");
+            FlagArray finished_array(finished, "finished");
+            if (new_tokens.size() != id_array.size()) {
+              throw py::value_error("num_new_tokens must have the same length as req_ids");
+            }
+            if (finished_array.size() != id_array.size()) {
+              throw py::value_error("finished must have the same length as req_ids");
+            }
+            std::vector<RequestId> done;
+            {
+              GilRelease release;
+              done = f.update(id_array.data(), new_tokens.data(), finished_array.data(), id_array.size());
+            }
+            return to_numpy(std::move(done));
+          },
+          py::arg("req_ids"), py::arg("num_new_tokens"), py::arg("finished"))
+      .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
+      .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
+      .def("allocator_stats",
+           [](const BatchFormer& f) {
+             BlockAllocatorStats s = f.allocator_stats();
+             py::dict d;
+             d["num_blocks"] = s.num_blocks;
+             d["num_free"] = s.num_free;
+             d["num_cached"] = s.num_cached;
+             d["num_used"] = s.num_used;
+             d["prefix_query_blocks"] = s.prefix_query_blocks;
+             d["prefix_hit_blocks"] = s.prefix_hit_blocks;
+             d["mean_blocks_per_extent"] = s.table_extents > 0 ? double(s.table_blocks) / double(s.table_extents) : 0.0;
+             return d;
+           })
+      .def("__contains__", [](const BatchFormer& f, py::handle id) { return f.contains(to_int64(id, "req_id")); })
+      .def(
+          "info",
+          [](const BatchFormer& f, py::handle id) {
+            RequestInfo info = f.info(to_int64(id, "req_id"));
+            static const char* names[] = {"waiting", "running", "swapped"};
+            py::dict d;
+            d["state"] = names[static_cast<int>(info.state)];
+            d["prompt_len"] = info.prompt_len;
+            d["max_new_tokens"] = info.max_new_tokens;
+            d["num_computed"] = info.num_computed;
+            d["num_generated"] = info.num_generated;
+            d["num_preemptions"] = info.num_preemptions;
+            d["key"] = info.key;
+            return d;
+          },
+          py::arg("req_id"))
+      .def(
+          "block_table", [](const BatchFormer& f, py::handle id) { return to_numpy(f.block_table(to_int64(id, "req_id"))); },
+          py::arg("req_id"))
+      .def("running_ids", [](const BatchFormer& f) { return to_numpy(f.running_ids()); })
+      .def("waiting_ids", [](const BatchFormer& f) { return to_numpy(f.waiting_ids()); })
+      .def("check_invariants", &BatchFormer::check_invariants);
+}
+
+}  // namespace kvsched::bindings

@@ -1,0 +1,222 @@
+// The batch former: one call per engine step decides which requests run, how many tokens each
+// computes, which KV blocks they get and who is preempted.
+//
+// Glossary
+//   request    an int64 id with a prompt of `prompt_len` tokens that will generate at most
+//              `max_new_tokens` tokens. total = prompt_len + generated tokens.
+//   computed   tokens whose KV is in the cache. A step schedules `total - computed` tokens for a
+//              request (a prefill, possibly chunked, or a recompute after preemption) or exactly one
+//              (a decode; plus lookahead tokens for speculative decoding).
+//   key        the policy's ordering key: smaller runs first. Ties go to the earlier arrival, then
+//              to the earlier add. The waiting queue is ordered by key; the running list by key and
+//              then admission order, so its back is the victim (lowest priority, then newest).
+//   bypass     a waiting request that does not fit may be passed over by ones behind it that do,
+//              at most `max_bypass` steps; after that admission waits for it (no starvation).
+//   plan       what schedule() returns; update() then reports what the engine generated for every
+//              scheduled request. A plan is outstanding until update() consumes it.
+//
+// Step order: running requests first (decodes and ongoing prefill chunks, in key order), then new
+// admissions through the PeakEstimator in key order, under max_num_batched_tokens and
+// max_num_seqs; the last prefill is chunked to fit. When a running request cannot get its next
+// block, the back of the running list is preempted (by recompute: its blocks are freed and it
+// waits again with its generated tokens kept). Nothing is admitted in a step that preempted for
+// memory. Swapping to host memory arrives with the swap planner; until then swap plans are empty.
+//
+// Errors: every call checks all of its input before changing anything (errors.h).
+// Thread safety: every public method takes an internal mutex.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "kvsched/block_allocator.h"
+#include "kvsched/detail/id_map.h"
+#include "kvsched/peak_estimator.h"
+
+namespace kvsched {
+
+using RequestId = int64_t;
+
+enum class RequestState : int { kWaiting = 0, kRunning = 1, kSwapped = 2 };
+enum class RejectReason : int { kPromptTooLong = 1 };
+
+struct BatchFormerOptions {
+  BlockAllocatorOptions allocator;
+  PeakEstimatorOptions estimator;  // block_size is set to the allocator's (the peak counts blocks)
+  AdmissionMode admission = AdmissionMode::kPastFuture;
+  int64_t max_num_batched_tokens = 8192;
+  int32_t max_num_seqs = 256;
+  int64_t max_prefill_chunk = 0;  // prefill tokens per request per step; 0: only the step budget
+  int32_t num_lookahead_tokens = 0;
+  int32_t max_bypass = 16;
+  int64_t watermark_blocks = 0;  // blocks admission leaves free
+  bool preempt_for_priority = false;  // a waiting request with a smaller key may evict running ones
+};
+
+// A request as add_requests() takes it; optional fields use -1 / empty.
+struct NewRequest {
+  RequestId id = -1;
+  int64_t prompt_len = 0;
+  int64_t max_new_tokens = 0;
+  double arrival_time = 0.0;
+  double key = 0.0;
+  int32_t class_id = 0;          // the estimator keeps one output-length history per class
+  int32_t client_id = 0;         // for per-client policy keys (fair share)
+  int64_t true_output_len = -1;  // read by the oracle admission mode only
+};
+
+// Flat arrays an engine consumes without per-request work in Python.
+struct StepPlan {
+  std::vector<int64_t> req_ids;
+  std::vector<int32_t> client_ids;
+  std::vector<int64_t> num_tokens;        // tokens to compute this step
+  std::vector<int64_t> computed_offsets;  // tokens already in the cache before this step
+  std::vector<uint8_t> is_prefill;        // 1: prefill or recompute chunk, 0: decode
+  std::vector<int64_t> block_indptr;      // new_blocks[block_indptr[i]:block_indptr[i+1]] for req i
+  std::vector<int32_t> new_blocks;
+  std::vector<int64_t> copy_on_writes;    // flat (req_id, src_block, dst_block) triples
+  std::vector<int64_t> preempted_ids;     // preempted this step by recompute
+  std::vector<int64_t> swap_out;          // flat (src_block, dst_block, n_blocks); empty until the swap planner
+  std::vector<int64_t> swap_in;
+  std::vector<int64_t> rejected_ids;
+  std::vector<int32_t> rejected_reasons;  // RejectReason
+  int64_t num_admitted = 0;
+
+  void clear();
+};
+
+struct BatchFormerStats {
+  int64_t num_waiting = 0;
+  int64_t num_running = 0;
+  int64_t num_swapped = 0;
+  int64_t added = 0;
+  int64_t finished = 0;
+  int64_t aborted = 0;
+  int64_t rejected = 0;
+  int64_t admitted = 0;            // admissions, counting re-admissions after preemption
+  int64_t preemptions = 0;         // for memory
+  int64_t priority_preemptions = 0;
+  int64_t max_new_tokens_capped = 0;  // requests whose max_new_tokens was cut to what the cache holds
+  int64_t steps = 0;
+  int64_t scheduled_tokens = 0;
+  double estimator_quantile = 0.0;
+};
+
+struct RequestInfo {
+  RequestState state;
+  int64_t prompt_len, max_new_tokens, num_computed, num_generated, num_preemptions;
+  double key;
+};
+
+class BatchFormer {
+ public:
+  explicit BatchFormer(const BatchFormerOptions& options);
+  BatchFormer(const BatchFormer&) = delete;
+  BatchFormer& operator=(const BatchFormer&) = delete;
+
+  const BatchFormerOptions& options() const { return options_; }
+
+  // Adds requests, all or nothing. A prompt the cache can never hold is not added: it is reported
+  // in the next plan's rejected ids. `keys` (optional) are the chained keys of the prompt's full
+  // blocks for prefix caching, one vector per request or none.
+  void add_requests(const NewRequest* requests, size_t count, const std::vector<Hash128>* keys);
+  // Removes requests in any state, freeing their blocks; an aborted request in the outstanding
+  // plan is no longer expected in update().
+  void abort(const RequestId* ids, size_t count);
+  // New policy keys for waiting or running requests (takes effect at the next schedule()).
+  void set_keys(const RequestId* ids, const double* keys, size_t count);
+  // Sets the key of every live request of each client (fair-share policies key by client).
+  void set_client_keys(const int32_t* client_ids, const double* keys, size_t count);
+
+  StepPlan schedule();
+  // The engine's report for the outstanding plan: every scheduled, non-aborted request once, with
+  // the tokens it generated (0 for a prefill chunk that did not reach the end) and whether it
+  // finished. A request also finishes on reaching max_new_tokens. Finished lengths feed the
+  // estimator's history. Returns the ids that finished.
+  std::vector<RequestId> update(const RequestId* ids, const int64_t* num_new_tokens, const uint8_t* finished,
+                                size_t count);
+
+  bool has_outstanding_plan() const;
+  BatchFormerStats stats() const;
+  BlockAllocatorStats allocator_stats() const { return allocator_.stats(); }
+  bool contains(RequestId id) const;
+  RequestInfo info(RequestId id) const;
+  std::vector<BlockId> block_table(RequestId id) const;
+  std::vector<RequestId> running_ids() const;  // in running order
+  std::vector<RequestId> waiting_ids() const;  // in admission order
+  // Throws std::logic_error describing the first broken invariant.
+  void check_invariants() const;
+
+ private:
+  struct Request {
+    RequestId id = -1;
+    int64_t prompt_len = 0, max_new_tokens = 0, true_output_len = -1;
+    int64_t num_computed = 0, num_generated = 0;
+    int64_t scheduled = -1;  // tokens in the outstanding plan, -1 when not scheduled
+    int64_t add_order = 0, admit_order = 0;
+    int64_t num_preemptions = 0;
+    int64_t update_stamp = -1;
+    int64_t preempted_at_step = -1;
+    double arrival = 0.0, key = 0.0;
+    int32_t class_id = 0, client_id = 0, bypassed = 0;
+    RequestState state = RequestState::kWaiting;
+    bool finishing = false;  // reported finished in the update being applied
+    std::vector<Hash128> keys;
+    int64_t total() const { return prompt_len + num_generated; }
+  };
+  struct WaitingOrder {
+    bool operator()(const Request* a, const Request* b) const;
+  };
+  // Gathers the request arrays the estimator reads.
+  struct EstimatorInput {
+    std::vector<int64_t> held, generated, max_new_tokens, known_lengths;
+    std::vector<int32_t> class_ids;
+    void clear();
+    void push(const Request& r);
+    RequestArrays view(size_t begin) const;
+  };
+
+  static void reset_request(Request& r);
+  void change_key(Request& r, double key);
+  Request& lookup(RequestId id, const char* name, size_t index);
+  const Request& lookup(RequestId id, const char* name, size_t index) const;
+  void sort_running();
+  void schedule_running(int64_t& budget, bool& preempted_for_memory);
+  void preempt(Request& r);
+  void preempt_for_priority();
+  void admit_waiting(int64_t& budget);
+  // Allocates the first chunk of a waiting request; false when the cache or the budget cannot take it.
+  bool start(Request& r, int64_t& budget);
+  void emit(Request& r, int64_t num_tokens, const std::vector<BlockId>& added);
+  int64_t estimator_capacity() const;
+  void finish(Request& r);
+
+  BatchFormerOptions options_;
+  mutable std::mutex mutex_;
+  BlockAllocator allocator_;
+  PeakEstimator estimator_;
+  detail::IdMap<Request> requests_;
+  std::set<Request*, WaitingOrder> waiting_;
+  std::vector<Request*> running_;
+  bool running_sorted_ = true;
+  StepPlan plan_;
+  bool plan_outstanding_ = false;
+  int64_t plan_expected_ = 0;  // scheduled requests not yet aborted
+  std::vector<int64_t> pending_rejected_ids_;
+  std::vector<int32_t> pending_rejected_reasons_;
+  BatchFormerStats counters_;
+  int64_t next_add_order_ = 0, next_admit_order_ = 0, update_stamp_ = 0;
+  int64_t step_memory_preemptions_ = 0;
+  // Scratch reused every step.
+  EstimatorInput running_input_, candidate_input_;
+  std::vector<Request*> candidates_;
+  std::vector<BlockId> scratch_blocks_;
+  std::vector<int64_t> finished_lengths_;
+  std::vector<int32_t> finished_classes_;
+};
+
+}  // namespace kvsched

@@ -1,0 +1,577 @@
+#include "kvsched/batch_former.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "kvsched/errors.h"
+
+namespace kvsched {
+
+namespace {
+constexpr size_t kNoIndex = static_cast<size_t>(-1);
+constexpr int kMaxBypassesPerStep = 4;  // bounds the estimator calls of one step
+
+PeakEstimatorOptions estimator_options(const BatchFormerOptions& options) {
+  PeakEstimatorOptions estimator = options.estimator;
+  estimator.block_size = options.allocator.block_size;
+  return estimator;
+}
+
+const char* state_name(RequestState state) {
+  switch (state) {
+    case RequestState::kWaiting: return "waiting";
+    case RequestState::kRunning: return "running";
+    case RequestState::kSwapped: return "swapped";
+  }
+  return "unknown";
+}
+}  // namespace
+
+void StepPlan::clear() {
+  req_ids.clear();
+  client_ids.clear();
+  num_tokens.clear();
+  computed_offsets.clear();
+  is_prefill.clear();
+  block_indptr.assign(1, 0);
+  new_blocks.clear();
+  copy_on_writes.clear();
+  preempted_ids.clear();
+  swap_out.clear();
+  swap_in.clear();
+  rejected_ids.clear();
+  rejected_reasons.clear();
+  num_admitted = 0;
+}
+
+bool BatchFormer::WaitingOrder::operator()(const Request* a, const Request* b) const {
+  if (a->key != b->key) return a->key < b->key;
+  if (a->arrival != b->arrival) return a->arrival < b->arrival;
+  return a->add_order < b->add_order;
+}
+
+void BatchFormer::EstimatorInput::clear() {
+  held.clear();
+  generated.clear();
+  max_new_tokens.clear();
+  known_lengths.clear();
+  class_ids.clear();
+}
+
+void BatchFormer::EstimatorInput::push(const Request& r) {
+  held.push_back(r.total());
+  generated.push_back(r.num_generated);
+  max_new_tokens.push_back(r.max_new_tokens);
+  known_lengths.push_back(r.true_output_len >= 0 ? r.true_output_len : r.max_new_tokens);
+  class_ids.push_back(r.class_id);
+}
+
+RequestArrays BatchFormer::EstimatorInput::view(size_t begin) const {
+  RequestArrays arrays;
+  arrays.count = held.size() - begin;
+  if (arrays.count == 0) return arrays;
+  arrays.held = held.data() + begin;
+  arrays.generated = generated.data() + begin;
+  arrays.max_new_tokens = max_new_tokens.data() + begin;
+  arrays.known_lengths = known_lengths.data() + begin;
+  arrays.class_ids = class_ids.data() + begin;
+  return arrays;
+}
+
+BatchFormer::BatchFormer(const BatchFormerOptions& options)
+    : options_(options), allocator_(options.allocator), estimator_(estimator_options(options)) {
+  KVSCHED_EXPECTS(options.max_num_batched_tokens > 0, std::invalid_argument,
+                  "max_num_batched_tokens must be > 0, got ", options.max_num_batched_tokens);
+  KVSCHED_EXPECTS(options.max_num_seqs > 0, std::invalid_argument, "max_num_seqs must be > 0, got ",
+                  options.max_num_seqs);
+  KVSCHED_EXPECTS(options.max_prefill_chunk >= 0, std::invalid_argument, "max_prefill_chunk must be >= 0, got ",
+                  options.max_prefill_chunk);
+  KVSCHED_EXPECTS(options.num_lookahead_tokens >= 0, std::invalid_argument,
+                  "num_lookahead_tokens must be >= 0, got ", options.num_lookahead_tokens);
+  KVSCHED_EXPECTS(options.max_bypass >= 0, std::invalid_argument, "max_bypass must be >= 0, got ",
+                  options.max_bypass);
+  KVSCHED_EXPECTS(options.watermark_blocks >= 0 && options.watermark_blocks < options.allocator.num_blocks,
+                  std::invalid_argument, "watermark_blocks must be in [0, num_blocks), got ",
+                  options.watermark_blocks);
+  plan_.clear();
+  counters_.estimator_quantile = estimator_.quantile();
+}
+
+void BatchFormer::reset_request(Request& r) {
+  std::vector<Hash128> keys = std::move(r.keys);
+  keys.clear();
+  r = Request{};
+  r.keys = std::move(keys);
+}
+
+BatchFormer::Request& BatchFormer::lookup(RequestId id, const char* name, size_t index) {
+  Request* r = id >= 0 ? requests_.find(id) : nullptr;
+  if (!r && index == kNoIndex) throw UnknownId(detail::concat(name, ": unknown request id ", id));
+  if (!r) throw UnknownId(detail::concat(name, "[", index, "]: unknown request id ", id));
+  return *r;
+}
+
+const BatchFormer::Request& BatchFormer::lookup(RequestId id, const char* name, size_t index) const {
+  return const_cast<BatchFormer*>(this)->lookup(id, name, index);
+}
+
+void BatchFormer::add_requests(const NewRequest* requests, size_t count, const std::vector<Hash128>* keys) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t capacity_tokens = int64_t{options_.allocator.num_blocks} * options_.allocator.block_size;
+  std::unordered_set<RequestId> seen;
+  for (size_t i = 0; i < count; ++i) {
+    const NewRequest& n = requests[i];
+    KVSCHED_EXPECTS(n.id >= 0, std::invalid_argument, "req_ids[", i, "] must be >= 0, got ", n.id);
+    KVSCHED_EXPECTS(!requests_.find(n.id), std::invalid_argument, "req_ids[", i, "]: request ", n.id,
+                    " already exists");
+    KVSCHED_EXPECTS(seen.insert(n.id).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", n.id);
+    KVSCHED_EXPECTS(n.prompt_len > 0, std::invalid_argument, "prompt_lens[", i, "] must be > 0, got ", n.prompt_len);
+    KVSCHED_EXPECTS(n.max_new_tokens > 0, std::invalid_argument, "max_new_tokens[", i, "] must be > 0, got ",
+                    n.max_new_tokens);
+    KVSCHED_EXPECTS(std::isfinite(n.arrival_time), std::invalid_argument, "arrival_times[", i, "] must be finite");
+    KVSCHED_EXPECTS(std::isfinite(n.key), std::invalid_argument, "keys[", i, "] must be finite");
+    KVSCHED_EXPECTS(n.class_id >= 0, std::invalid_argument, "class_ids[", i, "] must be >= 0, got ", n.class_id);
+    KVSCHED_EXPECTS(n.client_id >= 0, std::invalid_argument, "client_ids[", i, "] must be >= 0, got ", n.client_id);
+    KVSCHED_EXPECTS(n.true_output_len >= -1 && n.true_output_len != 0, std::invalid_argument, "true_output_lens[",
+                    i, "] must be > 0 or -1 (unknown), got ", n.true_output_len);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const NewRequest& n = requests[i];
+    ++counters_.added;
+    if (n.prompt_len >= capacity_tokens) {  // not even the prompt and one output token fit
+      pending_rejected_ids_.push_back(n.id);
+      pending_rejected_reasons_.push_back(static_cast<int32_t>(RejectReason::kPromptTooLong));
+      ++counters_.rejected;
+      continue;
+    }
+    Request& r = *requests_.try_emplace(n.id).first;
+    r.id = n.id;
+    r.prompt_len = n.prompt_len;
+    // A request alone must be able to finish, or preempting it could never help.
+    r.max_new_tokens = std::min(n.max_new_tokens, capacity_tokens - n.prompt_len);
+    if (r.max_new_tokens < n.max_new_tokens) ++counters_.max_new_tokens_capped;
+    r.true_output_len = n.true_output_len < 0 ? -1 : std::min(n.true_output_len, r.max_new_tokens);
+    r.arrival = n.arrival_time;
+    r.key = n.key;
+    r.class_id = n.class_id;
+    r.client_id = n.client_id;
+    r.add_order = next_add_order_++;
+    r.state = RequestState::kWaiting;
+    if (keys && options_.allocator.enable_prefix_caching) r.keys.assign(keys[i].begin(), keys[i].end());
+    waiting_.insert(&r);
+  }
+}
+
+void BatchFormer::abort(const RequestId* ids, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::unordered_set<RequestId> seen;
+  for (size_t i = 0; i < count; ++i) {
+    lookup(ids[i], "req_ids", i);
+    KVSCHED_EXPECTS(seen.insert(ids[i]).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", ids[i]);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = lookup(ids[i], "req_ids", i);
+    if (r.state == RequestState::kWaiting) {
+      waiting_.erase(&r);
+    } else {
+      allocator_.free(r.id);
+      running_.erase(std::find(running_.begin(), running_.end(), &r));
+    }
+    if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
+    ++counters_.aborted;
+    requests_.erase(r.id, reset_request);
+  }
+}
+
+void BatchFormer::set_keys(const RequestId* ids, const double* keys, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 0; i < count; ++i) {
+    lookup(ids[i], "req_ids", i);
+    KVSCHED_EXPECTS(std::isfinite(keys[i]), std::invalid_argument, "keys[", i, "] must be finite");
+  }
+  for (size_t i = 0; i < count; ++i) change_key(lookup(ids[i], "req_ids", i), keys[i]);
+}
+
+void BatchFormer::change_key(Request& r, double key) {
+  if (r.key == key) return;
+  if (r.state == RequestState::kWaiting) {
+    waiting_.erase(&r);
+    r.key = key;
+    waiting_.insert(&r);
+  } else {
+    r.key = key;
+    running_sorted_ = false;
+  }
+}
+
+void BatchFormer::set_client_keys(const int32_t* client_ids, const double* keys, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::unordered_map<int32_t, double> key_of;
+  for (size_t i = 0; i < count; ++i) {
+    KVSCHED_EXPECTS(client_ids[i] >= 0, std::invalid_argument, "client_ids[", i, "] must be >= 0, got ",
+                    client_ids[i]);
+    KVSCHED_EXPECTS(std::isfinite(keys[i]), std::invalid_argument, "keys[", i, "] must be finite");
+    KVSCHED_EXPECTS(key_of.emplace(client_ids[i], keys[i]).second, std::invalid_argument, "client_ids[", i,
+                    "]: duplicate client ", client_ids[i]);
+  }
+  auto new_key = [&](const Request* r, double& key) {
+    auto found = key_of.find(r->client_id);
+    if (found == key_of.end() || found->second == r->key) return false;
+    key = found->second;
+    return true;
+  };
+  candidates_.clear();  // waiting requests to re-key; erased first so that the set stays ordered
+  for (Request* r : waiting_) {
+    double key;
+    if (new_key(r, key)) candidates_.push_back(r);
+  }
+  for (Request* r : candidates_) waiting_.erase(r);
+  for (Request* r : candidates_) {
+    r->key = key_of[r->client_id];
+    waiting_.insert(r);
+  }
+  for (Request* r : running_) {
+    double key;
+    if (new_key(r, key)) {
+      r->key = key;
+      running_sorted_ = false;
+    }
+  }
+}
+
+void BatchFormer::sort_running() {
+  if (running_sorted_) return;
+  std::stable_sort(running_.begin(), running_.end(), [](const Request* a, const Request* b) {
+    if (a->key != b->key) return a->key < b->key;
+    return a->admit_order < b->admit_order;
+  });
+  running_sorted_ = true;
+}
+
+int64_t BatchFormer::estimator_capacity() const {
+  // Pinned blocks are not available to anyone; cached ones are (they are evicted on demand).
+  BlockAllocatorStats s = allocator_.stats();
+  return std::max<int64_t>(1, int64_t{s.num_blocks} - s.num_pinned - options_.watermark_blocks);
+}
+
+void BatchFormer::emit(Request& r, int64_t num_tokens, const std::vector<BlockId>& added) {
+  plan_.req_ids.push_back(r.id);
+  plan_.client_ids.push_back(r.client_id);
+  plan_.num_tokens.push_back(num_tokens);
+  plan_.computed_offsets.push_back(r.num_computed);
+  plan_.is_prefill.push_back(r.num_computed + 1 < r.total() ? 1 : 0);
+  plan_.new_blocks.insert(plan_.new_blocks.end(), added.begin(), added.end());
+  plan_.block_indptr.push_back(static_cast<int64_t>(plan_.new_blocks.size()));
+  r.scheduled = num_tokens;
+}
+
+void BatchFormer::preempt(Request& r) {
+  allocator_.free(r.id);
+  r.num_computed = 0;  // recompute: prompt and generated tokens are prefilled again on return
+  r.state = RequestState::kWaiting;
+  r.bypassed = 0;
+  r.preempted_at_step = counters_.steps;
+  ++r.num_preemptions;
+  plan_.preempted_ids.push_back(r.id);
+  waiting_.insert(&r);
+}
+
+void BatchFormer::schedule_running(int64_t& budget, bool& preempted_for_memory) {
+  const int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
+  for (size_t i = 0; i < running_.size(); ++i) {
+    Request& r = *running_[i];
+    int64_t missing = r.total() - r.num_computed;
+    int64_t n;
+    if (missing == 1) {  // decode, with lookahead slots that stay within max_new_tokens
+      int64_t lookahead = std::min<int64_t>(options_.num_lookahead_tokens, r.max_new_tokens - r.num_generated - 1);
+      n = 1 + std::max<int64_t>(0, lookahead);
+      if (n > budget) n = budget;
+    } else {
+      n = std::min({missing, chunk, budget});
+    }
+    if (n <= 0) continue;  // out of token budget: it keeps its blocks and runs next step
+    int64_t needed = r.num_computed + n;
+    bool self_preempted = false;
+    while (!allocator_.can_allocate(r.id, needed)) {
+      Request& victim = *running_.back();
+      running_.pop_back();
+      preempt(victim);
+      preempted_for_memory = true;
+      ++step_memory_preemptions_;
+      if (&victim == &r) {
+        self_preempted = true;
+        break;
+      }
+    }
+    if (self_preempted) break;
+    scratch_blocks_.clear();
+    allocator_.allocate(r.id, needed, r.keys.data(), r.keys.size(), scratch_blocks_);
+    emit(r, n, scratch_blocks_);
+    budget -= n;
+  }
+}
+
+void BatchFormer::preempt_for_priority() {
+  // A waiting request with a strictly smaller key than the back of the running list takes its
+  // place when it cannot be admitted otherwise (no slot, or the estimator says it does not fit).
+  while (!waiting_.empty() && !running_.empty()) {
+    Request& head = **waiting_.begin();
+    Request& worst = *running_.back();
+    if (!(head.key < worst.key)) return;
+    bool has_slot = static_cast<int64_t>(running_.size()) < options_.max_num_seqs;
+    if (has_slot) {
+      running_input_.clear();
+      for (const Request* r : running_) running_input_.push(*r);
+      candidate_input_.clear();
+      candidate_input_.push(head);
+      if (estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0),
+                           estimator_capacity(), 0) == 1) {
+        return;
+      }
+    }
+    running_.pop_back();
+    preempt(worst);
+    ++counters_.priority_preemptions;
+  }
+}
+
+bool BatchFormer::start(Request& r, int64_t& budget) {
+  const int64_t bs = options_.allocator.block_size;
+  int64_t cached = 0;
+  if (!r.keys.empty()) {
+    scratch_blocks_.clear();
+    allocator_.match_prefix(r.keys.data(), r.keys.size(), scratch_blocks_);
+    cached = std::min<int64_t>(static_cast<int64_t>(scratch_blocks_.size()) * bs, r.total() - 1);
+    cached -= cached % bs;
+  }
+  int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
+  int64_t n = std::min({r.total() - cached, chunk, budget});
+  if (n <= 0) return false;
+  scratch_blocks_.clear();
+  try {
+    allocator_.allocate(r.id, cached + n, r.keys.data(), r.keys.size(), scratch_blocks_);
+  } catch (const OutOfBlocks&) {
+    return false;  // nothing changed; it waits for memory
+  }
+  // The allocator decides the hit (it may differ from the match when the budget cut the chunk).
+  r.num_computed = allocator_.num_cached_tokens(r.id);
+  n = cached + n - r.num_computed;
+  r.state = RequestState::kRunning;
+  r.admit_order = next_admit_order_++;
+  r.bypassed = 0;
+  emit(r, n, scratch_blocks_);
+  budget -= n;
+  return true;
+}
+
+void BatchFormer::admit_waiting(int64_t& budget) {
+  int64_t slots = options_.max_num_seqs - static_cast<int64_t>(running_.size());
+  if (slots <= 0 || budget <= 0 || waiting_.empty()) return;
+  running_input_.clear();
+  for (const Request* r : running_) running_input_.push(*r);
+  candidates_.clear();
+  candidate_input_.clear();
+  for (Request* r : waiting_) {
+    if (static_cast<int64_t>(candidates_.size()) == slots) break;
+    if (r->preempted_at_step == counters_.steps) continue;  // its KV was just given up for a reason
+    candidates_.push_back(r);
+    candidate_input_.push(*r);
+  }
+  const int64_t capacity = estimator_capacity();
+  size_t next = 0;
+  for (int tries = 0; tries <= kMaxBypassesPerStep && next < candidates_.size() && budget > 0; ++tries) {
+    int64_t fit = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(next),
+                                   capacity, 0);
+    if (fit == 0 && running_.empty()) fit = 1;  // alone it always fits (max_new_tokens is capped)
+    for (int64_t k = 0; k < fit; ++k, ++next) {
+      Request& r = *candidates_[next];
+      if (!start(r, budget)) return;
+      waiting_.erase(&r);
+      running_.push_back(&r);
+      if (running_.size() > 1) {
+        const Request& before = *running_[running_.size() - 2];
+        if (before.key > r.key) running_sorted_ = false;
+      }
+      running_input_.push(r);
+      ++plan_.num_admitted;
+      if (budget <= 0) return;
+    }
+    if (next == candidates_.size()) return;
+    // candidates_[next] does not fit: let the ones behind it try, a bounded number of times.
+    Request& blocked = *candidates_[next];
+    if (blocked.bypassed >= options_.max_bypass) return;
+    ++blocked.bypassed;
+    ++next;
+  }
+}
+
+StepPlan BatchFormer::schedule() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  KVSCHED_EXPECTS(!plan_outstanding_, std::invalid_argument,
+                  "schedule: the previous plan has not been reported with update()");
+  plan_.clear();
+  plan_.rejected_ids.swap(pending_rejected_ids_);
+  plan_.rejected_reasons.swap(pending_rejected_reasons_);
+  step_memory_preemptions_ = 0;
+  sort_running();
+  if (options_.preempt_for_priority) preempt_for_priority();
+  int64_t budget = options_.max_num_batched_tokens;
+  bool preempted_for_memory = false;
+  schedule_running(budget, preempted_for_memory);
+  // Admitting right after a preemption for memory would only evict again.
+  if (!preempted_for_memory) admit_waiting(budget);
+  for (const CopyOnWrite& copy : allocator_.pop_copy_on_writes()) {
+    plan_.copy_on_writes.insert(plan_.copy_on_writes.end(), {copy.seq_id, copy.src, copy.dst});
+  }
+  estimator_.observe(step_memory_preemptions_, plan_.num_admitted);
+  counters_.preemptions += step_memory_preemptions_;
+  counters_.admitted += plan_.num_admitted;
+  counters_.estimator_quantile = estimator_.quantile();
+  ++counters_.steps;
+  for (int64_t n : plan_.num_tokens) counters_.scheduled_tokens += n;
+  plan_expected_ = static_cast<int64_t>(plan_.req_ids.size());
+  plan_outstanding_ = true;
+  return std::move(plan_);
+}
+
+void BatchFormer::finish(Request& r) {
+  allocator_.free(r.id);
+  finished_lengths_.push_back(r.num_generated);
+  finished_classes_.push_back(r.class_id);
+  ++counters_.finished;
+  requests_.erase(r.id, reset_request);
+}
+
+std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* num_new_tokens,
+                                           const uint8_t* finished, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  KVSCHED_EXPECTS(plan_outstanding_, std::invalid_argument, "update: no outstanding plan (call schedule() first)");
+  ++update_stamp_;
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = lookup(ids[i], "req_ids", i);
+    KVSCHED_EXPECTS(r.scheduled >= 0, std::invalid_argument, "req_ids[", i, "]: request ", r.id,
+                    " was not scheduled in this step");
+    KVSCHED_EXPECTS(r.update_stamp != update_stamp_, std::invalid_argument, "req_ids[", i, "]: duplicate id ", r.id);
+    r.update_stamp = update_stamp_;
+    const int64_t n = num_new_tokens[i];
+    const bool reached_end = r.num_computed + r.scheduled >= r.total();
+    if (!reached_end) {
+      KVSCHED_EXPECTS(n == 0 && !finished[i], std::invalid_argument, "num_new_tokens[", i, "]: request ", r.id,
+                      " ran a prefill chunk that does not reach its end, so it generates nothing and cannot "
+                      "finish; got ", n, " tokens");
+    } else {
+      int64_t most = 1 + std::max<int64_t>(0, r.scheduled - (r.total() - r.num_computed));
+      KVSCHED_EXPECTS(n >= 1 && n <= most, std::invalid_argument, "num_new_tokens[", i, "]: request ", r.id,
+                      " must generate between 1 and ", most, " tokens this step, got ", n);
+      KVSCHED_EXPECTS(r.num_generated + n <= r.max_new_tokens, std::invalid_argument, "num_new_tokens[", i,
+                      "]: request ", r.id, " would exceed its max_new_tokens (", r.max_new_tokens, ")");
+    }
+  }
+  KVSCHED_EXPECTS(static_cast<int64_t>(count) == plan_expected_, std::invalid_argument, "req_ids has ", count,
+                  " entries but the plan scheduled ", plan_expected_, " requests that are still live");
+  std::vector<RequestId> done;
+  finished_lengths_.clear();
+  finished_classes_.clear();
+  bool any_finished = false;
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = *requests_.find(ids[i]);
+    // At the end of a sequence every token but the newly sampled one has its KV now (accepted
+    // speculative tokens included); a chunk short of the end computed what was scheduled.
+    const bool reached_end = r.num_computed + r.scheduled >= r.total();
+    r.num_computed = reached_end ? r.total() + num_new_tokens[i] - 1 : r.num_computed + r.scheduled;
+    r.num_generated += num_new_tokens[i];
+    r.scheduled = -1;
+    if (finished[i] || r.num_generated >= r.max_new_tokens) {
+      r.finishing = true;
+      done.push_back(r.id);
+      any_finished = true;
+    }
+  }
+  if (any_finished) {
+    running_.erase(std::remove_if(running_.begin(), running_.end(),
+                                  [](const Request* r) { return r->finishing; }),
+                   running_.end());
+    for (RequestId id : done) finish(*requests_.find(id));
+    estimator_.record(finished_lengths_.data(), finished_classes_.data(), finished_lengths_.size());
+  }
+  plan_outstanding_ = false;
+  return done;
+}
+
+bool BatchFormer::has_outstanding_plan() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return plan_outstanding_;
+}
+
+BatchFormerStats BatchFormer::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  BatchFormerStats s = counters_;
+  s.num_waiting = static_cast<int64_t>(waiting_.size());
+  s.num_running = static_cast<int64_t>(running_.size());
+  s.num_swapped = 0;
+  return s;
+}
+
+bool BatchFormer::contains(RequestId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return id >= 0 && requests_.find(id) != nullptr;
+}
+
+RequestInfo BatchFormer::info(RequestId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Request& r = lookup(id, "req_id", kNoIndex);
+  return RequestInfo{r.state, r.prompt_len, r.max_new_tokens, r.num_computed, r.num_generated, r.num_preemptions,
+                     r.key};
+}
+
+std::vector<BlockId> BatchFormer::block_table(RequestId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Request& r = lookup(id, "req_id", kNoIndex);
+  if (r.state == RequestState::kWaiting) return {};
+  return allocator_.block_table(id);
+}
+
+std::vector<RequestId> BatchFormer::running_ids() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<RequestId> ids;
+  for (const Request* r : running_) ids.push_back(r->id);
+  return ids;
+}
+
+std::vector<RequestId> BatchFormer::waiting_ids() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<RequestId> ids;
+  for (const Request* r : waiting_) ids.push_back(r->id);
+  return ids;
+}
+
+void BatchFormer::check_invariants() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  allocator_.check_invariants();
+  KVSCHED_ASSERT(waiting_.size() + running_.size() == requests_.size(), "waiting ", waiting_.size(), " + running ",
+                 running_.size(), " != table ", requests_.size());
+  KVSCHED_ASSERT(counters_.added == counters_.finished + counters_.aborted + counters_.rejected +
+                                        static_cast<int64_t>(requests_.size()),
+                 "requests were lost: added ", counters_.added);
+  for (const Request* r : running_) {
+    KVSCHED_ASSERT(r->state == RequestState::kRunning, "request ", r->id, " in the running list is ",
+                   state_name(r->state));
+    // Lookahead slots of an earlier step may still be held beyond what is computed.
+    int64_t held = allocator_.num_tokens(r->id);
+    int64_t expected = r->num_computed + std::max<int64_t>(0, r->scheduled);
+    KVSCHED_ASSERT(held >= expected && held <= expected + options_.num_lookahead_tokens, "request ", r->id,
+                   " holds ", held, " tokens of KV, expected ", expected);
+    KVSCHED_ASSERT(r->num_computed <= r->total() && r->num_generated <= r->max_new_tokens, "request ", r->id,
+                   " has inconsistent counts");
+  }
+  for (const Request* r : waiting_) {
+    KVSCHED_ASSERT(r->state == RequestState::kWaiting && r->num_computed == 0 && !allocator_.contains(r->id),
+                   "waiting request ", r->id, " holds KV");
+  }
+  KVSCHED_ASSERT(allocator_.stats().num_sequences == static_cast<int64_t>(running_.size()), "allocator holds ",
+                 allocator_.stats().num_sequences, " sequences, running ", running_.size());
+}
+
+}  // namespace kvsched

@@ -1,0 +1,158 @@
+"""Scheduling policies: each turns request attributes into ordering keys, in bulk.
+
+The batch former (C++) orders waiting requests by key (smaller first; ties by arrival) and picks
+preemption victims from the largest keys. A policy only computes keys with numpy, when requests
+are added and, if it needs to, after each step; it never loops over requests in Python.
+
+Write your own by subclassing :class:`Policy`::
+
+    class ShortestPromptFirst(kvsched.policies.Policy):
+        name = "spf"
+        def keys(self, requests):
+            return requests.prompt_lens.astype(np.float64)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler, StepPlan
+
+
+@dataclass(frozen=True)
+class NewRequests:
+    """The attributes of requests being added, as equal-length arrays."""
+
+    req_ids: np.ndarray  # int64
+    prompt_lens: np.ndarray  # int64
+    max_new_tokens: np.ndarray  # int64
+    arrival_times: np.ndarray  # float64, seconds
+    priorities: np.ndarray  # float64, smaller is more urgent
+    class_ids: np.ndarray  # int32
+    client_ids: np.ndarray  # int32
+
+
+class Policy:
+    """Base policy: first come, first served."""
+
+    name = "fcfs"
+    #: Whether a waiting request with a smaller key may preempt running requests with larger ones.
+    preempts_running = False
+
+    def keys(self, requests: NewRequests) -> np.ndarray:
+        """Ordering keys (float64, one per request) for requests being added."""
+        return requests.arrival_times
+
+    def on_priority_change(self, req_ids: np.ndarray, priorities: np.ndarray) -> np.ndarray | None:
+        """New keys after a priority change, or None when this policy ignores priorities."""
+        return None
+
+    def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
+        """Called after each ``update()``; may re-key requests through the scheduler."""
+
+
+class FCFS(Policy):
+    """First come, first served: key = arrival time."""
+
+
+class PriorityPolicy(Policy):
+    """Strict priority (smaller value first, as in vLLM), FCFS within a priority. A waiting request
+    of higher priority preempts running ones of lower priority when it cannot be admitted otherwise."""
+
+    name = "priority"
+    preempts_running = True
+
+    def keys(self, requests: NewRequests) -> np.ndarray:
+        return requests.priorities
+
+    def on_priority_change(self, req_ids: np.ndarray, priorities: np.ndarray) -> np.ndarray | None:
+        return priorities
+
+
+class DeadlinePolicy(Policy):
+    """Earliest TTFT deadline first: key = arrival + the class's TTFT SLO. Waiting requests age by
+    construction: an old request's deadline is earlier than any newcomer's of the same class.
+
+    ``ttft_slo_s`` is one SLO for all classes, or a sequence indexed by class id.
+    """
+
+    name = "deadline"
+
+    def __init__(self, ttft_slo_s: float | list[float] | np.ndarray = 2.0) -> None:
+        slo = np.atleast_1d(np.asarray(ttft_slo_s, dtype=np.float64))
+        if slo.ndim != 1 or slo.size == 0 or not np.all(np.isfinite(slo)) or np.any(slo <= 0):
+            raise ValueError(f"ttft_slo_s must be positive and finite, got {ttft_slo_s!r}")
+        self.ttft_slo_s = slo
+
+    def keys(self, requests: NewRequests) -> np.ndarray:
+        if self.ttft_slo_s.size == 1:
+            return requests.arrival_times + self.ttft_slo_s[0]
+        if requests.class_ids.size and int(requests.class_ids.max()) >= self.ttft_slo_s.size:
+            raise ValueError(
+                f"class_ids: class {int(requests.class_ids.max())} has no TTFT SLO "
+                f"(ttft_slo_s has {self.ttft_slo_s.size} entries)"
+            )
+        return requests.arrival_times + self.ttft_slo_s[requests.class_ids]
+
+
+class FairSharePolicy(Policy):
+    """Fair share across clients by virtual token counters (VTC, Sheng et al., OSDI'24).
+
+    Each client has a counter of the service it received (``input_weight`` per prefill token,
+    ``output_weight`` per generated token); its requests are keyed by that counter, so the least
+    served client goes first. A client that (re)appears is lifted to the smallest counter among the
+    clients served in the last step, so idling does not bank credit. Counters are a numpy array
+    indexed by client id.
+    """
+
+    name = "vtc"
+
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
+        if input_weight < 0 or output_weight < 0:
+            raise ValueError("input_weight and output_weight must be >= 0")
+        self.input_weight = float(input_weight)
+        self.output_weight = float(output_weight)
+        self.counters = np.zeros(0, dtype=np.float64)
+        self._floor = 0.0
+
+    def _grow(self, num_clients: int) -> None:
+        if num_clients > self.counters.size:
+            grown = np.zeros(max(num_clients, 2 * self.counters.size), dtype=np.float64)
+            grown[: self.counters.size] = self.counters
+            self.counters = grown
+
+    def keys(self, requests: NewRequests) -> np.ndarray:
+        if requests.client_ids.size:
+            self._grow(int(requests.client_ids.max()) + 1)
+            clients = requests.client_ids
+            self.counters[clients] = np.maximum(self.counters[clients], self._floor)
+        return self.counters[requests.client_ids]
+
+    def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
+        if len(plan) == 0:
+            return
+        service = np.where(plan.is_prefill, self.input_weight * plan.num_tokens, 0.0)
+        service += self.output_weight * num_new_tokens
+        served = np.unique(plan.client_ids)
+        np.add.at(self.counters, plan.client_ids, service)
+        self._floor = float(self.counters[served].min())
+        scheduler._former.set_client_keys(served, self.counters[served])
+
+
+_BUILT_IN = {"fcfs": FCFS, "priority": PriorityPolicy, "deadline": DeadlinePolicy, "vtc": FairSharePolicy}
+
+
+def make_policy(policy: str | Policy) -> Policy:
+    """A policy instance from a name (fcfs, priority, deadline, vtc) or an instance."""
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, str) and policy in _BUILT_IN:
+        return _BUILT_IN[policy]()
+    raise ValueError(f"policy must be one of {sorted(_BUILT_IN)} or a kvsched.policies.Policy, got {policy!r}")
+
+
+__all__ = ["FCFS", "DeadlinePolicy", "FairSharePolicy", "NewRequests", "Policy", "PriorityPolicy", "make_policy"]

@@ -1,0 +1,330 @@
+"""kvsched.Scheduler: the per-step scheduling call an engine makes, over the native batch former.
+
+Per step an engine calls ``schedule()``, runs the model on the returned :class:`StepPlan`, and
+reports what it generated with ``update()``. All per-request work happens in C++; this layer
+converts arguments, asks the policy for keys in bulk and wraps the plan's arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _core
+from .policies import NewRequests, Policy, make_policy
+
+ADMISSION_MODES = ("aggressive", "conservative", "past_future", "oracle")
+REJECT_REASONS = {1: "prompt_too_long"}
+_PLACEMENTS = {"contiguous": 0, "lifo": 1, "fifo": 2}
+_HASHES = {"fast128": 0, "sha256": 1}
+
+
+@dataclass
+class SchedulerConfig:
+    """Capacity, budgets and admission settings of a :class:`Scheduler`.
+
+    ``admission`` is how the peak estimator predicts output lengths: ``aggressive`` (no growth;
+    evict on overflow, like vLLM), ``conservative`` (reserve ``max_new_tokens``, like TensorRT-LLM's
+    GUARANTEED_NO_EVICT), ``past_future`` (a safety quantile of recent output lengths conditioned on
+    what each request already generated; adaptive by default) or ``oracle`` (true lengths passed as
+    ``true_output_lens``; simulation only).
+    """
+
+    num_blocks: int
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_prefill_chunk: int = 0  # 0: a prefill may use the whole step budget
+    num_lookahead_tokens: int = 0
+    admission: str = "past_future"
+    enable_prefix_caching: bool = True
+    placement: str = "contiguous"
+    hash_algorithm: str = "fast128"
+    max_bypass: int = 16
+    watermark_blocks: int = 0
+    # Peak estimator (past_future)
+    window: int = 1000
+    quantile: float = 0.9
+    adaptive: bool = True
+    target_preemption_rate: float = 0.01
+    adapt_gain: float = 0.1
+    min_quantile: float = 0.5
+    max_quantile: float = 0.999
+    seed: int = 0
+    prior: Sequence[int] | None = field(default=None, repr=False)
+
+    def native_options(self) -> dict[str, Any]:
+        options = asdict(self)
+        if self.admission not in ADMISSION_MODES:
+            raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
+        if self.placement not in _PLACEMENTS:
+            raise ValueError(f"placement must be one of {tuple(_PLACEMENTS)}, got {self.placement!r}")
+        if self.hash_algorithm not in _HASHES:
+            raise ValueError(f"hash_algorithm must be one of {tuple(_HASHES)}, got {self.hash_algorithm!r}")
+        options["admission"] = ADMISSION_MODES.index(self.admission)
+        options["placement"] = _PLACEMENTS[self.placement]
+        options["hash_algorithm"] = _HASHES[self.hash_algorithm]
+        if self.prior is not None:
+            options["prior"] = np.asarray(self.prior, dtype=np.int64)
+        return options
+
+
+class StepPlan:
+    """What to run this step, as flat numpy arrays (index i is one scheduled request).
+
+    ``req_ids``, ``num_tokens`` (tokens to compute), ``computed_offsets`` (tokens already in the KV
+    cache), ``is_prefill``, ``client_ids``; new KV blocks in CSR form: those of request i are
+    ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``; ``copy_on_writes`` rows are
+    ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted by recompute (their KV is
+    gone); ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)`` (empty until the swap
+    planner lands); ``rejected_ids`` with ``rejected_reasons`` will never run.
+    """
+
+    __slots__ = (
+        "req_ids", "client_ids", "num_tokens", "computed_offsets", "is_prefill", "block_indptr", "new_blocks",
+        "copy_on_writes", "preempted_ids", "swap_out", "swap_in", "rejected_ids", "rejected_reason_codes",
+        "num_admitted",
+    )
+
+    def __init__(self, arrays: dict[str, Any]) -> None:
+        self.req_ids = arrays["req_ids"]
+        self.client_ids = arrays["client_ids"]
+        self.num_tokens = arrays["num_tokens"]
+        self.computed_offsets = arrays["computed_offsets"]
+        self.is_prefill = arrays["is_prefill"]
+        self.block_indptr = arrays["block_indptr"]
+        self.new_blocks = arrays["new_blocks"]
+        self.copy_on_writes = arrays["copy_on_writes"]
+        self.preempted_ids = arrays["preempted_ids"]
+        self.swap_out = arrays["swap_out"]
+        self.swap_in = arrays["swap_in"]
+        self.rejected_ids = arrays["rejected_ids"]
+        self.rejected_reason_codes = arrays["rejected_reasons"]
+        self.num_admitted: int = arrays["num_admitted"]
+
+    def __len__(self) -> int:
+        return int(self.req_ids.size)
+
+    @property
+    def rejected_reasons(self) -> list[str]:
+        return [REJECT_REASONS.get(int(code), f"code {int(code)}") for code in self.rejected_reason_codes]
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return int(self.num_tokens.sum())
+
+    def blocks_of(self, index: int) -> np.ndarray:
+        """New block ids of the request at ``index`` in this plan."""
+        return self.new_blocks[self.block_indptr[index] : self.block_indptr[index + 1]]
+
+    def __repr__(self) -> str:
+        return (
+            f"StepPlan({len(self)} requests, {self.num_scheduled_tokens} tokens, {self.num_admitted} admitted, "
+            f"{self.preempted_ids.size} preempted, {self.rejected_ids.size} rejected)"
+        )
+
+
+def _integers(values: Any, empty_dtype: Any = np.int64) -> np.ndarray:
+    """An array of the values; an empty list becomes an empty integer array, not float64."""
+    array = np.asarray(values)
+    return array.astype(empty_dtype) if array.size == 0 else array
+
+
+def _column(values: Any, name: str, count: int, dtype: Any, default: float | int) -> np.ndarray:
+    if values is None:
+        return np.full(count, default, dtype=dtype)
+    array = np.asarray(values)
+    if array.ndim == 0:
+        return np.full(count, array, dtype=dtype)
+    if array.shape != (count,):
+        raise ValueError(f"{name} must have shape ({count},), got {array.shape}")
+    return array
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, peak-memory admission and preemption.
+
+    Parameters
+    ----------
+    config : SchedulerConfig, optional
+        Capacity and budgets; keyword ``overrides`` set its fields (``Scheduler(num_blocks=4096)``).
+    policy : str or Policy
+        ``fcfs`` (default), ``priority``, ``deadline``, ``vtc`` or your own :class:`~kvsched.policies.Policy`.
+
+    Every added request ends as finished (``update``), aborted (``abort``) or rejected (reported
+    in a plan's ``rejected_ids``). Bad arguments raise ValueError/KeyError/TypeError naming the
+    argument and change nothing. Thread safety: native calls are serialized by an internal lock;
+    the policy's state is not locked, so drive one scheduler from one thread.
+    """
+
+    def __init__(self, config: SchedulerConfig | None = None, *, policy: str | Policy = "fcfs", **overrides: Any):
+        if config is None:
+            if "num_blocks" not in overrides:
+                raise ValueError("num_blocks is required (pass a SchedulerConfig or num_blocks=...)")
+            config = SchedulerConfig(**overrides)
+        elif overrides:
+            config = SchedulerConfig(**{**asdict(config), **overrides})
+        self.config = config
+        self.policy = make_policy(policy)
+        options = config.native_options()
+        options["preempt_for_priority"] = bool(self.policy.preempts_running)
+        self._former = _core.BatchFormer(options)
+        self._hasher: _core.BlockAllocator | None = None
+        self._last_plan: StepPlan | None = None
+
+    # ---- requests ----
+    def add_request(
+        self,
+        req_id: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        *,
+        arrival_time: float = 0.0,
+        priority: float = 0.0,
+        class_id: int = 0,
+        client_id: int = 0,
+        prompt_tokens: Any = None,
+        block_keys: Any = None,
+        true_output_len: int | None = None,
+    ) -> None:
+        """Adds one request. ``prompt_tokens`` (or precomputed ``block_keys``) enable prefix caching."""
+        keys = None
+        if prompt_tokens is not None and block_keys is not None:
+            raise ValueError("pass prompt_tokens or block_keys, not both")
+        if prompt_tokens is not None:
+            tokens = np.asarray(prompt_tokens)
+            if tokens.shape != (prompt_len,):
+                raise ValueError(f"prompt_tokens must have prompt_len ({prompt_len}) entries, got shape {tokens.shape}")
+            keys = [self._hash(tokens)]
+        elif block_keys is not None:
+            keys = [block_keys]
+        self.add_requests(
+            [req_id], [prompt_len], [max_new_tokens], arrival_times=[arrival_time], priorities=[priority],
+            class_ids=[class_id], client_ids=[client_id],
+            true_output_lens=None if true_output_len is None else [true_output_len], block_keys=keys,
+        )
+
+    def add_requests(
+        self,
+        req_ids: Any,
+        prompt_lens: Any,
+        max_new_tokens: Any,
+        *,
+        arrival_times: Any = None,
+        priorities: Any = None,
+        class_ids: Any = None,
+        client_ids: Any = None,
+        true_output_lens: Any = None,
+        block_keys: Sequence[Any] | None = None,
+    ) -> None:
+        """Adds requests given as arrays (all or nothing). Scalars broadcast for the optional ones."""
+        ids = _integers(req_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"req_ids must be 1-D, got shape {ids.shape}")
+        n = ids.size
+        requests = NewRequests(
+            req_ids=ids,
+            prompt_lens=_column(prompt_lens, "prompt_lens", n, np.int64, 0),
+            max_new_tokens=_column(max_new_tokens, "max_new_tokens", n, np.int64, 0),
+            arrival_times=_column(arrival_times, "arrival_times", n, np.float64, 0.0),
+            priorities=_column(priorities, "priorities", n, np.float64, 0.0),
+            class_ids=_column(class_ids, "class_ids", n, np.int32, 0),
+            client_ids=_column(client_ids, "client_ids", n, np.int32, 0),
+        )
+        true_lens = _column(true_output_lens, "true_output_lens", n, np.int64, -1)
+        if requests.client_ids.size and np.issubdtype(requests.client_ids.dtype, np.integer):
+            if requests.client_ids.min() < 0:
+                raise ValueError("client_ids must be >= 0")
+        keys = np.ascontiguousarray(self.policy.keys(requests), dtype=np.float64)
+        self._former.add_requests(
+            requests.req_ids, requests.prompt_lens, requests.max_new_tokens, requests.arrival_times, keys,
+            requests.class_ids, requests.client_ids, true_lens, block_keys,
+        )
+
+    def abort(self, req_ids: Any) -> None:
+        """Removes requests in any state (all or nothing); unknown ids raise KeyError."""
+        self._former.abort(np.atleast_1d(_integers(req_ids)))
+
+    def set_priority(self, req_ids: Any, priorities: Any) -> None:
+        """Changes priorities between steps; under the priority policy this may preempt at the next step."""
+        ids = np.atleast_1d(_integers(req_ids))
+        values = np.atleast_1d(np.asarray(priorities, dtype=np.float64))
+        if values.shape != ids.shape:
+            raise ValueError(f"priorities must have the shape of req_ids {ids.shape}, got {values.shape}")
+        keys = self.policy.on_priority_change(ids, values)
+        if keys is None:
+            raise ValueError(f"the {self.policy.name} policy does not use priorities")
+        self._former.set_keys(ids, keys)
+
+    # ---- steps ----
+    def schedule(self) -> StepPlan:
+        """Plans one engine step. Call ``update()`` with its results before the next ``schedule()``."""
+        plan = StepPlan(self._former.schedule())
+        self._last_plan = plan
+        return plan
+
+    def update(self, req_ids: Any, num_new_tokens: Any, finished: Any = None) -> np.ndarray:
+        """Reports the step: tokens generated per scheduled request (0 for a prefill chunk that did
+        not reach the end of its prompt) and which requests finished (EOS or a stop condition; a
+        request also finishes at ``max_new_tokens``). Returns the ids that finished."""
+        ids = _integers(req_ids)
+        new_tokens = _integers(num_new_tokens)
+        done_flags = np.zeros(ids.shape, dtype=bool) if finished is None else _integers(finished, bool)
+        done = self._former.update(ids, new_tokens, done_flags)
+        if self._last_plan is not None and new_tokens.shape == self._last_plan.req_ids.shape:
+            # Policies see tokens in plan order; the engine may report in any order.
+            if not np.array_equal(ids, self._last_plan.req_ids):
+                order = np.argsort(ids, kind="stable")
+                position = np.searchsorted(ids[order], self._last_plan.req_ids)
+                new_tokens = new_tokens[order][position]
+            self.policy.after_update(self, self._last_plan, new_tokens)
+        return done
+
+    # ---- inspection ----
+    def stats(self) -> dict[str, Any]:
+        """Counters of the batch former and the KV cache."""
+        stats = self._former.stats()
+        stats["kv"] = self._former.allocator_stats()
+        return stats
+
+    @property
+    def num_waiting(self) -> int:
+        return int(self._former.stats()["num_waiting"])
+
+    @property
+    def num_running(self) -> int:
+        return int(self._former.stats()["num_running"])
+
+    def has_unfinished_requests(self) -> bool:
+        stats = self._former.stats()
+        return bool(stats["num_waiting"] or stats["num_running"] or stats["num_swapped"])
+
+    def info(self, req_id: int) -> dict[str, Any]:
+        """State and token counts of a live request (KeyError once it finished or was aborted)."""
+        return self._former.info(req_id)
+
+    def block_table(self, req_id: int) -> np.ndarray:
+        return self._former.block_table(req_id)
+
+    def running_ids(self) -> np.ndarray:
+        return self._former.running_ids()
+
+    def waiting_ids(self) -> np.ndarray:
+        return self._former.waiting_ids()
+
+    def check_invariants(self) -> None:
+        """Raises RuntimeError describing the first broken internal invariant (a kvsched bug)."""
+        self._former.check_invariants()
+
+    def __contains__(self, req_id: object) -> bool:
+        return req_id in self._former
+
+    def _hash(self, tokens: np.ndarray) -> np.ndarray:
+        if self._hasher is None:  # the allocator's hash function, on a one-block pool
+            self._hasher = _core.BlockAllocator(1, self.config.block_size, True, 0, _HASHES[self.config.hash_algorithm])
+        return self._hasher.hash_tokens(tokens, 0)
+
+
+__all__ = ["ADMISSION_MODES", "REJECT_REASONS", "Scheduler", "SchedulerConfig", "StepPlan"]

@@ -1,0 +1,298 @@
+"""Scheduler scenarios: chunked prefill, preemption by recompute, priorities, abort, rejection,
+prefix caching, lookahead, bounded bypass and the policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scheduler_driver import FakeEngine
+
+import kvsched
+from kvsched.policies import DeadlinePolicy, FairSharePolicy
+
+
+def make(num_blocks=64, **kw) -> kvsched.Scheduler:
+    kw.setdefault("block_size", 16)
+    return kvsched.Scheduler(num_blocks=num_blocks, **kw)
+
+
+def test_chunked_prefill_runs_decodes_first_and_chunks_the_rest():
+    s = make(num_blocks=256, max_num_batched_tokens=256, admission="aggressive")
+    e = FakeEngine(s)
+    e.add(0, 10, 50)
+    e.step()  # prefill of request 0
+    e.add(1, 1000, 5, arrival_time=1.0)
+    chunks = []
+    while s.info(1)["num_generated"] == 0:
+        plan = e.step()
+        assert plan.req_ids[0] == 0 and plan.num_tokens[0] == 1 and not plan.is_prefill[0]  # decode first
+        i = int(np.flatnonzero(plan.req_ids == 1)[0])
+        assert plan.computed_offsets[i] == sum(chunks)
+        assert plan.is_prefill[i]
+        chunks.append(int(plan.num_tokens[i]))
+    assert chunks == [255, 255, 255, 235]
+    e.run()
+    assert e.finished == {0, 1} and e.generated == {0: 50, 1: 5}
+
+
+def test_max_prefill_chunk_limits_each_prefill():
+    s = make(num_blocks=256, max_num_batched_tokens=1000, max_prefill_chunk=100)
+    e = FakeEngine(s)
+    e.add(0, 250, 3)
+    sizes = [int(e.step().num_tokens[0]) for _ in range(3)]
+    assert sizes == [100, 100, 50]
+
+
+def test_budgets_hold_in_a_crowded_run(rng):
+    s = make(num_blocks=128, max_num_batched_tokens=300, max_num_seqs=6, max_prefill_chunk=120, admission="aggressive")
+    e = FakeEngine(s)
+    for i in range(60):
+        e.add(i, int(rng.integers(1, 400)), int(rng.integers(1, 120)), arrival_time=i * 0.1)
+    e.run()
+    assert e.finished == set(range(60))
+    assert all(e.generated[i] == e.true_len[i] for i in range(60))
+    assert e.preemptions > 0  # aggressive admission on a small cache must evict
+    stats = s.stats()
+    assert stats["preemptions"] == e.preemptions and stats["finished"] == 60 and stats["kv"]["num_used"] == 0
+
+
+def test_preempted_request_resumes_with_its_tokens_and_victim_is_the_newest():
+    s = make(num_blocks=12, block_size=16, max_num_batched_tokens=512, admission="aggressive")
+    e = FakeEngine(s)
+    e.add(0, 60, 100, arrival_time=0.0)
+    e.add(1, 60, 100, arrival_time=1.0)
+    plan = e.step()
+    assert plan.req_ids.tolist() == [0, 1]  # both prompts fit now (4 + 4 of 12 blocks)
+    preempted_at = None
+    while preempted_at is None:
+        plan = e.step()
+        if plan.preempted_ids.size:
+            preempted_at = s.info(1)
+    assert plan.preempted_ids.tolist() == [1]  # later arrival goes first
+    assert preempted_at["state"] == "waiting" and preempted_at["num_computed"] == 0
+    generated_before = preempted_at["num_generated"]
+    assert generated_before > 0
+    e.run()
+    assert e.generated[1] == 100 and 1 in e.finished
+    # On return it recomputed prompt plus the tokens it had generated.
+    assert s.stats()["preemptions"] >= 1
+
+
+def test_no_livelock_when_one_request_needs_the_whole_cache():
+    s = make(num_blocks=4, block_size=16, max_num_batched_tokens=64, admission="aggressive")
+    e = FakeEngine(s)
+    e.add(0, 10, 54)  # 64 tokens: the whole cache
+    e.add(1, 10, 54)
+    e.run(max_steps=1000)
+    assert e.finished == {0, 1}
+
+
+def test_max_new_tokens_is_capped_to_what_the_cache_can_hold():
+    s = make(num_blocks=4, block_size=16)
+    s.add_request(0, 10, 1000)
+    assert s.info(0)["max_new_tokens"] == 54
+    assert s.stats()["max_new_tokens_capped"] == 1
+
+
+def test_prompt_that_can_never_fit_is_rejected_with_a_reason():
+    s = make(num_blocks=4, block_size=16)
+    s.add_request(7, 64, 1)
+    s.add_request(8, 20, 5)
+    assert 7 not in s and 8 in s
+    plan = s.schedule()
+    assert plan.rejected_ids.tolist() == [7] and plan.rejected_reasons == ["prompt_too_long"]
+    assert plan.req_ids.tolist() == [8]
+    stats = s.stats()
+    assert stats["rejected"] == 1 and stats["added"] == 2
+
+
+def test_conservative_admission_never_preempts(rng):
+    s = make(num_blocks=64, admission="conservative", max_num_batched_tokens=512)
+    e = FakeEngine(s)
+    for i in range(40):
+        true_len = int(rng.integers(1, 200))
+        e.add(i, int(rng.integers(1, 300)), true_len, max_new_tokens=200, arrival_time=i)
+    e.run()
+    assert e.preemptions == 0 and len(e.finished) == 40
+
+
+def test_oracle_with_ample_memory_never_preempts(rng):
+    s = make(num_blocks=4096, admission="oracle", max_num_seqs=64)
+    e = FakeEngine(s)
+    for i in range(100):
+        true_len = int(rng.integers(1, 300))
+        e.add(i, int(rng.integers(1, 500)), true_len, max_new_tokens=1000, true_output_len=true_len)
+    e.run()
+    assert e.preemptions == 0 and len(e.finished) == 100
+
+
+def _preemptions(admission: str, seed: int) -> int:
+    rng = np.random.default_rng(seed)
+    s = make(num_blocks=160, admission=admission, max_num_batched_tokens=1024, max_num_seqs=64)
+    e = FakeEngine(s, check=False)
+    for i in range(300):
+        true_len = int(min(1000, rng.lognormal(4.5, 1.0)) + 1)
+        e.add(i, int(rng.integers(16, 200)), true_len, max_new_tokens=1024)
+    e.run()
+    assert len(e.finished) == 300
+    return e.preemptions
+
+
+def test_past_future_preempts_far_less_than_aggressive_on_a_tight_cache():
+    aggressive = _preemptions("aggressive", 5)
+    past_future = _preemptions("past_future", 5)
+    assert aggressive > 20
+    assert past_future * 4 < aggressive, (past_future, aggressive)
+
+
+def test_priority_request_preempts_lower_priority_running_ones():
+    s = make(num_blocks=12, block_size=16, max_num_batched_tokens=512, admission="aggressive", policy="priority")
+    e = FakeEngine(s)
+    e.add(0, 80, 200, priority=5)
+    e.add(1, 80, 200, priority=5, arrival_time=1.0)
+    e.step()
+    assert sorted(s.running_ids().tolist()) == [0, 1]
+    e.add(2, 80, 3, priority=0, arrival_time=2.0)  # urgent; the cache is full (10 of 12 blocks + growth)
+    plan = e.step()
+    assert 2 in plan.req_ids.tolist()
+    assert 1 not in s.running_ids().tolist()  # the newest low-priority request made room
+    assert s.stats()["priority_preemptions"] >= 1
+    e.run()
+    assert e.finished == {0, 1, 2}
+
+
+def test_priority_change_of_a_running_request_makes_it_the_victim():
+    s = make(num_blocks=12, block_size=16, max_num_batched_tokens=512, admission="aggressive", policy="priority")
+    e = FakeEngine(s)
+    e.add(0, 80, 200, priority=1)
+    e.add(1, 80, 200, priority=1, arrival_time=1.0)
+    e.step()
+    s.set_priority(0, 9)  # 0 is now the least important
+    assert s.running_ids().tolist() == [0, 1]
+    e.add(2, 80, 3, priority=0, arrival_time=2.0)
+    e.step()
+    running = s.running_ids().tolist()
+    assert 0 not in running and 1 in running and 2 in running
+
+
+def test_fcfs_rejects_set_priority():
+    s = make()
+    s.add_request(0, 10, 5)
+    with pytest.raises(ValueError, match="fcfs"):
+        s.set_priority(0, 1)
+
+
+@pytest.mark.parametrize("state", ["waiting", "scheduled", "running"])
+def test_abort_in_every_state(state):
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    e.add(0, 40, 10)
+    e.add(1, 40, 10)
+    if state == "waiting":
+        s.abort([1])
+        e.run()
+        assert e.finished == {0}
+    elif state == "scheduled":
+        plan = s.schedule()
+        assert sorted(plan.req_ids.tolist()) == [0, 1]
+        s.abort([1])
+        with pytest.raises(KeyError, match="req_ids"):
+            s.update(plan.req_ids, [1, 1], [False, False])
+        keep = plan.req_ids != 1
+        s.update(plan.req_ids[keep], [1], [False])
+        e.generated[0] = 1
+        e.run()
+        assert e.finished == {0}
+    else:
+        e.step()
+        s.abort(1)
+        e.run()
+        assert e.finished == {0}
+    stats = s.stats()
+    assert stats["aborted"] == 1 and stats["finished"] == 1 and stats["kv"]["num_used"] == 0
+    s.check_invariants()
+
+
+def test_prefix_cache_hit_skips_the_shared_prompt():
+    s = make(num_blocks=64, max_num_batched_tokens=1024)
+    prompt = np.arange(100, dtype=np.int32)
+    s.add_request(0, 100, 2, prompt_tokens=prompt)
+    plan = s.schedule()
+    s.update(plan.req_ids, [1], [False])
+    s.add_request(1, 100, 2, prompt_tokens=prompt)
+    plan = s.schedule()
+    i = int(np.flatnonzero(plan.req_ids == 1)[0])
+    assert plan.computed_offsets[i] == 96 and plan.num_tokens[i] == 4
+    assert s.stats()["kv"]["prefix_hit_blocks"] == 6
+
+
+def test_lookahead_tokens_for_speculative_decoding():
+    s = make(num_blocks=64, num_lookahead_tokens=3)
+    s.add_request(0, 20, 10)
+    plan = s.schedule()
+    s.update(plan.req_ids, [1], [False])
+    plan = s.schedule()
+    assert plan.num_tokens.tolist() == [4]  # one decode token plus three speculative ones
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        s.update(plan.req_ids, [5], [False])
+    s.update(plan.req_ids, [3], [False])  # two drafts accepted plus the bonus token
+    info = s.info(0)
+    assert info["num_generated"] == 4 and info["num_computed"] == 23  # the accepted drafts' KV is kept
+    plan = s.schedule()
+    assert plan.num_tokens.tolist() == [4] and plan.computed_offsets.tolist() == [23]
+
+
+def test_bounded_bypass_lets_short_prompts_pass_a_long_one_but_not_forever():
+    s = make(num_blocks=20, block_size=16, max_num_batched_tokens=4096, admission="conservative", max_bypass=3)
+    e = FakeEngine(s)
+    e.add(0, 100, 150, arrival_time=0)  # runs long, holds most of the cache
+    e.step()
+    e.add(1, 200, 100, arrival_time=1)  # cannot run next to request 0
+    started = []
+    for i in range(2, 22):  # a new short request every step
+        e.add(i, 10, 5, arrival_time=1 + i)
+        plan = e.step()
+        started += [r for r in plan.req_ids.tolist() if r not in started and r != 0]
+    assert 1 not in started
+    assert started == [2, 3, 4]  # passed over max_bypass times, then admission waits for it
+    e.run()
+    assert e.finished == set(range(22))
+
+
+def test_deadline_policy_orders_by_arrival_plus_class_slo():
+    s = make(num_blocks=64, max_num_seqs=1, policy=DeadlinePolicy([10.0, 0.5]))
+    s.add_request(0, 10, 5, arrival_time=0.0, class_id=0)  # deadline 10
+    s.add_request(1, 10, 5, arrival_time=1.0, class_id=1)  # deadline 1.5
+    assert s.waiting_ids().tolist() == [1, 0]
+
+
+def test_fair_share_serves_a_quiet_client_despite_a_flooding_one():
+    s = make(num_blocks=512, max_num_seqs=4, max_num_batched_tokens=2048, policy=FairSharePolicy())
+    e = FakeEngine(s)
+    for i in range(40):
+        e.add(i, 50, 20, client_id=0, arrival_time=0.0)
+    for i in range(40, 44):
+        e.add(i, 50, 20, client_id=1, arrival_time=1.0)
+    steps_to_finish_quiet = None
+    while s.has_unfinished_requests():
+        e.step()
+        if steps_to_finish_quiet is None and {40, 41, 42, 43} <= e.finished:
+            steps_to_finish_quiet = e.steps
+    # Under FCFS client 1 would wait for all 40 requests of client 0 (about 10 rounds of 21 steps).
+    assert steps_to_finish_quiet is not None and steps_to_finish_quiet < 100
+
+
+def test_every_request_ends_finished_aborted_or_rejected(rng):
+    s = make(num_blocks=32, max_num_batched_tokens=256, max_num_seqs=8, admission="aggressive")
+    e = FakeEngine(s)
+    for i in range(50):
+        e.add(i, int(rng.integers(1, 700)), int(rng.integers(1, 60)))
+    for _ in range(20):
+        e.step()
+    live = [i for i in range(50) if i in s]
+    s.abort(live[:5])
+    e.run()
+    stats = s.stats()
+    assert stats["added"] == 50
+    assert stats["finished"] + stats["aborted"] + stats["rejected"] == 50
+    assert len(e.finished) == stats["finished"] and len(e.rejected) == stats["rejected"] > 0

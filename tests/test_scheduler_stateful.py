@@ -1,0 +1,119 @@
+"""Hypothesis state machine: random adds, aborts, priority changes and steps against the real
+Scheduler, with the budgets, block conservation and request accounting checked after every step,
+and every surviving request run to its exact true length at the end."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from scheduler_driver import FakeEngine
+
+import kvsched
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(
+        admission=st.sampled_from(["aggressive", "conservative", "past_future", "oracle"]),
+        policy=st.sampled_from(["fcfs", "priority"]),
+        num_blocks=st.integers(4, 40),
+        budget=st.integers(8, 300),
+        max_seqs=st.integers(1, 8),
+        chunk=st.integers(0, 64),
+        lookahead=st.integers(0, 2),
+    )
+    def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead):
+        self.scheduler = kvsched.Scheduler(
+            num_blocks=num_blocks, block_size=8, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
+            max_prefill_chunk=chunk, num_lookahead_tokens=lookahead, admission=admission, policy=policy, window=20,
+        )
+        self.engine = FakeEngine(self.scheduler)
+        self.next_id = 0
+        self.aborted: set[int] = set()
+        self.capacity = num_blocks * 8
+
+    @rule(prompt=st.integers(1, 200), true_len=st.integers(1, 60), slack=st.integers(0, 40), priority=st.integers(0, 3))
+    def add(self, prompt, true_len, slack, priority):
+        req = self.next_id
+        self.next_id += 1
+        self.engine.add(
+            req, prompt, true_len, max_new_tokens=true_len + slack, priority=priority, arrival_time=float(req),
+            true_output_len=true_len,
+        )
+        if req in self.scheduler:
+            # The engine ends a request at its true length or at the (possibly capped) max_new_tokens.
+            self.engine.true_len[req] = min(true_len, self.scheduler.info(req)["max_new_tokens"])
+
+    @rule()
+    def step(self):
+        before = {int(r): self.scheduler.info(r)["num_generated"] for r in self.scheduler.running_ids()}
+        plan = self.engine.step()
+        for req in plan.preempted_ids.tolist():
+            assert req in before or self.scheduler.info(req)["num_generated"] >= 0
+            info = self.scheduler.info(req)
+            assert info["state"] == "waiting" and info["num_computed"] == 0
+
+    @precondition(lambda self: self.next_id > 0)
+    @rule(data=st.data())
+    def abort(self, data):
+        live = sorted(set(self.scheduler.running_ids().tolist()) | set(self.scheduler.waiting_ids().tolist()))
+        if not live:
+            return
+        req = data.draw(st.sampled_from(live))
+        self.scheduler.abort([req])
+        self.aborted.add(req)
+
+    @precondition(lambda self: self.scheduler.policy.name == "priority")
+    @rule(data=st.data(), priority=st.integers(0, 3))
+    def change_priority(self, data, priority):
+        live = sorted(set(self.scheduler.running_ids().tolist()) | set(self.scheduler.waiting_ids().tolist()))
+        if live:
+            self.scheduler.set_priority([data.draw(st.sampled_from(live))], [priority])
+
+    @invariant()
+    def accounted(self):
+        if not hasattr(self, "scheduler"):
+            return
+        self.scheduler.check_invariants()
+        stats = self.scheduler.stats()
+        live = stats["num_waiting"] + stats["num_running"]
+        assert stats["added"] == stats["finished"] + stats["aborted"] + stats["rejected"] + live
+        assert stats["aborted"] == len(self.aborted)
+        kv = stats["kv"]
+        assert kv["num_free"] + kv["num_used"] + kv["num_cached"] == kv["num_blocks"]
+        assert stats["num_running"] <= self.scheduler.config.max_num_seqs
+
+    def teardown(self):
+        if not hasattr(self, "scheduler"):
+            return
+        self.engine.run(max_steps=self.engine.steps + 20_000)
+        for req, true_len in self.engine.true_len.items():
+            if req in self.aborted or req in self.engine.rejected:
+                continue
+            assert req in self.engine.finished
+            assert self.engine.generated[req] == true_len, (req, self.engine.generated[req], true_len)
+        assert self.scheduler.stats()["kv"]["num_used"] == 0
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def test_long_random_run_keeps_every_invariant():
+    rng = np.random.default_rng(7)
+    s = kvsched.Scheduler(num_blocks=48, block_size=16, max_num_batched_tokens=256, max_num_seqs=16,
+                          max_prefill_chunk=96, admission="past_future")
+    e = FakeEngine(s)
+    next_id = 0
+    for step in range(1500):
+        for _ in range(rng.poisson(0.4)):
+            true_len = int(rng.integers(1, 150))
+            e.add(next_id, int(rng.integers(1, 400)), true_len, max_new_tokens=300, arrival_time=step)
+            next_id += 1
+        e.step()
+    e.run()
+    assert len(e.finished) + len(e.rejected) == next_id
+    assert all(e.generated[r] == e.true_len[r] for r in e.finished)
