@@ -6,9 +6,10 @@ A malformed line raises :class:`TraceError` naming the file, the line and the fi
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -20,17 +21,36 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class Trace:
-    """Requests in arrival order: arrival time (s, from the first request), prompt and output tokens."""
+    """Requests in arrival order: arrival time (s, from the first request), prompt and output tokens.
+
+    ``prefix_ids`` (optional) holds, per request, the ids of its prompt's shared-prefix blocks of
+    ``prefix_block_tokens`` tokens each (Mooncake's ``hash_ids``): equal ids mean equal content.
+    """
 
     arrival_s: npt.NDArray[np.float64]
     prompt_tokens: npt.NDArray[np.int64]
     output_tokens: npt.NDArray[np.int64]
+    prefix_ids: Optional[Tuple[npt.NDArray[np.int64], ...]] = field(default=None, repr=False)
+    prefix_block_tokens: int = 0
 
     def __len__(self) -> int:
         return int(self.arrival_s.shape[0])
 
     def head(self, count: int) -> "Trace":
-        return Trace(self.arrival_s[:count], self.prompt_tokens[:count], self.output_tokens[:count])
+        return self.select(slice(0, count))
+
+    def select(self, which) -> "Trace":
+        """The requests at ``which`` (a slice or an index array), keeping prefix ids aligned."""
+        prefix = None
+        if self.prefix_ids is not None:
+            indices = range(len(self))[which] if isinstance(which, slice) else np.asarray(which).tolist()
+            prefix = tuple(self.prefix_ids[i] for i in indices)
+        return Trace(self.arrival_s[which], self.prompt_tokens[which], self.output_tokens[which], prefix,
+                     self.prefix_block_tokens)
+
+    def with_arrivals(self, arrival_s: npt.NDArray[np.float64]) -> "Trace":
+        return Trace(np.asarray(arrival_s, dtype=np.float64), self.prompt_tokens, self.output_tokens,
+                     self.prefix_ids, self.prefix_block_tokens)
 
 
 def _count(path: Path, line: int, field: str, text: str, minimum: int) -> int:
@@ -76,3 +96,111 @@ def read_azure(path: Union[str, Path]) -> Trace:
         np.array(prompts, dtype=np.int64)[order],
         np.array(outputs, dtype=np.int64)[order],
     )
+
+
+def _open_checked(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such file")
+    return path
+
+
+def _float_field(path: Path, line: int, field_name: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise TraceError(f"{path}:{line}: field {field_name!r} is not a number: {text!r}") from None
+    if not np.isfinite(value) or value < 0:
+        raise TraceError(f"{path}:{line}: field {field_name!r} must be finite and >= 0, got {text!r}")
+    return value
+
+
+def read_length_csv(path: Union[str, Path], require_arrivals: bool) -> Trace:
+    """Vidur-style CSV: ``num_prefill_tokens,num_decode_tokens`` plus, for a replayable trace,
+    ``arrived_at`` (seconds). Without arrivals (ShareGPT length statistics) every arrival is 0:
+    give the trace arrivals with :func:`kvsched.sim.workloads.poisson_arrivals`."""
+    path = _open_checked(path)
+    arrivals, prompts, outputs = [], [], []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        needed = ["num_prefill_tokens", "num_decode_tokens"] + (["arrived_at"] if require_arrivals else [])
+        missing = [c for c in needed if c not in columns]
+        if missing:
+            raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {','.join(columns)})")
+        has_arrivals = "arrived_at" in columns
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            prompts.append(_count(path, line, "num_prefill_tokens", row["num_prefill_tokens"], 1))
+            outputs.append(_count(path, line, "num_decode_tokens", row["num_decode_tokens"], 1))
+            arrivals.append(_float_field(path, line, "arrived_at", row["arrived_at"]) if has_arrivals else 0.0)
+    if not prompts:
+        raise TraceError(f"{path}: the trace has no requests")
+    arrival = np.array(arrivals, dtype=np.float64)
+    order = np.argsort(arrival, kind="stable")
+    return Trace((arrival - arrival.min())[order], np.array(prompts, np.int64)[order], np.array(outputs, np.int64)[order])
+
+
+def read_mooncake(path: Union[str, Path]) -> Trace:
+    """Mooncake JSONL: ``timestamp`` (ms), ``input_length``, ``output_length``, ``hash_ids``
+    (512-token prefix blocks; equal ids are a shared prefix)."""
+    path = _open_checked(path)
+    arrivals, prompts, outputs, prefix = [], [], [], []
+    with path.open() as handle:
+        for line, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise TraceError(f"{path}:{line}: not valid JSON: {error.msg}") from None
+            if not isinstance(record, dict):
+                raise TraceError(f"{path}:{line}: expected a JSON object")
+            for name in ("timestamp", "input_length", "output_length"):
+                if name not in record:
+                    raise TraceError(f"{path}:{line}: field {name!r} is missing")
+            arrivals.append(_float_field(path, line, "timestamp", str(record["timestamp"])) / 1000.0)
+            prompts.append(_count(path, line, "input_length", str(record["input_length"]), 1))
+            outputs.append(_count(path, line, "output_length", str(record["output_length"]), 1))
+            ids = record.get("hash_ids", [])
+            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list of non-negative integers")
+            prefix.append(np.array(ids, dtype=np.int64))
+    if not prompts:
+        raise TraceError(f"{path}: the trace has no requests")
+    arrival = np.array(arrivals, dtype=np.float64)
+    order = np.argsort(arrival, kind="stable")
+    return Trace(
+        (arrival - arrival.min())[order], np.array(prompts, np.int64)[order], np.array(outputs, np.int64)[order],
+        tuple(prefix[i] for i in order), 512,
+    )
+
+
+TRACE_FORMATS = ("azure", "vidur", "mooncake", "sharegpt")
+
+
+def read_trace(path: Union[str, Path], trace_format: str) -> Trace:
+    """Reads ``path`` in one of :data:`TRACE_FORMATS`."""
+    if trace_format == "azure":
+        return read_azure(path)
+    if trace_format == "vidur":
+        return read_length_csv(path, require_arrivals=True)
+    if trace_format == "sharegpt":
+        return read_length_csv(path, require_arrivals=False)
+    if trace_format == "mooncake":
+        return read_mooncake(path)
+    raise TraceError(f"unknown trace format {trace_format!r}; expected one of {', '.join(TRACE_FORMATS)}")
+
+
+def guess_format(path: Union[str, Path]) -> str:
+    """The format of a trace file from its first line."""
+    path = _open_checked(path)
+    with path.open() as handle:
+        first = handle.readline().strip()
+    if first.startswith("{"):
+        return "mooncake"
+    if first.startswith("TIMESTAMP"):
+        return "azure"
+    if "num_prefill_tokens" in first:
+        return "vidur" if "arrived_at" in first else "sharegpt"
+    raise TraceError(f"{path}:1: cannot tell the trace format from the header; pass --trace-format")

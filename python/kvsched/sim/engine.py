@@ -1,0 +1,221 @@
+"""A discrete-event engine that drives the real kvsched.Scheduler.
+
+Each iteration: requests that have arrived are added, ``Scheduler.schedule()`` plans the step,
+simulated time advances by the model profile's iteration time of that plan, every request whose
+scheduled chunk reaches the end of its sequence emits one token, and ``Scheduler.update()``
+reports them. Only the engine knows true output lengths (it ends a request there); the scheduler
+sees ``max_new_tokens``, except under ``oracle`` admission, which is given the true lengths.
+Preemption is by recompute: a preempted request's later prefill of its lost tokens is simply part
+of the steps that run it. Per-step work is numpy over the plan's arrays; there is no scheduling
+code here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..scheduler import Scheduler, SchedulerConfig
+from .profiles import ModelProfile
+from .traces import Trace
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A per-request service-level objective: TTFT and a bound on the token gaps, either the
+    worst gap (``gap_kind="max"``) or the request's 99th-percentile gap (``"p99"``)."""
+
+    name: str
+    ttft_s: float
+    gap_s: float
+    gap_kind: str = "max"
+
+
+LAX = SLO("lax", ttft_s=10.0, gap_s=1.5, gap_kind="max")  # LightLLM Past-Future
+STRICT = SLO("strict", ttft_s=2.0, gap_s=0.2, gap_kind="p99")
+SLOS = {"lax": LAX, "strict": STRICT}
+
+
+@dataclass
+class EngineConfig:
+    """The simulated engine: model profile, KV capacity and the scheduler's budgets."""
+
+    profile: ModelProfile
+    kv_capacity_tokens: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_new_tokens: int = 2048
+    max_model_len: int = 0  # 0: the profile's
+    scheduler_overrides: dict = field(default_factory=dict)
+
+    def context_limit(self) -> int:
+        return self.max_model_len or self.profile.max_model_len
+
+
+@dataclass
+class PreparedTrace:
+    """A trace cut to what the model accepts: prompts beyond the context are rejected, outputs
+    beyond max_new_tokens or the context are clipped; both are counted and reported."""
+
+    trace: Trace
+    max_new_tokens: np.ndarray
+    rejected_too_long: int
+    clipped_outputs: int
+
+
+def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
+    limit = engine.context_limit()
+    keep = trace.prompt_tokens < limit
+    kept = trace.select(np.flatnonzero(keep)) if not keep.all() else trace
+    max_new = np.minimum(engine.max_new_tokens, limit - kept.prompt_tokens)
+    clipped = kept.output_tokens > max_new
+    outputs = np.minimum(kept.output_tokens, max_new)
+    kept = Trace(kept.arrival_s, kept.prompt_tokens, outputs, kept.prefix_ids, kept.prefix_block_tokens)
+    return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()))
+
+
+def _block_keys(trace: Trace, index: int, block_size: int) -> Optional[np.ndarray]:
+    """Prefix-cache keys of a request's full blocks from its shared-prefix ids (Mooncake):
+    block b lies in prefix block b * block_size // prefix_block_tokens, and the pair
+    (prefix id, position inside it) identifies its content."""
+    if trace.prefix_ids is None or trace.prefix_block_tokens % block_size:
+        return None
+    ids = trace.prefix_ids[index]
+    per_prefix = trace.prefix_block_tokens // block_size
+    full_blocks = min(int(trace.prompt_tokens[index]) // block_size, ids.size * per_prefix)
+    blocks = np.arange(full_blocks)
+    keys = np.empty((full_blocks, 2), dtype=np.uint64)
+    keys[:, 0] = ids[blocks // per_prefix].astype(np.uint64)
+    keys[:, 1] = (blocks % per_prefix + 1).astype(np.uint64)
+    return keys
+
+
+@dataclass
+class RunLog:
+    """Per-request outcomes of one simulated run (index = position in the prepared trace)."""
+
+    admission: str
+    arrival_s: np.ndarray
+    output_tokens: np.ndarray
+    first_token_s: np.ndarray  # NaN until the first token
+    finish_s: np.ndarray  # NaN when not completed
+    first_scheduled_s: np.ndarray
+    max_gap_s: np.ndarray
+    num_gaps: np.ndarray
+    slow_gaps: dict  # SLO name -> per-request count of gaps above its p99 bound
+    preemptions: np.ndarray
+    rejected: np.ndarray  # by the scheduler (a prompt the cache can never hold)
+    rejected_too_long: int  # by the model's context, before the run
+    clipped_outputs: int
+    scheduler_cpu_s: float
+    steps: int
+    kv_utilization: float  # time-weighted mean fraction of KV blocks in use
+    swap_bytes: int = 0  # preemption is by recompute until the swap planner lands
+
+
+def simulate(
+    prepared: PreparedTrace,
+    engine: EngineConfig,
+    admission: str,
+    policy: str = "fcfs",
+    progress: Optional[Callable[[int], None]] = None,
+) -> RunLog:
+    """Replays ``prepared`` through a fresh Scheduler under ``admission``; deterministic."""
+    trace = prepared.trace
+    n = len(trace)
+    block_size = engine.block_size
+    num_blocks = max(1, engine.kv_capacity_tokens // block_size)
+    config = SchedulerConfig(
+        num_blocks=num_blocks, block_size=block_size, max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens, admission=admission, **engine.scheduler_overrides,
+    )
+    scheduler = Scheduler(config, policy=policy)
+    prompt, output, arrival = trace.prompt_tokens, trace.output_tokens, trace.arrival_s
+    has_keys = trace.prefix_ids is not None and trace.prefix_block_tokens % block_size == 0
+    generated = np.zeros(n, np.int64)
+    first_token = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    first_scheduled = np.full(n, np.nan)
+    last_token = np.zeros(n)
+    max_gap = np.zeros(n)
+    num_gaps = np.zeros(n, np.int64)
+    p99_slos = [slo for slo in SLOS.values() if slo.gap_kind == "p99"]
+    slow = {slo.name: np.zeros(n, np.int64) for slo in p99_slos}
+    preemptions = np.zeros(n, np.int64)
+    rejected = np.zeros(n, bool)
+    cpu = 0.0
+    t = 0.0
+    next_index = 0
+    ended = 0
+    steps = 0
+    util_time = 0.0
+    unflushed_adds = False
+    while ended < n:
+        arrived = int(np.searchsorted(arrival, t, side="right"))
+        if arrived > next_index:
+            ids = np.arange(next_index, arrived)
+            keys = [_block_keys(trace, i, block_size) for i in ids.tolist()] if has_keys else None
+            start = time.perf_counter()
+            scheduler.add_requests(
+                ids, prompt[ids], prepared.max_new_tokens[ids], arrival_times=arrival[ids],
+                true_output_lens=output[ids] if admission == "oracle" else None, block_keys=keys,
+            )
+            cpu += time.perf_counter() - start
+            next_index = arrived
+            unflushed_adds = True
+        if not unflushed_adds and not scheduler.has_unfinished_requests():
+            t = float(arrival[next_index])  # idle until the next arrival
+            continue
+        start = time.perf_counter()
+        plan = scheduler.schedule()
+        cpu += time.perf_counter() - start
+        unflushed_adds = False
+        steps += 1
+        if plan.rejected_ids.size:
+            rejected[plan.rejected_ids] = True
+            ended += int(plan.rejected_ids.size)
+        if plan.preempted_ids.size:
+            preemptions[plan.preempted_ids] += 1
+        ids = plan.req_ids
+        if ids.size == 0:
+            scheduler.update(ids, ids, np.zeros(0, bool))
+            if next_index < n:
+                t = max(t, float(arrival[next_index]))
+            elif scheduler.has_unfinished_requests():
+                raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
+            continue
+        dt = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
+        unscheduled = np.isnan(first_scheduled[ids])
+        first_scheduled[ids[unscheduled]] = t
+        t += dt
+        reached = plan.computed_offsets + plan.num_tokens >= prompt[ids] + generated[ids]
+        emitting = ids[reached]
+        first = generated[emitting] == 0
+        first_token[emitting[first]] = t
+        later = emitting[~first]
+        gaps = t - last_token[later]
+        max_gap[later] = np.maximum(max_gap[later], gaps)
+        num_gaps[later] += 1
+        for slo in p99_slos:
+            slow[slo.name][later] += gaps > slo.gap_s
+        last_token[emitting] = t
+        generated[emitting] += 1
+        done = reached & (generated[ids] >= output[ids])
+        start = time.perf_counter()
+        scheduler.update(ids, reached.astype(np.int64), done)
+        cpu += time.perf_counter() - start
+        if done.any():
+            finish[ids[done]] = t
+            ended += int(done.sum())
+            if progress is not None:
+                progress(int(done.sum()))
+        util_time += dt * (scheduler._former.allocator_stats()["num_used"] / num_blocks)
+    makespan = max(t - float(arrival[0]), 1e-9)
+    return RunLog(
+        admission, arrival, output, first_token, finish, first_scheduled, max_gap, num_gaps, slow, preemptions,
+        rejected, prepared.rejected_too_long, prepared.clipped_outputs, cpu, steps, util_time / makespan,
+    )

@@ -1,0 +1,77 @@
+"""Metrics of a simulated run: latency percentiles, SLO attainment and goodput in the field's forms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .engine import SLO, SLOS, RunLog
+
+
+def slo_met(log: RunLog, slo: SLO) -> np.ndarray:
+    """Per request: completed with TTFT and token gaps within ``slo`` (rejected ones fail)."""
+    completed = ~np.isnan(log.finish_s)
+    ttft = log.first_token_s - log.arrival_s
+    with np.errstate(invalid="ignore"):
+        ok = completed & (ttft <= slo.ttft_s)
+    if slo.gap_kind == "max":
+        return ok & (log.max_gap_s <= slo.gap_s)
+    # The request's 99th-percentile gap is within the bound when at most 1% of its gaps exceed it.
+    return ok & (log.slow_gaps[slo.name] <= np.floor(0.01 * log.num_gaps))
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    values = values[~np.isnan(values)]
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
+    """One record with the fields the design's JSON contract lists, plus more."""
+    n = log.arrival_s.size
+    completed = ~np.isnan(log.finish_s)
+    ttft = log.first_token_s - log.arrival_s
+    multi = completed & (log.output_tokens > 1)
+    tpot = np.where(multi, (log.finish_s - log.first_token_s) / np.maximum(log.output_tokens - 1, 1), np.nan)
+    gaps = np.where(multi, log.max_gap_s, np.nan)
+    e2e = log.finish_s - log.arrival_s
+    queueing = log.first_scheduled_s - log.arrival_s
+    end = np.nanmax(log.finish_s) if completed.any() else log.arrival_s[-1]
+    duration = max(float(end - log.arrival_s[0]), 1e-9)
+    record: dict[str, Any] = {
+        "policy": log.admission,
+        "num_requests": int(n + log.rejected_too_long),
+        "completed": int(completed.sum()),
+        "rejected": int(log.rejected.sum() + log.rejected_too_long),
+        "clipped_outputs": int(log.clipped_outputs),
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "tpot_p50_s": _percentile(tpot, 50),
+        "tpot_p99_s": _percentile(tpot, 99),
+        "max_gap_p99_s": _percentile(gaps, 99),
+        "e2e_p50_s": _percentile(e2e, 50),
+        "e2e_p99_s": _percentile(e2e, 99),
+        "queueing_p99_s": _percentile(queueing, 99),
+        "preemptions": int(log.preemptions.sum()),
+        "preempted_requests": int((log.preemptions > 0).sum()),
+        "swap_bytes": int(log.swap_bytes),
+        "kv_utilization": float(log.kv_utilization),
+        "scheduler_cpu_s": float(log.scheduler_cpu_s),
+        "steps": int(log.steps),
+        "duration_s": duration,
+        "throughput_tok_s": float(log.output_tokens[completed].sum() / duration),
+    }
+    total = n + log.rejected_too_long
+    for each in SLOS.values():
+        met = slo_met(log, each)
+        record[f"slo_{each.name}"] = {
+            "attainment": float(met.sum() / total),
+            "goodput_req_s": float(met.sum() / duration),
+            "goodput_tok_s": float(log.output_tokens[met].sum() / duration),
+        }
+    chosen = record[f"slo_{slo.name}"]
+    record["slo"] = slo.name
+    record["slo_attainment"] = chosen["attainment"]
+    record["goodput_req_s"] = chosen["goodput_req_s"]
+    record["goodput_tok_s"] = chosen["goodput_tok_s"]
+    return record

@@ -1,0 +1,176 @@
+"""The simulator and `kvsched simulate`: readers, conservation, policy behaviour, determinism, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvsched.cli import main
+from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
+from kvsched.sim.metrics import summarize
+from kvsched.sim.profiles import PROFILES
+from kvsched.sim.traces import TraceError, guess_format, read_length_csv, read_mooncake, read_trace
+from kvsched.sim.workloads import poisson_arrivals, synthetic
+
+A100 = PROFILES["llama3-8b-a100"]
+
+
+def run(trace, admission, capacity, **kw):
+    engine = EngineConfig(A100, capacity, **kw)
+    prepared = prepare(trace, engine)
+    return prepared, simulate(prepared, engine, admission)
+
+
+def test_vidur_and_sharegpt_readers(tmp_path):
+    vidur = tmp_path / "v.csv"
+    vidur.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.5,100,20\n0.1,50,5\n")
+    trace = read_trace(vidur, "vidur")
+    assert trace.arrival_s.tolist() == [0.0, 0.4] and trace.prompt_tokens.tolist() == [50, 100]
+    share = tmp_path / "s.csv"
+    share.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n74,918,992,0.08\n")
+    assert read_trace(share, "sharegpt").output_tokens.tolist() == [918]
+    assert guess_format(vidur) == "vidur" and guess_format(share) == "sharegpt"
+    with pytest.raises(TraceError, match="missing column.*arrived_at"):
+        read_length_csv(share, require_arrivals=True)
+    bad = tmp_path / "b.csv"
+    bad.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.1,50,5\n0.2,-3,5\n")
+    with pytest.raises(TraceError, match=r"b.csv:3: field 'num_prefill_tokens' must be >= 1"):
+        read_trace(bad, "vidur")
+
+
+def test_mooncake_reader_keeps_prefix_ids(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        '{"timestamp": 1000, "input_length": 600, "output_length": 3, "hash_ids": [0, 1]}\n'
+        '{"timestamp": 0, "input_length": 100, "output_length": 2, "hash_ids": [0]}\n'
+    )
+    trace = read_mooncake(path)
+    assert trace.arrival_s.tolist() == [0.0, 1.0] and trace.prefix_block_tokens == 512
+    assert [ids.tolist() for ids in trace.prefix_ids] == [[0], [0, 1]]
+    path.write_text('{"timestamp": 0, "input_length": 10}\n')
+    with pytest.raises(TraceError, match="m.jsonl:1: field 'output_length' is missing"):
+        read_mooncake(path)
+    path.write_text("{not json\n")
+    with pytest.raises(TraceError, match="m.jsonl:1: not valid JSON"):
+        read_mooncake(path)
+
+
+def test_shared_prefixes_hit_the_prefix_cache(tmp_path):
+    lines = [
+        f'{{"timestamp": {i * 100}, "input_length": 1500, "output_length": 4, "hash_ids": [7, 8, {100 + i}]}}'
+        for i in range(5)
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    prepared, log = run(read_mooncake(path), "past_future", 65536)
+    assert np.isnan(log.finish_s).sum() == 0
+    # Later requests reuse the first two 512-token prefix blocks: less prefill, so a faster TTFT.
+    ttft = log.first_token_s - log.arrival_s
+    assert ttft[1:].max() < ttft[0]
+
+
+def test_every_request_completes_or_is_rejected_and_oracle_never_preempts():
+    trace = synthetic("chat", 300, 5.0, seed=3)
+    prepared, log = run(trace, "oracle", 400_000)
+    assert (~np.isnan(log.finish_s)).sum() + log.rejected.sum() == len(prepared.trace)
+    assert log.preemptions.sum() == 0
+    record = summarize(log, LAX)
+    assert record["completed"] == 300 and record["slo_attainment"] > 0.9
+
+
+def test_tight_memory_aggressive_preempts_and_past_future_preempts_less():
+    trace = synthetic("chat", 600, 8.0, seed=1)
+    _, aggressive = run(trace, "aggressive", 32768)
+    _, past_future = run(trace, "past_future", 32768)
+    assert aggressive.preemptions.sum() > 50
+    assert past_future.preemptions.sum() * 5 < aggressive.preemptions.sum()
+
+
+def test_prompts_beyond_the_context_are_rejected_and_counted():
+    trace = synthetic("chat", 50, 5.0, seed=2)
+    prompts = trace.prompt_tokens.copy()
+    prompts[:3] = 9000
+    trace = type(trace)(trace.arrival_s, prompts, trace.output_tokens)
+    prepared, log = run(trace, "past_future", 65536)
+    assert prepared.rejected_too_long == 3
+    record = summarize(log, LAX)
+    assert record["num_requests"] == 50 and record["rejected"] == 3 and record["completed"] == 47
+
+
+def test_results_are_deterministic_for_a_seed():
+    trace = synthetic("code", 300, 6.0, seed=5)
+    first = summarize(run(trace, "past_future", 32768)[1], LAX)
+    second = summarize(run(trace, "past_future", 32768)[1], LAX)
+    first.pop("scheduler_cpu_s"), second.pop("scheduler_cpu_s")
+    assert first == second
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    arrivals = poisson_arrivals(20000, 4.0, seed=1)
+    assert arrivals[0] == 0 and abs(20000 / arrivals[-1] - 4.0) < 0.1
+    with pytest.raises(ValueError, match="rate_per_s"):
+        poisson_arrivals(10, 0.0)
+
+
+def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--num-requests", "300", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for policy in ("aggressive", "conservative", "past_future", "oracle"):
+        assert policy in table
+    records = json.loads(out.read_text())
+    required = {
+        "policy", "num_requests", "completed", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+        "max_gap_p99_s", "goodput_req_s", "goodput_tok_s", "slo_attainment", "preemptions", "swap_bytes",
+        "scheduler_cpu_s",
+    }
+    assert [r["policy"] for r in records] == ["aggressive", "conservative", "past_future", "oracle"]
+    assert all(required <= set(r) for r in records)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trace", "/no/such/file.csv"], "no such file"),
+        (["--trace-format", "azure"], "--trace-format needs --trace"),
+    ],
+)
+def test_cli_user_errors_exit_2_without_traceback(argv, message, capsys):
+    assert main(["simulate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_rejects_bad_rates_and_policies(capsys):
+    for argv in (["--rate-scale", "-1"], ["--rate", "0"], ["--policy", "lottery"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["simulate", *argv])
+        assert exit_info.value.code == 2
+    assert "lottery" in capsys.readouterr().err
+
+
+def test_cli_empty_trace_is_an_error(tmp_path, capsys):
+    path = tmp_path / "empty.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    assert main(["simulate", "--trace", str(path)]) == 2
+    assert "no requests" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, fmt, extra",
+    [
+        ("AzureLLMInferenceTrace_conv.csv", "azure", []),
+        ("AzureLLMInferenceTrace_code.csv", "azure", []),
+        ("mooncake_synthetic_trace.jsonl", "mooncake", ["--max-model-len", "131072"]),
+        ("sharegpt_8k_filtered_stats_llama2_tokenizer.csv", "sharegpt", []),
+    ],
+)
+def test_real_traces_run_end_to_end(trace_dir, name, fmt, extra, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--trace", str(trace_dir / name), "--num-requests", "200", "--policy", "past_future,oracle"]
+    assert main([*argv, *extra, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert all(r["completed"] + r["rejected"] == r["num_requests"] for r in records)
+    assert guess_format(trace_dir / name) == fmt
