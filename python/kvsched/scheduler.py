@@ -52,6 +52,12 @@ class SchedulerConfig:
     adapt_gain: float = 0.1
     min_quantile: float = 0.5
     max_quantile: float = 0.999
+    # past_future predicts by drawing each request's remaining length from the history of finished
+    # lengths (conditioned on what it generated), as the Past-Future paper does, and admits what fits
+    # in every one of num_scenarios draws. Sums of draws track the batch's real total; a per-request
+    # quantile (sampling=False) over-reserves on large batches (measured in bench/README.md).
+    sampling: bool = True
+    num_scenarios: int = 5
     seed: int = 0
     prior: Sequence[int] | None = field(default=None, repr=False)
 
