@@ -47,10 +47,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
-        before = {int(r): self.scheduler.info(r)["num_generated"] for r in self.scheduler.running_ids()}
         plan = self.engine.step()
         for req in plan.preempted_ids.tolist():
-            assert req in before or self.scheduler.info(req)["num_generated"] >= 0
             info = self.scheduler.info(req)
             assert info["state"] == "waiting" and info["num_computed"] == 0
 

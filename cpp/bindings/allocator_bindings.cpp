@@ -39,7 +39,9 @@ std::vector<Hash128> keys_from(const BlockAllocator& allocator, py::handle token
   return keys;
 }
 
-py::dict stats_dict(const BlockAllocatorStats& s) {
+}  // namespace
+
+py::dict allocator_stats_dict(const BlockAllocatorStats& s) {
   py::dict d;
   d["num_blocks"] = s.num_blocks;
   d["num_free"] = s.num_free;
@@ -59,8 +61,6 @@ py::dict stats_dict(const BlockAllocatorStats& s) {
       s.table_extents > 0 ? static_cast<double>(s.table_blocks) / static_cast<double>(s.table_extents) : 0.0;
   return d;
 }
-
-}  // namespace
 
 void init_allocator(py::module_& m) {
   py::class_<BlockAllocator>(m, "BlockAllocator")
@@ -185,7 +185,7 @@ void init_allocator(py::module_& m) {
              }
              return out;
            })
-      .def("stats", [](const BlockAllocator& a) { return stats_dict(a.stats()); })
+      .def("stats", [](const BlockAllocator& a) { return allocator_stats_dict(a.stats()); })
       .def("check_invariants", &BlockAllocator::check_invariants, py::call_guard<GilRelease>());
 }
 

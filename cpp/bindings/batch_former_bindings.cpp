@@ -232,19 +232,7 @@ void init_batch_former(py::module_& m) {
           py::arg("req_ids"), py::arg("num_new_tokens"), py::arg("finished"))
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
-      .def("allocator_stats",
-           [](const BatchFormer& f) {
-             BlockAllocatorStats s = f.allocator_stats();
-             py::dict d;
-             d["num_blocks"] = s.num_blocks;
-             d["num_free"] = s.num_free;
-             d["num_cached"] = s.num_cached;
-             d["num_used"] = s.num_used;
-             d["prefix_query_blocks"] = s.prefix_query_blocks;
-             d["prefix_hit_blocks"] = s.prefix_hit_blocks;
-             d["mean_blocks_per_extent"] = s.table_extents > 0 ? double(s.table_blocks) / double(s.table_extents) : 0.0;
-             return d;
-           })
+      .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })
       .def("__contains__", [](const BatchFormer& f, py::handle id) { return f.contains(to_int64(id, "req_id")); })
       .def(
           "info",

@@ -3,10 +3,15 @@
 
 #include <pybind11/pybind11.h>
 
+#include "kvsched/block_allocator.h"
+
 namespace kvsched::bindings {
 
 void init_allocator(pybind11::module_& m);
 void init_estimator(pybind11::module_& m);
 void init_batch_former(pybind11::module_& m);
+
+// BlockAllocator::stats() as a dict; shared by the allocator and the batch former bindings.
+pybind11::dict allocator_stats_dict(const BlockAllocatorStats& stats);
 
 }  // namespace kvsched::bindings

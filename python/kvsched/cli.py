@@ -157,32 +157,23 @@ def _progress(total: int):
 
 
 def _table(records: List[dict], with_max_rate: bool) -> str:
-    columns = [
-        ("policy", "policy", "{:<13}"), ("done", "completed", "{:>6}"), ("rej", "rejected", "{:>5}"),
-        ("TTFT p50", "ttft_p50_s", "{:>9.2f}"), ("TTFT p99", "ttft_p99_s", "{:>9.2f}"),
-        ("TPOT p50", "tpot_p50_s", "{:>9.3f}"), ("TPOT p99", "tpot_p99_s", "{:>9.3f}"),
-        ("gap p99", "max_gap_p99_s", "{:>8.2f}"), ("SLO att", "slo_attainment", "{:>8.1%}"),
-        ("lax", None, "{:>7.1%}"), ("strict", None, "{:>7.1%}"), ("good r/s", "goodput_req_s", "{:>9.2f}"),
-        ("good t/s", "goodput_tok_s", "{:>9.0f}"), ("preempt", "preemptions", "{:>8}"),
-        ("KV use", "kv_utilization", "{:>7.1%}"), ("sched ms", None, "{:>9.1f}"),
+    columns = [  # title, value of a record, format (its width sets the column's)
+        ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6}"),
+        ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT p50", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
+        ("TTFT p99", lambda r: r["ttft_p99_s"], "{:>9.2f}"), ("TPOT p50", lambda r: r["tpot_p50_s"], "{:>9.3f}"),
+        ("TPOT p99", lambda r: r["tpot_p99_s"], "{:>9.3f}"), ("gap p99", lambda r: r["max_gap_p99_s"], "{:>8.2f}"),
+        ("SLO att", lambda r: r["slo_attainment"], "{:>8.1%}"),
+        ("lax", lambda r: r["slo_lax"]["attainment"], "{:>7.1%}"),
+        ("strict", lambda r: r["slo_strict"]["attainment"], "{:>7.1%}"),
+        ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}"), ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}"),
+        ("preempt", lambda r: r["preemptions"], "{:>8}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
+        ("sched ms", lambda r: r["scheduler_cpu_s"] * 1000, "{:>9.1f}"),
     ]
     if with_max_rate:
-        columns.append(("max r/s@90%", "max_rate_req_s_90", "{:>12.2f}"))
-    header = "".join(_pad(name, fmt) for name, _, fmt in columns)
+        columns.append(("max r/s@90%", lambda r: r["max_rate_req_s_90"], "{:>12.2f}"))
+    header = "".join(_pad(title, fmt) for title, _, fmt in columns)
     lines = [header, "-" * len(header)]
-    for r in records:
-        cells = []
-        for name, key, fmt in columns:
-            if name == "lax":
-                value = r["slo_lax"]["attainment"]
-            elif name == "strict":
-                value = r["slo_strict"]["attainment"]
-            elif name == "sched ms":
-                value = r["scheduler_cpu_s"] * 1000
-            else:
-                value = r[key]
-            cells.append(fmt.format(value))
-        lines.append("".join(cells))
+    lines += ["".join(fmt.format(value(r)) for _, value, fmt in columns) for r in records]
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ class FairSharePolicy(Policy):
         served = np.unique(plan.client_ids)
         np.add.at(self.counters, plan.client_ids, service)
         self._floor = float(self.counters[served].min())
-        scheduler._former.set_client_keys(served, self.counters[served])
+        scheduler.set_client_keys(served, self.counters[served])
 
 
 _BUILT_IN = {"fcfs": FCFS, "priority": PriorityPolicy, "deadline": DeadlinePolicy, "vtc": FairSharePolicy}

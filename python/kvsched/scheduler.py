@@ -264,6 +264,10 @@ class Scheduler:
             raise ValueError(f"the {self.policy.name} policy does not use priorities")
         self._former.set_keys(ids, keys)
 
+    def set_client_keys(self, client_ids: Any, keys: Any) -> None:
+        """Sets the ordering key of every live request of each client (for per-client policies)."""
+        self._former.set_client_keys(np.atleast_1d(_integers(client_ids, np.int32)), np.atleast_1d(keys))
+
     # ---- steps ----
     def schedule(self) -> StepPlan:
         """Plans one engine step. Call ``update()`` with its results before the next ``schedule()``."""
