@@ -14,6 +14,7 @@ from .allocator import BlockAllocator
 from .estimator import PeakEstimator, future_peak
 from .policies import Policy
 from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .swap import KvLayout, SwapPlan, SwapPlanner
 
 OutOfBlocks.__module__ = __name__
 OutOfBlocks.__doc__ = "Not enough free KV blocks for the request; raised with no state change (a MemoryError)."
@@ -35,6 +36,7 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
-    "BlockAllocator", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler", "SchedulerConfig", "StepPlan",
+    "BlockAllocator", "KvLayout", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler", "SchedulerConfig",
+    "StepPlan", "SwapPlan", "SwapPlanner",
     "__version__", "cuda_compiled", "future_peak", "has_cuda",
 ]
