@@ -1,18 +1,65 @@
 """A minimal engine for scheduler tests: it knows each request's true output length, reports one
 token per request whose scheduled chunk reaches the end of its sequence, and finishes requests
-at their true length. It also checks the plan against the budgets after every step."""
+at their true length. It also checks the plan against the budgets after every step.
+
+With ``kv_check=True`` it also keeps a real (numpy) KV cache: each computed token writes a value
+that names its request and position into its block, the plan's swap and copy-on-write copies are
+executed with the host executor, and before every forward pass the KV a request already has
+must read back exactly. Without prefix caching (no block keys) no block is shared."""
 
 from __future__ import annotations
 
 import numpy as np
 
 import kvsched
+from kvsched.swap import KvLayout, copy_host
+
+SLOT_BYTES = 8  # one int64 per token
+
+
+def kv_layout(block_size: int) -> KvLayout:
+    """Two tensors (think K and V), one int64 per token slot."""
+    block = block_size * SLOT_BYTES
+    return KvLayout(np.array([[block, block, block], [block, block, block]], dtype=np.int64))
+
+
+class KvCache:
+    def __init__(self, config: kvsched.SchedulerConfig) -> None:
+        self.block_size = config.block_size
+        self.layout = config.swap_layout
+        self.device = [np.zeros((config.num_blocks, config.block_size), np.int64) for _ in range(2)]
+        self.host = [np.zeros((max(config.num_host_blocks, 1), config.block_size), np.int64) for _ in range(2)]
+
+    @staticmethod
+    def value(tensor: int, req: int, position: int) -> int:
+        return (req << 32 | position) + 1 if tensor == 0 else -((req << 32 | position) + 1)
+
+    def apply_copies(self, plan: kvsched.StepPlan) -> None:
+        if plan.swap_out_descriptors.size:
+            copy_host(plan.swap_out_descriptors, self.device, self.host)
+        if plan.swap_in_descriptors.size:
+            copy_host(plan.swap_in_descriptors, self.host, self.device)
+        for _, src, dst in plan.copy_on_writes.tolist():
+            for t in range(2):
+                self.device[t][dst] = self.device[t][src]
+
+    def verify_and_write(self, req: int, table: np.ndarray, computed: int, end: int) -> None:
+        positions = np.arange(computed)
+        slots = (table[positions // self.block_size], positions % self.block_size)
+        for t in range(2):
+            expected = [self.value(t, req, p) for p in range(computed)]
+            assert self.device[t][slots].tolist() == expected, f"request {req}: KV lost or corrupted"
+        for p in range(computed, end):
+            for t in range(2):
+                self.device[t][table[p // self.block_size], p % self.block_size] = self.value(t, req, p)
 
 
 class FakeEngine:
-    def __init__(self, scheduler: kvsched.Scheduler, check: bool = True) -> None:
+    def __init__(self, scheduler: kvsched.Scheduler, check: bool = True, kv_check: bool = False) -> None:
         self.scheduler = scheduler
         self.check = check
+        self.kv = KvCache(scheduler.config) if kv_check else None
+        self.swaps_out = 0
         self.prompt: dict[int, int] = {}
         self.true_len: dict[int, int] = {}
         self.generated: dict[int, int] = {}
@@ -40,6 +87,14 @@ class FakeEngine:
             self.scheduler.check_invariants()
         self.rejected.update(plan.rejected_ids.tolist())
         self.preemptions += plan.preempted_ids.size
+        self.swaps_out += plan.swapped_out_ids.size
+        if self.kv is not None:
+            self.kv.apply_copies(plan)
+            for i, req in enumerate(plan.req_ids.tolist()):
+                total = self.prompt[req] + self.generated[req]
+                computed = int(plan.computed_offsets[i])
+                self.kv.verify_and_write(req, self.scheduler.block_table(req), computed,
+                                         min(total, computed + int(plan.num_tokens[i])))
         new_tokens = np.zeros(len(plan), dtype=np.int64)
         done = np.zeros(len(plan), dtype=bool)
         for i, req in enumerate(plan.req_ids.tolist()):

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from scheduler_driver import FakeEngine
+from scheduler_driver import FakeEngine, kv_layout
 
 import kvsched
 
@@ -22,13 +22,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_seqs=st.integers(1, 8),
         chunk=st.integers(0, 64),
         lookahead=st.integers(0, 2),
+        preemption=st.sampled_from(["recompute", "swap", "auto"]),
+        num_host_blocks=st.integers(1, 60),
     )
-    def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead):
+    def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead, preemption, num_host_blocks):
         self.scheduler = kvsched.Scheduler(
             num_blocks=num_blocks, block_size=8, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
             max_prefill_chunk=chunk, num_lookahead_tokens=lookahead, admission=admission, policy=policy, window=20,
+            preemption=preemption, num_host_blocks=num_host_blocks if preemption != "recompute" else 0,
+            swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5,
         )
-        self.engine = FakeEngine(self.scheduler)
+        # Real KV bytes: swaps and copy-on-writes are executed and checked every step.
+        self.engine = FakeEngine(self.scheduler, kv_check=True)
         self.next_id = 0
         self.aborted: set[int] = set()
         self.capacity = num_blocks * 8
@@ -51,11 +56,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         for req in plan.preempted_ids.tolist():
             info = self.scheduler.info(req)
             assert info["state"] == "waiting" and info["num_computed"] == 0
+        for req in plan.swapped_out_ids.tolist():
+            info = self.scheduler.info(req)
+            assert info["state"] == "swapped" and info["num_computed"] > 0
 
     @precondition(lambda self: self.next_id > 0)
     @rule(data=st.data())
     def abort(self, data):
-        live = sorted(set(self.scheduler.running_ids().tolist()) | set(self.scheduler.waiting_ids().tolist()))
+        live = sorted(set(self.scheduler.running_ids().tolist()) | set(self.scheduler.waiting_ids().tolist())
+                      | set(self.scheduler.swapped_ids().tolist()))
         if not live:
             return
         req = data.draw(st.sampled_from(live))
@@ -75,7 +84,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         self.scheduler.check_invariants()
         stats = self.scheduler.stats()
-        live = stats["num_waiting"] + stats["num_running"]
+        live = stats["num_waiting"] + stats["num_running"] + stats["num_swapped"]
         assert stats["added"] == stats["finished"] + stats["aborted"] + stats["rejected"] + live
         assert stats["aborted"] == len(self.aborted)
         kv = stats["kv"]
@@ -92,6 +101,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert req in self.engine.finished
             assert self.engine.generated[req] == true_len, (req, self.engine.generated[req], true_len)
         assert self.scheduler.stats()["kv"]["num_used"] == 0
+        swap = self.scheduler.stats()["swap"]
+        assert swap["num_swapped"] == 0 and swap["num_resident_copies"] == 0
+        assert swap["num_free_host_blocks"] == swap["num_host_blocks"]
 
 
 TestScheduler = SchedulerMachine.TestCase

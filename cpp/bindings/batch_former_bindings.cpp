@@ -58,6 +58,18 @@ BatchFormerOptions options_from(const py::dict& given) {
   int_option("max_bypass", o.max_bypass, 0, INT32_MAX);
   int_option("watermark_blocks", o.watermark_blocks, 0, INT32_MAX);
   bool_option("preempt_for_priority", o.preempt_for_priority);
+  int preemption = static_cast<int>(o.preemption);
+  int_option("preemption", preemption, 0, 2);
+  o.preemption = static_cast<PreemptionMode>(preemption);
+  int_option("num_host_blocks", o.swap.num_host_blocks, 0, INT32_MAX - 1);
+  int_option("swap_block_bytes", o.swap.block_bytes, 1, INT64_MAX);
+  int_option("swap_tensors_per_block", o.swap.tensors_per_block, 1, INT32_MAX);
+  bool_option("reuse_host_copies", o.swap.reuse_host_copies);
+  float_option("recompute_seconds_per_token", o.recompute_seconds_per_token);
+  {
+    std::optional<py::handle> layout = take("swap_layout"), cost = take("swap_cost");
+    read_swap_options(layout ? *layout : py::none(), cost ? *cost : py::none(), o.swap.layout, o.swap.cost);
+  }
   int_option("window", o.estimator.window, 1, INT32_MAX);
   float_option("quantile", o.estimator.quantile);
   bool_option("adaptive", o.estimator.adaptive);
@@ -99,6 +111,11 @@ py::dict stats_dict(const BatchFormerStats& s) {
   d["admitted"] = s.admitted;
   d["preemptions"] = s.preemptions;
   d["priority_preemptions"] = s.priority_preemptions;
+  d["swap_preemptions"] = s.swap_preemptions;
+  d["swapped_in"] = s.swapped_in;
+  d["swap_out_bytes"] = s.swap_out_bytes;
+  d["swap_in_bytes"] = s.swap_in_bytes;
+  d["swap_blocks_reused"] = s.swap_blocks_reused;
   d["max_new_tokens_capped"] = s.max_new_tokens_capped;
   d["steps"] = s.steps;
   d["scheduled_tokens"] = s.scheduled_tokens;
@@ -204,8 +221,17 @@ void init_batch_former(py::module_& m) {
              d["new_blocks"] = to_numpy(std::move(plan.new_blocks));
              d["copy_on_writes"] = triples(std::move(plan.copy_on_writes));
              d["preempted_ids"] = to_numpy(std::move(plan.preempted_ids));
+             d["swapped_out_ids"] = to_numpy(std::move(plan.swapped_out_ids));
+             d["swap_out_indptr"] = to_numpy(std::move(plan.swap_out_indptr));
              d["swap_out"] = triples(std::move(plan.swap_out));
+             d["swap_out_descriptors"] = to_numpy(std::move(plan.swap_out_descriptors)).reshape({-1, 4});
+             d["swapped_in_ids"] = to_numpy(std::move(plan.swapped_in_ids));
+             d["swap_in_indptr"] = to_numpy(std::move(plan.swap_in_indptr));
              d["swap_in"] = triples(std::move(plan.swap_in));
+             d["swap_in_descriptors"] = to_numpy(std::move(plan.swap_in_descriptors)).reshape({-1, 4});
+             d["swap_out_bytes"] = plan.swap_out_bytes;
+             d["swap_in_bytes"] = plan.swap_in_bytes;
+             d["swap_seconds"] = plan.swap_seconds;
              d["rejected_ids"] = to_numpy(std::move(plan.rejected_ids));
              d["rejected_reasons"] = to_numpy(std::move(plan.rejected_reasons));
              d["num_admitted"] = plan.num_admitted;
@@ -233,6 +259,7 @@ void init_batch_former(py::module_& m) {
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
       .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })
+      .def("swap_stats", [](const BatchFormer& f) { return swap_stats_dict(f.swap_stats()); })
       .def("__contains__", [](const BatchFormer& f, py::handle id) { return f.contains(to_int64(id, "req_id")); })
       .def(
           "info",
@@ -255,6 +282,7 @@ void init_batch_former(py::module_& m) {
           py::arg("req_id"))
       .def("running_ids", [](const BatchFormer& f) { return to_numpy(f.running_ids()); })
       .def("waiting_ids", [](const BatchFormer& f) { return to_numpy(f.waiting_ids()); })
+      .def("swapped_ids", [](const BatchFormer& f) { return to_numpy(f.swapped_ids()); })
       .def("check_invariants", &BatchFormer::check_invariants);
 }
 

@@ -18,6 +18,7 @@ void init_swap(pybind11::module_& m);
 // table, shape (2, 3, 3); None leaves the default. Shared by the swap and batch former bindings.
 void read_swap_options(pybind11::handle layout, pybind11::handle cost, KvLayout& layout_out, SwapCostModel& cost_out);
 pybind11::array_t<double> cost_model_array(const SwapCostModel& model);
+pybind11::dict swap_stats_dict(const SwapPlannerStats& stats);
 
 // BlockAllocator::stats() as a dict; shared by the allocator and the batch former bindings.
 pybind11::dict allocator_stats_dict(const BlockAllocatorStats& stats);

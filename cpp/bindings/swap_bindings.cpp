@@ -32,7 +32,9 @@ py::dict plan_dict(SwapPlan&& plan) {
   return d;
 }
 
-py::dict planner_stats_dict(const SwapPlannerStats& s) {
+}  // namespace
+
+py::dict swap_stats_dict(const SwapPlannerStats& s) {
   py::dict d;
   d["num_host_blocks"] = s.num_host_blocks;
   d["num_free_host_blocks"] = s.num_free_host_blocks;
@@ -50,6 +52,8 @@ py::dict planner_stats_dict(const SwapPlannerStats& s) {
   d["evicted_copies"] = s.evicted_copies;
   return d;
 }
+
+namespace {
 
 // Descriptors as a (k, 4) C-contiguous int64 array.
 py::array_t<int64_t> descriptor_array(py::handle value) {
@@ -212,7 +216,7 @@ void init_swap(py::module_& m) {
       .def("has_host_copy", &SwapPlanner::has_host_copy)
       .def("num_swapped_tokens", &SwapPlanner::num_swapped_tokens)
       .def("host_blocks", [](const SwapPlanner& p, int64_t id) { return to_numpy(p.host_blocks(id)); })
-      .def("stats", [](const SwapPlanner& p) { return planner_stats_dict(p.stats()); })
+      .def("stats", [](const SwapPlanner& p) { return swap_stats_dict(p.stats()); })
       .def("cost_model", [](const SwapPlanner& p) { return cost_model_array(p.options().cost); })
       .def("check_invariants", &SwapPlanner::check_invariants);
 

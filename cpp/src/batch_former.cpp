@@ -44,6 +44,13 @@ void StepPlan::clear() {
   rejected_ids.clear();
   rejected_reasons.clear();
   num_admitted = 0;
+  for (auto* v : {&swapped_out_ids, &swap_out, &swap_out_descriptors, &swapped_in_ids, &swap_in, &swap_in_descriptors}) {
+    v->clear();
+  }
+  swap_out_indptr.assign(1, 0);
+  swap_in_indptr.assign(1, 0);
+  swap_out_bytes = swap_in_bytes = 0;
+  swap_seconds = 0.0;
 }
 
 bool BatchFormer::WaitingOrder::operator()(const Request* a, const Request* b) const {
@@ -95,6 +102,16 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
   KVSCHED_EXPECTS(options.watermark_blocks >= 0 && options.watermark_blocks < options.allocator.num_blocks,
                   std::invalid_argument, "watermark_blocks must be in [0, num_blocks), got ",
                   options.watermark_blocks);
+  KVSCHED_EXPECTS(options.recompute_seconds_per_token >= 0 && std::isfinite(options.recompute_seconds_per_token),
+                  std::invalid_argument, "recompute_seconds_per_token must be >= 0, got ",
+                  options.recompute_seconds_per_token);
+  if (options.preemption != PreemptionMode::kRecompute) {
+    KVSCHED_EXPECTS(options.swap.num_host_blocks > 0, std::invalid_argument,
+                    "num_host_blocks must be > 0 when preemption swaps, got ", options.swap.num_host_blocks);
+    SwapPlannerOptions swap = options.swap;
+    swap.block_size = options.allocator.block_size;
+    swap_planner_ = std::make_unique<SwapPlanner>(swap);
+  }
   plan_.clear();
   counters_.estimator_quantile = estimator_.quantile();
 }
@@ -173,16 +190,23 @@ void BatchFormer::abort(const RequestId* ids, size_t count) {
   }
   for (size_t i = 0; i < count; ++i) {
     Request& r = lookup(ids[i], "req_ids", i);
-    if (r.state == RequestState::kWaiting) {
-      waiting_.erase(&r);
-    } else {
-      allocator_.free(r.id);
-      running_.erase(std::find(running_.begin(), running_.end(), &r));
-    }
+    drop(r);
     if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
     ++counters_.aborted;
     requests_.erase(r.id, reset_request);
   }
+}
+
+void BatchFormer::drop(Request& r) {
+  switch (r.state) {
+    case RequestState::kWaiting: waiting_.erase(&r); break;
+    case RequestState::kSwapped: swapped_.erase(&r); break;
+    case RequestState::kRunning:
+      allocator_.free(r.id);
+      running_.erase(std::find(running_.begin(), running_.end(), &r));
+      break;
+  }
+  if (swap_planner_) swap_planner_->release(&r.id, 1);  // its host copy, swapped or kept for reuse
 }
 
 void BatchFormer::set_keys(const RequestId* ids, const double* keys, size_t count) {
@@ -196,10 +220,11 @@ void BatchFormer::set_keys(const RequestId* ids, const double* keys, size_t coun
 
 void BatchFormer::change_key(Request& r, double key) {
   if (r.key == key) return;
-  if (r.state == RequestState::kWaiting) {
-    waiting_.erase(&r);
+  if (r.state == RequestState::kWaiting || r.state == RequestState::kSwapped) {
+    auto& queue = r.state == RequestState::kWaiting ? waiting_ : swapped_;
+    queue.erase(&r);
     r.key = key;
-    waiting_.insert(&r);
+    queue.insert(&r);
   } else {
     r.key = key;
     running_sorted_ = false;
@@ -227,10 +252,14 @@ void BatchFormer::set_client_keys(const int32_t* client_ids, const double* keys,
     double key;
     if (new_key(r, key)) candidates_.push_back(r);
   }
-  for (Request* r : candidates_) waiting_.erase(r);
+  for (Request* r : swapped_) {
+    double key;
+    if (new_key(r, key)) candidates_.push_back(r);
+  }
+  for (Request* r : candidates_) (r->state == RequestState::kWaiting ? waiting_ : swapped_).erase(r);
   for (Request* r : candidates_) {
     r->key = key_of[r->client_id];
-    waiting_.insert(r);
+    (r->state == RequestState::kWaiting ? waiting_ : swapped_).insert(r);
   }
   for (Request* r : running_) {
     double key;
@@ -267,7 +296,48 @@ void BatchFormer::emit(Request& r, int64_t num_tokens, const std::vector<BlockId
   r.scheduled = num_tokens;
 }
 
+bool BatchFormer::should_swap(const Request& r) const {
+  if (!swap_planner_ || r.num_computed == 0 || !swap_planner_->can_swap_out(r.id, r.num_computed)) return false;
+  if (options_.preemption == PreemptionMode::kSwap) return true;
+  double recompute = static_cast<double>(r.num_computed) * options_.recompute_seconds_per_token;
+  return swap_planner_->estimate_round_trip_seconds(r.id, r.num_computed) < recompute;
+}
+
+void BatchFormer::append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, std::vector<int64_t>& indptr,
+                              std::vector<int64_t>& extents, std::vector<int64_t>& descriptors, int64_t& bytes) {
+  ids.insert(ids.end(), swap.seq_ids.begin(), swap.seq_ids.end());
+  int64_t base = static_cast<int64_t>(extents.size() / 3);
+  for (size_t i = 1; i < swap.extent_indptr.size(); ++i) indptr.push_back(base + swap.extent_indptr[i]);
+  extents.insert(extents.end(), swap.extents.begin(), swap.extents.end());
+  descriptors.insert(descriptors.end(), swap.descriptors.begin(), swap.descriptors.end());
+  bytes += swap.bytes;
+  plan_.swap_seconds += swap.estimated_seconds;
+  counters_.swap_blocks_reused += swap.blocks_reused;
+}
+
+void BatchFormer::swap_out(Request& r) {
+  scratch_blocks_ = allocator_.block_table(r.id);
+  const int64_t indptr[2] = {0, static_cast<int64_t>(scratch_blocks_.size())};
+  SwapPlan swap = swap_planner_->plan_swap_out(&r.id, &r.num_computed, indptr, scratch_blocks_.data(), 1);
+  append_swap(swap, plan_.swapped_out_ids, plan_.swap_out_indptr, plan_.swap_out, plan_.swap_out_descriptors,
+              plan_.swap_out_bytes);
+  counters_.swap_out_bytes += swap.bytes;
+  ++counters_.swap_preemptions;
+  allocator_.free(r.id);
+  r.state = RequestState::kSwapped;
+  r.bypassed = 0;
+  r.preempted_at_step = counters_.steps;
+  ++r.num_preemptions;
+  swapped_.insert(&r);
+}
+
 void BatchFormer::preempt(Request& r) {
+  if (should_swap(r)) {
+    swap_out(r);
+    return;
+  }
+  // Recompute: a host copy kept from an earlier swap would be stale once the KV is rebuilt.
+  if (swap_planner_) swap_planner_->release(&r.id, 1);
   allocator_.free(r.id);
   r.num_computed = 0;  // recompute: prompt and generated tokens are prefilled again on return
   r.state = RequestState::kWaiting;
@@ -366,6 +436,59 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   return true;
 }
 
+bool BatchFormer::swap_in_swapped(int64_t& budget) {
+  if (swapped_.empty()) return true;
+  const int64_t bs = options_.allocator.block_size;
+  const int64_t capacity = estimator_capacity();
+  const int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
+  running_input_.clear();
+  for (const Request* r : running_) running_input_.push(*r);
+  while (!swapped_.empty()) {
+    Request& r = **swapped_.begin();
+    // Swapped and waiting requests come back in one key order; one swapped out by a priority
+    // preemption in this very step waits a step, leaving its room to the request that evicted it.
+    if (r.preempted_at_step == counters_.steps) return true;
+    if (!waiting_.empty() && WaitingOrder()(*waiting_.begin(), &r)) return true;
+    if (static_cast<int64_t>(running_.size()) >= options_.max_num_seqs || budget <= 0) return false;
+    candidate_input_.clear();
+    candidate_input_.push(r);
+    bool fits = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0), capacity, 0) == 1;
+    if (!fits && !running_.empty()) return false;  // alone it always fits
+    int64_t missing = r.total() - r.num_computed;
+    int64_t n = missing == 1 ? 1 : std::min({missing, chunk, budget});
+    if (n > budget) return false;
+    int64_t needed = r.num_computed + n;
+    if (!allocator_.can_allocate(r.id, needed)) return false;
+    scratch_blocks_.clear();
+    allocator_.allocate(r.id, needed, r.keys.data(), r.keys.size(), scratch_blocks_);
+    // Leading blocks found in the prefix cache hold the same KV: they are not copied back (and a
+    // hit beyond the computed tokens of a chunked prefill need not be computed again).
+    int64_t host_blocks = (r.num_computed + bs - 1) / bs;
+    int64_t cached = allocator_.num_cached_tokens(r.id);
+    int64_t skip = std::min(cached / bs, host_blocks);
+    std::vector<BlockId> table = allocator_.block_table(r.id);
+    const int64_t indptr[2] = {0, static_cast<int64_t>(table.size())};
+    SwapPlan swap = swap_planner_->plan_swap_in(&r.id, indptr, table.data(), &skip, 1);
+    append_swap(swap, plan_.swapped_in_ids, plan_.swap_in_indptr, plan_.swap_in, plan_.swap_in_descriptors,
+                plan_.swap_in_bytes);
+    counters_.swap_in_bytes += swap.bytes;
+    ++counters_.swapped_in;
+    swapped_.erase(&r);
+    if (cached > r.num_computed) {
+      n = needed - cached;
+      r.num_computed = cached;
+    }
+    r.state = RequestState::kRunning;
+    r.admit_order = next_admit_order_++;
+    running_.push_back(&r);
+    running_sorted_ = false;
+    running_input_.push(r);
+    emit(r, n, scratch_blocks_);
+    budget -= n;
+  }
+  return true;
+}
+
 void BatchFormer::admit_waiting(int64_t& budget) {
   int64_t slots = options_.max_num_seqs - static_cast<int64_t>(running_.size());
   if (slots <= 0 || budget <= 0 || waiting_.empty()) return;
@@ -420,8 +543,9 @@ StepPlan BatchFormer::schedule() {
   int64_t budget = options_.max_num_batched_tokens;
   bool preempted_for_memory = false;
   schedule_running(budget, preempted_for_memory);
-  // Admitting right after a preemption for memory would only evict again.
-  if (!preempted_for_memory) admit_waiting(budget);
+  // Admitting right after a preemption for memory would only evict again; swapped requests come
+  // back before new ones are admitted.
+  if (!preempted_for_memory && swap_in_swapped(budget)) admit_waiting(budget);
   for (const CopyOnWrite& copy : allocator_.pop_copy_on_writes()) {
     plan_.copy_on_writes.insert(plan_.copy_on_writes.end(), {copy.seq_id, copy.src, copy.dst});
   }
@@ -438,6 +562,7 @@ StepPlan BatchFormer::schedule() {
 
 void BatchFormer::finish(Request& r) {
   allocator_.free(r.id);
+  if (swap_planner_) swap_planner_->release(&r.id, 1);
   finished_lengths_.push_back(r.num_generated);
   finished_classes_.push_back(r.class_id);
   ++counters_.finished;
@@ -510,8 +635,13 @@ BatchFormerStats BatchFormer::stats() const {
   BatchFormerStats s = counters_;
   s.num_waiting = static_cast<int64_t>(waiting_.size());
   s.num_running = static_cast<int64_t>(running_.size());
-  s.num_swapped = 0;
+  s.num_swapped = static_cast<int64_t>(swapped_.size());
   return s;
+}
+
+SwapPlannerStats BatchFormer::swap_stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return swap_planner_ ? swap_planner_->stats() : SwapPlannerStats{};
 }
 
 bool BatchFormer::contains(RequestId id) const {
@@ -529,7 +659,7 @@ RequestInfo BatchFormer::info(RequestId id) const {
 std::vector<BlockId> BatchFormer::block_table(RequestId id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   const Request& r = lookup(id, "req_id", kNoIndex);
-  if (r.state == RequestState::kWaiting) return {};
+  if (r.state != RequestState::kRunning) return {};
   return allocator_.block_table(id);
 }
 
@@ -547,11 +677,29 @@ std::vector<RequestId> BatchFormer::waiting_ids() const {
   return ids;
 }
 
+std::vector<RequestId> BatchFormer::swapped_ids() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<RequestId> ids;
+  for (const Request* r : swapped_) ids.push_back(r->id);
+  return ids;
+}
+
 void BatchFormer::check_invariants() const {
   std::lock_guard<std::mutex> lock(mutex_);
   allocator_.check_invariants();
-  KVSCHED_ASSERT(waiting_.size() + running_.size() == requests_.size(), "waiting ", waiting_.size(), " + running ",
-                 running_.size(), " != table ", requests_.size());
+  KVSCHED_ASSERT(waiting_.size() + running_.size() + swapped_.size() == requests_.size(), "waiting ",
+                 waiting_.size(), " + running ", running_.size(), " + swapped ", swapped_.size(), " != table ",
+                 requests_.size());
+  if (swap_planner_) {
+    swap_planner_->check_invariants();
+    KVSCHED_ASSERT(swap_planner_->stats().num_swapped == static_cast<int64_t>(swapped_.size()), "the planner holds ",
+                   swap_planner_->stats().num_swapped, " swapped sequences, the batch former ", swapped_.size());
+  }
+  for (const Request* r : swapped_) {
+    KVSCHED_ASSERT(r->state == RequestState::kSwapped && !allocator_.contains(r->id) && r->num_computed > 0 &&
+                       swap_planner_->num_swapped_tokens(r->id) == r->num_computed,
+                   "swapped request ", r->id, " is inconsistent with its host copy");
+  }
   KVSCHED_ASSERT(counters_.added == counters_.finished + counters_.aborted + counters_.rejected +
                                         static_cast<int64_t>(requests_.size()),
                  "requests were lost: added ", counters_.added);

@@ -7,15 +7,17 @@ converts arguments, asks the policy for keys in bulk and wraps the plan's arrays
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import _core
+from .swap import KvLayout
 from .policies import NewRequests, Policy, make_policy
 
 ADMISSION_MODES = ("aggressive", "conservative", "past_future", "oracle")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 REJECT_REASONS = {1: "prompt_too_long"}
 _PLACEMENTS = {"contiguous": 0, "lifo": 1, "fifo": 2}
 _HASHES = {"fast128": 0, "sha256": 1}
@@ -30,6 +32,13 @@ class SchedulerConfig:
     GUARANTEED_NO_EVICT), ``past_future`` (a safety quantile of recent output lengths conditioned on
     what each request already generated; adaptive by default) or ``oracle`` (true lengths passed as
     ``true_output_lens``; simulation only).
+
+    ``preemption`` is what happens to a request evicted for memory: ``recompute`` (its KV is dropped
+    and prefilled again), ``swap`` (its KV goes to ``num_host_blocks`` host blocks and comes back;
+    recompute when the host pool is full) or ``auto`` (swap when the swap cost model says the round
+    trip is cheaper than ``recompute_seconds_per_token`` times its computed tokens). With
+    ``swap_layout`` (a :class:`kvsched.KvLayout`) plans carry byte descriptors for the engine's KV
+    tensors; without one, swap costs assume ``swap_block_bytes`` per block.
     """
 
     num_blocks: int
@@ -60,9 +69,22 @@ class SchedulerConfig:
     num_scenarios: int = 5
     seed: int = 0
     prior: Sequence[int] | None = field(default=None, repr=False)
+    # Preemption by swap (SwapPlanner)
+    preemption: str = "recompute"
+    num_host_blocks: int = 0
+    swap_layout: KvLayout | None = field(default=None, repr=False)
+    swap_block_bytes: int = 2 * 1024 * 1024  # a 16-token block of Llama-3-8B in fp16
+    swap_tensors_per_block: int = 64
+    reuse_host_copies: bool = True
+    swap_cost: np.ndarray | None = field(default=None, repr=False)  # (2, 3, 3); kvsched.swap.default_cost_model()
+    recompute_seconds_per_token: float = 1e-4
 
     def native_options(self) -> dict[str, Any]:
-        options = asdict(self)
+        options = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
+        options["preemption"] = PREEMPTION_MODES.index(self.preemption)
+        options["swap_layout"] = None if self.swap_layout is None else self.swap_layout.tensors
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
         if self.placement not in _PLACEMENTS:
@@ -84,14 +106,20 @@ class StepPlan:
     cache), ``is_prefill``, ``client_ids``; new KV blocks in CSR form: those of request i are
     ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``; ``copy_on_writes`` rows are
     ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted by recompute (their KV is
-    gone); ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)`` (empty until the swap
-    planner lands); ``rejected_ids`` with ``rejected_reasons`` will never run.
+    gone); ``rejected_ids`` with ``rejected_reasons`` will never run.
+
+    Swaps: ``swapped_out_ids`` moved device -> host, ``swapped_in_ids`` host -> device (and run in
+    this plan). ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)``, request i's
+    rows ``swap_out[swap_out_indptr[i]:swap_out_indptr[i + 1]]``; ``swap_*_descriptors`` rows are
+    ``(tensor, src_offset, dst_offset, nbytes)`` for the configured ``swap_layout``. Execute, before
+    the forward pass: swap-outs, then swap-ins, then copy-on-writes.
     """
 
     __slots__ = (
         "req_ids", "client_ids", "num_tokens", "computed_offsets", "is_prefill", "block_indptr", "new_blocks",
-        "copy_on_writes", "preempted_ids", "swap_out", "swap_in", "rejected_ids", "rejected_reason_codes",
-        "num_admitted",
+        "copy_on_writes", "preempted_ids", "rejected_ids", "rejected_reason_codes", "num_admitted",
+        "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
+        "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
@@ -104,8 +132,10 @@ class StepPlan:
         self.new_blocks = arrays["new_blocks"]
         self.copy_on_writes = arrays["copy_on_writes"]
         self.preempted_ids = arrays["preempted_ids"]
-        self.swap_out = arrays["swap_out"]
-        self.swap_in = arrays["swap_in"]
+        for name in ("swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
+                     "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
+                     "swap_seconds"):
+            setattr(self, name, arrays[name])
         self.rejected_ids = arrays["rejected_ids"]
         self.rejected_reason_codes = arrays["rejected_reasons"]
         self.num_admitted: int = arrays["num_admitted"]
@@ -128,7 +158,8 @@ class StepPlan:
     def __repr__(self) -> str:
         return (
             f"StepPlan({len(self)} requests, {self.num_scheduled_tokens} tokens, {self.num_admitted} admitted, "
-            f"{self.preempted_ids.size} preempted, {self.rejected_ids.size} rejected)"
+            f"{self.preempted_ids.size} preempted, {self.swapped_out_ids.size} swapped out, "
+            f"{self.swapped_in_ids.size} swapped in, {self.rejected_ids.size} rejected)"
         )
 
 
@@ -171,7 +202,7 @@ class Scheduler:
                 raise ValueError("num_blocks is required (pass a SchedulerConfig or num_blocks=...)")
             config = SchedulerConfig(**overrides)
         elif overrides:
-            config = SchedulerConfig(**{**asdict(config), **overrides})
+            config = replace(config, **overrides)
         self.config = config
         self.policy = make_policy(policy)
         options = config.native_options()
@@ -297,6 +328,7 @@ class Scheduler:
         """Counters of the batch former and the KV cache."""
         stats = self._former.stats()
         stats["kv"] = self._former.allocator_stats()
+        stats["swap"] = self._former.swap_stats()
         return stats
 
     @property
@@ -323,6 +355,10 @@ class Scheduler:
 
     def waiting_ids(self) -> np.ndarray:
         return self._former.waiting_ids()
+
+    def swapped_ids(self) -> np.ndarray:
+        """Requests whose KV is in host memory, in the order they come back."""
+        return self._former.swapped_ids()
 
     def check_invariants(self) -> None:
         """Raises RuntimeError describing the first broken internal invariant (a kvsched bug)."""

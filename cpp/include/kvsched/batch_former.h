@@ -14,13 +14,21 @@
 //              at most `max_bypass` steps; after that admission waits for it (no starvation).
 //   plan       what schedule() returns; update() then reports what the engine generated for every
 //              scheduled request. A plan is outstanding until update() consumes it.
+//   swapped    a preempted request whose computed KV was moved to host memory (SwapPlanner); it
+//              comes back with its KV instead of recomputing it.
 //
-// Step order: running requests first (decodes and ongoing prefill chunks, in key order), then new
-// admissions through the PeakEstimator in key order, under max_num_batched_tokens and
-// max_num_seqs; the last prefill is chunked to fit. When a running request cannot get its next
-// block, the back of the running list is preempted (by recompute: its blocks are freed and it
-// waits again with its generated tokens kept). Nothing is admitted in a step that preempted for
-// memory. Swapping to host memory arrives with the swap planner; until then swap plans are empty.
+// Step order: running requests first (decodes and ongoing prefill chunks, in key order), then
+// swapped requests coming back (in key order, through the PeakEstimator), then new admissions
+// through the PeakEstimator in key order, under max_num_batched_tokens and max_num_seqs; the last
+// prefill is chunked to fit. New requests wait while a swapped one cannot come back. When a
+// running request cannot get its next block, the back of the running list is preempted: by swap
+// (its KV goes to host blocks) or by recompute (its blocks are freed and it waits again with its
+// generated tokens kept), as `preemption` says; kAuto swaps when the SwapPlanner's cost model says
+// the round trip is cheaper than prefilling the request's computed tokens again. Nothing is
+// admitted or swapped in during a step that preempted for memory.
+//
+// The engine executes a plan's copies before its forward pass, in this order: swap_out (device
+// blocks it reads may be handed to others in the same plan), then swap_in, then copy_on_writes.
 //
 // Errors: every call checks all of its input before changing anything (errors.h).
 // Thread safety: every public method takes an internal mutex.
@@ -36,6 +44,7 @@
 #include "kvsched/block_allocator.h"
 #include "kvsched/detail/id_map.h"
 #include "kvsched/peak_estimator.h"
+#include "kvsched/swap_planner.h"
 
 namespace kvsched {
 
@@ -43,6 +52,7 @@ using RequestId = int64_t;
 
 enum class RequestState : int { kWaiting = 0, kRunning = 1, kSwapped = 2 };
 enum class RejectReason : int { kPromptTooLong = 1 };
+enum class PreemptionMode : int { kRecompute = 0, kSwap = 1, kAuto = 2 };
 
 struct BatchFormerOptions {
   BlockAllocatorOptions allocator;
@@ -55,6 +65,11 @@ struct BatchFormerOptions {
   int32_t max_bypass = 16;
   int64_t watermark_blocks = 0;  // blocks admission leaves free
   bool preempt_for_priority = false;  // a waiting request with a smaller key may evict running ones
+  PreemptionMode preemption = PreemptionMode::kRecompute;
+  // Swap needs a host pool: swap.num_host_blocks > 0 (block_size is set to the allocator's).
+  SwapPlannerOptions swap;
+  // kAuto: what recomputing one token costs (the engine's prefill time per token).
+  double recompute_seconds_per_token = 1e-4;
 };
 
 // A request as add_requests() takes it; optional fields use -1 / empty.
@@ -80,8 +95,13 @@ struct StepPlan {
   std::vector<int32_t> new_blocks;
   std::vector<int64_t> copy_on_writes;    // flat (req_id, src_block, dst_block) triples
   std::vector<int64_t> preempted_ids;     // preempted this step by recompute
-  std::vector<int64_t> swap_out;          // flat (src_block, dst_block, n_blocks); empty until the swap planner
-  std::vector<int64_t> swap_in;
+  // Swaps, per request: ids, and their extents (flat (src_block, dst_block, n_blocks), rows
+  // swap_*_indptr[i]..swap_*_indptr[i+1]) and byte descriptors (flat (tensor, src_offset,
+  // dst_offset, nbytes); only with a KV layout). Out: device -> host; in: host -> device.
+  std::vector<int64_t> swapped_out_ids, swap_out_indptr, swap_out, swap_out_descriptors;
+  std::vector<int64_t> swapped_in_ids, swap_in_indptr, swap_in, swap_in_descriptors;
+  int64_t swap_out_bytes = 0, swap_in_bytes = 0;
+  double swap_seconds = 0.0;  // cost-model estimate of both directions
   std::vector<int64_t> rejected_ids;
   std::vector<int32_t> rejected_reasons;  // RejectReason
   int64_t num_admitted = 0;
@@ -98,7 +118,11 @@ struct BatchFormerStats {
   int64_t aborted = 0;
   int64_t rejected = 0;
   int64_t admitted = 0;            // admissions, counting re-admissions after preemption
-  int64_t preemptions = 0;         // for memory
+  int64_t preemptions = 0;         // for memory, by swap or recompute
+  int64_t swap_preemptions = 0;    // of which by swap
+  int64_t swapped_in = 0;
+  int64_t swap_out_bytes = 0, swap_in_bytes = 0;
+  int64_t swap_blocks_reused = 0;  // blocks not copied: still valid on the host, or a prefix-cache hit
   int64_t priority_preemptions = 0;
   int64_t max_new_tokens_capped = 0;  // requests whose max_new_tokens was cut to what the cache holds
   int64_t steps = 0;
@@ -119,6 +143,7 @@ class BatchFormer {
   BatchFormer& operator=(const BatchFormer&) = delete;
 
   const BatchFormerOptions& options() const { return options_; }
+  bool swap_enabled() const { return swap_planner_ != nullptr; }
 
   // Adds requests, all or nothing. A prompt the cache can never hold is not added: it is reported
   // in the next plan's rejected ids. `keys` (optional) are the chained keys of the prompt's full
@@ -143,11 +168,13 @@ class BatchFormer {
   bool has_outstanding_plan() const;
   BatchFormerStats stats() const;
   BlockAllocatorStats allocator_stats() const { return allocator_.stats(); }
+  SwapPlannerStats swap_stats() const;  // zeros without a host pool
   bool contains(RequestId id) const;
   RequestInfo info(RequestId id) const;
   std::vector<BlockId> block_table(RequestId id) const;
   std::vector<RequestId> running_ids() const;  // in running order
   std::vector<RequestId> waiting_ids() const;  // in admission order
+  std::vector<RequestId> swapped_ids() const;  // in swap-in order
   // Throws std::logic_error describing the first broken invariant.
   void check_invariants() const;
 
@@ -187,6 +214,13 @@ class BatchFormer {
   void sort_running();
   void schedule_running(int64_t& budget, bool& preempted_for_memory);
   void preempt(Request& r);
+  bool should_swap(const Request& r) const;
+  void swap_out(Request& r);
+  // Brings swapped requests back in key order; false when one is left that could not come back.
+  bool swap_in_swapped(int64_t& budget);
+  void append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, std::vector<int64_t>& indptr,
+                   std::vector<int64_t>& extents, std::vector<int64_t>& descriptors, int64_t& bytes);
+  void drop(Request& r);  // removes a request in any state from its queue and frees its KV
   void preempt_for_priority();
   void admit_waiting(int64_t& budget);
   // Allocates the first chunk of a waiting request; false when the cache or the budget cannot take it.
@@ -201,6 +235,8 @@ class BatchFormer {
   PeakEstimator estimator_;
   detail::IdMap<Request> requests_;
   std::set<Request*, WaitingOrder> waiting_;
+  std::set<Request*, WaitingOrder> swapped_;
+  std::unique_ptr<SwapPlanner> swap_planner_;
   std::vector<Request*> running_;
   bool running_sorted_ = true;
   StepPlan plan_;
