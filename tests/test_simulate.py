@@ -88,6 +88,24 @@ def test_tight_memory_aggressive_preempts_and_past_future_preempts_less():
     assert past_future.preemptions.sum() * 3 < aggressive.preemptions.sum()
 
 
+def test_swap_preemption_moves_kv_instead_of_recomputing_and_costs_time():
+    trace = synthetic("chat", 600, 8.0, seed=1)
+    _, recompute = run(trace, "aggressive", 32768)
+    prepared, swap = run(trace, "aggressive", 32768, preemption="swap")
+    assert swap.swap_preemptions > 0 and swap.swap_bytes > 0 and swap.swap_time_s > 0
+    assert (~np.isnan(swap.finish_s)).sum() + swap.rejected.sum() == len(prepared.trace)
+    # Bytes: each swap moves at most the evicted request's whole context, out and back.
+    bytes_per_token = A100.kv_bytes_per_token
+    assert swap.swap_bytes <= 2 * swap.swap_preemptions * 8192 * bytes_per_token
+    # Evicted requests keep their KV: no prefill is wasted, so more requests meet the SLO.
+    record_swap, record_recompute = summarize(swap, LAX), summarize(recompute, LAX)
+    assert record_swap["swap_preemptions"] == swap.swap_preemptions
+    assert record_swap["goodput_req_s"] > record_recompute["goodput_req_s"]
+    # A host pool too small for any request falls back to recompute.
+    _, tiny = run(trace, "aggressive", 32768, preemption="swap", host_kv_tokens=16)
+    assert tiny.swap_preemptions == 0 and tiny.preemptions.sum() > 0
+
+
 def test_prompts_beyond_the_context_are_rejected_and_counted():
     trace = synthetic("chat", 50, 5.0, seed=2)
     prompts = trace.prompt_tokens.copy()

@@ -105,7 +105,7 @@ def _simulate(args: argparse.Namespace) -> int:
     engine = EngineConfig(
         profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_new_tokens=args.max_new_tokens,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
     )
     slo = SLOS[args.slo]
     prepared = prepare(trace, engine)
@@ -137,7 +137,7 @@ def _simulate(args: argparse.Namespace) -> int:
             f"{prepared.clipped_outputs} outputs clipped to max_new_tokens or the context"
         )
     print()
-    print(_table([r for r, _ in records], args.find_max_rate))
+    print(_table([r for r, _ in records], args.find_max_rate, args.preemption != "recompute"))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([r for r, _ in records], handle, indent=2)
@@ -156,7 +156,7 @@ def _progress(total: int):
     return tqdm(total=total, unit="req", file=sys.stderr, leave=False)
 
 
-def _table(records: List[dict], with_max_rate: bool) -> str:
+def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False) -> str:
     columns = [  # title, value of a record, format (its width sets the column's)
         ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6}"),
         ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT p50", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
@@ -169,6 +169,9 @@ def _table(records: List[dict], with_max_rate: bool) -> str:
         ("preempt", lambda r: r["preemptions"], "{:>8}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
         ("sched ms", lambda r: r["scheduler_cpu_s"] * 1000, "{:>9.1f}"),
     ]
+    if with_swap:
+        columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8}"))
+        columns.insert(-2, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}"))
     if with_max_rate:
         columns.append(("max r/s@90%", lambda r: r["max_rate_req_s_90"], "{:>12.2f}"))
     header = "".join(_pad(title, fmt) for title, _, fmt in columns)
@@ -257,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-seqs", type=_positive_int, default=256)
     sim.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
     sim.add_argument("--block-size", type=_positive_int, default=16)
+    sim.add_argument("--preemption", choices=("recompute", "swap", "auto"), default="recompute",
+                     help="what an eviction does: recompute the KV later, swap it to host memory, or choose by "
+                     "the swap cost model (default recompute)")
+    sim.add_argument("--host-kv-tokens", type=_positive_int, default=0,
+                     help="host memory for swapped KV, in tokens (default: 4x the device KV capacity)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

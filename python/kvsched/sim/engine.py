@@ -5,9 +5,11 @@ simulated time advances by the model profile's iteration time of that plan, ever
 scheduled chunk reaches the end of its sequence emits one token, and ``Scheduler.update()``
 reports them. Only the engine knows true output lengths (it ends a request there); the scheduler
 sees ``max_new_tokens``, except under ``oracle`` admission, which is given the true lengths.
-Preemption is by recompute: a preempted request's later prefill of its lost tokens is simply part
-of the steps that run it. Per-step work is numpy over the plan's arrays; there is no scheduling
-code here.
+Preemption is by recompute (a preempted request's later prefill of its lost tokens is simply
+part of the steps that run it), or by swap: the step then also takes the swap planner's cost-model
+time for the plan's copies, executed before the forward pass and not overlapped with it (as a
+blocking engine does; an engine that overlaps them only does better). Per-step work is numpy over
+the plan's arrays; there is no scheduling code here.
 """
 
 from __future__ import annotations
@@ -50,7 +52,25 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_new_tokens: int = 2048
     max_model_len: int = 0  # 0: the profile's
+    preemption: str = "recompute"  # or "swap" / "auto" (SchedulerConfig.preemption)
+    host_kv_tokens: int = 0  # host pool for swap; 0: four times the device KV capacity
     scheduler_overrides: dict = field(default_factory=dict)
+
+    def swap_options(self) -> dict:
+        """SchedulerConfig options for preemption by swap: a host pool, the bytes of a block of this
+        model in the per-layer K/V layout, the host link's bandwidth, and recompute priced at the
+        profile's prefill time per token."""
+        if self.preemption == "recompute":
+            return {"preemption": "recompute"}
+        host_tokens = self.host_kv_tokens or 4 * self.kv_capacity_tokens
+        return {
+            "preemption": self.preemption,
+            "num_host_blocks": max(1, host_tokens // self.block_size),
+            "swap_block_bytes": self.profile.kv_bytes_per_token * self.block_size,
+            "swap_tensors_per_block": 2 * self.profile.num_layers,
+            "swap_cost": self.profile.swap_cost(),
+            "recompute_seconds_per_token": self.profile.prefill_time_s(1024) / 1024,
+        }
 
     def context_limit(self) -> int:
         return self.max_model_len or self.profile.max_model_len
@@ -114,7 +134,9 @@ class RunLog:
     scheduler_cpu_s: float
     steps: int
     kv_utilization: float  # time-weighted mean fraction of KV blocks in use
-    swap_bytes: int = 0  # preemption is by recompute until the swap planner lands
+    swap_bytes: int = 0  # both directions
+    swap_preemptions: int = 0  # preemptions (counted in `preemptions`) that swapped instead of recomputing
+    swap_time_s: float = 0.0  # simulated time spent on swap copies
 
 
 def simulate(
@@ -131,7 +153,8 @@ def simulate(
     num_blocks = max(1, engine.kv_capacity_tokens // block_size)
     config = SchedulerConfig(
         num_blocks=num_blocks, block_size=block_size, max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens, admission=admission, **engine.scheduler_overrides,
+        max_num_batched_tokens=engine.max_num_batched_tokens, admission=admission,
+        **{**engine.swap_options(), **engine.scheduler_overrides},
     )
     scheduler = Scheduler(config, policy=policy)
     prompt, output, arrival = trace.prompt_tokens, trace.output_tokens, trace.arrival_s
@@ -153,6 +176,7 @@ def simulate(
     ended = 0
     steps = 0
     util_time = 0.0
+    swap_time = 0.0
     unflushed_adds = False
     while ended < n:
         arrived = int(np.searchsorted(arrival, t, side="right"))
@@ -180,15 +204,19 @@ def simulate(
             ended += int(plan.rejected_ids.size)
         if plan.preempted_ids.size:
             preemptions[plan.preempted_ids] += 1
+        if plan.swapped_out_ids.size:
+            preemptions[plan.swapped_out_ids] += 1
+        swap_time += plan.swap_seconds
         ids = plan.req_ids
         if ids.size == 0:
+            t += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
             if next_index < n:
                 t = max(t, float(arrival[next_index]))
             elif scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
             continue
-        dt = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
+        dt = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill) + plan.swap_seconds
         unscheduled = np.isnan(first_scheduled[ids])
         first_scheduled[ids[unscheduled]] = t
         t += dt
@@ -215,7 +243,10 @@ def simulate(
                 progress(int(done.sum()))
         util_time += dt * (scheduler._former.allocator_stats()["num_used"] / num_blocks)
     makespan = max(t - float(arrival[0]), 1e-9)
+    stats = scheduler.stats()
     return RunLog(
         admission, arrival, output, first_token, finish, first_scheduled, max_gap, num_gaps, slow, preemptions,
         rejected, prepared.rejected_too_long, prepared.clipped_outputs, cpu, steps, util_time / makespan,
+        swap_bytes=int(stats["swap_out_bytes"] + stats["swap_in_bytes"]),
+        swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
     )

@@ -55,6 +55,8 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "preemptions": int(log.preemptions.sum()),
         "preempted_requests": int((log.preemptions > 0).sum()),
         "swap_bytes": int(log.swap_bytes),
+        "swap_preemptions": int(log.swap_preemptions),
+        "swap_time_s": float(log.swap_time_s),
         "kv_utilization": float(log.kv_utilization),
         "scheduler_cpu_s": float(log.scheduler_cpu_s),
         "steps": int(log.steps),

@@ -26,6 +26,16 @@ class ModelProfile:
     max_model_len: int
     default_kv_capacity_tokens: int  # from GPU memory after weights and activations
     overhead_ms: float = 0.0
+    num_layers: int = 32
+    host_link_bytes_per_s: float = 25e9  # PCIe to host memory: Gen4 x16 ~25 GB/s, Gen5 ~50 GB/s
+
+    def swap_cost(self) -> np.ndarray:
+        """The swap planner's default cost table with bandwidths capped at this machine's host link."""
+        from ..swap import default_cost_model
+
+        table = default_cost_model()
+        table[:, :, 2] = np.minimum(table[:, :, 2], self.host_link_bytes_per_s)
+        return table
 
     def step_time_s(self, num_tokens: np.ndarray, computed_offsets: np.ndarray, is_prefill: np.ndarray) -> float:
         """Simulated duration of one step over the plan's arrays."""
@@ -50,10 +60,10 @@ PROFILES = {
     "llama3-8b-a100": ModelProfile(
         "llama3-8b-a100", 10.46, 6.43, 0.0668, 8.0e-5, 2.9e-6, _KV_LLAMA, 8192,
         # 80 GB x 0.9 - 16 GB weights - ~4 GB activations, in 128 KiB tokens
-        (int(80e9 * 0.9) - int(16e9) - int(4e9)) // _KV_LLAMA,
+        (int(80e9 * 0.9) - int(16e9) - int(4e9)) // _KV_LLAMA, host_link_bytes_per_s=25e9,  # A100: PCIe Gen4
     ),
     "llama2-7b-h100": ModelProfile(
         "llama2-7b-h100", 5.79, 2.88, 0.0202, 2.0e-4, 2.9e-6 * 0.0202 / 0.0668, _KV_LLAMA2, 4096,
-        (int(80e9 * 0.9) - int(13.5e9) - int(4e9)) // _KV_LLAMA2,
+        (int(80e9 * 0.9) - int(13.5e9) - int(4e9)) // _KV_LLAMA2, host_link_bytes_per_s=50e9,  # H100: PCIe Gen5
     ),
 }
