@@ -184,24 +184,36 @@ void SwapPlanner::finish_plan(SwapPlan& plan, int direction) const {
     plan.num_descriptors = static_cast<int64_t>(plan.extents.size() / 3) * options_.tensors_per_block;
   } else {
     plan.bytes = plan.blocks_copied * layout.bytes_per_block();
+    const size_t num_extents = plan.extents.size() / 3;
+    size_t most = 0;  // descriptors before merging: an upper bound, so the buffer is sized once
+    for (const KvTensorLayout& tensor : layout.tensors) {
+      bool dense = tensor.device_block_stride == tensor.block_bytes && tensor.host_block_stride == tensor.block_bytes;
+      most += dense ? num_extents : static_cast<size_t>(plan.blocks_copied);
+    }
+    plan.descriptors.resize(4 * most);
+    int64_t* out = plan.descriptors.data();
+    int64_t* end = out;
     for (size_t t = 0; t < layout.tensors.size(); ++t) {
       const KvTensorLayout& tensor = layout.tensors[t];
-      int64_t src_stride = direction == 0 ? tensor.device_block_stride : tensor.host_block_stride;
-      int64_t dst_stride = direction == 0 ? tensor.host_block_stride : tensor.device_block_stride;
+      const int64_t src_stride = direction == 0 ? tensor.device_block_stride : tensor.host_block_stride;
+      const int64_t dst_stride = direction == 0 ? tensor.host_block_stride : tensor.device_block_stride;
       // Consecutive blocks are one piece only when the tensor is dense on both sides.
-      bool dense = src_stride == tensor.block_bytes && dst_stride == tensor.block_bytes;
-      size_t tensor_start = plan.descriptors.size();
+      const bool dense = src_stride == tensor.block_bytes && dst_stride == tensor.block_bytes;
+      int64_t* tensor_start = end;
       auto push = [&](int64_t src_offset, int64_t dst_offset, int64_t nbytes) {
-        size_t n = plan.descriptors.size();
-        if (n > tensor_start && plan.descriptors[n - 3] + plan.descriptors[n - 1] == src_offset &&
-            plan.descriptors[n - 2] + plan.descriptors[n - 1] == dst_offset) {
-          plan.descriptors[n - 1] += nbytes;
+        if (end > tensor_start && end[-3] + end[-1] == src_offset && end[-2] + end[-1] == dst_offset) {
+          end[-1] += nbytes;  // adjacent on both sides: merged
         } else {
-          plan.descriptors.insert(plan.descriptors.end(), {static_cast<int64_t>(t), src_offset, dst_offset, nbytes});
+          end[0] = static_cast<int64_t>(t);
+          end[1] = src_offset;
+          end[2] = dst_offset;
+          end[3] = nbytes;
+          end += 4;
         }
       };
-      for (size_t e = 0; e + 2 < plan.extents.size(); e += 3) {
-        int64_t src = plan.extents[e], dst = plan.extents[e + 1], count = plan.extents[e + 2];
+      const int64_t* e = plan.extents.data();
+      for (size_t x = 0; x < num_extents; ++x, e += 3) {
+        const int64_t src = e[0], dst = e[1], count = e[2];
         if (dense) {
           push(src * src_stride, dst * dst_stride, count * tensor.block_bytes);
         } else {
@@ -209,6 +221,7 @@ void SwapPlanner::finish_plan(SwapPlan& plan, int direction) const {
         }
       }
     }
+    plan.descriptors.resize(static_cast<size_t>(end - out));
     plan.num_descriptors = static_cast<int64_t>(plan.descriptors.size() / 4);
   }
   plan.estimated_seconds = options_.cost.best_seconds(direction, plan.num_descriptors, plan.bytes);
