@@ -183,16 +183,17 @@ bool CudaCopyEngine::batched_supported() {
 #endif
 }
 
-CopyStrategy CudaCopyEngine::choose(SwapDirection direction, const int64_t* descriptors, size_t count) const {
+CopyStrategy CudaCopyEngine::choose(SwapDirection direction, const int64_t* descriptors, size_t count,
+                                    bool batched_ok, bool gather_ok) const {
   int64_t bytes = 0;
   for (size_t i = 0; i < count; ++i) bytes += descriptors[4 * i + 3];
   int dir = static_cast<int>(direction);
   auto n = static_cast<int64_t>(count);
   CopyStrategy best = CopyStrategy::kPerDescriptor;
   double best_time = cost_.seconds(dir, best, n, bytes);
-  // The caller rules out gather for unaligned sets; here only runtime support matters.
   for (CopyStrategy s : {CopyStrategy::kBatched, CopyStrategy::kGatherKernel}) {
-    if (s == CopyStrategy::kBatched && !batched_supported()) continue;
+    if (s == CopyStrategy::kBatched && (!batched_ok || !batched_supported())) continue;
+    if (s == CopyStrategy::kGatherKernel && !gather_ok) continue;
     double t = cost_.seconds(dir, s, n, bytes);
     if (t < best_time) {
       best_time = t;
@@ -228,14 +229,15 @@ CopyEvent CudaCopyEngine::copy(SwapDirection direction, const int64_t* descripto
   bool aligned = aligned16(descriptors, count, src, dst);
   CopyStrategy chosen;
   if (strategy < 0) {
-    chosen = choose(direction, descriptors, count);
-    if (chosen == CopyStrategy::kGatherKernel && !aligned) chosen = CopyStrategy::kPerDescriptor;
+    chosen = choose(direction, descriptors, count, stream_handle != 0, aligned);
   } else {
     chosen = static_cast<CopyStrategy>(strategy);
     KVSCHED_EXPECTS(chosen != CopyStrategy::kGatherKernel || aligned, std::invalid_argument,
                     "strategy: the gather kernel needs 16-byte aligned buffers, offsets and sizes");
     KVSCHED_EXPECTS(chosen != CopyStrategy::kBatched || batched_supported(), std::invalid_argument,
                     "strategy: cudaMemcpyBatchAsync needs a CUDA 12.8+ runtime and driver");
+    KVSCHED_EXPECTS(chosen != CopyStrategy::kBatched || stream_handle != 0, std::invalid_argument,
+                    "stream: cudaMemcpyBatchAsync cannot run on the legacy default stream (0); pass a created stream");
   }
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const cudaMemcpyKind kind = out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;

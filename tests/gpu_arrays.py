@@ -32,6 +32,16 @@ def fill(device_array, value: int) -> None:
     device_array.fill(value) if backend()[0] == "cupy" else device_array.fill_(value)
 
 
+def new_stream() -> tuple[object, int]:
+    """A created (non-default) stream and its cudaStream_t as an int."""
+    name, lib = backend()
+    if name == "cupy":
+        stream = lib.cuda.Stream(non_blocking=True)
+        return stream, stream.ptr
+    stream = lib.cuda.Stream()
+    return stream, stream.cuda_stream
+
+
 def synchronize() -> None:
     name, lib = backend()
     lib.cuda.Device().synchronize() if name == "cupy" else lib.cuda.synchronize()

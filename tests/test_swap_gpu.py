@@ -12,7 +12,7 @@ import kvsched
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not kvsched.has_cuda(), reason="needs a CUDA device")]
 
 if kvsched.has_cuda():
-    from gpu_arrays import fill, to_device, to_host
+    from gpu_arrays import fill, new_stream, synchronize, to_device, to_host
     from kvsched.cuda import CopyEngine, pin, pinned_empty
 from kvsched.swap import SwapPlanner
 from swap_fixtures import LAYOUTS, fragmented_allocator, make_buffers, sequence_matches, tables_csr, write_sequence
@@ -52,17 +52,20 @@ def test_device_round_trip_is_byte_exact(layout_name, strategy, staging_bytes, r
     device = [to_device(a) for a in host_image]
     host = pinned_like(layout.buffer_nbytes(NUM_HOST_BLOCKS, "host"))
 
+    stream, handle = new_stream()
+    synchronize()  # the uploads above ran on the library's default stream
     out = planner.plan_swap_out_from(allocator, list(seq_tokens))
-    engine.copy(out, device, host, strategy=strategy).wait()
+    engine.copy(out, device, host, strategy=strategy, stream=handle).wait()
     for s in seq_tokens:
         allocator.free(s)
     for d in device:
         fill(d, 0xAB)  # poisoned destination for the way back
+    synchronize()
     for s, n in seq_tokens.items():
         allocator.allocate(s, n)
     indptr, blocks = tables_csr(allocator, list(seq_tokens))
     back = planner.plan_swap_in(list(seq_tokens), indptr, blocks)
-    event = engine.copy(back, device, host, strategy=strategy)
+    event = engine.copy(back, device, host, strategy=strategy, stream=handle)
     event.wait()
     assert event.done()
     restored = [to_host(d) for d in device]
@@ -105,3 +108,6 @@ def test_device_bad_input(rng):
         engine.copy(plan, device, pinned_like(layout.buffer_nbytes(64, "host")), strategy="fastest")
     with pytest.raises(ValueError, match="device"):
         CopyEngine(1 << 20)
+    if CopyEngine.batched_supported():
+        with pytest.raises(ValueError, match="legacy default stream"):
+            engine.copy(plan, device, pinned_like(layout.buffer_nbytes(64, "host")), strategy="batched", stream=0)

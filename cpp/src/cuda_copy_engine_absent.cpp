@@ -24,7 +24,7 @@ CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCost
 }
 CudaCopyEngine::~CudaCopyEngine() = default;
 bool CudaCopyEngine::batched_supported() { return false; }
-CopyStrategy CudaCopyEngine::choose(SwapDirection, const int64_t*, size_t) const { no_cuda(); }
+CopyStrategy CudaCopyEngine::choose(SwapDirection, const int64_t*, size_t, bool, bool) const { no_cuda(); }
 CopyEvent CudaCopyEngine::copy(SwapDirection, const int64_t*, size_t, const BufferSpan*, const BufferSpan*, size_t, int,
                                uintptr_t) {
   no_cuda();

@@ -4,7 +4,8 @@
 //
 // Strategies (CopyStrategy in swap_planner.h):
 //   kPerDescriptor  one cudaMemcpyAsync per descriptor: the baseline, best for few large pieces.
-//   kBatched        one cudaMemcpyBatchAsync for all of them (CUDA runtime >= 12.8).
+//   kBatched        one cudaMemcpyBatchAsync for all of them (CUDA runtime >= 12.8; not on the
+//                   legacy default stream 0).
 //   kGatherKernel   swap-out: a kernel gathers the fragmented device pieces into a device staging
 //                   buffer, then one cudaMemcpyAsync per run that is contiguous on the host side;
 //                   swap-in: the reverse (large copies in, then a scatter kernel). Needs 16-byte
@@ -59,8 +60,10 @@ class CudaCopyEngine {
   static bool batched_supported();  // compiled against and running on a runtime with cudaMemcpyBatchAsync
   void set_cost_model(const SwapCostModel& cost) { cost_ = cost; }
   const SwapCostModel& cost_model() const { return cost_; }
-  // The strategy copy() takes with strategy < 0.
-  CopyStrategy choose(SwapDirection direction, const int64_t* descriptors, size_t count) const;
+  // The strategy copy() takes with strategy < 0, among those allowed (the gather kernel needs
+  // 16-byte alignment; cudaMemcpyBatchAsync a runtime that has it and a stream other than 0).
+  CopyStrategy choose(SwapDirection direction, const int64_t* descriptors, size_t count, bool batched_ok = true,
+                      bool gather_ok = true) const;
 
   // Checks everything (descriptors against buffers, the device side on this engine's device, the
   // host side pinned), then enqueues the copies on `stream` and returns their completion event.
