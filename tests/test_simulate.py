@@ -12,7 +12,7 @@ from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
 from kvsched.sim.metrics import summarize
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.traces import TraceError, guess_format, read_length_csv, read_mooncake, read_trace
-from kvsched.sim.workloads import poisson_arrivals, synthetic
+from kvsched.sim.workloads import poisson_arrivals, priority_plan, synthetic
 
 A100 = PROFILES["llama3-8b-a100"]
 
@@ -104,6 +104,35 @@ def test_swap_preemption_moves_kv_instead_of_recomputing_and_costs_time():
     # A host pool too small for any request falls back to recompute.
     _, tiny = run(trace, "aggressive", 32768, preemption="swap", host_kv_tokens=16)
     assert tiny.swap_preemptions == 0 and tiny.preemptions.sum() > 0
+
+
+def test_priority_plans_change_classes_as_asked():
+    trace = synthetic("chat", 200, 5.0, seed=4)
+    markov = priority_plan(trace, "markov", num_classes=3, interval_s=2.0, horizon_s=20.0, seed=1)
+    assert markov.change_s.size == 200 * 10 and np.all(np.diff(markov.change_s) >= 0)
+    per_request = {}
+    for i, p in zip(markov.change_index.tolist(), markov.change_priority.tolist()):
+        per_request.setdefault(i, [markov.initial[i]]).append(p)
+    steps = np.concatenate([np.diff(v) for v in per_request.values()])
+    assert set(np.abs(steps).tolist()) <= {0.0, 1.0} and (steps != 0).mean() == pytest.approx(0.2, abs=0.05)
+    assert markov.initial.min() >= 0 and markov.initial.max() <= 2
+    with pytest.raises(ValueError, match="priorities"):
+        priority_plan(trace, "sometimes")
+
+
+def test_changing_priorities_evict_and_swap_keeps_tail_latency_down():
+    trace = synthetic("chat", 300, 7.0, seed=6)
+    engine_recompute = EngineConfig(A100, 32768)
+    engine_swap = EngineConfig(A100, 32768, preemption="swap")
+    prepared = prepare(trace, engine_recompute)
+    plan = priority_plan(prepared.trace, "random", seed=2)
+    recompute = simulate(prepared, engine_recompute, "past_future", priorities=plan)
+    swap = simulate(prepared, engine_swap, "past_future", priorities=plan)
+    assert recompute.preemptions.sum() > 0 and swap.swap_preemptions > 0
+    for log in (recompute, swap):
+        assert (~np.isnan(log.finish_s)).sum() + log.rejected.sum() == len(prepared.trace)
+    # Priority evictions by recompute re-prefill whole contexts; by swap they resume.
+    assert summarize(swap, LAX)["ttft_p99_s"] < summarize(recompute, LAX)["ttft_p99_s"]
 
 
 def test_prompts_beyond_the_context_are_rejected_and_counted():

@@ -11,7 +11,7 @@ from typing import List, Optional
 from .scheduler import ADMISSION_MODES
 from .sim.allocator_replay import replay_placement
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
-from .sim.workloads import WORKLOADS, poisson_arrivals, synthetic, synthetic_chat
+from .sim.workloads import PRIORITY_KINDS, WORKLOADS, poisson_arrivals, priority_plan, synthetic, synthetic_chat
 
 PLACEMENTS = ("contiguous", "lifo", "fifo")
 DEFAULT_POLICIES = "aggressive,conservative,past_future,oracle"
@@ -111,10 +111,15 @@ def _simulate(args: argparse.Namespace) -> int:
     prepared = prepare(trace, engine)
     if len(prepared.trace) == 0:
         raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
+    priorities = None
+    if args.priorities != "none":
+        if args.find_max_rate:
+            raise ValueError("--find-max-rate does not support --priorities yet")
+        priorities = priority_plan(prepared.trace, args.priorities, seed=args.seed)
     bar = _progress(len(args.policy) * len(prepared.trace))
     records = []
     for admission in args.policy:
-        log = simulate(prepared, engine, admission, progress=bar.update if bar else None)
+        log = simulate(prepared, engine, admission, progress=bar.update if bar else None, priorities=priorities)
         record = summarize(log, slo)
         record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
                       model_profile=profile.name)
@@ -263,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--preemption", choices=("recompute", "swap", "auto"), default="recompute",
                      help="what an eviction does: recompute the KV later, swap it to host memory, or choose by "
                      "the swap cost model (default recompute)")
+    sim.add_argument("--priorities", choices=("none",) + PRIORITY_KINDS, default="none",
+                     help="give requests 3 priority classes that change every 2 s (random, or a Markov walk), "
+                     "scheduled by the priority policy, which evicts for a more urgent request (default none)")
     sim.add_argument("--host-kv-tokens", type=_positive_int, default=0,
                      help="host memory for swapped KV, in tokens (default: 4x the device KV capacity)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",

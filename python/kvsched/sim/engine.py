@@ -23,6 +23,7 @@ import numpy as np
 from ..scheduler import Scheduler, SchedulerConfig
 from .profiles import ModelProfile
 from .traces import Trace
+from .workloads import PriorityPlan
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,13 @@ def simulate(
     admission: str,
     policy: str = "fcfs",
     progress: Optional[Callable[[int], None]] = None,
+    priorities: Optional[PriorityPlan] = None,
 ) -> RunLog:
-    """Replays ``prepared`` through a fresh Scheduler under ``admission``; deterministic."""
+    """Replays ``prepared`` through a fresh Scheduler under ``admission``; deterministic. With
+    ``priorities`` (built on the prepared trace) requests carry priorities that change while they
+    live, under the ``priority`` policy (which evicts for a more urgent request)."""
+    if priorities is not None:
+        policy = "priority"
     trace = prepared.trace
     n = len(trace)
     block_size = engine.block_size
@@ -178,6 +184,8 @@ def simulate(
     util_time = 0.0
     swap_time = 0.0
     unflushed_adds = False
+    live = np.zeros(n, bool)
+    next_change = 0
     while ended < n:
         arrived = int(np.searchsorted(arrival, t, side="right"))
         if arrived > next_index:
@@ -187,10 +195,24 @@ def simulate(
             scheduler.add_requests(
                 ids, prompt[ids], prepared.max_new_tokens[ids], arrival_times=arrival[ids],
                 true_output_lens=output[ids] if admission == "oracle" else None, block_keys=keys,
+                priorities=None if priorities is None else priorities.initial[ids],
             )
             cpu += time.perf_counter() - start
+            live[ids] = True
             next_index = arrived
             unflushed_adds = True
+        if priorities is not None:
+            due = int(np.searchsorted(priorities.change_s, t, side="right"))
+            if due > next_change:
+                index = priorities.change_index[next_change:due][::-1]  # the latest change per request wins
+                value = priorities.change_priority[next_change:due][::-1]
+                index, first = np.unique(index, return_index=True)
+                keep = live[index]
+                if keep.any():
+                    start = time.perf_counter()
+                    scheduler.set_priority(index[keep], value[first][keep])
+                    cpu += time.perf_counter() - start
+                next_change = due
         if not unflushed_adds and not scheduler.has_unfinished_requests():
             t = float(arrival[next_index])  # idle until the next arrival
             continue
@@ -201,6 +223,7 @@ def simulate(
         steps += 1
         if plan.rejected_ids.size:
             rejected[plan.rejected_ids] = True
+            live[plan.rejected_ids] = False
             ended += int(plan.rejected_ids.size)
         if plan.preempted_ids.size:
             preemptions[plan.preempted_ids] += 1
@@ -238,6 +261,7 @@ def simulate(
         cpu += time.perf_counter() - start
         if done.any():
             finish[ids[done]] = t
+            live[ids[done]] = False
             ended += int(done.sum())
             if progress is not None:
                 progress(int(done.sum()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .traces import Trace
@@ -76,3 +78,48 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
     outputs = np.clip(_lognormal(rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
     arrival = poisson_arrivals(num_requests, rate_per_s, seed + 1)
     return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class PriorityPlan:
+    """Priorities of a prepared trace's requests (0 is the most urgent) and how they change while
+    the requests live: at ``change_s[k]``, request ``change_index[k]`` takes ``change_priority[k]``
+    (changes to a request that has ended are ignored by the engine)."""
+
+    initial: np.ndarray
+    change_s: np.ndarray
+    change_index: np.ndarray
+    change_priority: np.ndarray
+
+
+PRIORITY_KINDS = ("random", "markov")
+
+
+def priority_plan(trace: Trace, kind: str, num_classes: int = 3, interval_s: float = 2.0, horizon_s: float = 120.0,
+                  stay: float = 0.8, seed: int = 0) -> PriorityPlan:
+    """Priorities that change every ``interval_s`` for ``horizon_s`` after each arrival, as in
+    FastSwitch's evaluation: ``random`` draws a new class uniformly each time; ``markov`` keeps the
+    class with probability ``stay`` and otherwise moves one class up or down (reflected at the ends)."""
+    if kind not in PRIORITY_KINDS:
+        raise ValueError(f"priorities must be one of {', '.join(PRIORITY_KINDS)}, got {kind!r}")
+    if num_classes < 2 or interval_s <= 0 or horizon_s < interval_s or not 0 <= stay <= 1:
+        raise ValueError("priority_plan: need num_classes >= 2, 0 < interval_s <= horizon_s, 0 <= stay <= 1")
+    rng = np.random.default_rng(seed)
+    n = len(trace)
+    initial = rng.integers(0, num_classes, n)
+    steps = int(horizon_s // interval_s)
+    current = initial.copy()
+    columns = []
+    for _ in range(steps):  # vectorized over requests; one pass per change time
+        if kind == "random":
+            current = rng.integers(0, num_classes, n)
+        else:
+            move = np.where(rng.random(n) < 0.5, -1, 1) * (rng.random(n) >= stay)
+            outside = (current + move < 0) | (current + move >= num_classes)
+            current = current + np.where(outside, -move, move)  # reflect at the ends
+        columns.append(current)
+    priority = np.stack(columns, axis=1).reshape(-1) if columns else np.zeros(0, np.int64)
+    index = np.repeat(np.arange(n), steps)
+    times = (trace.arrival_s[:, None] + interval_s * np.arange(1, steps + 1)[None, :]).reshape(-1)
+    order = np.argsort(times, kind="stable")
+    return PriorityPlan(initial.astype(np.float64), times[order], index[order], priority[order].astype(np.float64))
