@@ -15,6 +15,7 @@ Targets (issue 5): kvsched >= 85% of the raw ceiling in both directions and >= 4
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -85,7 +86,7 @@ def main() -> int:
                "batched_supported": CopyEngine.batched_supported(), "directions": {}}
     for name, plan in (("out", out_plan), ("in", in_plan)):
         row = {}
-        baseline_plan = type(plan)(**{**plan.__dict__, "descriptors": per_block(name == "out")})
+        baseline_plan = dataclasses.replace(plan, descriptors=per_block(name == "out"))
         row["per_block_baseline"] = gbps(engine.time_copy(baseline_plan, device, host, strategy="per_descriptor",
                                                           repeats=args.repeats))
         for strategy in ("auto",) + STRATEGIES:
@@ -95,7 +96,7 @@ def main() -> int:
         row["auto_choice"] = engine.choose(plan)
         # Raw ceiling: the same bytes as one copy between contiguous device and pinned host memory.
         whole = np.array([[0, 0, 0, total_bytes]], dtype=np.int64)
-        raw_plan = type(plan)(**{**plan.__dict__, "descriptors": whole})
+        raw_plan = dataclasses.replace(plan, descriptors=whole)
         big_device, _ = device_buffers([total_bytes])
         big_host = [pinned_empty(total_bytes)]
         row["raw_ceiling"] = gbps(engine.time_copy(raw_plan, big_device, big_host, strategy="per_descriptor",

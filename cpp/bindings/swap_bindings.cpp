@@ -76,6 +76,14 @@ std::vector<BufferSpan> spans(py::handle value, const char* name) {
   return out;
 }
 
+// Block tables in CSR form: one indptr entry per sequence plus one, ending at the block count.
+void check_csr(const Int64Array& ids, const Int64Array& indptr, const Int32Array& blocks) {
+  if (indptr.size() != ids.size() + 1) throw py::value_error("block_indptr: length must be len(seq_ids) + 1");
+  if (indptr.data()[ids.size()] != static_cast<int64_t>(blocks.size())) {
+    throw py::value_error("block_indptr: last entry must equal len(device_blocks)");
+  }
+}
+
 void check_same_count(const std::vector<BufferSpan>& src, const std::vector<BufferSpan>& dst) {
   if (src.size() != dst.size()) {
     throw py::value_error("dst: " + std::to_string(dst.size()) + " buffers for " + std::to_string(src.size()) +
@@ -168,10 +176,7 @@ void init_swap(py::module_& m) {
              Int64Array ids(seq_ids, "seq_ids"), tokens(num_tokens, "num_tokens"), indptr(block_indptr, "block_indptr");
              Int32Array blocks(device_blocks, "device_blocks");
              if (tokens.size() != ids.size()) throw py::value_error("num_tokens: length differs from seq_ids");
-             if (indptr.size() != ids.size() + 1) throw py::value_error("block_indptr: length must be len(seq_ids) + 1");
-             if (indptr.data()[ids.size()] != static_cast<int64_t>(blocks.size())) {
-               throw py::value_error("block_indptr: last entry must equal len(device_blocks)");
-             }
+             check_csr(ids, indptr, blocks);
              SwapPlan plan;
              {
                GilRelease release;
@@ -187,10 +192,7 @@ void init_swap(py::module_& m) {
            [](SwapPlanner& p, py::handle seq_ids, py::handle block_indptr, py::handle device_blocks, py::handle skip) {
              Int64Array ids(seq_ids, "seq_ids"), indptr(block_indptr, "block_indptr");
              Int32Array blocks(device_blocks, "device_blocks");
-             if (indptr.size() != ids.size() + 1) throw py::value_error("block_indptr: length must be len(seq_ids) + 1");
-             if (indptr.data()[ids.size()] != static_cast<int64_t>(blocks.size())) {
-               throw py::value_error("block_indptr: last entry must equal len(device_blocks)");
-             }
+             check_csr(ids, indptr, blocks);
              std::optional<Int64Array> skip_blocks;
              if (!skip.is_none()) {
                skip_blocks.emplace(skip, "skip_blocks");

@@ -312,7 +312,6 @@ void BatchFormer::append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, s
   descriptors.insert(descriptors.end(), swap.descriptors.begin(), swap.descriptors.end());
   bytes += swap.bytes;
   plan_.swap_seconds += swap.estimated_seconds;
-  counters_.swap_blocks_reused += swap.blocks_reused;
 }
 
 void BatchFormer::swap_out(Request& r) {
@@ -321,8 +320,6 @@ void BatchFormer::swap_out(Request& r) {
   SwapPlan swap = swap_planner_->plan_swap_out(&r.id, &r.num_computed, indptr, scratch_blocks_.data(), 1);
   append_swap(swap, plan_.swapped_out_ids, plan_.swap_out_indptr, plan_.swap_out, plan_.swap_out_descriptors,
               plan_.swap_out_bytes);
-  counters_.swap_out_bytes += swap.bytes;
-  ++counters_.swap_preemptions;
   allocator_.free(r.id);
   r.state = RequestState::kSwapped;
   r.bypassed = 0;
@@ -471,8 +468,6 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     SwapPlan swap = swap_planner_->plan_swap_in(&r.id, indptr, table.data(), &skip, 1);
     append_swap(swap, plan_.swapped_in_ids, plan_.swap_in_indptr, plan_.swap_in, plan_.swap_in_descriptors,
                 plan_.swap_in_bytes);
-    counters_.swap_in_bytes += swap.bytes;
-    ++counters_.swapped_in;
     swapped_.erase(&r);
     if (cached > r.num_computed) {
       n = needed - cached;
@@ -636,6 +631,14 @@ BatchFormerStats BatchFormer::stats() const {
   s.num_waiting = static_cast<int64_t>(waiting_.size());
   s.num_running = static_cast<int64_t>(running_.size());
   s.num_swapped = static_cast<int64_t>(swapped_.size());
+  if (swap_planner_) {
+    SwapPlannerStats swap = swap_planner_->stats();
+    s.swap_preemptions = swap.swap_outs;
+    s.swapped_in = swap.swap_ins;
+    s.swap_out_bytes = swap.bytes_out;
+    s.swap_in_bytes = swap.bytes_in;
+    s.swap_blocks_reused = swap.blocks_reused;
+  }
   return s;
 }
 

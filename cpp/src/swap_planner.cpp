@@ -177,7 +177,18 @@ void SwapPlanner::append_extent(SwapPlan& plan, BlockId src, BlockId dst) {
   ++plan.blocks_copied;
 }
 
-void SwapPlanner::finish_plan(SwapPlan& plan, int direction) const {
+void SwapPlanner::check_table(size_t i, SeqId id, const int64_t* indptr, const BlockId* device_blocks,
+                              int64_t blocks) {
+  KVSCHED_EXPECTS(indptr[i + 1] >= indptr[i], std::invalid_argument, "block_indptr: must not decrease (at ", i + 1, ")");
+  KVSCHED_EXPECTS(indptr[i + 1] - indptr[i] >= blocks, std::invalid_argument, "device_blocks: sequence ", id, " has ",
+                  indptr[i + 1] - indptr[i], " blocks, needs ", blocks);
+  for (int64_t b = indptr[i]; b < indptr[i] + blocks; ++b) {
+    KVSCHED_EXPECTS(device_blocks[b] >= 0, std::invalid_argument, "device_blocks[", b, "]: negative block id ",
+                    device_blocks[b]);
+  }
+}
+
+void SwapPlanner::finish_plan(SwapPlan& plan, int direction, size_t num_sequences) {
   const KvLayout& layout = options_.layout;
   if (layout.tensors.empty()) {
     plan.bytes = plan.blocks_copied * options_.block_bytes;
@@ -225,6 +236,11 @@ void SwapPlanner::finish_plan(SwapPlan& plan, int direction) const {
     plan.num_descriptors = static_cast<int64_t>(plan.descriptors.size() / 4);
   }
   plan.estimated_seconds = options_.cost.best_seconds(direction, plan.num_descriptors, plan.bytes);
+  const bool out = direction == 0;
+  (out ? counters_.swap_outs : counters_.swap_ins) += static_cast<int64_t>(num_sequences);
+  (out ? counters_.blocks_out : counters_.blocks_in) += plan.blocks_copied;
+  (out ? counters_.bytes_out : counters_.bytes_in) += plan.bytes;
+  counters_.blocks_reused += plan.blocks_reused;
 }
 
 SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tokens, const int64_t* indptr,
@@ -243,14 +259,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
     SeqId id = seq_ids[i];
     KVSCHED_EXPECTS(id >= 0, std::invalid_argument, "seq_ids[", i, "]: ids must be >= 0, got ", id);
     KVSCHED_EXPECTS(num_tokens[i] > 0, std::invalid_argument, "num_tokens[", i, "]: must be > 0, got ", num_tokens[i]);
-    KVSCHED_EXPECTS(indptr[i + 1] >= indptr[i], std::invalid_argument, "block_indptr: must not decrease (at ", i + 1, ")");
-    int64_t blocks = num_blocks_for(num_tokens[i]);
-    KVSCHED_EXPECTS(indptr[i + 1] - indptr[i] >= blocks, std::invalid_argument, "device_blocks: sequence ", id, " has ",
-                    indptr[i + 1] - indptr[i], " blocks for ", num_tokens[i], " tokens (needs ", blocks, ")");
-    for (int64_t b = indptr[i]; b < indptr[i] + blocks; ++b) {
-      KVSCHED_EXPECTS(device_blocks[b] >= 0, std::invalid_argument, "device_blocks[", b, "]: negative block id ",
-                      device_blocks[b]);
-    }
+    check_table(i, id, indptr, device_blocks, num_blocks_for(num_tokens[i]));
     HostCopy* copy = copies_.find(id);
     KVSCHED_EXPECTS(copy == nullptr || !copy->swapped, std::invalid_argument, "seq_ids[", i, "]: sequence ", id,
                     " is already swapped out");
@@ -308,11 +317,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
     plan.seq_ids.push_back(id);
     plan.extent_indptr.push_back(static_cast<int64_t>(plan.extents.size() / 3));
   }
-  finish_plan(plan, 0);
-  counters_.swap_outs += static_cast<int64_t>(count);
-  counters_.blocks_out += plan.blocks_copied;
-  counters_.blocks_reused += plan.blocks_reused;
-  counters_.bytes_out += plan.bytes;
+  finish_plan(plan, 0, count);
   return plan;
 }
 
@@ -328,17 +333,11 @@ SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, 
     KVSCHED_EXPECTS(copy->batch_stamp != batch_counter_, std::invalid_argument, "seq_ids: ", id,
                     " appears more than once");
     copy->batch_stamp = batch_counter_;
-    KVSCHED_EXPECTS(indptr[i + 1] >= indptr[i], std::invalid_argument, "block_indptr: must not decrease (at ", i + 1, ")");
     int64_t blocks = static_cast<int64_t>(copy->blocks.size());
-    KVSCHED_EXPECTS(indptr[i + 1] - indptr[i] >= blocks, std::invalid_argument, "device_blocks: sequence ", id, " has ",
-                    indptr[i + 1] - indptr[i], " blocks, its host copy ", blocks);
+    check_table(i, id, indptr, device_blocks, blocks);
     int64_t skip = skip_blocks ? skip_blocks[i] : 0;
     KVSCHED_EXPECTS(skip >= 0 && skip <= blocks, std::invalid_argument, "skip_blocks[", i, "]: must be in [0, ", blocks,
                     "], got ", skip);
-    for (int64_t b = indptr[i]; b < indptr[i] + blocks; ++b) {
-      KVSCHED_EXPECTS(device_blocks[b] >= 0, std::invalid_argument, "device_blocks[", b, "]: negative block id ",
-                      device_blocks[b]);
-    }
   }
   SwapPlan plan;
   plan.direction = SwapDirection::kIn;
@@ -359,11 +358,7 @@ SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, 
     --num_swapped_;
     if (options_.reuse_host_copies) lru_push_back(id, copy); else drop_copy(id, copy);
   }
-  finish_plan(plan, 1);
-  counters_.swap_ins += static_cast<int64_t>(count);
-  counters_.blocks_in += plan.blocks_copied;
-  counters_.blocks_reused += plan.blocks_reused;
-  counters_.bytes_in += plan.bytes;
+  finish_plan(plan, 1, count);
   return plan;
 }
 

@@ -119,7 +119,8 @@ struct BatchFormerStats {
   int64_t rejected = 0;
   int64_t admitted = 0;            // admissions, counting re-admissions after preemption
   int64_t preemptions = 0;         // for memory, by swap or recompute
-  int64_t swap_preemptions = 0;    // of which by swap
+  // Swaps, read from the SwapPlanner's counters.
+  int64_t swap_preemptions = 0;    // preemptions (counted above) that swapped
   int64_t swapped_in = 0;
   int64_t swap_out_bytes = 0, swap_in_bytes = 0;
   int64_t swap_blocks_reused = 0;  // blocks not copied: still valid on the host, or a prefix-cache hit

@@ -167,8 +167,12 @@ class SwapPlanner {
   void drop_copy(SeqId seq_id, HostCopy& copy);
   void lru_push_back(SeqId seq_id, HostCopy& copy);
   void lru_remove(HostCopy& copy);
+  // Checks sequence i's slice of a CSR block table: indptr does not decrease, it holds at least
+  // `blocks` blocks, and those ids are >= 0.
+  static void check_table(size_t i, SeqId id, const int64_t* indptr, const BlockId* device_blocks, int64_t blocks);
   void append_extent(SwapPlan& plan, BlockId src, BlockId dst);
-  void finish_plan(SwapPlan& plan, int direction) const;
+  // Bytes, descriptors and estimated time of a planned swap; adds it to the counters.
+  void finish_plan(SwapPlan& plan, int direction, size_t num_sequences);
 
   SwapPlannerOptions options_;
   std::unique_ptr<FreePool> free_pool_;
