@@ -296,3 +296,116 @@ def test_every_request_ends_finished_aborted_or_rejected(rng):
     assert stats["added"] == 50
     assert stats["finished"] + stats["aborted"] + stats["rejected"] == 50
     assert len(e.finished) == stats["finished"] and len(e.rejected) == stats["rejected"] > 0
+
+
+def test_plan_reports_tokens_generated_before_the_step():
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    e.add(0, 20, 5)
+    for expected in range(5):
+        plan = e.step()
+        assert plan.num_generated.tolist() == [expected]
+
+
+@pytest.mark.parametrize("state", ["waiting", "scheduled", "running"])
+def test_stop_ends_a_request_in_every_state_and_counts_it_finished(state):
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    e.add(0, 40, 10)
+    e.add(1, 40, 10)
+    if state == "waiting":
+        s.stop([1])
+    elif state == "scheduled":
+        plan = s.schedule()
+        s.stop([1], [0])
+        keep = plan.req_ids != 1
+        s.update(plan.req_ids[keep], [1], [False])
+        e.generated[0] = 1
+    else:
+        e.step()
+        e.step()
+        s.stop(1, [2])
+    e.run()
+    stats = s.stats()
+    assert e.finished == {0}
+    assert stats["finished"] == 2 and stats["aborted"] == 0 and stats["kv"]["num_used"] == 0
+    s.check_invariants()
+
+
+def test_stop_checks_every_length_before_changing_anything():
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    e.add(0, 40, 10)
+    e.add(1, 40, 10)
+    e.step()
+    e.step()  # both have generated 2 tokens
+    with pytest.raises(ValueError, match=r"output_lens\[1\]"):
+        s.stop([0, 1], [2, 3])
+    with pytest.raises(KeyError, match="req_ids"):
+        s.stop([0, 99])
+    with pytest.raises(ValueError, match="output_lens"):
+        s.stop([0, 1], [1])
+    assert 0 in s and 1 in s and s.stats()["finished"] == 0
+    s.check_invariants()
+
+
+def test_stopped_lengths_feed_the_estimator_and_aborted_ones_do_not():
+    def admitted_after(end_early) -> int:
+        s = make(num_blocks=1024, admission="past_future", adaptive=False, sampling=False, window=32,
+                 prior=[400] * 32, max_num_seqs=256)
+        for i in range(32):
+            s.add_request(i, 8, 400)
+        end_early(s, np.arange(32))
+        for i in range(100, 300):
+            s.add_request(i, 8, 400)
+        return len(s.schedule())
+
+    stopped = admitted_after(lambda s, ids: s.stop(ids, np.zeros(32, np.int64)) or None)
+    # Waiting requests have generated nothing: a stop at length 0 is not recorded.
+    assert stopped == admitted_after(lambda s, ids: s.abort(ids))
+
+    def run_then(end):
+        def go(s, ids):
+            plan = s.schedule()
+            s.update(plan.req_ids, np.ones(len(plan), np.int64), np.zeros(len(plan), bool))
+            assert len(plan) == 32
+            end(s, plan.req_ids)
+        return go
+
+    short = admitted_after(run_then(lambda s, ids: s.stop(ids)))  # 1 token each: short outputs
+    aborted = admitted_after(run_then(lambda s, ids: s.abort(ids)))
+    assert short > 2 * aborted, (short, aborted)
+
+
+def test_preempt_running_sends_everyone_back_to_recompute():
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    for i in range(3):
+        e.add(i, 30, 6)
+    e.step()
+    e.step()
+    ids = s.preempt_running()
+    assert sorted(ids.tolist()) == [0, 1, 2]
+    assert s.stats()["kv"]["num_used"] == 0
+    assert all(s.info(i)["state"] == "waiting" and s.info(i)["num_computed"] == 0 for i in range(3))
+    plan = s.schedule()
+    assert sorted(plan.req_ids.tolist()) == [0, 1, 2] and plan.is_prefill.all()
+    assert (plan.num_tokens == 32).all()  # prompt + the two generated tokens
+    s.update(plan.req_ids, np.ones(3, np.int64), np.zeros(3, bool))
+    e.generated.update({i: 3 for i in range(3)})
+    e.run()
+    assert e.finished == {0, 1, 2} and all(e.generated[i] == 6 for i in range(3))
+    plan = s.schedule() if s.has_unfinished_requests() else None
+    assert plan is None
+
+
+def test_reset_prefix_cache_forgets_cached_prompts():
+    s = make(num_blocks=64, max_num_batched_tokens=1024)
+    prompt = np.arange(100, dtype=np.int32)
+    s.add_request(0, 100, 1, prompt_tokens=prompt)
+    plan = s.schedule()
+    s.update(plan.req_ids, [1], [False])
+    assert s.reset_prefix_cache() == 6
+    s.add_request(1, 100, 2, prompt_tokens=prompt)
+    plan = s.schedule()
+    assert plan.computed_offsets.tolist() == [0]

@@ -216,6 +216,7 @@ void init_batch_former(py::module_& m) {
              d["client_ids"] = to_numpy(std::move(plan.client_ids));
              d["num_tokens"] = to_numpy(std::move(plan.num_tokens));
              d["computed_offsets"] = to_numpy(std::move(plan.computed_offsets));
+             d["num_generated"] = to_numpy(std::move(plan.num_generated));
              d["is_prefill"] = to_numpy(std::move(plan.is_prefill)).view("bool");
              d["block_indptr"] = to_numpy(std::move(plan.block_indptr));
              d["new_blocks"] = to_numpy(std::move(plan.new_blocks));
@@ -256,6 +257,23 @@ void init_batch_former(py::module_& m) {
             return to_numpy(std::move(done));
           },
           py::arg("req_ids"), py::arg("num_new_tokens"), py::arg("finished"))
+      .def(
+          "stop",
+          [](BatchFormer& f, py::handle ids, py::handle output_lens) {
+            Int64Array id_array(ids, "req_ids");
+            if (output_lens.is_none()) {
+              GilRelease release;
+              f.stop(id_array.data(), nullptr, id_array.size());
+              return;
+            }
+            Int64Array lens(output_lens, "output_lens");
+            if (lens.size() != id_array.size()) throw py::value_error("output_lens must have the same length as req_ids");
+            GilRelease release;
+            f.stop(id_array.data(), lens.data(), id_array.size());
+          },
+          py::arg("req_ids"), py::arg("output_lens") = py::none())
+      .def("preempt_running", [](BatchFormer& f) { return to_numpy(f.preempt_running()); })
+      .def("reset_prefix_cache", &BatchFormer::reset_prefix_cache)
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
       .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })

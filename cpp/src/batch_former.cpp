@@ -34,6 +34,7 @@ void StepPlan::clear() {
   client_ids.clear();
   num_tokens.clear();
   computed_offsets.clear();
+  num_generated.clear();
   is_prefill.clear();
   block_indptr.assign(1, 0);
   new_blocks.clear();
@@ -290,6 +291,7 @@ void BatchFormer::emit(Request& r, int64_t num_tokens, const std::vector<BlockId
   plan_.client_ids.push_back(r.client_id);
   plan_.num_tokens.push_back(num_tokens);
   plan_.computed_offsets.push_back(r.num_computed);
+  plan_.num_generated.push_back(r.num_generated);
   plan_.is_prefill.push_back(r.num_computed + 1 < r.total() ? 1 : 0);
   plan_.new_blocks.insert(plan_.new_blocks.end(), added.begin(), added.end());
   plan_.block_indptr.push_back(static_cast<int64_t>(plan_.new_blocks.size()));
@@ -333,15 +335,19 @@ void BatchFormer::preempt(Request& r) {
     swap_out(r);
     return;
   }
-  // Recompute: a host copy kept from an earlier swap would be stale once the KV is rebuilt.
+  preempt_by_recompute(r);
+  r.preempted_at_step = counters_.steps;
+  plan_.preempted_ids.push_back(r.id);
+}
+
+void BatchFormer::preempt_by_recompute(Request& r) {
+  // A host copy kept from an earlier swap would be stale once the KV is rebuilt.
   if (swap_planner_) swap_planner_->release(&r.id, 1);
   allocator_.free(r.id);
-  r.num_computed = 0;  // recompute: prompt and generated tokens are prefilled again on return
+  r.num_computed = 0;  // prompt and generated tokens are prefilled again on return
   r.state = RequestState::kWaiting;
   r.bypassed = 0;
-  r.preempted_at_step = counters_.steps;
   ++r.num_preemptions;
-  plan_.preempted_ids.push_back(r.id);
   waiting_.insert(&r);
 }
 
@@ -618,6 +624,55 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
   }
   plan_outstanding_ = false;
   return done;
+}
+
+void BatchFormer::stop(const RequestId* ids, const int64_t* output_lens, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::unordered_set<RequestId> seen;
+  for (size_t i = 0; i < count; ++i) {
+    const Request& r = lookup(ids[i], "req_ids", i);
+    KVSCHED_EXPECTS(seen.insert(ids[i]).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", ids[i]);
+    if (output_lens != nullptr) {
+      KVSCHED_EXPECTS(output_lens[i] >= 0 && output_lens[i] <= r.num_generated, std::invalid_argument,
+                      "output_lens[", i, "]: request ", r.id, " has generated ", r.num_generated,
+                      " tokens, so its output length is between 0 and that; got ", output_lens[i]);
+    }
+  }
+  finished_lengths_.clear();
+  finished_classes_.clear();
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = lookup(ids[i], "req_ids", i);
+    drop(r);
+    if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
+    const int64_t length = output_lens != nullptr ? output_lens[i] : r.num_generated;
+    if (length > 0) {
+      finished_lengths_.push_back(length);
+      finished_classes_.push_back(r.class_id);
+    }
+    ++counters_.finished;
+    requests_.erase(r.id, reset_request);
+  }
+  estimator_.record(finished_lengths_.data(), finished_classes_.data(), finished_lengths_.size());
+}
+
+std::vector<RequestId> BatchFormer::preempt_running() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  KVSCHED_EXPECTS(!plan_outstanding_, std::invalid_argument,
+                  "preempt_running: the previous plan has not been reported with update()");
+  std::vector<RequestId> ids;
+  // From the back, so that they come back in their running order.
+  while (!running_.empty()) {
+    Request& r = *running_.back();
+    running_.pop_back();
+    preempt_by_recompute(r);
+    ids.push_back(r.id);
+  }
+  return ids;
+}
+
+int64_t BatchFormer::reset_prefix_cache() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return allocator_.reset_prefix_cache();
 }
 
 bool BatchFormer::has_outstanding_plan() const {

@@ -103,7 +103,7 @@ class StepPlan:
     """What to run this step, as flat numpy arrays (index i is one scheduled request).
 
     ``req_ids``, ``num_tokens`` (tokens to compute), ``computed_offsets`` (tokens already in the KV
-    cache), ``is_prefill``, ``client_ids``; new KV blocks in CSR form: those of request i are
+    cache), ``num_generated`` (tokens generated before this step), ``is_prefill``, ``client_ids``; new KV blocks in CSR form: those of request i are
     ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``; ``copy_on_writes`` rows are
     ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted by recompute (their KV is
     gone); ``rejected_ids`` with ``rejected_reasons`` will never run.
@@ -116,7 +116,7 @@ class StepPlan:
     """
 
     __slots__ = (
-        "req_ids", "client_ids", "num_tokens", "computed_offsets", "is_prefill", "block_indptr", "new_blocks",
+        "req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "is_prefill", "block_indptr", "new_blocks",
         "copy_on_writes", "preempted_ids", "rejected_ids", "rejected_reason_codes", "num_admitted",
         "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
@@ -127,6 +127,7 @@ class StepPlan:
         self.client_ids = arrays["client_ids"]
         self.num_tokens = arrays["num_tokens"]
         self.computed_offsets = arrays["computed_offsets"]
+        self.num_generated = arrays["num_generated"]
         self.is_prefill = arrays["is_prefill"]
         self.block_indptr = arrays["block_indptr"]
         self.new_blocks = arrays["new_blocks"]
@@ -322,6 +323,21 @@ class Scheduler:
                 new_tokens = new_tokens[order][position]
             self.policy.after_update(self, self._last_plan, new_tokens)
         return done
+
+    def stop(self, req_ids: Any, output_lens: Any = None) -> None:
+        """Ends requests the engine stopped between steps (a stop string, or EOS seen after the plan
+        that follows was committed), in any state. Unlike ``abort`` they count as finished and their
+        output lengths (``output_lens``, default: tokens generated so far) feed the estimator."""
+        ids = np.atleast_1d(_integers(req_ids))
+        self._former.stop(ids, None if output_lens is None else np.atleast_1d(_integers(output_lens)))
+
+    def preempt_running(self) -> np.ndarray:
+        """Preempts every running request by recompute (e.g. after a weight update); returns their ids."""
+        return self._former.preempt_running()
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix; returns how many cached blocks were dropped."""
+        return int(self._former.reset_prefix_cache())
 
     # ---- inspection ----
     def stats(self) -> dict[str, Any]:

@@ -90,6 +90,8 @@ struct StepPlan {
   std::vector<int32_t> client_ids;
   std::vector<int64_t> num_tokens;        // tokens to compute this step
   std::vector<int64_t> computed_offsets;  // tokens already in the cache before this step
+  std::vector<int64_t> num_generated;     // tokens generated before this step (its sequence is
+                                          // prompt_len + num_generated tokens long)
   std::vector<uint8_t> is_prefill;        // 1: prefill or recompute chunk, 0: decode
   std::vector<int64_t> block_indptr;      // new_blocks[block_indptr[i]:block_indptr[i+1]] for req i
   std::vector<int32_t> new_blocks;
@@ -165,6 +167,18 @@ class BatchFormer {
   // estimator's history. Returns the ids that finished.
   std::vector<RequestId> update(const RequestId* ids, const int64_t* num_new_tokens, const uint8_t* finished,
                                 size_t count);
+  // The engine stopped requests between steps (a stop string, EOS seen late, a client limit): they
+  // leave in any state, like abort(), but count as finished and their output lengths
+  // (`output_lens`, or the tokens generated so far when null; at most that) feed the estimator's
+  // history. An engine that commits a plan before its tokens are known (asynchronous scheduling)
+  // reports the true length here. A request stopped before its first token is not recorded.
+  void stop(const RequestId* ids, const int64_t* output_lens, size_t count);
+  // Preempts every running request by recompute (their KV is dropped; they wait again with their
+  // generated tokens kept) and returns their ids. Not while a plan is outstanding.
+  std::vector<RequestId> preempt_running();
+  // Forgets every cached prefix (after a weight update the cached KV is stale); returns how many
+  // cached blocks were dropped. Blocks held by running requests stay theirs but are not matched again.
+  int64_t reset_prefix_cache();
 
   bool has_outstanding_plan() const;
   BatchFormerStats stats() const;
@@ -215,6 +229,7 @@ class BatchFormer {
   void sort_running();
   void schedule_running(int64_t& budget, bool& preempted_for_memory);
   void preempt(Request& r);
+  void preempt_by_recompute(Request& r);
   bool should_swap(const Request& r) const;
   void swap_out(Request& r);
   // Brings swapped requests back in key order; false when one is left that could not come back.
