@@ -388,6 +388,9 @@ def test_preempt_running_sends_everyone_back_to_recompute():
     assert sorted(ids.tolist()) == [0, 1, 2]
     assert s.stats()["kv"]["num_used"] == 0
     assert all(s.info(i)["state"] == "waiting" and s.info(i)["num_computed"] == 0 for i in range(3))
+    plan = s.schedule()  # they sit out one step: an asynchronous engine may have tokens in flight
+    assert len(plan) == 0
+    s.update([], [], [])
     plan = s.schedule()
     assert sorted(plan.req_ids.tolist()) == [0, 1, 2] and plan.is_prefill.all()
     assert (plan.num_tokens == 32).all()  # prompt + the two generated tokens
@@ -409,3 +412,26 @@ def test_reset_prefix_cache_forgets_cached_prompts():
     s.add_request(1, 100, 2, prompt_tokens=prompt)
     plan = s.schedule()
     assert plan.computed_offsets.tolist() == [0]
+
+
+def test_paused_admission_keeps_running_ones_going():
+    s = make(num_blocks=64)
+    e = FakeEngine(s)
+    e.add(0, 20, 4)
+    e.step()
+    s.pause_admission()
+    e.add(1, 20, 4)
+    for _ in range(3):
+        assert e.step().req_ids.tolist() == [0]
+    assert e.finished == {0} and s.info(1)["state"] == "waiting"
+    s.pause_admission(False)
+    e.run()
+    assert e.finished == {0, 1}
+
+
+def test_block_keys_differ_by_salt_and_match_prompt_tokens():
+    s = make(num_blocks=64)
+    tokens = np.arange(40, dtype=np.int32)
+    keys = s.block_keys(tokens)
+    assert keys.shape[0] == 2 and np.array_equal(keys, s.block_keys(tokens))
+    assert not np.array_equal(keys, s.block_keys(tokens, salt=7))

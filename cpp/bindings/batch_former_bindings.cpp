@@ -274,6 +274,7 @@ void init_batch_former(py::module_& m) {
           py::arg("req_ids"), py::arg("output_lens") = py::none())
       .def("preempt_running", [](BatchFormer& f) { return to_numpy(f.preempt_running()); })
       .def("reset_prefix_cache", &BatchFormer::reset_prefix_cache)
+      .def("pause_admission", &BatchFormer::pause_admission, py::arg("paused"))
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
       .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })

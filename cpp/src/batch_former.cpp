@@ -492,7 +492,7 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
 
 void BatchFormer::admit_waiting(int64_t& budget) {
   int64_t slots = options_.max_num_seqs - static_cast<int64_t>(running_.size());
-  if (slots <= 0 || budget <= 0 || waiting_.empty()) return;
+  if (slots <= 0 || budget <= 0 || waiting_.empty() || admission_paused_) return;
   running_input_.clear();
   for (const Request* r : running_) running_input_.push(*r);
   candidates_.clear();
@@ -665,6 +665,7 @@ std::vector<RequestId> BatchFormer::preempt_running() {
     Request& r = *running_.back();
     running_.pop_back();
     preempt_by_recompute(r);
+    r.preempted_at_step = counters_.steps;  // not re-admitted by the next schedule()
     ids.push_back(r.id);
   }
   return ids;
@@ -673,6 +674,11 @@ std::vector<RequestId> BatchFormer::preempt_running() {
 int64_t BatchFormer::reset_prefix_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   return allocator_.reset_prefix_cache();
+}
+
+void BatchFormer::pause_admission(bool paused) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  admission_paused_ = paused;
 }
 
 bool BatchFormer::has_outstanding_plan() const {

@@ -339,6 +339,16 @@ class Scheduler:
         """Forgets every cached prefix; returns how many cached blocks were dropped."""
         return int(self._former.reset_prefix_cache())
 
+    def pause_admission(self, paused: bool = True) -> None:
+        """While paused, waiting requests are not admitted; running and swapped ones go on."""
+        self._former.pause_admission(bool(paused))
+
+    def block_keys(self, tokens: Any, salt: int = 0) -> np.ndarray:
+        """Chained keys of the full blocks of ``tokens`` for prefix caching (as ``add_request``
+        computes from ``prompt_tokens``); a different ``salt`` (e.g. per LoRA adapter or tenant)
+        gives keys that never match."""
+        return self._hash(np.asarray(tokens), salt)
+
     # ---- inspection ----
     def stats(self) -> dict[str, Any]:
         """Counters of the batch former and the KV cache."""
@@ -383,10 +393,10 @@ class Scheduler:
     def __contains__(self, req_id: object) -> bool:
         return req_id in self._former
 
-    def _hash(self, tokens: np.ndarray) -> np.ndarray:
+    def _hash(self, tokens: np.ndarray, salt: int = 0) -> np.ndarray:
         if self._hasher is None:  # the allocator's hash function, on a one-block pool
             self._hasher = _core.BlockAllocator(1, self.config.block_size, True, 0, _HASHES[self.config.hash_algorithm])
-        return self._hasher.hash_tokens(tokens, 0)
+        return self._hasher.hash_tokens(tokens, salt)
 
 
 __all__ = ["ADMISSION_MODES", "REJECT_REASONS", "Scheduler", "SchedulerConfig", "StepPlan"]

@@ -25,7 +25,9 @@
 // (its KV goes to host blocks) or by recompute (its blocks are freed and it waits again with its
 // generated tokens kept), as `preemption` says; kAuto swaps when the SwapPlanner's cost model says
 // the round trip is cheaper than prefilling the request's computed tokens again. Nothing is
-// admitted or swapped in during a step that preempted for memory.
+// admitted or swapped in during a step that preempted for memory, and a preempted request never
+// comes back in the step that preempted it (an asynchronous engine may still have its last token
+// in flight; it is known by the step after).
 //
 // The engine executes a plan's copies before its forward pass, in this order: swap_out (device
 // blocks it reads may be handed to others in the same plan), then swap_in, then copy_on_writes.
@@ -174,11 +176,14 @@ class BatchFormer {
   // reports the true length here. A request stopped before its first token is not recorded.
   void stop(const RequestId* ids, const int64_t* output_lens, size_t count);
   // Preempts every running request by recompute (their KV is dropped; they wait again with their
-  // generated tokens kept) and returns their ids. Not while a plan is outstanding.
+  // generated tokens kept, and sit out the next schedule()) and returns their ids. Not while a plan
+  // is outstanding.
   std::vector<RequestId> preempt_running();
   // Forgets every cached prefix (after a weight update the cached KV is stale); returns how many
   // cached blocks were dropped. Blocks held by running requests stay theirs but are not matched again.
   int64_t reset_prefix_cache();
+  // While paused, waiting requests are not admitted; running and swapped ones go on.
+  void pause_admission(bool paused);
 
   bool has_outstanding_plan() const;
   BatchFormerStats stats() const;
@@ -257,6 +262,7 @@ class BatchFormer {
   bool running_sorted_ = true;
   StepPlan plan_;
   bool plan_outstanding_ = false;
+  bool admission_paused_ = false;
   int64_t plan_expected_ = 0;  // scheduled requests not yet aborted
   std::vector<int64_t> pending_rejected_ids_;
   std::vector<int32_t> pending_rejected_reasons_;
