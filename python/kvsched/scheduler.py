@@ -103,10 +103,11 @@ class StepPlan:
     """What to run this step, as flat numpy arrays (index i is one scheduled request).
 
     ``req_ids``, ``num_tokens`` (tokens to compute), ``computed_offsets`` (tokens already in the KV
-    cache), ``num_generated`` (tokens generated before this step), ``is_prefill``, ``client_ids``; new KV blocks in CSR form: those of request i are
-    ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``; ``copy_on_writes`` rows are
-    ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted by recompute (their KV is
-    gone); ``rejected_ids`` with ``rejected_reasons`` will never run.
+    cache), ``num_generated`` (tokens generated before this step), ``is_prefill``, ``client_ids``;
+    new KV blocks in CSR form: those of request i are ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``
+    (a request that starts or restarts gets its whole table, prefix-cache hits included);
+    ``copy_on_writes`` rows are ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted
+    by recompute (their KV is gone); ``rejected_ids`` with ``rejected_reasons`` will never run.
 
     Swaps: ``swapped_out_ids`` moved device -> host, ``swapped_in_ids`` host -> device (and run in
     this plan). ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)``, request i's

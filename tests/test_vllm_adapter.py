@@ -1,0 +1,314 @@
+"""kvsched's vLLM adapter against vLLM's own scheduler, on CPU with a mock model.
+
+The same request scripts go through vLLM's Scheduler (or AsyncScheduler) and through
+``kvsched.adapters.vllm.Scheduler``; a fake model runner checks every SchedulerOutput against the
+state a real runner keeps and a fake KV cache (kvsched.adapters.vllm_harness). Skipped only where
+vLLM cannot be imported.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed")
+from vllm.v1.core.sched.interface import PauseState  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
+
+from kvsched.adapters import vllm_harness as harness  # noqa: E402
+from kvsched.adapters.vllm import Scheduler, check_vllm_version, unsupported_features  # noqa: E402
+
+BLOCK = 16
+
+
+@pytest.fixture(params=["v1", "v2"])
+def runner(request, monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if request.param == "v2" else "0")
+    return request.param
+
+
+def script(n: int, seed: int, *, max_prompt: int = 150, max_out: int = 80, shared_prefix: int = 0):
+    rng = random.Random(seed)
+    return [
+        dict(req_id=f"r{i}", prompt_len=rng.randint(max(5, shared_prefix + 1), max_prompt),
+             max_tokens=rng.randint(1, max_out), true_len=rng.randint(1, max_out), arrival_time=float(i),
+             shared_prefix=shared_prefix)
+        for i in range(n)
+    ]
+
+
+def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stats=False, on_step=None,
+        **config):
+    cfg, kv = harness.make_vllm_config(num_blocks=num_blocks, block_size=BLOCK, max_model_len=1024,
+                                       async_scheduling=async_scheduling, enable_prefix_caching=caching, **config)
+    scheduler = harness.make_scheduler(kind, cfg, kv, log_stats=log_stats)
+    hasher = harness.vllm_block_hasher(BLOCK) if caching and kind == "vllm" else None
+    worker = harness.FakeWorker(BLOCK, num_blocks, {r["req_id"]: r["true_len"] for r in requests},
+                                v2=cfg.use_v2_model_runner)
+    engine = harness.FakeEngine(scheduler, worker, async_scheduling)
+    made = []
+    for r in requests:
+        made.append(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"], arrival_time=r["arrival_time"],
+                                         priority=r.get("priority", 0), shared_prefix=r["shared_prefix"],
+                                         block_hasher=hasher))
+        engine.add(made[-1])
+    engine.run(on_step=on_step)
+    engine.preemptions = sum(r.num_preemptions for r in made)
+    engine.requests = made
+    return engine
+
+
+def assert_drained(engine):
+    s = engine.scheduler
+    assert not s.has_requests() and not s.requests
+    stats = s.core.stats()
+    assert stats["kv"]["num_used"] == 0, "blocks leaked"
+    assert stats["num_waiting"] == stats["num_running"] == 0
+    s.core.check_invariants()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_same_requests_finish_with_the_same_tokens_as_vllm(runner, async_scheduling):
+    requests = script(40, seed=1)
+    ours = run("kvsched", requests, num_blocks=400, async_scheduling=async_scheduling, max_num_seqs=16,
+               max_num_batched_tokens=256)
+    theirs = run("vllm", requests, num_blocks=400, async_scheduling=async_scheduling, max_num_seqs=16,
+                 max_num_batched_tokens=256)
+    assert ours.tokens == theirs.tokens
+    assert ours.finish_reasons == theirs.finish_reasons
+    reasons = Counter(r.name for r in ours.finish_reasons.values())
+    assert reasons["STOP"] > 0 and reasons["LENGTH"] > 0
+    for r in requests:  # each request stops at EOS or at max_tokens
+        assert len(ours.tokens[r["req_id"]]) == min(r["true_len"], r["max_tokens"])
+    assert_drained(ours)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_under_memory_pressure_the_adapter_preempts_less(runner, async_scheduling):
+    requests = script(60, seed=2)
+    kw = dict(num_blocks=48, async_scheduling=async_scheduling, max_num_seqs=32, max_num_batched_tokens=512)
+    ours, theirs = run("kvsched", requests, **kw), run("vllm", requests, **kw)
+    assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
+    assert theirs.preemptions >= 10  # the workload does stress vLLM's aggressive admission
+    assert ours.preemptions < theirs.preemptions / 2
+    assert ours.scheduler.core.stats()["preemptions"] == ours.preemptions
+    assert_drained(ours)
+
+
+@pytest.mark.parametrize("admission", ["aggressive", "conservative"])
+def test_admission_mode_comes_from_additional_config(admission):
+    requests = script(60, seed=2)
+    engine = run("kvsched", requests, num_blocks=48, async_scheduling=True, max_num_seqs=32,
+                 max_num_batched_tokens=512, additional_config={"kvsched": {"admission": admission}})
+    assert engine.scheduler.kvsched_config.admission == admission
+    if admission == "conservative":
+        assert engine.preemptions == 0
+    else:
+        assert engine.preemptions > 0
+    assert_drained(engine)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefix_caching_hits_and_keeps_kv_consistent(runner, async_scheduling):
+    requests = script(30, seed=3, shared_prefix=64)
+    ours = run("kvsched", requests, num_blocks=120, async_scheduling=async_scheduling, caching=True,
+               log_stats=True, max_num_seqs=16, max_num_batched_tokens=256)
+    theirs = run("vllm", requests, num_blocks=120, async_scheduling=async_scheduling, caching=True,
+                 max_num_seqs=16, max_num_batched_tokens=256)
+    assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
+    kv = ours.scheduler.core.stats()["kv"]
+    assert kv["prefix_hit_blocks"] >= 4 * 20  # most requests found the 4 shared blocks
+    assert_drained(ours)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_abort_in_every_state_frees_everything_and_stops_outputs(runner, async_scheduling):
+    requests = script(30, seed=4)
+    aborted = {}
+
+    def abort_some(engine):
+        s = engine.scheduler
+        if engine.steps in (3, 7, 15, 30):
+            running = [r for r in s.requests.values() if r.status == RequestStatus.RUNNING][:2]
+            waiting = [r for r in s.requests.values() if r.status != RequestStatus.RUNNING][:2]
+            ids = [r.request_id for r in running + waiting]
+            done = s.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+            assert {r.request_id for r in done} == set(ids)
+            for req_id in ids:
+                aborted[req_id] = len(engine.tokens[req_id])
+            assert s.finish_requests(ids, RequestStatus.FINISHED_ABORTED) == []  # twice is a no-op
+
+    engine = run("kvsched", requests, num_blocks=60, async_scheduling=async_scheduling, on_step=abort_some,
+                 max_num_seqs=8, max_num_batched_tokens=256)
+    assert len(aborted) >= 8
+    for req_id, count in aborted.items():
+        assert len(engine.tokens[req_id]) == count and req_id not in engine.finish_reasons
+        assert req_id not in engine.worker.requests  # the workers were told through finished_req_ids
+    assert engine.scheduler.core.stats()["aborted"] == len(aborted)
+    assert set(engine.finish_reasons) == {r["req_id"] for r in requests} - set(aborted)
+    assert_drained(engine)
+
+
+def test_stop_from_the_frontend_counts_as_finished_with_its_true_length():
+    requests = script(6, seed=5, max_out=60)
+    stopped = []
+
+    def stop_one(engine):
+        s = engine.scheduler
+        running = [r for r in s.requests.values() if r.status == RequestStatus.RUNNING and r.num_output_tokens >= 2]
+        if running and not stopped:
+            stopped.append(running[0].request_id)
+            s.finish_requests(running[0].request_id, RequestStatus.FINISHED_STOPPED)
+
+    engine = run("kvsched", requests, num_blocks=200, async_scheduling=True, on_step=stop_one)
+    assert stopped and stopped[0] not in engine.finish_reasons
+    stats = engine.scheduler.core.stats()
+    assert stats["finished"] == 6 and stats["aborted"] == 0
+    assert_drained(engine)
+
+
+def test_priority_policy_serves_urgent_requests_first():
+    requests = script(20, seed=6, max_out=40)
+    for i, r in enumerate(requests):
+        r["priority"] = 0 if i >= 15 else 1  # the last five arrive last but are urgent
+    first_token_step = {}
+
+    def watch(engine):
+        for req_id, tokens in engine.tokens.items():
+            if tokens and req_id not in first_token_step:
+                first_token_step[req_id] = engine.steps
+
+    run("kvsched", requests, num_blocks=100, async_scheduling=False, on_step=watch, policy="priority",
+        max_num_seqs=4, max_num_batched_tokens=256)
+    urgent = [first_token_step[f"r{i}"] for i in range(15, 20)]
+    others = [first_token_step[f"r{i}"] for i in range(4, 15)]
+    assert max(urgent) < np.median(others)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_reset_prefix_cache_with_running_requests_keeps_outputs_exact(runner, async_scheduling):
+    requests = script(20, seed=7, shared_prefix=32)
+    resets = []
+
+    def reset(engine):
+        if engine.steps in (5, 20) and engine.scheduler.core.num_running:
+            assert engine.scheduler.reset_prefix_cache() is False  # not while requests run
+            assert engine.scheduler.reset_prefix_cache(reset_running_requests=True) is True
+            resets.append(engine.steps)
+
+    kw = dict(num_blocks=150, async_scheduling=async_scheduling, caching=True, max_num_seqs=8,
+              max_num_batched_tokens=256)
+    ours = run("kvsched", requests, on_step=reset, **kw)
+    plain = run("kvsched", requests, **kw)
+    assert resets and ours.tokens == plain.tokens and ours.finish_reasons == plain.finish_reasons
+    assert ours.preemptions > plain.preemptions
+    assert_drained(ours)
+
+
+def test_pause_states():
+    requests = script(10, seed=8, max_out=30)
+    cfg, kv = harness.make_vllm_config(num_blocks=200, block_size=BLOCK, max_model_len=1024, max_num_seqs=4)
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    worker = harness.FakeWorker(BLOCK, 200, {r["req_id"]: r["true_len"] for r in requests})
+    engine = harness.FakeEngine(s, worker)
+    for r in requests[:4]:
+        engine.add(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"]))
+    engine.step()
+
+    def step_by_hand():
+        so = s.schedule()
+        engine._collect(s.update_from_output(so, worker.execute(so)))
+        return so
+
+    s.set_pause_state(PauseState.PAUSED_ALL)
+    assert s.pause_state == PauseState.PAUSED_ALL and s.get_num_unfinished_requests() == 0
+    assert step_by_hand().total_num_scheduled_tokens == 0
+    s.set_pause_state(PauseState.PAUSED_NEW)
+    for r in requests[4:]:
+        engine.add(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"]))
+    running = s.get_request_counts()[0]
+    assert running > 0 and s.get_num_unfinished_requests() == running
+    for _ in range(3):
+        so = step_by_hand()
+        assert not so.scheduled_new_reqs and so.total_num_scheduled_tokens > 0
+    s.set_pause_state(PauseState.UNPAUSED)
+    engine.run()
+    assert set(engine.finish_reasons) == {r["req_id"] for r in requests}
+    assert_drained(engine)
+
+
+def test_log_stats_delivers_events_and_scheduler_stats():
+    requests = script(30, seed=9)
+    events = Counter()
+    stats_seen = []
+    cfg, kv = harness.make_vllm_config(num_blocks=48, block_size=BLOCK, max_model_len=1024, max_num_seqs=32,
+                                       max_num_batched_tokens=512,
+                                       additional_config={"kvsched": {"admission": "aggressive"}})
+    s = harness.make_scheduler("kvsched", cfg, kv, log_stats=True)
+    worker = harness.FakeWorker(BLOCK, 48, {r["req_id"]: r["true_len"] for r in requests})
+    engine = harness.FakeEngine(s, worker)
+    collect = engine._collect
+
+    def spy(engine_outputs):
+        for outputs in engine_outputs.values():
+            if outputs.scheduler_stats is not None:
+                stats_seen.append(outputs.scheduler_stats)
+            for out in outputs.outputs:
+                events.update(e.type.name for e in out.events or ())
+        collect(engine_outputs)
+
+    engine._collect = spy
+    for r in requests:
+        engine.add(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"]))
+    engine.run()
+    preemptions = s.core.stats()["preemptions"]
+    assert preemptions > 0
+    assert events["QUEUED"] == 30 and events["SCHEDULED"] == 30 + preemptions and events["PREEMPTED"] == preemptions
+    assert stats_seen and max(st.num_running_reqs for st in stats_seen) > 1
+    assert all(0.0 <= st.kv_cache_usage <= 1.0 for st in stats_seen)
+
+
+def test_refused_configurations_and_options_name_the_reason():
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    assert unsupported_features(cfg, kv) == []
+    cfg.scheduler_config.enable_chunked_prefill = False
+    with pytest.raises(ValueError, match="chunked prefill"):
+        harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"admision": "oracle"}})
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['admision'\]"):
+        harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"admission": "psychic"}})
+    with pytest.raises(ValueError, match="admission"):
+        harness.make_scheduler("kvsched", cfg, kv)
+    with pytest.raises(RuntimeError, match="supports vLLM"):
+        check_vllm_version("0.40.1")
+    check_vllm_version("0.33.2")
+
+
+def test_structured_output_request_is_refused_with_an_error_output():
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.v1.request import Request
+
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    params = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
+    s.add_request(Request("g", [1, 2, 3], params, None))
+    worker = harness.FakeWorker(BLOCK, 64, {})
+    engine = harness.FakeEngine(s, worker)
+    engine.tokens["g"] = []
+    assert s.has_requests()
+    engine.run()
+    assert engine.finish_reasons["g"].name == "ERROR" and not s.requests
+
+
+def test_duplicate_request_id_is_refused():
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    s.add_request(harness.make_request("a", 10, 5))
+    with pytest.raises(ValueError, match="request_id 'a'"):
+        s.add_request(harness.make_request("a", 10, 5))
+    assert isinstance(s, Scheduler) and s.get_num_unfinished_requests() == 1
