@@ -47,6 +47,7 @@ from __future__ import annotations
 import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Iterable
 
 import numpy as np
@@ -569,7 +570,10 @@ class Scheduler(SchedulerInterface):
             index = list(map(runner.req_id_to_index.__getitem__, row_ids))
         sampled = list(map(runner.sampled_token_ids.__getitem__, index))
         single = np.fromiter(map(len, sampled), np.int64, len(sampled)) == 1
-        tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
+        if single.all():
+            tokens = np.fromiter(chain.from_iterable(sampled), np.int64, len(sampled))
+        else:
+            tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
         fast = (
             single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~step.capped[rows]
             & (tokens != h.eos[hs])
