@@ -312,3 +312,28 @@ def test_duplicate_request_id_is_refused():
     with pytest.raises(ValueError, match="request_id 'a'"):
         s.add_request(harness.make_request("a", 10, 5))
     assert isinstance(s, Scheduler) and s.get_num_unfinished_requests() == 1
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_token_ids_stop_like_vllm(async_scheduling):
+    # Generation configs add extra EOS ids as stop tokens; a request stops at the first one sampled.
+    requests = script(20, seed=10, max_out=60)
+    results = {}
+    for kind in ("kvsched", "vllm"):
+        cfg, kv = harness.make_vllm_config(num_blocks=300, block_size=BLOCK, max_model_len=1024,
+                                           async_scheduling=async_scheduling, max_num_seqs=8)
+        s = harness.make_scheduler(kind, cfg, kv)
+        stops = {}
+        for r in requests:  # stop at the token sampled at index true_len // 2, where one exists
+            stops[r["req_id"]] = harness.token_for(r["req_id"], r["true_len"] // 2, r["true_len"])
+        worker = harness.FakeWorker(BLOCK, 300, {r["req_id"]: r["true_len"] for r in requests})
+        engine = harness.FakeEngine(s, worker, async_scheduling)
+        for r in requests:
+            engine.add(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"],
+                                            stop_token_ids=[1, stops[r["req_id"]], 3]))
+        engine.run()
+        results[kind] = engine
+    ours, theirs = results["kvsched"], results["vllm"]
+    assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
+    assert sum(len(t) < min(r["true_len"], r["max_tokens"]) for t, r in zip(ours.tokens.values(), requests)) >= 5
+    assert_drained(ours)

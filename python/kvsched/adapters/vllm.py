@@ -26,8 +26,9 @@ Glossary
               stopped in the core with its true length. One code path serves both engine modes.
   row         one scheduled request of a step, in plan order. ``_Step`` keeps a step's rows until
               its output arrives; vLLM answers steps in the order they were scheduled.
-  fast row    a row that needs nothing but its one sampled token appended: no logprobs, stop token
-              ids, repetition check or trace headers; not the request's first token; not stopping.
+  fast row    a row that needs nothing but its one sampled token appended: no logprobs, repetition
+              check or trace headers, at most 4 stop token ids (none of them sampled); not the
+              request's first token; not stopping.
               Fast rows are handled with array operations, the others one by one as vLLM does.
   null block  vLLM reserves block 0 for padding; the core's block b is vLLM's block b + 1.
 
@@ -77,6 +78,7 @@ KVSCHED_OPTIONS = (
     "hash_algorithm",
 )
 _POLICIES = ("fcfs", "priority")
+_MAX_FAST_STOP_IDS = 4
 
 # Handle states: where a live request stands with vLLM's workers.
 _UNSENT, _RUNNING, _PREEMPTED = 0, 1, 2
@@ -171,6 +173,8 @@ class _Handles:
         self.prompt_len = np.zeros(capacity, np.int64)
         self.num_output = np.zeros(capacity, np.int64)  # tokens appended to the vLLM Request
         self.eos = np.full(capacity, -1, np.int64)
+        # Stop token ids (generation configs add several EOS ids); -1 pads; more than fit: not plain.
+        self.stop_ids = np.full((capacity, _MAX_FAST_STOP_IDS), -1, np.int64)
         self.plain = np.zeros(capacity, bool)  # needs no per-token work beyond the append
         self.has_events = np.zeros(capacity, bool)  # events recorded, not yet sent
         self.in_core = np.zeros(capacity, bool)  # the native core still holds it
@@ -197,8 +201,11 @@ class _Handles:
         self.prompt_len[handle] = request.num_prompt_tokens
         self.num_output[handle] = 0
         self.eos[handle] = -1 if eos is None else eos
+        stop_ids = params.stop_token_ids or ()
+        self.stop_ids[handle] = -1
+        self.stop_ids[handle, : len(stop_ids)] = stop_ids[:_MAX_FAST_STOP_IDS]
         self.plain[handle] = (
-            params.logprobs is None and params.prompt_logprobs is None and not params.stop_token_ids
+            params.logprobs is None and params.prompt_logprobs is None and len(stop_ids) <= _MAX_FAST_STOP_IDS
             and getattr(params, "repetition_detection", None) is None and request.trace_headers is None
         )
         self.last_step[handle] = -2
@@ -218,11 +225,10 @@ class _Handles:
     def _grow(self) -> None:
         for name, column in list(vars(self).items()):
             if isinstance(column, np.ndarray):
-                grown = np.empty(column.size * 2, column.dtype)
-                grown[: column.size] = column
-                grown[column.size :] = -1 if name in ("eos", "last_step") else 0
-                if column.dtype == object:
-                    grown[column.size :] = None
+                size = column.shape[0]
+                grown = np.empty((size * 2,) + column.shape[1:], column.dtype)
+                grown[:size] = column
+                grown[size:] = None if column.dtype == object else -1 if name in ("eos", "stop_ids", "last_step") else 0
                 setattr(self, name, grown)
 
 
@@ -576,7 +582,7 @@ class Scheduler(SchedulerInterface):
             tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
         fast = (
             single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~step.capped[rows]
-            & (tokens != h.eos[hs])
+            & (tokens != h.eos[hs]) & ~(h.stop_ids[hs] == tokens[:, None]).any(axis=1)
             & (self.max_model_len > h.prompt_len[hs] + h.num_output[hs] + 1)
         )
         if runner.num_nans_in_logits:
