@@ -67,9 +67,7 @@ try:
     from vllm.v1.metrics.stats import PrefixCacheStats, SchedulerStats
     from vllm.v1.request import Request, RequestStatus
 except ImportError as error:  # pragma: no cover - exercised only without vLLM
-    raise ImportError(
-        f"kvsched.adapters.vllm needs vLLM {'.'.join(map(str, (0, 33)))}.x importable ({error})"
-    ) from error
+    raise ImportError(f"kvsched.adapters.vllm needs vLLM 0.33.x importable ({error})") from error
 
 SUPPORTED_VLLM = ((0, 33), (0, 34))  # [lowest, first unsupported)
 KVSCHED_OPTIONS = (
@@ -412,6 +410,7 @@ class Scheduler(SchedulerInterface):
 
     # ---- steps ----
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        # throttle_prefills (prefill cadence across data-parallel ranks) is not implemented: ignored.
         self._step_index += 1
         self._flush_adds()
         if self._pause_state == PauseState.PAUSED_ALL:
