@@ -261,15 +261,13 @@ void init_batch_former(py::module_& m) {
           "stop",
           [](BatchFormer& f, py::handle ids, py::handle output_lens) {
             Int64Array id_array(ids, "req_ids");
-            if (output_lens.is_none()) {
-              GilRelease release;
-              f.stop(id_array.data(), nullptr, id_array.size());
-              return;
+            std::optional<Int64Array> lens;
+            if (!output_lens.is_none()) {
+              lens.emplace(output_lens, "output_lens");
+              if (lens->size() != id_array.size()) throw py::value_error("output_lens must have the same length as req_ids");
             }
-            Int64Array lens(output_lens, "output_lens");
-            if (lens.size() != id_array.size()) throw py::value_error("output_lens must have the same length as req_ids");
             GilRelease release;
-            f.stop(id_array.data(), lens.data(), id_array.size());
+            f.stop(id_array.data(), lens ? lens->data() : nullptr, id_array.size());
           },
           py::arg("req_ids"), py::arg("output_lens") = py::none())
       .def("preempt_running", [](BatchFormer& f) { return to_numpy(f.preempt_running()); })

@@ -184,18 +184,25 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
 
 void BatchFormer::abort(const RequestId* ids, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
+  check_distinct_live(ids, count);
+  for (size_t i = 0; i < count; ++i) {
+    remove(lookup(ids[i], "req_ids", i));
+    ++counters_.aborted;
+  }
+}
+
+void BatchFormer::check_distinct_live(const RequestId* ids, size_t count) const {
   std::unordered_set<RequestId> seen;
   for (size_t i = 0; i < count; ++i) {
     lookup(ids[i], "req_ids", i);
     KVSCHED_EXPECTS(seen.insert(ids[i]).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", ids[i]);
   }
-  for (size_t i = 0; i < count; ++i) {
-    Request& r = lookup(ids[i], "req_ids", i);
-    drop(r);
-    if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
-    ++counters_.aborted;
-    requests_.erase(r.id, reset_request);
-  }
+}
+
+void BatchFormer::remove(Request& r) {
+  drop(r);
+  if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
+  requests_.erase(r.id, reset_request);
 }
 
 void BatchFormer::drop(Request& r) {
@@ -336,7 +343,6 @@ void BatchFormer::preempt(Request& r) {
     return;
   }
   preempt_by_recompute(r);
-  r.preempted_at_step = counters_.steps;
   plan_.preempted_ids.push_back(r.id);
 }
 
@@ -347,6 +353,8 @@ void BatchFormer::preempt_by_recompute(Request& r) {
   r.num_computed = 0;  // prompt and generated tokens are prefilled again on return
   r.state = RequestState::kWaiting;
   r.bypassed = 0;
+  r.preempted_at_step = counters_.steps;  // it sits out the rest of this step (and the next
+                                          // schedule() when preempted between steps)
   ++r.num_preemptions;
   waiting_.insert(&r);
 }
@@ -628,29 +636,24 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
 
 void BatchFormer::stop(const RequestId* ids, const int64_t* output_lens, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
-  std::unordered_set<RequestId> seen;
-  for (size_t i = 0; i < count; ++i) {
+  check_distinct_live(ids, count);
+  for (size_t i = 0; output_lens != nullptr && i < count; ++i) {
     const Request& r = lookup(ids[i], "req_ids", i);
-    KVSCHED_EXPECTS(seen.insert(ids[i]).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", ids[i]);
-    if (output_lens != nullptr) {
-      KVSCHED_EXPECTS(output_lens[i] >= 0 && output_lens[i] <= r.num_generated, std::invalid_argument,
-                      "output_lens[", i, "]: request ", r.id, " has generated ", r.num_generated,
-                      " tokens, so its output length is between 0 and that; got ", output_lens[i]);
-    }
+    KVSCHED_EXPECTS(output_lens[i] >= 0 && output_lens[i] <= r.num_generated, std::invalid_argument,
+                    "output_lens[", i, "]: request ", r.id, " has generated ", r.num_generated,
+                    " tokens, so its output length is between 0 and that; got ", output_lens[i]);
   }
   finished_lengths_.clear();
   finished_classes_.clear();
   for (size_t i = 0; i < count; ++i) {
     Request& r = lookup(ids[i], "req_ids", i);
-    drop(r);
-    if (plan_outstanding_ && r.scheduled >= 0) --plan_expected_;
     const int64_t length = output_lens != nullptr ? output_lens[i] : r.num_generated;
     if (length > 0) {
       finished_lengths_.push_back(length);
       finished_classes_.push_back(r.class_id);
     }
+    remove(r);
     ++counters_.finished;
-    requests_.erase(r.id, reset_request);
   }
   estimator_.record(finished_lengths_.data(), finished_classes_.data(), finished_lengths_.size());
 }
@@ -665,7 +668,6 @@ std::vector<RequestId> BatchFormer::preempt_running() {
     Request& r = *running_.back();
     running_.pop_back();
     preempt_by_recompute(r);
-    r.preempted_at_step = counters_.steps;  // not re-admitted by the next schedule()
     ids.push_back(r.id);
   }
   return ids;

@@ -236,7 +236,7 @@ class Scheduler:
             tokens = np.asarray(prompt_tokens)
             if tokens.shape != (prompt_len,):
                 raise ValueError(f"prompt_tokens must have prompt_len ({prompt_len}) entries, got shape {tokens.shape}")
-            keys = [self._hash(tokens)]
+            keys = [self.block_keys(tokens)]
         elif block_keys is not None:
             keys = [block_keys]
         self.add_requests(
@@ -348,7 +348,9 @@ class Scheduler:
         """Chained keys of the full blocks of ``tokens`` for prefix caching (as ``add_request``
         computes from ``prompt_tokens``); a different ``salt`` (e.g. per LoRA adapter or tenant)
         gives keys that never match."""
-        return self._hash(np.asarray(tokens), salt)
+        if self._hasher is None:  # the allocator's hash function, on a one-block pool
+            self._hasher = _core.BlockAllocator(1, self.config.block_size, True, 0, _HASHES[self.config.hash_algorithm])
+        return self._hasher.hash_tokens(np.asarray(tokens), salt)
 
     # ---- inspection ----
     def stats(self) -> dict[str, Any]:
@@ -393,11 +395,6 @@ class Scheduler:
 
     def __contains__(self, req_id: object) -> bool:
         return req_id in self._former
-
-    def _hash(self, tokens: np.ndarray, salt: int = 0) -> np.ndarray:
-        if self._hasher is None:  # the allocator's hash function, on a one-block pool
-            self._hasher = _core.BlockAllocator(1, self.config.block_size, True, 0, _HASHES[self.config.hash_algorithm])
-        return self._hasher.hash_tokens(tokens, salt)
 
 
 __all__ = ["ADMISSION_MODES", "REJECT_REASONS", "Scheduler", "SchedulerConfig", "StepPlan"]

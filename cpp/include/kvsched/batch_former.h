@@ -242,6 +242,9 @@ class BatchFormer {
   void append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, std::vector<int64_t>& indptr,
                    std::vector<int64_t>& extents, std::vector<int64_t>& descriptors, int64_t& bytes);
   void drop(Request& r);  // removes a request in any state from its queue and frees its KV
+  void remove(Request& r);  // drop() and forget it (it leaves the outstanding plan too)
+  // Throws unless every id is live and appears once.
+  void check_distinct_live(const RequestId* ids, size_t count) const;
   void preempt_for_priority();
   void admit_waiting(int64_t& budget);
   // Allocates the first chunk of a waiting request; false when the cache or the budget cannot take it.

@@ -286,7 +286,8 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids: set[str] = set()
         self.finished_req_ids_dict: dict[int, set[str]] | None = defaultdict(set) if include_finished_set else None
         self._preempted_req_ids: set[str] = set()
-        self._pending_outputs: list[EngineCoreOutput] = []  # finished outside a step (rejected, refused)
+        # (client, output) of requests finished outside a step (rejected, refused)
+        self._pending_outputs: list[tuple[int, EngineCoreOutput]] = []
         self._pause_state = PauseState.UNPAUSED
         self._prefix_stats_seen = (0, 0, 0)
         self._prefix_cache_reset = False
@@ -397,15 +398,10 @@ class Scheduler(SchedulerInterface):
             from vllm.logger import init_logger
 
             init_logger(__name__).warning("request %s refused: %s", request.request_id, reason)
-        self._pending_outputs.append(
-            EngineCoreOutput(
-                request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
-                events=request.take_events(), trace_headers=request.trace_headers,
-            )
-        )
-        handle = self._handle_of.get(request.request_id)
-        if handle is not None and request in self._to_add:
-            self._to_add.remove(request)
+        self._pending_outputs.append((request.client_index, EngineCoreOutput(
+            request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+            events=request.take_events(), trace_headers=request.trace_headers,
+        )))
         self._retire(request)
 
     # ---- steps ----
@@ -543,8 +539,8 @@ class Scheduler(SchedulerInterface):
             raise RuntimeError("update_from_output: outputs must come back in the order their steps were scheduled")
         h = self._handles
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
-        for output in self._pending_outputs:
-            outputs[0].append(output)
+        for client, output in self._pending_outputs:
+            outputs[client].append(output)
         self._pending_outputs = []
 
         hs = step.handles
@@ -582,8 +578,7 @@ class Scheduler(SchedulerInterface):
         fast = (
             single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~step.capped[rows]
             & (tokens != h.eos[hs]) & ~(h.stop_ids[hs] == tokens[:, None]).any(axis=1)
-            & (self.max_model_len > h.prompt_len[hs] + h.num_output[hs] + 1)
-        )
+        )  # length stops (max_tokens, max_model_len) are the core's capped rows
         if runner.num_nans_in_logits:
             fast[:] = False
         fast_rows = np.flatnonzero(fast)
