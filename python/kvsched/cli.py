@@ -8,10 +8,22 @@ import re
 import sys
 from typing import List, Optional
 
+import numpy as np
+
 from .scheduler import ADMISSION_MODES
 from .sim.allocator_replay import replay_placement
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
-from .sim.workloads import PRIORITY_KINDS, WORKLOADS, poisson_arrivals, priority_plan, synthetic, synthetic_chat
+from .sim.workloads import (
+    PRIORITY_KINDS,
+    SHAREGPT_TURN_STATS,
+    WORKLOADS,
+    closed_loop,
+    multi_turn_chat,
+    poisson_arrivals,
+    priority_plan,
+    synthetic,
+    synthetic_chat,
+)
 
 PLACEMENTS = ("contiguous", "lifo", "fifo")
 DEFAULT_POLICIES = "aggressive,conservative,past_future,oracle"
@@ -31,6 +43,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -72,7 +91,7 @@ def _policies(text: str) -> List[str]:
 
 def _load_workload(args: argparse.Namespace) -> tuple:
     if args.rate is None:
-        args.rate = 2.0 if args.trace else 7.0
+        args.rate = 2.0 if args.trace or args.workload == "multi_turn" else 7.0
     if args.trace:
         trace_format = args.trace_format or guess_format(args.trace)
         trace = read_trace(args.trace, trace_format)
@@ -83,11 +102,27 @@ def _load_workload(args: argparse.Namespace) -> tuple:
             source = f"{args.trace} (sharegpt lengths, Poisson {args.rate:g} req/s)"
         else:
             source = f"{args.trace} ({trace_format})"
+    elif args.workload == "multi_turn":
+        if args.trace_format:
+            raise ValueError("--trace-format needs --trace")
+        count = args.num_requests or 1500
+        conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
+        trace = multi_turn_chat(conversations, args.rate, args.think_time, seed=args.seed).head(count)
+        source = (f"built-in multi_turn workload (ShareGPT turn statistics, {args.rate:g} conversations/s Poisson, "
+                  f"think time {args.think_time:g} s)")
     else:
         if args.trace_format:
             raise ValueError("--trace-format needs --trace")
         trace = synthetic(args.workload, args.num_requests or 1500, args.rate, seed=args.seed)
         source = f"built-in {args.workload} workload (published length statistics, Poisson {args.rate:g} req/s)"
+    if args.clients:
+        if trace.has_sessions:
+            raise ValueError("--clients needs a workload without sessions (not multi_turn)")
+        if args.find_max_rate or args.rate_scale != 1.0:
+            raise ValueError("--clients sets the load by the number of clients: sweep --clients instead of "
+                             "--rate-scale or --find-max-rate")
+        trace = closed_loop(trace, args.clients, args.think_time, seed=args.seed)
+        source += f", closed loop: {args.clients} clients, think time {args.think_time:g} s"
     return trace, source
 
 
@@ -99,7 +134,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
     profile = PROFILES[args.model_profile]
     trace, source = _load_workload(args)
-    base_rate = len(trace) / max(float(trace.arrival_s[-1] - trace.arrival_s[0]), 1e-9)
+    # For sessions, the request rate offered when each session's requests came at its start rate.
+    base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
     trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
     capacity = args.kv_capacity_tokens or (profile.default_kv_capacity_tokens if args.trace else DEFAULT_KV_CAPACITY_TOKENS)
     engine = EngineConfig(
@@ -112,10 +148,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if len(prepared.trace) == 0:
         raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
     priorities = None
-    if args.priorities != "none":
-        if args.find_max_rate:
-            raise ValueError("--find-max-rate does not support --priorities yet")
-        priorities = priority_plan(prepared.trace, args.priorities, seed=args.seed)
+    priority_kind = None if args.priorities == "none" else args.priorities
+    if priority_kind:
+        priorities = priority_plan(prepared.trace, priority_kind, seed=args.seed)
     bar = _progress(len(args.policy) * len(prepared.trace))
     records = []
     for admission in args.policy:
@@ -124,7 +159,7 @@ def _simulate(args: argparse.Namespace) -> int:
         record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
                       model_profile=profile.name)
         if args.find_max_rate:
-            scale = max_rate_scale(trace, engine, admission, slo)
+            scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=args.seed)
             record["max_rate_scale_90"] = scale * args.rate_scale
             record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
         records.append((record, log))
@@ -142,7 +177,8 @@ def _simulate(args: argparse.Namespace) -> int:
             f"{prepared.clipped_outputs} outputs clipped to max_new_tokens or the context"
         )
     print()
-    print(_table([r for r, _ in records], args.find_max_rate, args.preemption != "recompute"))
+    cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
+    print(_table([r for r, _ in records], args.find_max_rate, args.preemption != "recompute", cached))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([r for r, _ in records], handle, indent=2)
@@ -161,7 +197,7 @@ def _progress(total: int):
     return tqdm(total=total, unit="req", file=sys.stderr, leave=False)
 
 
-def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False) -> str:
+def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False) -> str:
     columns = [  # title, value of a record, format (its width sets the column's)
         ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6}"),
         ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT p50", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
@@ -177,6 +213,8 @@ def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False) ->
     if with_swap:
         columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8}"))
         columns.insert(-2, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}"))
+    if with_cache:  # prompt tokens the prefix cache saved, of all prompt tokens sent
+        columns.insert(-2, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}"))
     if with_max_rate:
         columns.append(("max r/s@90%", lambda r: r["max_rate_req_s_90"], "{:>12.2f}"))
     header = "".join(_pad(title, fmt) for title, _, fmt in columns)
@@ -247,7 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--trace", help="trace file (default: a built-in synthetic workload)")
     sim.add_argument("--trace-format", choices=TRACE_FORMATS, help="format of --trace (default: guessed from the header)")
-    sim.add_argument("--workload", choices=tuple(WORKLOADS), default="chat", help="built-in workload without --trace")
+    sim.add_argument("--workload", choices=tuple(WORKLOADS) + ("multi_turn",), default="chat",
+                     help="built-in workload without --trace; multi_turn: conversations whose turns reuse the "
+                     "conversation's KV (prefix cache), --rate counting conversations")
+    sim.add_argument("--think-time", type=_non_negative_float, default=10.0,
+                     help="mean think time (s, exponential) between a multi_turn conversation's turns or a "
+                     "--clients client's requests (default 10)")
+    sim.add_argument("--clients", type=_positive_int, default=0,
+                     help="closed loop: N clients send the workload's requests, each waiting for its previous "
+                     "answer and a think time (default: open loop, the trace's arrivals)")
     sim.add_argument("--num-requests", type=int, default=0,
                      help="first N requests of the trace (default: 1500 built-in, all of a trace)")
     sim.add_argument("--rate", type=_positive_float, default=None,

@@ -15,13 +15,14 @@ the plan's arrays; there is no scheduling code here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
 
 from ..scheduler import Scheduler, SchedulerConfig
 from .profiles import ModelProfile
+from .arrivals import ArrivalQueue
 from .traces import Trace
 from .workloads import PriorityPlan
 
@@ -89,20 +90,42 @@ class PreparedTrace:
 
 
 def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
+    """Cuts ``trace`` to the context: a session's later requests go with a rejected one (the
+    conversation cannot go on), counted as rejected too."""
     limit = engine.context_limit()
     keep = trace.prompt_tokens < limit
+    if trace.has_sessions:
+        follows = np.flatnonzero(trace.parent_index >= 0)
+        while True:  # parents come first: one pass per turn depth
+            dropped = follows[keep[follows] & ~keep[trace.parent_index[follows]]]
+            if dropped.size == 0:
+                break
+            keep[dropped] = False
     kept = trace.select(np.flatnonzero(keep)) if not keep.all() else trace
     max_new = np.minimum(engine.max_new_tokens, limit - kept.prompt_tokens)
     clipped = kept.output_tokens > max_new
-    outputs = np.minimum(kept.output_tokens, max_new)
-    kept = Trace(kept.arrival_s, kept.prompt_tokens, outputs, kept.prefix_ids, kept.prefix_block_tokens)
+    kept = replace(kept, output_tokens=np.minimum(kept.output_tokens, max_new))
     return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()))
 
 
-def _block_keys(trace: Trace, index: int, block_size: int) -> Optional[np.ndarray]:
-    """Prefix-cache keys of a request's full blocks from its shared-prefix ids (Mooncake):
-    block b lies in prefix block b * block_size // prefix_block_tokens, and the pair
-    (prefix id, position inside it) identifies its content."""
+# Session keys are tagged so that they never equal a (prefix id, position) key of a Mooncake trace.
+_SESSION_KEY_TAG = np.uint64(1 << 63)
+
+
+def _block_keys(trace: Trace, index: int, block_size: int, session: int, max_tokens: int) -> Optional[np.ndarray]:
+    """Prefix-cache keys of a request's full blocks, or None.
+
+    Shared-prefix ids (Mooncake): block b lies in prefix block b * block_size // prefix_block_tokens,
+    and the pair (prefix id, position inside it) identifies its content. Sessions with a shared
+    context: a conversation only grows, so (session, block index) identifies a block's content;
+    keys run to the request's last possible block (prompt + max_new_tokens, which says nothing of
+    its true length) so that its output blocks are cached for the next turn too."""
+    if trace.shared_context:
+        blocks = max_tokens // block_size
+        keys = np.empty((blocks, 2), dtype=np.uint64)
+        keys[:, 0] = np.uint64(session) | _SESSION_KEY_TAG
+        keys[:, 1] = np.arange(1, blocks + 1, dtype=np.uint64)
+        return keys
     if trace.prefix_ids is None or trace.prefix_block_tokens % block_size:
         return None
     ids = trace.prefix_ids[index]
@@ -117,10 +140,12 @@ def _block_keys(trace: Trace, index: int, block_size: int) -> Optional[np.ndarra
 
 @dataclass
 class RunLog:
-    """Per-request outcomes of one simulated run (index = position in the prepared trace)."""
+    """Per-request outcomes of one simulated run (index = position in the prepared trace;
+    ``arrival_s`` holds when each request really arrived, NaN for one never sent)."""
 
     admission: str
     arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     first_token_s: np.ndarray  # NaN until the first token
     finish_s: np.ndarray  # NaN when not completed
@@ -138,6 +163,8 @@ class RunLog:
     swap_bytes: int = 0  # both directions
     swap_preemptions: int = 0  # preemptions (counted in `preemptions`) that swapped instead of recomputing
     swap_time_s: float = 0.0  # simulated time spent on swap copies
+    prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
 
 
 def simulate(
@@ -149,7 +176,7 @@ def simulate(
     priorities: Optional[PriorityPlan] = None,
 ) -> RunLog:
     """Replays ``prepared`` through a fresh Scheduler under ``admission``; deterministic. With
-    ``priorities`` (built on the prepared trace) requests carry priorities that change while they
+    ``priorities`` (built on the prepared trace) sessions carry priorities that change while they
     live, under the ``priority`` policy (which evicts for a more urgent request)."""
     if priorities is not None:
         policy = "priority"
@@ -163,8 +190,13 @@ def simulate(
         **{**engine.swap_options(), **engine.scheduler_overrides},
     )
     scheduler = Scheduler(config, policy=policy)
-    prompt, output, arrival = trace.prompt_tokens, trace.output_tokens, trace.arrival_s
-    has_keys = trace.prefix_ids is not None and trace.prefix_block_tokens % block_size == 0
+    prompt, output = trace.prompt_tokens, trace.output_tokens
+    arrivals = ArrivalQueue(trace)
+    arrival = arrivals.arrival_s  # filled in as followers are sent
+    has_keys = trace.shared_context or (trace.prefix_ids is not None and trace.prefix_block_tokens % block_size == 0)
+    session = trace.sessions()
+    session_priority = None if priorities is None else priorities.initial.copy()
+    live_of_session = np.full(int(session.max()) + 1, -1, np.int64)  # its request in the scheduler
     generated = np.zeros(n, np.int64)
     first_token = np.full(n, np.nan)
     finish = np.full(n, np.nan)
@@ -178,43 +210,51 @@ def simulate(
     rejected = np.zeros(n, bool)
     cpu = 0.0
     t = 0.0
-    next_index = 0
     ended = 0
     steps = 0
     util_time = 0.0
     swap_time = 0.0
     unflushed_adds = False
-    live = np.zeros(n, bool)
     next_change = 0
+
+    def end(ids: np.ndarray) -> None:
+        nonlocal ended
+        live_of_session[session[ids]] = -1
+        ended += int(ids.size)
+
     while ended < n:
-        arrived = int(np.searchsorted(arrival, t, side="right"))
-        if arrived > next_index:
-            ids = np.arange(next_index, arrived)
-            keys = [_block_keys(trace, i, block_size) for i in ids.tolist()] if has_keys else None
+        ids = arrivals.due(t)
+        if ids.size:
+            max_tokens = prompt[ids] + prepared.max_new_tokens[ids]
+            keys = ([_block_keys(trace, i, block_size, s, m) for i, s, m in
+                     zip(ids.tolist(), session[ids].tolist(), max_tokens.tolist())] if has_keys else None)
             start = time.perf_counter()
             scheduler.add_requests(
                 ids, prompt[ids], prepared.max_new_tokens[ids], arrival_times=arrival[ids],
                 true_output_lens=output[ids] if admission == "oracle" else None, block_keys=keys,
-                priorities=None if priorities is None else priorities.initial[ids],
+                priorities=None if priorities is None else session_priority[session[ids]],
             )
             cpu += time.perf_counter() - start
-            live[ids] = True
-            next_index = arrived
+            live_of_session[session[ids]] = ids
             unflushed_adds = True
         if priorities is not None:
             due = int(np.searchsorted(priorities.change_s, t, side="right"))
             if due > next_change:
-                index = priorities.change_index[next_change:due][::-1]  # the latest change per request wins
+                index = priorities.change_index[next_change:due][::-1]  # the latest change per session wins
                 value = priorities.change_priority[next_change:due][::-1]
                 index, first = np.unique(index, return_index=True)
-                keep = live[index]
+                session_priority[index] = value[first]
+                request = live_of_session[index]
+                keep = request >= 0
                 if keep.any():
                     start = time.perf_counter()
-                    scheduler.set_priority(index[keep], value[first][keep])
+                    scheduler.set_priority(request[keep], value[first][keep])
                     cpu += time.perf_counter() - start
                 next_change = due
         if not unflushed_adds and not scheduler.has_unfinished_requests():
-            t = float(arrival[next_index])  # idle until the next arrival
+            t = arrivals.next_time()  # idle until the next arrival
+            if not np.isfinite(t):
+                raise RuntimeError("requests are left that will never arrive")
             continue
         start = time.perf_counter()
         plan = scheduler.schedule()
@@ -222,9 +262,9 @@ def simulate(
         unflushed_adds = False
         steps += 1
         if plan.rejected_ids.size:
-            rejected[plan.rejected_ids] = True
-            live[plan.rejected_ids] = False
-            ended += int(plan.rejected_ids.size)
+            lost = np.concatenate([plan.rejected_ids, arrivals.cancelled(plan.rejected_ids)])
+            rejected[lost] = True
+            end(lost)
         if plan.preempted_ids.size:
             preemptions[plan.preempted_ids] += 1
         if plan.swapped_out_ids.size:
@@ -234,8 +274,8 @@ def simulate(
         if ids.size == 0:
             t += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
-            if next_index < n:
-                t = max(t, float(arrival[next_index]))
+            if np.isfinite(arrivals.next_time()):
+                t = max(t, arrivals.next_time())
             elif scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
             continue
@@ -260,17 +300,20 @@ def simulate(
         scheduler.update(ids, reached.astype(np.int64), done)
         cpu += time.perf_counter() - start
         if done.any():
-            finish[ids[done]] = t
-            live[ids[done]] = False
-            ended += int(done.sum())
+            finished = ids[done]
+            finish[finished] = t
+            end(finished)
+            arrivals.finished(finished, t)
             if progress is not None:
                 progress(int(done.sum()))
         util_time += dt * (scheduler._former.allocator_stats()["num_used"] / num_blocks)
-    makespan = max(t - float(arrival[0]), 1e-9)
+    makespan = max(t - float(np.nanmin(arrival)), 1e-9)
     stats = scheduler.stats()
     return RunLog(
-        admission, arrival, output, first_token, finish, first_scheduled, max_gap, num_gaps, slow, preemptions,
+        admission, arrival, prompt, output, first_token, finish, first_scheduled, max_gap, num_gaps, slow, preemptions,
         rejected, prepared.rejected_too_long, prepared.clipped_outputs, cpu, steps, util_time / makespan,
         swap_bytes=int(stats["swap_out_bytes"] + stats["swap_in_bytes"]),
         swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
+        prefix_hit_tokens=int(stats["kv"]["prefix_hit_blocks"]) * block_size,
+        computed_tokens=int(stats["scheduled_tokens"]),
     )

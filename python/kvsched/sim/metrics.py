@@ -36,8 +36,8 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
     gaps = np.where(multi, log.max_gap_s, np.nan)
     e2e = log.finish_s - log.arrival_s
     queueing = log.first_scheduled_s - log.arrival_s
-    end = np.nanmax(log.finish_s) if completed.any() else log.arrival_s[-1]
-    duration = max(float(end - log.arrival_s[0]), 1e-9)
+    end = np.nanmax(log.finish_s) if completed.any() else np.nanmax(log.arrival_s)
+    duration = max(float(end - np.nanmin(log.arrival_s)), 1e-9)
     record: dict[str, Any] = {
         "policy": log.admission,
         "num_requests": int(n + log.rejected_too_long),
@@ -57,6 +57,9 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "swap_bytes": int(log.swap_bytes),
         "swap_preemptions": int(log.swap_preemptions),
         "swap_time_s": float(log.swap_time_s),
+        "prompt_tokens": int(log.prompt_tokens[~np.isnan(log.arrival_s)].sum()),
+        "prefix_hit_tokens": int(log.prefix_hit_tokens),
+        "computed_tokens": int(log.computed_tokens),
         "kv_utilization": float(log.kv_utilization),
         "scheduler_cpu_s": float(log.scheduler_cpu_s),
         "steps": int(log.steps),

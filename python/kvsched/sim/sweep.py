@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
 from .engine import SLO, EngineConfig, prepare, simulate
 from .metrics import slo_met
 from .traces import Trace
+from .workloads import priority_plan
 
 
-def attainment_at(trace: Trace, engine: EngineConfig, admission: str, rate_scale: float, slo: SLO) -> float:
+def attainment_at(trace: Trace, engine: EngineConfig, admission: str, rate_scale: float, slo: SLO,
+                  priorities: Optional[str] = None, seed: int = 0) -> float:
+    """SLO attainment of ``trace`` at ``rate_scale`` times its rate; with ``priorities`` (a kind of
+    :func:`priority_plan`, drawn with ``seed`` on the scaled trace) under changing priorities."""
     scaled = trace.with_arrivals(trace.arrival_s / rate_scale)
     prepared = prepare(scaled, engine)
-    log = simulate(prepared, engine, admission)
+    plan = None if priorities is None else priority_plan(prepared.trace, priorities, seed=seed)
+    log = simulate(prepared, engine, admission, priorities=plan)
     total = len(prepared.trace) + prepared.rejected_too_long
     return float(slo_met(log, slo).sum() / total)
 
@@ -27,6 +32,8 @@ def max_rate_scale(
     target: float = 0.9,
     iterations: int = 7,
     on_run: Callable[[], None] | None = None,
+    priorities: Optional[str] = None,
+    seed: int = 0,
 ) -> float:
     """The largest rate scale (bisection, geometric) whose attainment is at least ``target``;
     0.0 when even 1/64 of the trace's rate misses it."""
@@ -34,7 +41,7 @@ def max_rate_scale(
     def meets(scale: float) -> bool:
         if on_run is not None:
             on_run()
-        return attainment_at(trace, engine, admission, scale, slo) >= target
+        return attainment_at(trace, engine, admission, scale, slo, priorities, seed) >= target
 
     low, high = 1.0, 1.0
     if meets(1.0):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -25,6 +25,12 @@ class Trace:
 
     ``prefix_ids`` (optional) holds, per request, the ids of its prompt's shared-prefix blocks of
     ``prefix_block_tokens`` tokens each (Mooncake's ``hash_ids``): equal ids mean equal content.
+
+    Sessions (optional; multi-turn conversations, closed-loop clients): ``session_ids`` groups
+    requests; a request whose ``parent_index`` is >= 0 is sent ``think_s`` after that earlier
+    request finishes, so its ``arrival_s`` is only nominal (the engine knows the real one). With
+    ``shared_context`` a request's prompt is its parent's whole sequence (prompt and output)
+    followed by new tokens, so the session's KV can be reused from turn to turn.
     """
 
     arrival_s: npt.NDArray[np.float64]
@@ -32,25 +38,61 @@ class Trace:
     output_tokens: npt.NDArray[np.int64]
     prefix_ids: Optional[Tuple[npt.NDArray[np.int64], ...]] = field(default=None, repr=False)
     prefix_block_tokens: int = 0
+    session_ids: Optional[npt.NDArray[np.int64]] = field(default=None, repr=False)
+    parent_index: Optional[npt.NDArray[np.int64]] = field(default=None, repr=False)
+    think_s: Optional[npt.NDArray[np.float64]] = field(default=None, repr=False)
+    shared_context: bool = False
+
+    def __post_init__(self) -> None:
+        if self.parent_index is not None:
+            parents = self.parent_index
+            index = np.arange(parents.size)
+            if np.any(parents >= index) or np.any(parents < -1):
+                raise ValueError("parent_index: every parent must be an earlier request (or -1)")
+            followed = parents[parents >= 0]
+            if np.unique(followed).size != followed.size:
+                raise ValueError("parent_index: a request can be the parent of at most one request")
+            if self.session_ids is None or self.think_s is None:
+                raise ValueError("parent_index needs session_ids and think_s")
 
     def __len__(self) -> int:
         return int(self.arrival_s.shape[0])
+
+    @property
+    def has_sessions(self) -> bool:
+        return self.parent_index is not None
+
+    def sessions(self) -> npt.NDArray[np.int64]:
+        """Each request's session, numbered densely from 0 (each request its own without sessions)."""
+        if self.session_ids is None:
+            return np.arange(len(self), dtype=np.int64)
+        return np.unique(self.session_ids, return_inverse=True)[1].astype(np.int64)
 
     def head(self, count: int) -> "Trace":
         return self.select(slice(0, count))
 
     def select(self, which) -> "Trace":
-        """The requests at ``which`` (a slice or an index array), keeping prefix ids aligned."""
+        """The requests at ``which`` (a slice or an index array), keeping prefix ids and sessions
+        aligned; a selected request's parent must be selected too."""
+        indices = np.arange(len(self))[which]
         prefix = None
         if self.prefix_ids is not None:
-            indices = range(len(self))[which] if isinstance(which, slice) else np.asarray(which).tolist()
-            prefix = tuple(self.prefix_ids[i] for i in indices)
-        return Trace(self.arrival_s[which], self.prompt_tokens[which], self.output_tokens[which], prefix,
-                     self.prefix_block_tokens)
+            prefix = tuple(self.prefix_ids[i] for i in indices.tolist())
+        sessions = {}
+        if self.has_sessions:
+            new_index = np.full(len(self), -1, np.int64)
+            new_index[indices] = np.arange(indices.size)
+            parents = self.parent_index[indices]
+            remapped = np.where(parents >= 0, new_index[np.maximum(parents, 0)], -1)
+            if np.any((parents >= 0) & (remapped < 0)):
+                raise ValueError("select: a selected request's parent is not selected")
+            sessions = dict(session_ids=self.session_ids[indices], parent_index=remapped,
+                            think_s=self.think_s[indices])
+        return replace(self, arrival_s=self.arrival_s[indices], prompt_tokens=self.prompt_tokens[indices],
+                       output_tokens=self.output_tokens[indices], prefix_ids=prefix, **sessions)
 
     def with_arrivals(self, arrival_s: npt.NDArray[np.float64]) -> "Trace":
-        return Trace(np.asarray(arrival_s, dtype=np.float64), self.prompt_tokens, self.output_tokens,
-                     self.prefix_ids, self.prefix_block_tokens)
+        return replace(self, arrival_s=np.asarray(arrival_s, dtype=np.float64))
 
 
 def _count(path: Path, line: int, field: str, text: str, minimum: int) -> int:

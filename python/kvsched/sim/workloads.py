@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 
@@ -80,11 +81,91 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
     return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64))
 
 
+# ShareGPT conversations (LMSYS-Chat-1M paper, table 1): 3.5 turns on average, user turns of 94.8
+# tokens and responses of 348.5 tokens on average. The medians (the log-normal shapes) and the think
+# time are this simulator's assumptions, not published figures.
+SHAREGPT_TURN_STATS = {"turns_mean": 3.5, "input_mean": 94.8, "input_median": 50.0, "output_mean": 348.5,
+                       "output_median": 250.0}
+MAX_TURNS = 32
+
+
+def multi_turn_chat(num_conversations: int, rate_per_s: float, think_time_s: float = 10.0, seed: int = 0,
+                    max_tokens: int = 8192) -> Trace:
+    """Multi-turn conversations: Poisson conversation starts at ``rate_per_s``, a geometric number of
+    turns, log-normal user and response lengths (:data:`SHAREGPT_TURN_STATS`). Each turn is sent an
+    exponential think time (mean ``think_time_s``) after the previous one's answer, and its prompt is
+    the whole conversation so far plus the new user message (``shared_context``)."""
+    if num_conversations <= 0:
+        raise ValueError(f"num_conversations must be > 0, got {num_conversations}")
+    if not rate_per_s > 0:
+        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
+    if not think_time_s >= 0:
+        raise ValueError(f"think_time_s must be >= 0, got {think_time_s}")
+    rng = np.random.default_rng(seed)
+    s = SHAREGPT_TURN_STATS
+    turns = np.minimum(rng.geometric(1.0 / s["turns_mean"], num_conversations), MAX_TURNS)
+    n = int(turns.sum())
+    conversation = np.repeat(np.arange(num_conversations), turns)
+    first = np.cumsum(turns) - turns  # index of each conversation's first turn
+    turn = np.arange(n) - np.repeat(first, turns)
+    user = np.clip(_lognormal(rng, s["input_mean"], s["input_median"], n), 1, max_tokens).astype(np.int64)
+    outputs = np.clip(_lognormal(rng, s["output_mean"], s["output_median"], n), 1, max_tokens).astype(np.int64)
+    think = rng.exponential(think_time_s, n) if think_time_s > 0 else np.zeros(n)
+    # A turn's prompt: everything before it (earlier prompts' new tokens and all outputs) plus its message.
+    context = np.cumsum(user + outputs) - outputs
+    prompts = context - np.repeat(context[first] - user[first], turns)
+    starts = poisson_arrivals(num_conversations, rate_per_s, seed + 1)
+    # Nominal arrivals (think times without service) only order the requests; followers' real
+    # arrivals come from the run.
+    since_start = np.cumsum(think) - np.repeat(np.cumsum(think)[first], turns)
+    nominal = np.repeat(starts, turns) + since_start
+    order = np.lexsort((turn, nominal))
+    new_index = np.empty(n, np.int64)
+    new_index[order] = np.arange(n)
+    parent = np.where(turn > 0, new_index[np.maximum(np.arange(n) - 1, 0)], -1)
+    return Trace(nominal[order], prompts[order], outputs[order], session_ids=conversation[order],
+                 parent_index=parent[order], think_s=np.where(turn > 0, think, 0.0)[order], shared_context=True)
+
+
+def closed_loop(trace: Trace, num_clients: int, think_time_s: float = 0.0, seed: int = 0) -> Trace:
+    """``trace``'s requests sent by ``num_clients`` clients in turn (request i by client i mod N),
+    each waiting for its previous request's answer and an exponential think time (mean
+    ``think_time_s``; a client's first request comes after one too). The load is then set by the
+    clients, not by the trace's arrival times."""
+    if num_clients <= 0:
+        raise ValueError(f"num_clients must be > 0, got {num_clients}")
+    if not think_time_s >= 0:
+        raise ValueError(f"think_time_s must be >= 0, got {think_time_s}")
+    if trace.has_sessions:
+        raise ValueError("closed_loop: the trace already has sessions")
+    n = len(trace)
+    rng = np.random.default_rng(seed)
+    think = rng.exponential(think_time_s, n) if think_time_s > 0 else np.zeros(n)
+    index = np.arange(n)
+    parent = np.where(index >= num_clients, index - num_clients, -1)
+    # Nominal arrivals (think times only) keep the trace ordered; followers' real ones come from the run.
+    nominal = np.zeros(n)
+    for client in range(min(num_clients, n)):
+        nominal[client::num_clients] = np.cumsum(think[client::num_clients])
+    order = np.lexsort((index, nominal))
+    if not np.array_equal(order, index):  # keep parents first: reorder and remap
+        new_index = np.empty(n, np.int64)
+        new_index[order] = index
+        parent = np.where(parent >= 0, new_index[np.maximum(parent, 0)], -1)[order]
+        trace = trace.select(order)
+        think, nominal, clients = think[order], nominal[order], (index % num_clients)[order]
+    else:
+        clients = index % num_clients
+    return replace(trace, arrival_s=nominal, session_ids=clients.astype(np.int64), parent_index=parent,
+                   think_s=think, shared_context=False)
+
+
 @dataclass(frozen=True)
 class PriorityPlan:
-    """Priorities of a prepared trace's requests (0 is the most urgent) and how they change while
-    the requests live: at ``change_s[k]``, request ``change_index[k]`` takes ``change_priority[k]``
-    (changes to a request that has ended are ignored by the engine)."""
+    """Priorities of a prepared trace's sessions (each request its own session in a trace without
+    sessions; 0 is the most urgent) and how they change while the sessions live: at
+    ``change_s[k]``, session ``change_index[k]`` takes ``change_priority[k]``; its live request, if
+    any, takes it at once, and its later requests start with it."""
 
     initial: np.ndarray
     change_s: np.ndarray
@@ -95,22 +176,29 @@ class PriorityPlan:
 PRIORITY_KINDS = ("random", "markov")
 
 
-def priority_plan(trace: Trace, kind: str, num_classes: int = 3, interval_s: float = 2.0, horizon_s: float = 120.0,
-                  stay: float = 0.8, seed: int = 0) -> PriorityPlan:
-    """Priorities that change every ``interval_s`` for ``horizon_s`` after each arrival, as in
+def priority_plan(trace: Trace, kind: str, num_classes: int = 3, interval_s: float = 2.0,
+                  horizon_s: Optional[float] = None, stay: float = 0.8, seed: int = 0) -> PriorityPlan:
+    """Priorities that change every ``interval_s`` for ``horizon_s`` after each session starts
+    (default 120 s; 600 s for a trace with sessions, whose conversations last longer), as in
     FastSwitch's evaluation: ``random`` draws a new class uniformly each time; ``markov`` keeps the
     class with probability ``stay`` and otherwise moves one class up or down (reflected at the ends)."""
+    if horizon_s is None:
+        horizon_s = 600.0 if trace.has_sessions else 120.0
     if kind not in PRIORITY_KINDS:
         raise ValueError(f"priorities must be one of {', '.join(PRIORITY_KINDS)}, got {kind!r}")
     if num_classes < 2 or interval_s <= 0 or horizon_s < interval_s or not 0 <= stay <= 1:
         raise ValueError("priority_plan: need num_classes >= 2, 0 < interval_s <= horizon_s, 0 <= stay <= 1")
     rng = np.random.default_rng(seed)
-    n = len(trace)
+    session = trace.sessions()
+    n = int(session.max()) + 1 if session.size else 0
+    start = np.full(n, np.inf)
+    roots = np.flatnonzero(trace.parent_index < 0) if trace.has_sessions else np.arange(len(trace))
+    np.minimum.at(start, session[roots], trace.arrival_s[roots])
     initial = rng.integers(0, num_classes, n)
     steps = int(horizon_s // interval_s)
     current = initial.copy()
     columns = []
-    for _ in range(steps):  # vectorized over requests; one pass per change time
+    for _ in range(steps):  # vectorized over sessions; one pass per change time
         if kind == "random":
             current = rng.integers(0, num_classes, n)
         else:
@@ -120,6 +208,6 @@ def priority_plan(trace: Trace, kind: str, num_classes: int = 3, interval_s: flo
         columns.append(current)
     priority = np.stack(columns, axis=1).reshape(-1) if columns else np.zeros(0, np.int64)
     index = np.repeat(np.arange(n), steps)
-    times = (trace.arrival_s[:, None] + interval_s * np.arange(1, steps + 1)[None, :]).reshape(-1)
+    times = (start[:, None] + interval_s * np.arange(1, steps + 1)[None, :]).reshape(-1)
     order = np.argsort(times, kind="stable")
     return PriorityPlan(initial.astype(np.float64), times[order], index[order], priority[order].astype(np.float64))
