@@ -135,12 +135,13 @@ def _random_admission(rng, e, mode, capacity):
     return args, e.admit(capacity, mode=mode, **args)
 
 
-def test_admission_is_a_fitting_prefix_and_oracle_never_exceeds_capacity(rng):
-    e = PeakEstimator(adaptive=False)
+@pytest.mark.parametrize("block_size", [0, 16, 5])
+def test_admission_is_a_fitting_prefix_and_oracle_never_exceeds_capacity(rng, block_size):
+    e = PeakEstimator(adaptive=False, block_size=block_size)
     e.record(rng.integers(1, 250, size=500))
     for _ in range(400):
         mode = str(rng.choice(["aggressive", "conservative", "past_future", "oracle"]))
-        capacity = int(rng.integers(500, 8000))
+        capacity = int(rng.integers(500, 8000)) // max(block_size, 1) + 1
         args, admitted = _random_admission(rng, e, mode, capacity)
         k = len(args["candidate_prompt"])
         assert 0 <= admitted <= k
@@ -155,6 +156,7 @@ def test_admission_is_a_fitting_prefix_and_oracle_never_exceeds_capacity(rng):
             return future_peak(
                 np.concatenate([args["running_held"], args["candidate_prompt"][:prefix]]),
                 np.concatenate([remaining_running, remaining_cand[:prefix]]),
+                block_size,
             )
 
         # Maximal: the admitted prefix fits and one more does not (unless none are left).
@@ -171,6 +173,7 @@ def test_admission_is_a_fitting_prefix_and_oracle_never_exceeds_capacity(rng):
                 np.concatenate(
                     [args["running_lengths"] - args["running_generated"], args["candidate_lengths"][:admitted]]
                 ),
+                block_size,
             )
             assert true_peak <= capacity
 

@@ -247,19 +247,142 @@ void PeakEstimator::predict_remaining(AdmissionMode mode, const RequestArrays& r
   predict_locked(mode, requests, out);
 }
 
-bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
-  std::vector<Item>& added = merge_scratch_;
-  added.assign(candidate_items_.begin(), candidate_items_.begin() + static_cast<std::ptrdiff_t>(prefix));
-  std::sort(added.begin(), added.end(), [](const Item& x, const Item& y) { return x.remaining > y.remaining; });
-  PeakScan scan(options_.block_size, scan_counts_);
-  size_t i = 0, j = 0;
-  while (i < running_items_.size() || j < added.size()) {
-    bool take_running = j == added.size() || (i < running_items_.size() && running_items_[i].remaining >= added[j].remaining);
-    const Item& item = take_running ? running_items_[i++] : added[j++];
-    scan.add(item.held, item.remaining);
-    if (scan.peak() > budget) return false;  // the peak only grows along the scan
+// The profile behind admission scans.
+//
+// A scan adds requests in descending `remaining` order; the peak is the largest occupancy seen at
+// a completion. With a prefix of k candidates merged into the sorted running set, running item p
+// sees k_p candidates ahead of it (those with a larger remaining; ties go to running first), and
+// its occupancy splits into a part of the running set alone and a part of the candidates so far:
+//   tokens  occ_p = [ (p+1) b_p + H(p) ]  +  Hc + k_p b_p
+//   blocks  occ_p = [ Hb(p) + (p+1) qb_p + (rb_p > 0 ? 2(p+1) - A(p) : Z(p)) ]
+//                   + Hc + k_p qb_p + (rb_p > 0 ? 2 k_p - C[B - rb_p] : Zc)
+// where b = qb*B + rb is the remaining length, H / Hb the held tokens / blocks so far, A(p) how
+// many running rests (held % B) up to p are <= B - rb_p, Z the non-zero rests so far, and Hc, C,
+// Zc the same over the candidates merged so far (C a cumulative histogram of their rests). The
+// bracket is `base_[p]`, the factor of k_p is `slope_[p]`, and the last term is a table lookup,
+// `correction_[correction_index_[p]]`, rebuilt when a candidate joins. build_profile() computes
+// the running part once per admission; each scan is then a few loads and adds per running item,
+// and a running stretch before the first candidate is a lookup in `prefix_max_`.
+void PeakEstimator::build_profile() {
+  const int64_t bs = options_.block_size;
+  const size_t n = running_items_.size(), m = candidate_items_.size();
+  base_.resize(n), slope_.resize(n), prefix_max_.resize(n), held_prefix_.resize(n), nonzero_prefix_.resize(n);
+  correction_index_.resize(n);
+  insert_at_.resize(m), candidate_slope_.resize(m), candidate_units_.resize(m), running_at_most_.resize(m);
+  candidate_rest_.resize(m);
+  // Candidates in merge order, to answer their histogram queries in the same pass.
+  candidate_index_.resize(m);
+  for (size_t c = 0; c < m; ++c) candidate_index_[c] = static_cast<int32_t>(c);
+  std::stable_sort(candidate_index_.begin(), candidate_index_.end(), [&](int32_t x, int32_t y) {
+    return candidate_items_[static_cast<size_t>(x)].remaining > candidate_items_[static_cast<size_t>(y)].remaining;
+  });
+  // Quotient and remainder by the block size; shifts and masks when it is a power of two (the
+  // common case), where 64-bit divisions would dominate the pass.
+  int shift = -1;
+  if (bs > 0 && (bs & (bs - 1)) == 0) shift = __builtin_ctzll(static_cast<unsigned long long>(bs));
+  auto quotient = [&](int64_t v) { return shift >= 0 ? v >> shift : v / bs; };
+  auto rest_of = [&](int64_t v) { return shift >= 0 ? v & (bs - 1) : v % bs; };
+  std::vector<int64_t>& at_most = scan_counts_;  // cumulative histogram of running rests
+  at_most.assign(bs > 0 ? static_cast<size_t>(bs) + 1 : 1, 0);
+  int64_t held = 0, nonzero = 0, peak = 0;
+  size_t next = 0;  // next candidate (merge order) to place
+  auto place_candidates = [&](size_t p, int64_t remaining_bound, bool all) {
+    // Candidates with a remaining larger than the running item at p go before it.
+    while (next < m) {
+      size_t c = static_cast<size_t>(candidate_index_[next]);
+      const Item& item = candidate_items_[c];
+      if (!all && item.remaining <= remaining_bound) break;
+      insert_at_[c] = static_cast<int64_t>(p);
+      if (bs > 0) {
+        candidate_slope_[c] = quotient(item.remaining);
+        int64_t rb = rest_of(item.remaining);
+        candidate_rest_[c] = static_cast<int32_t>(rest_of(item.held));
+        running_at_most_[c] = rb > 0 ? at_most[static_cast<size_t>(bs - rb)] : -1;
+      } else {
+        candidate_slope_[c] = item.remaining;
+      }
+      candidate_units_[c] = bs > 0 ? quotient(item.held) : item.held;  // whole blocks: rests count apart
+      ++next;
+    }
+  };
+  for (size_t p = 0; p < n; ++p) {
+    const Item& item = running_items_[p];
+    place_candidates(p, item.remaining, false);
+    const int64_t count = static_cast<int64_t>(p) + 1;
+    if (bs > 0) {
+      held += quotient(item.held);
+      int64_t rest = rest_of(item.held), qb = quotient(item.remaining), rb = rest_of(item.remaining);
+      nonzero += rest > 0;
+      for (int64_t x = rest; x <= bs; ++x) ++at_most[static_cast<size_t>(x)];
+      slope_[p] = qb;
+      base_[p] = held + count * qb + (rb > 0 ? 2 * count - at_most[static_cast<size_t>(bs - rb)] : nonzero);
+      correction_index_[p] = static_cast<int32_t>(rb > 0 ? bs - rb : bs + 1);
+    } else {
+      held += item.held;
+      slope_[p] = item.remaining;
+      base_[p] = count * item.remaining + held;
+      correction_index_[p] = 0;
+    }
+    held_prefix_[p] = held;
+    nonzero_prefix_[p] = nonzero;
+    peak = std::max(peak, base_[p]);
+    prefix_max_[p] = peak;
   }
-  last_peak_ = scan.peak();
+  place_candidates(n, 0, true);
+}
+
+bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
+  const int64_t bs = options_.block_size;
+  // The prefix's candidates in merge order.
+  prefix_order_.clear();
+  for (int32_t c : candidate_index_) {
+    if (static_cast<size_t>(c) < prefix) prefix_order_.push_back(static_cast<uint32_t>(c));
+  }
+  // correction_[x] for x <= B: 2k - C[x]; [B + 1]: Zc (blocks). Tokens: one zero entry.
+  correction_.assign(bs > 0 ? static_cast<size_t>(bs) + 2 : 1, 0);
+  int64_t* correction = correction_.data();
+  const int64_t* base = base_.data();
+  const int64_t* slope = slope_.data();
+  const int32_t* index = correction_index_.data();
+  const size_t n = running_items_.size();
+  int64_t k = 0, units = 0, peak = 0;
+  size_t p = 0;
+  auto scan_running = [&](size_t end) {
+    if (k == 0) {  // the running set alone: its prefix maximum
+      if (end > 0) peak = std::max(peak, prefix_max_[end - 1]);
+    } else {
+      int64_t local = peak;
+      for (size_t q = p; q < end; ++q) local = std::max(local, base[q] + units + k * slope[q] + correction[index[q]]);
+      peak = local;
+    }
+    p = end;
+  };
+  for (uint32_t c : prefix_order_) {
+    scan_running(static_cast<size_t>(insert_at_[c]));
+    if (peak > budget) return false;
+    ++k;
+    units += candidate_units_[c];
+    const int64_t count = static_cast<int64_t>(p) + k;  // requests up to and including c
+    int64_t occupancy = (p > 0 ? held_prefix_[p - 1] : 0) + units + count * candidate_slope_[c];
+    if (bs > 0) {
+      // The candidate joins the histogram: entries x >= its rest count one more.
+      int32_t rest = candidate_rest_[c];
+      for (int64_t x = 0; x <= bs; ++x) correction[x] += 2 - (x >= rest ? 1 : 0);
+      if (rest > 0) ++correction[bs + 1];
+      int64_t rb = candidate_items_[c].remaining % bs;  // once per candidate: a division is fine
+      if (rb > 0) {
+        // 2k - C[x] is stored; the candidate's own count needs the running rests before it too.
+        occupancy += 2 * count - running_at_most_[c] - (2 * k - correction[bs - rb]);
+      } else {
+        occupancy += (p > 0 ? nonzero_prefix_[p - 1] : 0) + correction[bs + 1];
+      }
+    }
+    peak = std::max(peak, occupancy);
+    if (peak > budget) return false;
+  }
+  scan_running(n);
+  if (peak > budget) return false;
+  last_peak_ = peak;
   return true;
 }
 
@@ -289,6 +412,7 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
     for (const Item& item : running_items_) now += held_units(item.held);
     int64_t high = 0;
     while (high < admitted && (now += held_units(candidate_items_[static_cast<size_t>(high)].held)) <= budget) ++high;
+    build_profile();
     if (!fits_with_prefix(0, budget)) return 0;
     // Occupancy is additive over requests at every instant, so peak(R + C) <= peak(R) + sum of
     // each candidate's own peak: a prefix whose own peaks fit in the slack fits for sure.

@@ -93,8 +93,12 @@ class PeakEstimator {
                       const char* held_name) const;
   void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
   const OutputLengthHistory* history_for(int32_t class_id) const;
-  // Whether running_items_ (sorted) plus the first `prefix` candidate_items_ peak within budget.
-  // Records the peak in last_peak_ when it fits.
+  // Precomputes, for the sorted running_items_ and the candidate_items_, everything a scan of
+  // "running plus a prefix of candidates" needs that does not depend on the prefix (see the
+  // glossary of RunningProfile in peak_estimator.cpp).
+  void build_profile();
+  // Whether running_items_ plus the first `prefix` candidate_items_ peak within budget (after
+  // build_profile()). Records the peak in last_peak_ when it fits.
   bool fits_with_prefix(size_t prefix, int64_t budget);
   int64_t held_units(int64_t held) const {  // tokens, or blocks when counting blocks
     return options_.block_size > 0 ? (held + options_.block_size - 1) / options_.block_size : held;
@@ -110,6 +114,13 @@ class PeakEstimator {
   std::vector<Item> running_items_, candidate_items_, merge_scratch_;
   std::vector<int64_t> scan_counts_;
   int64_t last_peak_ = 0;
+  // The profile (build_profile): per running position p, and per candidate c.
+  std::vector<int64_t> base_, slope_, prefix_max_, held_prefix_, nonzero_prefix_;
+  std::vector<int32_t> correction_index_;
+  std::vector<int64_t> insert_at_, candidate_slope_, candidate_units_, running_at_most_;
+  std::vector<int32_t> candidate_rest_, candidate_index_;
+  std::vector<uint32_t> prefix_order_;
+  std::vector<int64_t> correction_;
 };
 
 }  // namespace kvsched
