@@ -23,7 +23,8 @@ def main(paths: list[str]) -> None:
         print("| policy | max rate @90% (req/s) | TTFT p99 (s) | TPOT p99 (s) | gap p99 (s) | attainment | preemptions |")
         print("|---|---|---|---|---|---|---|")
         for r in records:
-            print(f"| {r['policy']} | {r['max_rate_req_s_90']:.2f} | {r['ttft_p99_s']:.2f} | {r['tpot_p99_s']:.3f} | "
+            rate = (">= " if r.get("max_rate_capped") else "") + f"{r['max_rate_req_s_90']:.2f}"
+            print(f"| {r['policy']} | {rate} | {r['ttft_p99_s']:.2f} | {r['tpot_p99_s']:.3f} | "
                   f"{r['max_gap_p99_s']:.2f} | {r['slo_attainment']:.1%} | {r['preemptions']} |")
         print()
 

@@ -9,7 +9,7 @@ from kvsched.cli import main
 from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
 from kvsched.sim.metrics import summarize
 from kvsched.sim.profiles import PROFILES
-from kvsched.sim.sweep import max_rate_scale
+from kvsched.sim.sweep import MAX_RATE_SCALE, max_rate_scale
 from kvsched.sim.traces import Trace
 from kvsched.sim.workloads import closed_loop, multi_turn_chat, priority_plan, synthetic
 
@@ -142,3 +142,9 @@ def test_cli_multi_turn_and_clients(capsys):
         assert main(["simulate", "--num-requests", "50", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_find_max_rate_reports_the_top_of_the_sweep_when_every_rate_meets_the_slo():
+    trace = synthetic("chat", 12, 1.0, seed=10)
+    engine = EngineConfig(A100, 400_000)
+    assert max_rate_scale(trace, engine, "past_future", LAX, iterations=1) == MAX_RATE_SCALE

@@ -130,7 +130,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from .sim.engine import SLOS, EngineConfig, prepare, simulate
     from .sim.metrics import summarize
     from .sim.profiles import PROFILES
-    from .sim.sweep import max_rate_scale
+    from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
 
     profile = PROFILES[args.model_profile]
     trace, source = _load_workload(args)
@@ -162,6 +162,7 @@ def _simulate(args: argparse.Namespace) -> int:
             scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=args.seed)
             record["max_rate_scale_90"] = scale * args.rate_scale
             record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
+            record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
         records.append((record, log))
     if bar:
         bar.close()
@@ -216,11 +217,15 @@ def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, wi
     if with_cache:  # prompt tokens the prefix cache saved, of all prompt tokens sent
         columns.insert(-2, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}"))
     if with_max_rate:
-        columns.append(("max r/s@90%", lambda r: r["max_rate_req_s_90"], "{:>12.2f}"))
+        columns.append(("max r/s@90%", _max_rate_text, "{:>12}"))
     header = "".join(_pad(title, fmt) for title, _, fmt in columns)
     lines = [header, "-" * len(header)]
     lines += ["".join(fmt.format(value(r)) for _, value, fmt in columns) for r in records]
     return "\n".join(lines)
+
+
+def _max_rate_text(record: dict) -> str:
+    return (">=" if record.get("max_rate_capped") else "") + f"{record['max_rate_req_s_90']:.2f}"
 
 
 def _pad(name: str, fmt: str) -> str:

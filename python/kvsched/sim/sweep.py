@@ -12,6 +12,9 @@ from .traces import Trace
 from .workloads import priority_plan
 
 
+MAX_RATE_SCALE = 64.0
+
+
 def attainment_at(trace: Trace, engine: EngineConfig, admission: str, rate_scale: float, slo: SLO,
                   priorities: Optional[str] = None, seed: int = 0) -> float:
     """SLO attainment of ``trace`` at ``rate_scale`` times its rate; with ``priorities`` (a kind of
@@ -36,7 +39,9 @@ def max_rate_scale(
     seed: int = 0,
 ) -> float:
     """The largest rate scale (bisection, geometric) whose attainment is at least ``target``;
-    0.0 when even 1/64 of the trace's rate misses it."""
+    0.0 when even 1/64 of the trace's rate misses it, and :data:`MAX_RATE_SCALE` when 64 times it
+    still meets it (a session trace may: its later turns keep their own pace however fast the
+    sessions start)."""
 
     def meets(scale: float) -> bool:
         if on_run is not None:
@@ -45,8 +50,10 @@ def max_rate_scale(
 
     low, high = 1.0, 1.0
     if meets(1.0):
-        while meets(high * 2) and high < 64:
+        while high < MAX_RATE_SCALE and meets(high * 2):
             high *= 2
+        if high >= MAX_RATE_SCALE:
+            return MAX_RATE_SCALE
         low, high = high, high * 2
     else:
         while not meets(low / 2):
