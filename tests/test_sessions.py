@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,7 @@ def test_followers_arrive_think_time_after_their_parent_finishes():
 def test_later_turns_reuse_the_conversation_kv():
     trace = multi_turn_chat(60, 1.0, think_time_s=1.0, seed=3)
     _, shared = run(trace, "past_future", 400_000)
-    unshared = trace.__class__(**{**trace.__dict__, "shared_context": False})
+    unshared = replace(trace, shared_context=False)
     _, alone = run(unshared, "past_future", 400_000)
     follows = trace.parent_index >= 0
     reusable = (trace.prompt_tokens[follows] - trace.prompt_tokens[follows] % 16).sum()
@@ -67,7 +69,7 @@ def test_a_rejected_turn_ends_its_conversation():
     prepared = prepare(trace, engine)
     assert prepared.rejected_too_long > 0
     kept = prepared.trace
-    # Every kept follower's parent was kept; the dropped ones include whole tails of conversations.
+    # Only prompts within the context are kept (select() refuses a follower without its parent).
     assert np.all(kept.prompt_tokens < 1500)
     log = simulate(prepared, engine, "past_future")
     record = summarize(log, LAX)

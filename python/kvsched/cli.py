@@ -147,10 +147,8 @@ def _simulate(args: argparse.Namespace) -> int:
     prepared = prepare(trace, engine)
     if len(prepared.trace) == 0:
         raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
-    priorities = None
     priority_kind = None if args.priorities == "none" else args.priorities
-    if priority_kind:
-        priorities = priority_plan(prepared.trace, priority_kind, seed=args.seed)
+    priorities = priority_plan(prepared.trace, priority_kind, seed=args.seed) if priority_kind else None
     bar = _progress(len(args.policy) * len(prepared.trace))
     records = []
     for admission in args.policy:

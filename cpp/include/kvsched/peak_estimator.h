@@ -94,8 +94,8 @@ class PeakEstimator {
   void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
   const OutputLengthHistory* history_for(int32_t class_id) const;
   // Precomputes, for the sorted running_items_ and the candidate_items_, everything a scan of
-  // "running plus a prefix of candidates" needs that does not depend on the prefix (see the
-  // glossary of RunningProfile in peak_estimator.cpp).
+  // "running plus a prefix of candidates" needs that does not depend on the prefix (the formulas
+  // are above build_profile() in peak_estimator.cpp).
   void build_profile();
   // Whether running_items_ plus the first `prefix` candidate_items_ peak within budget (after
   // build_profile()). Records the peak in last_peak_ when it fits.

@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..scheduler import Scheduler, SchedulerConfig
-from .profiles import ModelProfile
 from .arrivals import ArrivalQueue
+from .profiles import ModelProfile
 from .traces import Trace
 from .workloads import PriorityPlan
 
