@@ -1,5 +1,5 @@
 """Times the asv admission round (bench/benchmarks/bench_estimator.py) without asv: kvsched in
-tokens and in blocks of 16, and the numpy reference of the original algorithm, in one run.
+tokens and in blocks of 16, a steady engine step (record, observe, admit), and the numpy reference of the original algorithm, in one run.
 
     OPENBLAS_NUM_THREADS=1 python bench/time_admission.py [--rounds 15] [--calls 500]
 
@@ -17,7 +17,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks"))
 
 import numpy as np  # noqa: E402
-from bench_estimator import AdmissionRound, ReferenceAdmissionRound  # noqa: E402
+from bench_estimator import AdmissionRound, ReferenceAdmissionRound, SteadyStep  # noqa: E402
 
 
 def timed(call, rounds: int, calls: int) -> tuple[float, float]:
@@ -45,6 +45,13 @@ def main() -> None:
             median, best = timed(lambda: bench.time_admit(mode, block_size), args.rounds, args.calls)
             cells.append(f"{'tokens' if block_size == 0 else 'blocks'} {median:6.1f} us (min {best:5.1f})")
         print(f"{mode:13s} " + "   ".join(cells))
+    step = SteadyStep()
+    cells = []
+    for block_size in (0, 16):
+        step.setup(block_size)
+        median, best = timed(lambda: step.time_step(block_size), args.rounds, args.calls)
+        cells.append(f"{'tokens' if block_size == 0 else 'blocks'} {median:6.1f} us (min {best:5.1f})")
+    print(f"{'steady step':13s} " + "   ".join(cells) + "   (record 4 + observe + past_future admit)")
     reference = ReferenceAdmissionRound()
     reference.setup()
     median, best = timed(reference.time_reference_admit, max(3, args.rounds // 3), max(5, args.calls // 50))

@@ -81,3 +81,31 @@ class ReferenceAdmissionRound:
             w["history"], w["running_held"], w["running_generated"], w["running_max_new_tokens"],
             w["candidate_prompt"], w["candidate_max_new_tokens"], self.capacity, self.rng,
         )
+
+
+class SteadyStep:
+    """What an engine pays per step: a few finished lengths recorded, the adaptive quantile's
+    feedback (which moves the quantile), then the admission round. The round alone reuses the
+    quantile tables of an unchanged window; here they are rebuilt every step."""
+
+    params = ([0, 16],)
+    param_names = ["block_size"]
+
+    def setup(self, block_size):
+        if PeakEstimator is None:
+            raise NotImplementedError("kvsched is not installed")
+        w = _workload()
+        self.estimator = PeakEstimator(block_size=block_size)
+        history = w.pop("history")
+        self.estimator.record(history)
+        self.args = w
+        self.capacity = _capacity_admitting(self.estimator, w, "past_future", block_size, 32)
+        # Finished lengths to record, four a step, drawn like the history.
+        self.finished = np.random.default_rng(2).permutation(history).reshape(-1, 4)
+        self.step = 0
+
+    def time_step(self, block_size):
+        self.estimator.record(self.finished[self.step % len(self.finished)])
+        self.estimator.observe(0, 4)
+        self.step += 1
+        self.estimator.admit(self.capacity, mode="past_future", **self.args)

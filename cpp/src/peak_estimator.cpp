@@ -9,6 +9,20 @@ namespace kvsched {
 namespace {
 
 constexpr int32_t kMaxEstimatorBlockSize = 1 << 16;
+constexpr int64_t kDenseHistogramLimit = 64;
+// Running positions per segment of the profile: a scan skips a segment whose maxima fit.
+constexpr size_t kProfileSegment = 32;
+
+// Index of the first negative value, or count if none. The common all-valid case is one OR of
+// the sign bits (vectorized, no branch per element): validation runs over every request at
+// every step.
+template <typename T>
+size_t first_negative(const T* values, size_t count) {
+  T sign_bits = 0;
+  for (size_t i = 0; i < count; ++i) sign_bits |= values[i];
+  if (sign_bits >= 0) return count;
+  return static_cast<size_t>(std::find_if(values, values + count, [](T v) { return v < 0; }) - values);
+}
 
 double logit(double p) { return std::log(p / (1.0 - p)); }
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
@@ -60,20 +74,27 @@ class PeakScan {
 };
 
 void sort_by_remaining_descending(std::vector<detail::PeakItem>& items, std::vector<detail::PeakItem>& buffer) {
-  // LSD radix sort on the complemented key, 11 bits a pass, only over the bits in use: linear
-  // where a comparison sort of a thousand running requests costs several microseconds.
+  // LSD radix sort on the complemented key, only over the bits in use, split evenly into passes
+  // of at most 11 bits: linear where a comparison sort of a thousand running requests costs
+  // several microseconds, and with buckets few enough (64 for 12 bits) that clearing and summing
+  // them does not outweigh the items.
   int64_t largest = 0;
   for (const detail::PeakItem& item : items) largest = std::max(largest, item.remaining);
-  constexpr int kBits = 11;
-  constexpr size_t kBuckets = size_t{1} << kBits;
+  if (largest == 0 || items.size() < 2) return;
+  const int bits_in_use = 64 - __builtin_clzll(static_cast<unsigned long long>(largest));
+  constexpr int kMaxBits = 11;
+  const int passes = (bits_in_use + kMaxBits - 1) / kMaxBits;
+  const int bits = (bits_in_use + passes - 1) / passes;
+  const size_t buckets = size_t{1} << bits;
+  size_t counts[(size_t{1} << kMaxBits) + 1];
   buffer.resize(items.size());
-  for (int shift = 0; (largest >> shift) > 0; shift += kBits) {
-    size_t counts[kBuckets + 1] = {0};
+  for (int shift = 0; shift < bits_in_use; shift += bits) {
+    std::fill(counts, counts + buckets + 1, size_t{0});
     auto digit = [&](const detail::PeakItem& item) {
-      return static_cast<size_t>(((largest - item.remaining) >> shift) & static_cast<int64_t>(kBuckets - 1));
+      return static_cast<size_t>(((largest - item.remaining) >> shift) & static_cast<int64_t>(buckets - 1));
     };
     for (const detail::PeakItem& item : items) ++counts[digit(item) + 1];
-    for (size_t b = 1; b <= kBuckets; ++b) counts[b] += counts[b - 1];
+    for (size_t b = 1; b <= buckets; ++b) counts[b] += counts[b - 1];
     for (const detail::PeakItem& item : items) buffer[counts[digit(item)]++] = item;
     items.swap(buffer);
   }
@@ -111,6 +132,7 @@ PeakEstimator::PeakEstimator(PeakEstimatorOptions options)
     KVSCHED_EXPECTS(length >= 0, std::invalid_argument, "prior lengths must be >= 0, got ", length);
   }
   quantile_logit_ = logit(o.quantile);
+  if (o.block_size > 0 && (o.block_size & (o.block_size - 1)) == 0) block_shift_ = __builtin_ctz(static_cast<unsigned>(o.block_size));
 }
 
 double PeakEstimator::quantile() const {
@@ -164,18 +186,16 @@ void PeakEstimator::check_requests(AdmissionMode mode, const RequestArrays& r, c
   int mode_value = static_cast<int>(mode);
   KVSCHED_EXPECTS(mode_value >= 0 && mode_value <= 4, std::invalid_argument, "mode must be in [0, 4], got ",
                   mode_value);
-  for (size_t i = 0; i < r.count; ++i) {
-    KVSCHED_EXPECTS(r.held[i] >= 0, std::invalid_argument, prefix, held_name, "[", i, "] must be >= 0, got ",
-                    r.held[i]);
-    KVSCHED_EXPECTS(!r.generated || r.generated[i] >= 0, std::invalid_argument, prefix, "generated[", i,
-                    "] must be >= 0, got ", r.generated[i]);
-    KVSCHED_EXPECTS(r.max_new_tokens[i] >= 0, std::invalid_argument, prefix, "max_new_tokens[", i,
-                    "] must be >= 0, got ", r.max_new_tokens[i]);
-    KVSCHED_EXPECTS(!r.class_ids || r.class_ids[i] >= 0, std::invalid_argument, prefix, "class_ids[", i,
-                    "] must be >= 0, got ", r.class_ids[i]);
-    KVSCHED_EXPECTS(!r.known_lengths || r.known_lengths[i] >= 0, std::invalid_argument, prefix, "lengths[", i,
-                    "] must be >= 0, got ", r.known_lengths[i]);
-  }
+  auto check_non_negative = [&](const auto* values, const char* name) {
+    size_t i = first_negative(values, r.count);
+    KVSCHED_EXPECTS(i == r.count, std::invalid_argument, prefix, name, "[", i, "] must be >= 0, got ",
+                    static_cast<int64_t>(values[i]));
+  };
+  check_non_negative(r.held, held_name);
+  if (r.generated) check_non_negative(r.generated, "generated");
+  check_non_negative(r.max_new_tokens, "max_new_tokens");
+  if (r.class_ids) check_non_negative(r.class_ids, "class_ids");
+  if (r.known_lengths) check_non_negative(r.known_lengths, "lengths");
   bool needs_known = mode == AdmissionMode::kOracle || mode == AdmissionMode::kPredicted;
   KVSCHED_EXPECTS(!needs_known || r.count == 0 || r.known_lengths, std::invalid_argument, prefix,
                   "lengths is required by the oracle and predicted modes");
@@ -273,17 +293,22 @@ void PeakEstimator::build_profile() {
   // Candidates in merge order, to answer their histogram queries in the same pass.
   candidate_index_.resize(m);
   for (size_t c = 0; c < m; ++c) candidate_index_[c] = static_cast<int32_t>(c);
-  std::stable_sort(candidate_index_.begin(), candidate_index_.end(), [&](int32_t x, int32_t y) {
-    return candidate_items_[static_cast<size_t>(x)].remaining > candidate_items_[static_cast<size_t>(y)].remaining;
+  // Ties keep admission order; std::sort with the index as tie-break is stable without the
+  // buffer std::stable_sort allocates.
+  std::sort(candidate_index_.begin(), candidate_index_.end(), [&](int32_t x, int32_t y) {
+    int64_t rx = candidate_items_[static_cast<size_t>(x)].remaining, ry = candidate_items_[static_cast<size_t>(y)].remaining;
+    return rx != ry ? rx > ry : x < y;
   });
   // Quotient and remainder by the block size; shifts and masks when it is a power of two (the
   // common case), where 64-bit divisions would dominate the pass.
-  int shift = -1;
-  if (bs > 0 && (bs & (bs - 1)) == 0) shift = __builtin_ctzll(static_cast<unsigned long long>(bs));
+  const int shift = block_shift_;
   auto quotient = [&](int64_t v) { return shift >= 0 ? v >> shift : v / bs; };
   auto rest_of = [&](int64_t v) { return shift >= 0 ? v & (bs - 1) : v % bs; };
-  std::vector<int64_t>& at_most = scan_counts_;  // cumulative histogram of running rests
+  std::vector<int32_t>& at_most = scan_counts_;  // cumulative histogram of running rests
   at_most.assign(bs > 0 ? static_cast<size_t>(bs) + 1 : 1, 0);
+  // Small block sizes update every entry branch-free (vectorized); a loop from the rest to the
+  // end would mispredict its exit once per request.
+  const bool dense_update = bs <= kDenseHistogramLimit;
   int64_t held = 0, nonzero = 0, peak = 0;
   size_t next = 0;  // next candidate (merge order) to place
   auto place_candidates = [&](size_t p, int64_t remaining_bound, bool all) {
@@ -313,7 +338,13 @@ void PeakEstimator::build_profile() {
       held += quotient(item.held);
       int64_t rest = rest_of(item.held), qb = quotient(item.remaining), rb = rest_of(item.remaining);
       nonzero += rest > 0;
-      for (int64_t x = rest; x <= bs; ++x) ++at_most[static_cast<size_t>(x)];
+      if (dense_update) {
+        const int32_t rest32 = static_cast<int32_t>(rest), size32 = static_cast<int32_t>(bs);
+        int32_t* counts = at_most.data();
+        for (int32_t x = 0; x <= size32; ++x) counts[x] += x >= rest32 ? 1 : 0;
+      } else {
+        for (int64_t x = rest; x <= bs; ++x) ++at_most[static_cast<size_t>(x)];
+      }
       slope_[p] = qb;
       base_[p] = held + count * qb + (rb > 0 ? 2 * count - at_most[static_cast<size_t>(bs - rb)] : nonzero);
       correction_index_[p] = static_cast<int32_t>(rb > 0 ? bs - rb : bs + 1);
@@ -328,11 +359,22 @@ void PeakEstimator::build_profile() {
     peak = std::max(peak, base_[p]);
     prefix_max_[p] = peak;
   }
+  segment_base_max_.resize((n + kProfileSegment - 1) / kProfileSegment);
+  segment_slope_max_.resize(segment_base_max_.size());
+  for (size_t segment = 0; segment < segment_base_max_.size(); ++segment) {
+    const size_t first = segment * kProfileSegment, last = std::min(n, first + kProfileSegment);
+    int64_t base_max = 0, slope_max = 0;
+    for (size_t p = first; p < last; ++p) base_max = std::max(base_max, base_[p]), slope_max = std::max(slope_max, slope_[p]);
+    segment_base_max_[segment] = base_max;
+    segment_slope_max_[segment] = slope_max;
+  }
   place_candidates(n, 0, true);
 }
 
 bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
   const int64_t bs = options_.block_size;
+  const size_t n = running_items_.size();
+  if (prefix == 0) return n == 0 || prefix_max_[n - 1] <= budget;  // the running set alone
   // The prefix's candidates in merge order.
   prefix_order_.clear();
   for (int32_t c : candidate_index_) {
@@ -344,22 +386,36 @@ bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
   const int64_t* base = base_.data();
   const int64_t* slope = slope_.data();
   const int32_t* index = correction_index_.data();
-  const size_t n = running_items_.size();
-  int64_t k = 0, units = 0, peak = 0;
+  // The largest correction: 2k - C[x] falls with x, so it is entry 0 or the Zc entry.
+  int64_t largest_correction = 0;
+  int64_t k = 0, units = 0;
   size_t p = 0;
-  auto scan_running = [&](size_t end) {
-    if (k == 0) {  // the running set alone: its prefix maximum
-      if (end > 0) peak = std::max(peak, prefix_max_[end - 1]);
-    } else {
-      int64_t local = peak;
-      for (size_t q = p; q < end; ++q) local = std::max(local, base[q] + units + k * slope[q] + correction[index[q]]);
-      peak = local;
+  // Whether every running item in [p, end) stays within budget. A segment whose bound (its
+  // largest base and slope, the largest correction) is within budget is skipped unread: only
+  // the few segments near the peak are scanned item by item.
+  auto running_fit = [&](size_t end) {
+    if (k == 0) {
+      bool fits = end == 0 || prefix_max_[end - 1] <= budget;
+      p = end;
+      return fits;
     }
-    p = end;
+    const int64_t limit = budget - units;
+    while (p < end) {
+      size_t segment = p / kProfileSegment, segment_end = std::min(end, (segment + 1) * kProfileSegment);
+      if (p % kProfileSegment == 0 && segment_end == std::min(n, (segment + 1) * kProfileSegment) &&
+          segment_base_max_[segment] + k * segment_slope_max_[segment] + largest_correction <= limit) {
+        p = segment_end;
+        continue;
+      }
+      int64_t local = 0;
+      for (size_t q = p; q < segment_end; ++q) local = std::max(local, base[q] + k * slope[q] + correction[index[q]]);
+      if (local > limit) return false;
+      p = segment_end;
+    }
+    return true;
   };
   for (uint32_t c : prefix_order_) {
-    scan_running(static_cast<size_t>(insert_at_[c]));
-    if (peak > budget) return false;
+    if (!running_fit(static_cast<size_t>(insert_at_[c]))) return false;
     ++k;
     units += candidate_units_[c];
     const int64_t count = static_cast<int64_t>(p) + k;  // requests up to and including c
@@ -369,6 +425,7 @@ bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
       int32_t rest = candidate_rest_[c];
       for (int64_t x = 0; x <= bs; ++x) correction[x] += 2 - (x >= rest ? 1 : 0);
       if (rest > 0) ++correction[bs + 1];
+      largest_correction = std::max(correction[0], correction[bs + 1]);
       int64_t rb = candidate_items_[c].remaining % bs;  // once per candidate: a division is fine
       if (rb > 0) {
         // 2k - C[x] is stored; the candidate's own count needs the running rests before it too.
@@ -377,13 +434,9 @@ bool PeakEstimator::fits_with_prefix(size_t prefix, int64_t budget) {
         occupancy += (p > 0 ? nonzero_prefix_[p - 1] : 0) + correction[bs + 1];
       }
     }
-    peak = std::max(peak, occupancy);
-    if (peak > budget) return false;
+    if (occupancy > budget) return false;
   }
-  scan_running(n);
-  if (peak > budget) return false;
-  last_peak_ = peak;
-  return true;
+  return running_fit(n);
 }
 
 int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, const RequestArrays& candidates,
@@ -394,6 +447,10 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
                   reserve);
   check_requests(mode, running, "running_", "held");
   check_requests(mode, candidates, "candidate_", "prompt");
+  // The profile counts requests in 32 bits.
+  KVSCHED_EXPECTS(running.count + candidates.count < (size_t{1} << 31), std::invalid_argument,
+                  "running_held and candidate_prompt together must have < 2^31 requests, got ",
+                  running.count + candidates.count);
   int64_t budget = capacity - reserve;
   int scenarios = options_.sampling && mode == AdmissionMode::kPastFuture ? options_.num_scenarios : 1;
   int64_t admitted = static_cast<int64_t>(candidates.count);
@@ -408,15 +465,15 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
     for (size_t i = 0; i < candidates.count; ++i) candidate_items_[i] = Item{scratch_remaining_[i], candidates.held[i]};
     // The peak grows with every candidate added, so the admissible candidates form a prefix. The
     // occupancy now (t = 0) is a lower bound of the peak: it caps the prefix before any scan.
-    int64_t now = 0;
-    for (const Item& item : running_items_) now += held_units(item.held);
+    build_profile();
+    const size_t n = running_items_.size();
+    int64_t now = n > 0 ? held_prefix_[n - 1] + nonzero_prefix_[n - 1] : 0;  // running units held
     int64_t high = 0;
     while (high < admitted && (now += held_units(candidate_items_[static_cast<size_t>(high)].held)) <= budget) ++high;
-    build_profile();
     if (!fits_with_prefix(0, budget)) return 0;
     // Occupancy is additive over requests at every instant, so peak(R + C) <= peak(R) + sum of
     // each candidate's own peak: a prefix whose own peaks fit in the slack fits for sure.
-    int64_t slack = budget - last_peak_;
+    int64_t slack = budget - (n > 0 ? prefix_max_[n - 1] : 0);
     int64_t low = 0;  // the prefix of `low` candidates fits; find the largest fitting one <= high
     while (low < high) {
       const Item& item = candidate_items_[static_cast<size_t>(low)];

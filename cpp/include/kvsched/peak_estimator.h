@@ -98,13 +98,16 @@ class PeakEstimator {
   // are above build_profile() in peak_estimator.cpp).
   void build_profile();
   // Whether running_items_ plus the first `prefix` candidate_items_ peak within budget (after
-  // build_profile()). Records the peak in last_peak_ when it fits.
+  // build_profile()).
   bool fits_with_prefix(size_t prefix, int64_t budget);
   int64_t held_units(int64_t held) const {  // tokens, or blocks when counting blocks
-    return options_.block_size > 0 ? (held + options_.block_size - 1) / options_.block_size : held;
+    if (options_.block_size <= 0) return held;
+    int64_t last = held + options_.block_size - 1;
+    return block_shift_ >= 0 ? last >> block_shift_ : last / options_.block_size;
   }
 
   PeakEstimatorOptions options_;
+  int block_shift_ = -1;  // log2(block_size) when it is a power of two, else -1
   mutable std::mutex mutex_;
   OutputLengthHistory all_classes_;
   std::unordered_map<int32_t, OutputLengthHistory> by_class_;
@@ -112,10 +115,10 @@ class PeakEstimator {
   std::mt19937_64 rng_;
   std::vector<int64_t> scratch_remaining_, scratch_totals_;
   std::vector<Item> running_items_, candidate_items_, merge_scratch_;
-  std::vector<int64_t> scan_counts_;
-  int64_t last_peak_ = 0;
+  std::vector<int32_t> scan_counts_;
   // The profile (build_profile): per running position p, and per candidate c.
   std::vector<int64_t> base_, slope_, prefix_max_, held_prefix_, nonzero_prefix_;
+  std::vector<int64_t> segment_base_max_, segment_slope_max_;  // per kProfileSegment positions
   std::vector<int32_t> correction_index_;
   std::vector<int64_t> insert_at_, candidate_slope_, candidate_units_, running_at_most_;
   std::vector<int32_t> candidate_rest_, candidate_index_;
