@@ -17,9 +17,12 @@ from kvsched.sim.workloads import synthetic
 VARIANTS = {
     "quantile 0.9 adaptive": dict(sampling=False),
     "quantile 0.5 fast": dict(sampling=False, quantile=0.5, adapt_gain=1.0, min_quantile=0.05),
-    "sampling x1": dict(num_scenarios=1),
-    "sampling x3": dict(num_scenarios=3),
-    "sampling x5 (default)": {},
+    "sampling x1, fresh draws": dict(num_scenarios=1, keyed_draws=False),
+    "sampling x3, fresh draws": dict(num_scenarios=3, keyed_draws=False),
+    "sampling x5, fresh draws": dict(keyed_draws=False),
+    "sampling x1, keyed": dict(num_scenarios=1),
+    "sampling x3, keyed": dict(num_scenarios=3),
+    "sampling x5, keyed (default)": {},
 }
 WORKLOADS = {
     "chat 7 req/s, 64k KV": (synthetic("chat", 1500, 7.0, seed=0), 65536),
@@ -37,7 +40,7 @@ def main() -> None:
             engine = EngineConfig(profile, capacity, scheduler_overrides=overrides)
             record = summarize(simulate(prepare(trace, engine), engine, admission), LAX)
             print(
-                f"  {name:24s} lax {record['slo_lax']['attainment']:6.1%}  strict {record['slo_strict']['attainment']:6.1%}"
+                f"  {name:29s} lax {record['slo_lax']['attainment']:6.1%}  strict {record['slo_strict']['attainment']:6.1%}"
                 f"  TTFT p99 {record['ttft_p99_s']:6.2f} s  preemptions {record['preemptions']:5d}"
                 f"  KV use {record['kv_utilization']:.1%}",
                 flush=True,

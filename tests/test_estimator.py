@@ -128,6 +128,48 @@ def test_sampling_draws_from_the_conditional_history():
     assert set(np.unique(draws + 60)) == set(range(61, 101))  # every length > 60, nothing else
 
 
+def test_keyed_draws_hold_across_calls_and_follow_the_conditional_history():
+    e = PeakEstimator(sampling=True, seed=5, adaptive=False)
+    e.record(np.arange(1, 101))
+    ids = np.arange(4000)
+    generated, cap = np.full(4000, 60), np.full(4000, 1000)
+    first = e.predict_remaining(generated, cap, ids=ids)
+    # The same requests keep their draws; unkeyed draws change from call to call.
+    assert np.array_equal(first, e.predict_remaining(generated, cap, ids=ids))
+    assert not np.array_equal(e.predict_remaining(generated, cap), e.predict_remaining(generated, cap))
+    # Across requests they still cover L | L > 60 evenly (40 lengths, 100 draws each expected).
+    counts = np.bincount(first + 60, minlength=101)[61:]
+    assert counts.min() > 50 and counts.max() < 160
+    assert set(np.unique(first + 60)) == set(range(61, 101))
+    # A request keeps its place in the distribution as it generates: its predicted total never
+    # falls when its generated count rises.
+    later = e.predict_remaining(np.full(4000, 80), cap, ids=ids)
+    assert np.all(later + 80 >= first + 60)
+    # Another seed draws differently; keyed_draws=False ignores the ids.
+    other = PeakEstimator(sampling=True, seed=6, adaptive=False)
+    other.record(np.arange(1, 101))
+    assert not np.array_equal(first, other.predict_remaining(generated, cap, ids=ids))
+    unkeyed = PeakEstimator(sampling=True, seed=5, adaptive=False, keyed_draws=False)
+    unkeyed.record(np.arange(1, 101))
+    assert not np.array_equal(unkeyed.predict_remaining(generated, cap, ids=ids),
+                              unkeyed.predict_remaining(generated, cap, ids=ids))
+
+
+def test_keyed_admission_is_repeatable():
+    rng = np.random.default_rng(3)
+    e = PeakEstimator(sampling=True, num_scenarios=3, adaptive=False, block_size=16)
+    e.record(rng.integers(1, 400, size=1000))
+    args = dict(
+        running_held=rng.integers(100, 900, size=200), running_generated=rng.integers(0, 300, size=200),
+        running_max_new_tokens=np.full(200, 1000), candidate_prompt=rng.integers(100, 900, size=40),
+        candidate_max_new_tokens=np.full(40, 1000), running_ids=np.arange(200), candidate_ids=np.arange(200, 240),
+    )
+    results = {e.admit(7000, **args) for _ in range(20)}
+    assert len(results) == 1 and 0 < results.pop() < 40
+    unkeyed = {e.admit(7000, **{k: v for k, v in args.items() if not k.endswith("_ids")}) for _ in range(50)}
+    assert len(unkeyed) > 1  # fresh draws: the answer varies from call to call
+
+
 def test_modes_never_let_non_oracle_modes_see_true_lengths():
     e = PeakEstimator(adaptive=False)
     e.record([50] * 10)
@@ -248,6 +290,10 @@ def test_adaptive_quantile_rises_on_preemptions_and_relaxes_while_quiet():
                            candidate_prompt=[1], candidate_max_new_tokens=[1]), ValueError, "running_generated has 2"),
         (lambda e: e.admit(10, running_held=[1], running_generated=[1], running_max_new_tokens=[1],
                            candidate_prompt=[-3], candidate_max_new_tokens=[1]), ValueError, r"candidate_prompt\[0\]"),
+        (lambda e: e.admit(10, running_held=[1], running_generated=[1], running_max_new_tokens=[1],
+                           running_ids=[1, 2], candidate_prompt=[1], candidate_max_new_tokens=[1]),
+         ValueError, "running_ids has 2 entries, expected 1"),
+        (lambda e: e.predict_remaining([1], [5], ids=[1.5]), TypeError, "ids must have an integer dtype"),
         (lambda e: e.observe(-1, 0), ValueError, "preempted must be >= 0"),
         (lambda e: future_peak([1], [1, 2]), ValueError, "same length"),
     ],

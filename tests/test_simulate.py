@@ -88,6 +88,19 @@ def test_tight_memory_aggressive_preempts_and_past_future_preempts_less():
     assert past_future.preemptions.sum() * 3 < aggressive.preemptions.sum()
 
 
+def test_keyed_draws_preempt_less_than_fresh_draws_each_step():
+    # Fresh draws at every step admit at the first step whose draws are low; keyed draws keep
+    # each request's draws, so the scenarios' margin holds. Summed over seeds (deterministic).
+    preemptions = {}
+    for keyed in (False, True):
+        engine = EngineConfig(PROFILES["llama3-8b-a100"], 32768, scheduler_overrides=dict(keyed_draws=keyed))
+        preemptions[keyed] = sum(
+            summarize(simulate(prepare(trace, engine), engine, "past_future"), LAX)["preemptions"]
+            for trace in (synthetic("decode_heavy", 400, 7.0, seed=seed) for seed in range(1, 4))
+        )
+    assert preemptions[True] < 0.8 * preemptions[False], preemptions
+
+
 def test_swap_preemption_moves_kv_instead_of_recomputing_and_costs_time():
     trace = synthetic("chat", 600, 8.0, seed=1)
     _, recompute = run(trace, "aggressive", 32768)

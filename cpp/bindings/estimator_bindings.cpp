@@ -14,12 +14,12 @@ namespace {
 
 // Owns the converted arrays of one request set and exposes them as RequestArrays.
 struct RequestSet {
-  std::optional<Int64Array> held, generated, max_new_tokens, known_lengths;
+  std::optional<Int64Array> held, generated, max_new_tokens, known_lengths, ids;
   std::optional<Int32Array> class_ids;
   RequestArrays view;
 
   RequestSet(const std::string& prefix, py::handle held_in, const char* held_name, py::handle generated_in,
-             py::handle max_new_in, py::handle class_ids_in, py::handle known_in) {
+             py::handle max_new_in, py::handle class_ids_in, py::handle known_in, py::handle ids_in) {
     std::string held_label = prefix + held_name, max_label = prefix + "max_new_tokens";
     held.emplace(held_in, held_label.c_str());
     max_new_tokens.emplace(max_new_in, max_label.c_str());
@@ -44,6 +44,12 @@ struct RequestSet {
       known_lengths.emplace(known_in, label.c_str());
       check_length(label, known_lengths->size());
       view.known_lengths = known_lengths->data();
+    }
+    if (!ids_in.is_none()) {
+      std::string label = prefix + "ids";
+      ids.emplace(ids_in, label.c_str());
+      check_length(label, ids->size());
+      view.draw_keys = ids->data();
     }
   }
 
@@ -79,7 +85,7 @@ void init_estimator(py::module_& m) {
   py::class_<PeakEstimator>(m, "PeakEstimator")
       .def(py::init([](int32_t window, int32_t block_size, double quantile, bool adaptive, double target_rate,
                        double adapt_gain, double min_quantile, double max_quantile, bool sampling,
-                       int32_t num_scenarios, uint64_t seed, py::handle prior) {
+                       int32_t num_scenarios, bool keyed_draws, uint64_t seed, py::handle prior) {
              PeakEstimatorOptions options;
              options.window = window;
              options.block_size = block_size;
@@ -91,6 +97,7 @@ void init_estimator(py::module_& m) {
              options.max_quantile = max_quantile;
              options.sampling = sampling;
              options.num_scenarios = num_scenarios;
+             options.keyed_draws = keyed_draws;
              options.seed = seed;
              if (!prior.is_none()) {
                Int64Array values(prior, "prior");
@@ -100,7 +107,7 @@ void init_estimator(py::module_& m) {
            }),
            py::arg("window"), py::arg("block_size"), py::arg("quantile"), py::arg("adaptive"),
            py::arg("target_preemption_rate"), py::arg("adapt_gain"), py::arg("min_quantile"), py::arg("max_quantile"),
-           py::arg("sampling"), py::arg("num_scenarios"), py::arg("seed"), py::arg("prior"))
+           py::arg("sampling"), py::arg("num_scenarios"), py::arg("keyed_draws"), py::arg("seed"), py::arg("prior"))
       .def_property_readonly("quantile", &PeakEstimator::quantile)
       .def_property_readonly("block_size", [](const PeakEstimator& e) { return e.options().block_size; })
       .def("history_size", &PeakEstimator::history_size, py::arg("class_id") = -1)
@@ -121,8 +128,8 @@ void init_estimator(py::module_& m) {
       .def(
           "predict_remaining",
           [](PeakEstimator& e, int mode, py::handle generated, py::handle max_new, py::handle class_ids,
-             py::handle lengths) {
-            RequestSet requests("", generated, "generated", generated, max_new, class_ids, lengths);
+             py::handle lengths, py::handle ids) {
+            RequestSet requests("", generated, "generated", generated, max_new, class_ids, lengths, ids);
             std::vector<int64_t> out(requests.view.count);
             {
               py::gil_scoped_release release;
@@ -130,17 +137,19 @@ void init_estimator(py::module_& m) {
             }
             return to_numpy(std::move(out));
           },
-          py::arg("mode"), py::arg("generated"), py::arg("max_new_tokens"), py::arg("class_ids"), py::arg("lengths"))
+          py::arg("mode"), py::arg("generated"), py::arg("max_new_tokens"), py::arg("class_ids"), py::arg("lengths"),
+          py::arg("ids"))
       .def(
           "admit",
           [](PeakEstimator& e, int mode, int64_t capacity, int64_t reserve, py::handle running_held,
              py::handle running_generated, py::handle running_max_new, py::handle running_classes,
-             py::handle running_lengths, py::handle candidate_prompt, py::handle candidate_max_new,
-             py::handle candidate_classes, py::handle candidate_lengths) {
+             py::handle running_lengths, py::handle running_ids, py::handle candidate_prompt,
+             py::handle candidate_max_new, py::handle candidate_classes, py::handle candidate_lengths,
+             py::handle candidate_ids) {
             RequestSet running("running_", running_held, "held", running_generated, running_max_new, running_classes,
-                               running_lengths);
+                               running_lengths, running_ids);
             RequestSet candidates("candidate_", candidate_prompt, "prompt", py::none(), candidate_max_new,
-                                  candidate_classes, candidate_lengths);
+                                  candidate_classes, candidate_lengths, candidate_ids);
             py::gil_scoped_release release;
             return e.admit(static_cast<AdmissionMode>(mode), running.view, candidates.view, capacity, reserve);
           })

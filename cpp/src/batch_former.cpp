@@ -66,6 +66,7 @@ void BatchFormer::EstimatorInput::clear() {
   max_new_tokens.clear();
   known_lengths.clear();
   class_ids.clear();
+  ids.clear();
 }
 
 void BatchFormer::EstimatorInput::push(const Request& r) {
@@ -74,6 +75,7 @@ void BatchFormer::EstimatorInput::push(const Request& r) {
   max_new_tokens.push_back(r.max_new_tokens);
   known_lengths.push_back(r.true_output_len >= 0 ? r.true_output_len : r.max_new_tokens);
   class_ids.push_back(r.class_id);
+  ids.push_back(r.id);
 }
 
 RequestArrays BatchFormer::EstimatorInput::view(size_t begin) const {
@@ -85,6 +87,7 @@ RequestArrays BatchFormer::EstimatorInput::view(size_t begin) const {
   arrays.max_new_tokens = max_new_tokens.data() + begin;
   arrays.known_lengths = known_lengths.data() + begin;
   arrays.class_ids = class_ids.data() + begin;
+  arrays.draw_keys = ids.data() + begin;
   return arrays;
 }
 

@@ -24,6 +24,16 @@ size_t first_negative(const T* values, size_t count) {
   return static_cast<size_t>(std::find_if(values, values + count, [](T v) { return v < 0; }) - values);
 }
 
+// A uniform draw in [0, 1) that is a function of (seed, key, scenario): splitmix64's finalizer.
+double keyed_uniform(uint64_t seed, int64_t key, int scenario) {
+  uint64_t z = seed ^ (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(scenario) << 56);
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
 double logit(double p) { return std::log(p / (1.0 - p)); }
 double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
@@ -201,7 +211,7 @@ void PeakEstimator::check_requests(AdmissionMode mode, const RequestArrays& r, c
                   "lengths is required by the oracle and predicted modes");
 }
 
-void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, int64_t* out) {
+void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, int64_t* out, int scenario) {
   // Start from the cap every mode respects: max_new_tokens - generated.
   for (size_t i = 0; i < r.count; ++i) {
     out[i] = std::max<int64_t>(0, r.max_new_tokens[i] - (r.generated ? r.generated[i] : 0));
@@ -227,6 +237,7 @@ void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, i
   }
   double q = sigmoid(quantile_logit_);
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  const int64_t* keys = options_.keyed_draws ? r.draw_keys : nullptr;
   std::vector<int64_t>& totals = scratch_totals_;
   totals.resize(r.count);
   // Requests are handled in runs of one class, so a uniform batch is one lookup and one
@@ -243,9 +254,9 @@ void PeakEstimator::predict_locked(AdmissionMode mode, const RequestArrays& r, i
       for (size_t i = start; i < end; ++i) {
         int64_t g = generated ? generated[i - start] : 0;
         size_t longer = history->count_longer(g);
+        double u = keys ? keyed_uniform(options_.seed, keys[i], scenario) : uniform(rng_);
         totals[i] = longer == 0 ? -1
-                                : history->conditional_select(
-                                      g, std::min(longer - 1, static_cast<size_t>(uniform(rng_) * static_cast<double>(longer))));
+                                : history->conditional_select(g, std::min(longer - 1, static_cast<size_t>(u * static_cast<double>(longer))));
       }
     } else if (generated) {
       history->conditional_quantiles(generated, end - start, q, totals.data() + start);
@@ -456,11 +467,11 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
   int64_t admitted = static_cast<int64_t>(candidates.count);
   for (int s = 0; s < scenarios && admitted > 0; ++s) {
     scratch_remaining_.resize(std::max(running.count, candidates.count));
-    predict_locked(mode, running, scratch_remaining_.data());
+    predict_locked(mode, running, scratch_remaining_.data(), s);
     running_items_.resize(running.count);
     for (size_t i = 0; i < running.count; ++i) running_items_[i] = Item{scratch_remaining_[i], running.held[i]};
     sort_by_remaining_descending(running_items_, merge_scratch_);
-    predict_locked(mode, candidates, scratch_remaining_.data());
+    predict_locked(mode, candidates, scratch_remaining_.data(), s);
     candidate_items_.resize(candidates.count);
     for (size_t i = 0; i < candidates.count; ++i) candidate_items_[i] = Item{scratch_remaining_[i], candidates.held[i]};
     // The peak grows with every candidate added, so the admissible candidates form a prefix. The

@@ -67,6 +67,7 @@ class PeakEstimator:
         max_quantile: float,
         sampling: bool,
         num_scenarios: int,
+        keyed_draws: bool,
         seed: int,
         prior: Optional[Any],
     ) -> None: ...
@@ -78,7 +79,13 @@ class PeakEstimator:
     def record(self, lengths: Any, class_ids: Optional[Any] = None) -> None: ...
     def observe(self, preempted: int, admitted: int) -> None: ...
     def predict_remaining(
-        self, mode: int, generated: Any, max_new_tokens: Any, class_ids: Optional[Any], lengths: Optional[Any]
+        self,
+        mode: int,
+        generated: Any,
+        max_new_tokens: Any,
+        class_ids: Optional[Any],
+        lengths: Optional[Any],
+        ids: Optional[Any],
     ) -> npt.NDArray[np.int64]: ...
     def admit(
         self,
@@ -90,10 +97,12 @@ class PeakEstimator:
         running_max_new_tokens: Any,
         running_class_ids: Optional[Any],
         running_lengths: Optional[Any],
+        running_ids: Optional[Any],
         candidate_prompt: Any,
         candidate_max_new_tokens: Any,
         candidate_class_ids: Optional[Any],
         candidate_lengths: Optional[Any],
+        candidate_ids: Optional[Any],
     ) -> int: ...
 
 class BatchFormer:

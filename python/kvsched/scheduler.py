@@ -67,6 +67,7 @@ class SchedulerConfig:
     # quantile (sampling=False) over-reserves on large batches (measured in bench/README.md).
     sampling: bool = True
     num_scenarios: int = 5
+    keyed_draws: bool = True  # each request keeps its draws from step to step (PeakEstimator)
     seed: int = 0
     prior: Sequence[int] | None = field(default=None, repr=False)
     # Preemption by swap (SwapPlanner)

@@ -220,7 +220,7 @@ class BatchFormer {
   };
   // Gathers the request arrays the estimator reads.
   struct EstimatorInput {
-    std::vector<int64_t> held, generated, max_new_tokens, known_lengths;
+    std::vector<int64_t> held, generated, max_new_tokens, known_lengths, ids;
     std::vector<int32_t> class_ids;
     void clear();
     void push(const Request& r);

@@ -11,6 +11,9 @@
 //                  past_future (a quantile, or a random draw, of the history of finished output
 //                  lengths L conditioned on L > generated), oracle (true lengths, simulation only)
 //                  or predicted (lengths from the caller's own predictor).
+//   keyed draw     with sampling, a request's draw u in [0, 1) is a hash of (seed, request id,
+//                  scenario); its remaining length is the u-quantile of L | L > generated, so the
+//                  request keeps its place in the distribution as it generates.
 //   safety quantile  the quantile past_future uses; adaptive: raised after preemptions, relaxed
 //                  while admissions go by without one, so the preemption rate tracks a target.
 // A non-oracle mode never reads a true length: only kOracle and kPredicted read `known_lengths`.
@@ -37,6 +40,9 @@ struct RequestArrays {
   const int64_t* max_new_tokens = nullptr;
   const int32_t* class_ids = nullptr;
   const int64_t* known_lengths = nullptr;
+  // Request ids, optional: with sampling and keyed_draws, a request's draw is a function of its
+  // id, the scenario and the seed, so it holds from one call to the next.
+  const int64_t* draw_keys = nullptr;
   size_t count = 0;
 };
 
@@ -51,6 +57,10 @@ struct PeakEstimatorOptions {
   double max_quantile = 0.999;
   bool sampling = false;  // draw remaining lengths instead of taking the quantile
   int32_t num_scenarios = 1;
+  // Draws keyed by request (when the caller passes ids): each request keeps its draws from step
+  // to step (common random numbers), where fresh draws at every call would admit a candidate at
+  // the first step whose draws happen to be low, a lottery that erodes the scenarios' margin.
+  bool keyed_draws = true;
   uint64_t seed = 0;
   std::vector<int64_t> prior;  // lengths that fill every window until real ones push them out
 };
@@ -91,7 +101,7 @@ class PeakEstimator {
   using Item = detail::PeakItem;
   void check_requests(AdmissionMode mode, const RequestArrays& requests, const char* prefix,
                       const char* held_name) const;
-  void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
+  void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out, int scenario = 0);
   const OutputLengthHistory* history_for(int32_t class_id) const;
   // Precomputes, for the sorted running_items_ and the candidate_items_, everything a scan of
   // "running plus a prefix of candidates" needs that does not depend on the prefix (the formulas
