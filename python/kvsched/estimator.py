@@ -57,6 +57,8 @@ class PeakEstimator:
         Adjust the quantile from :meth:`observe` feedback so that preemptions per admitted
         request track ``target_preemption_rate``: each preemption raises it (in logit space by
         ``adapt_gain``), each admission relaxes it by ``adapt_gain * target_preemption_rate``.
+        The quantile is what quantile mode predicts with; sampled draws (``sampling=True``) do
+        not use it, so there the controller has no effect.
     min_quantile, max_quantile : float
         Bounds of the adaptive quantile, in (0, 1).
     sampling : bool, default False
@@ -66,7 +68,7 @@ class PeakEstimator:
         When request ids are passed (``ids``, ``running_ids``, ``candidate_ids``), a request's
         draw is a function of its id, the scenario and ``seed``: it keeps its place in the
         distribution from step to step. Fresh draws at every call make admission a lottery that
-        some step wins; keyed draws preempted 1.6-3x less in bench/README.md.
+        some step wins; keyed draws preempted 1.5-3x less in bench/README.md.
     seed : int
         Seed of the draws.
     prior : array of int, optional
