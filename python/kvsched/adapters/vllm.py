@@ -72,8 +72,8 @@ except ImportError as error:  # pragma: no cover - exercised only without vLLM
 SUPPORTED_VLLM = ((0, 33), (0, 34))  # [lowest, first unsupported)
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
-    "min_quantile", "max_quantile", "sampling", "num_scenarios", "seed", "prior", "max_bypass", "placement",
-    "hash_algorithm",
+    "min_quantile", "max_quantile", "sampling", "num_scenarios", "keyed_draws", "seed", "prior", "max_bypass",
+    "placement", "hash_algorithm",
 )
 _POLICIES = ("fcfs", "priority")
 _MAX_FAST_STOP_IDS = 4
