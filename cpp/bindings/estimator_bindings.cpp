@@ -27,30 +27,19 @@ struct RequestSet {
     view.held = held->data();
     view.max_new_tokens = max_new_tokens->data();
     check_length(max_label, max_new_tokens->size());
-    if (!generated_in.is_none()) {
-      std::string label = prefix + "generated";
-      generated.emplace(generated_in, label.c_str());
-      check_length(label, generated->size());
-      view.generated = generated->data();
-    }
-    if (!class_ids_in.is_none()) {
-      std::string label = prefix + "class_ids";
-      class_ids.emplace(class_ids_in, label.c_str());
-      check_length(label, class_ids->size());
-      view.class_ids = class_ids->data();
-    }
-    if (!known_in.is_none()) {
-      std::string label = prefix + "lengths";
-      known_lengths.emplace(known_in, label.c_str());
-      check_length(label, known_lengths->size());
-      view.known_lengths = known_lengths->data();
-    }
-    if (!ids_in.is_none()) {
-      std::string label = prefix + "ids";
-      ids.emplace(ids_in, label.c_str());
-      check_length(label, ids->size());
-      view.draw_keys = ids->data();
-    }
+    view.generated = optional_array(generated, generated_in, prefix + "generated");
+    view.class_ids = optional_array(class_ids, class_ids_in, prefix + "class_ids");
+    view.known_lengths = optional_array(known_lengths, known_in, prefix + "lengths");
+    view.draw_keys = optional_array(ids, ids_in, prefix + "ids");
+  }
+
+  // Converts an optional argument of one entry per request; null when it is None.
+  template <typename Array>
+  auto optional_array(std::optional<Array>& slot, py::handle given, const std::string& label) -> decltype(slot->data()) {
+    if (given.is_none()) return nullptr;
+    slot.emplace(given, label.c_str());
+    check_length(label, slot->size());
+    return slot->data();
   }
 
   void check_length(const std::string& label, size_t size) const {

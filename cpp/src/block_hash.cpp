@@ -4,19 +4,15 @@
 #include <cstring>
 #include <vector>
 
+#include "kvsched/detail/mix64.h"
+
 namespace kvsched {
 namespace {
 
 inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
 // Two 64-bit bijective finalizers with unrelated constants (xorshift-multiply), one per lane.
-inline uint64_t mix_lane0(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
+inline uint64_t mix_lane0(uint64_t x) { return detail::mix64(x); }
 inline uint64_t mix_lane1(uint64_t x) {
   x ^= x >> 33;
   x *= 0xff51afd7ed558ccdULL;

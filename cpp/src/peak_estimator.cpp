@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kvsched/detail/mix64.h"
 #include "kvsched/errors.h"
 
 namespace kvsched {
@@ -24,14 +25,10 @@ size_t first_negative(const T* values, size_t count) {
   return static_cast<size_t>(std::find_if(values, values + count, [](T v) { return v < 0; }) - values);
 }
 
-// A uniform draw in [0, 1) that is a function of (seed, key, scenario): splitmix64's finalizer.
+// A uniform draw in [0, 1) that is a function of (seed, key, scenario).
 double keyed_uniform(uint64_t seed, int64_t key, int scenario) {
   uint64_t z = seed ^ (static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) ^ (static_cast<uint64_t>(scenario) << 56);
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<double>(z >> 11) * 0x1.0p-53;
+  return static_cast<double>(detail::mix64(z + 0x9E3779B97F4A7C15ull) >> 11) * 0x1.0p-53;
 }
 
 double logit(double p) { return std::log(p / (1.0 - p)); }
