@@ -1,25 +1,32 @@
 // CUDA executor for swap plans (see kvsched/cuda_copy_engine.h for the strategies).
 //
-// Glossary
-//   piece    at most kPieceBytes of one descriptor: the unit one thread block of the gather/scatter
-//            kernel copies, so that a few large descriptors still spread over many SMs.
-//   staging  a device buffer the gather kernel packs pieces into, in descriptor order; a swap is
-//            cut into chunks that each fit it.
-//   run      consecutive pieces of a chunk that are also contiguous on the host side: one
-//            cudaMemcpyAsync between staging and host moves a whole run.
+// The gather/scatter strategy runs a StagingPlan (kvsched/staging_plan.h: pieces, chunks, slots,
+// host runs) on two streams: the caller's stream runs the kernels, a copy stream of the engine's
+// runs the PCIe copies, and per-slot events hand each staging slot back and forth, so that the
+// kernel of chunk k+1 overlaps the copies of chunk k.
+//
+//   swap-out, chunk k in slot s:  caller: [wait slot s free] gather k -> ready[s]
+//                                 copy:   [wait ready[s]]   D2H runs of k -> free[s]
+//   swap-in,  chunk k in slot s:  copy:   [wait slot s free] H2D runs of k -> ready[s]
+//                                 caller: [wait ready[s]]   scatter k -> free[s]
+//
+// Each direction has its own lane (staging, copy stream, piece table, events), so a swap-out and a
+// swap-in on two streams use both PCIe directions at once. Calls on one lane are serialized by its
+// mutex and ordered on the device by its events, whatever streams they come on.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
 #include <stdexcept>
 #include <vector>
 
 #include "kvsched/cuda_copy_engine.h"
 #include "kvsched/errors.h"
+#include "kvsched/staging_plan.h"
 
 namespace kvsched {
 namespace {
 
-constexpr int64_t kPieceBytes = 64 * 1024;
 constexpr int kCopyThreads = 256;
 
 void check_cuda(cudaError_t error, const char* what) {
@@ -29,21 +36,9 @@ void check_cuda(cudaError_t error, const char* what) {
   }
 }
 
-struct Piece {
-  unsigned long long src, dst, nbytes;
-};
-struct Run {
-  int64_t staging_offset;
-  uintptr_t host;
-  int64_t nbytes;
-};
-struct Chunk {
-  size_t piece_begin, piece_end, run_begin, run_end;
-};
-
 // One thread block per piece; 16-byte loads and stores (pieces are 16-byte aligned).
-__global__ void copy_pieces(const Piece* pieces) {
-  const Piece piece = pieces[blockIdx.x];
+__global__ void copy_pieces(const StagingPiece* pieces) {
+  const StagingPiece piece = pieces[blockIdx.x];
   const uint4* src = reinterpret_cast<const uint4*>(piece.src);
   uint4* dst = reinterpret_cast<uint4*>(piece.dst);
   const unsigned long long count = piece.nbytes / 16;
@@ -68,6 +63,128 @@ bool aligned16(const int64_t* descriptors, size_t count, const BufferSpan* src, 
   }
   return true;
 }
+
+// The gather/scatter state of one direction.
+struct Lane {
+  std::mutex mutex;
+  void* staging = nullptr;
+  cudaStream_t copy_stream = nullptr;
+  StagingPiece* host_pieces = nullptr;  // pinned; uploaded at the start of each call
+  StagingPiece* device_pieces = nullptr;
+  size_t piece_capacity = 0;
+  std::shared_ptr<void> entry, pieces_uploaded, last_kernel;
+  std::shared_ptr<void> ready[kStagingSlots], free_slot[kStagingSlots];
+  bool used = false;
+  bool slot_used[kStagingSlots] = {};
+  StagingPlan plan;
+
+  void init() {
+    entry = make_event(cudaEventDisableTiming);
+    pieces_uploaded = make_event(cudaEventDisableTiming);
+    last_kernel = make_event(cudaEventDisableTiming);
+    for (int s = 0; s < kStagingSlots; ++s) {
+      ready[s] = make_event(cudaEventDisableTiming);
+      free_slot[s] = make_event(cudaEventDisableTiming);
+    }
+  }
+
+  ~Lane() {
+    if (used) {
+      cudaEventSynchronize(as_event(last_kernel));
+      for (int s = 0; s < kStagingSlots; ++s) {
+        if (slot_used[s]) cudaEventSynchronize(as_event(free_slot[s]));
+      }
+    }
+    if (copy_stream) cudaStreamDestroy(copy_stream);
+    cudaFree(staging);
+    cudaFree(device_pieces);
+    cudaFreeHost(host_pieces);
+  }
+
+  void reserve(int64_t staging_bytes, size_t num_pieces) {
+    if (staging == nullptr) {
+      check_cuda(cudaMalloc(&staging, static_cast<size_t>(staging_bytes)), "cudaMalloc (staging)");
+    }
+    if (copy_stream == nullptr) {
+      check_cuda(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking), "cudaStreamCreate (copy stream)");
+    }
+    if (num_pieces <= piece_capacity) return;
+    if (used) check_cuda(cudaEventSynchronize(as_event(last_kernel)), "cudaEventSynchronize");
+    const size_t capacity = std::max(num_pieces, 2 * piece_capacity);
+    check_cuda(cudaFree(device_pieces), "cudaFree");
+    check_cuda(cudaFreeHost(host_pieces), "cudaFreeHost");
+    device_pieces = nullptr;
+    host_pieces = nullptr;
+    piece_capacity = 0;
+    check_cuda(cudaMalloc(&device_pieces, capacity * sizeof(StagingPiece)), "cudaMalloc (piece table)");
+    check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_pieces), capacity * sizeof(StagingPiece),
+                             cudaHostAllocDefault),
+               "cudaHostAlloc (piece table)");
+    piece_capacity = capacity;
+  }
+
+  // Enqueues the plan already built in `plan`; see the diagram at the top of this file.
+  void run(bool out, cudaStream_t stream) {
+    const auto staging_base = reinterpret_cast<uintptr_t>(staging);
+    const cudaMemcpyKind kind = out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
+    // The previous call's upload must be done before the pinned table is rewritten, and its kernels
+    // before the device table is.
+    if (used) {
+      check_cuda(cudaEventSynchronize(as_event(pieces_uploaded)), "cudaEventSynchronize");
+      check_cuda(cudaStreamWaitEvent(stream, as_event(last_kernel), 0), "cudaStreamWaitEvent");
+    }
+    std::copy(plan.pieces.begin(), plan.pieces.end(), host_pieces);
+    check_cuda(cudaMemcpyAsync(device_pieces, host_pieces, plan.pieces.size() * sizeof(StagingPiece),
+                               cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync (piece table)");
+    check_cuda(cudaEventRecord(as_event(pieces_uploaded), stream), "cudaEventRecord");
+    // The copy stream starts after everything the caller queued before (the host side may be the
+    // target or source of earlier work on the caller's stream).
+    check_cuda(cudaEventRecord(as_event(entry), stream), "cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(copy_stream, as_event(entry), 0), "cudaStreamWaitEvent");
+    auto copy_runs = [&](const StagingChunk& c) {
+      for (size_t r = c.run_begin; r < c.run_end; ++r) {
+        const StagingRun& run = plan.runs[r];
+        void* staged = reinterpret_cast<void*>(staging_base + static_cast<uintptr_t>(run.staging_offset));
+        void* host = reinterpret_cast<void*>(run.host);
+        check_cuda(cudaMemcpyAsync(out ? host : staged, out ? staged : host, static_cast<size_t>(run.nbytes), kind,
+                                   copy_stream),
+                   "cudaMemcpyAsync (staging)");
+      }
+    };
+    auto launch = [&](const StagingChunk& c) {
+      copy_pieces<<<static_cast<unsigned>(c.piece_end - c.piece_begin), kCopyThreads, 0, stream>>>(device_pieces +
+                                                                                                   c.piece_begin);
+      check_cuda(cudaGetLastError(), out ? "gather kernel launch" : "scatter kernel launch");
+    };
+    for (const StagingChunk& c : plan.chunks) {
+      cudaEvent_t ready_event = as_event(ready[c.slot]), free_event = as_event(free_slot[c.slot]);
+      if (out) {
+        if (slot_used[c.slot]) check_cuda(cudaStreamWaitEvent(stream, free_event, 0), "cudaStreamWaitEvent");
+        launch(c);
+        check_cuda(cudaEventRecord(ready_event, stream), "cudaEventRecord");
+        check_cuda(cudaStreamWaitEvent(copy_stream, ready_event, 0), "cudaStreamWaitEvent");
+        copy_runs(c);
+        check_cuda(cudaEventRecord(free_event, copy_stream), "cudaEventRecord");
+      } else {
+        if (slot_used[c.slot]) check_cuda(cudaStreamWaitEvent(copy_stream, free_event, 0), "cudaStreamWaitEvent");
+        copy_runs(c);
+        check_cuda(cudaEventRecord(ready_event, copy_stream), "cudaEventRecord");
+        check_cuda(cudaStreamWaitEvent(stream, ready_event, 0), "cudaStreamWaitEvent");
+        launch(c);
+        check_cuda(cudaEventRecord(free_event, stream), "cudaEventRecord");
+      }
+      slot_used[c.slot] = true;
+    }
+    check_cuda(cudaEventRecord(as_event(last_kernel), stream), "cudaEventRecord");
+    if (out && !plan.chunks.empty()) {
+      // The copy stream runs its copies in order: the last chunk's free event covers all of them.
+      check_cuda(cudaStreamWaitEvent(stream, as_event(free_slot[plan.chunks.back().slot]), 0),
+                 "cudaStreamWaitEvent");
+    }
+    used = true;
+  }
+};
 
 }  // namespace
 
@@ -121,40 +238,7 @@ void cuda_host_unregister(uintptr_t ptr) {
 // ---- the engine ----
 
 struct CudaCopyEngine::Impl {
-  void* staging = nullptr;
-  Piece* host_pieces = nullptr;    // pinned, uploaded each gather call
-  Piece* device_pieces = nullptr;
-  size_t piece_capacity = 0;
-  std::shared_ptr<void> pieces_uploaded;  // host_pieces may be rewritten once this has fired
-  std::shared_ptr<void> last_use;         // staging and device_pieces are free once this has fired
-  bool used = false;
-  std::vector<Piece> pieces;
-  std::vector<Run> runs;
-  std::vector<Chunk> chunks;
-
-  ~Impl() {
-    if (used) cudaEventSynchronize(as_event(last_use));
-    cudaFree(staging);
-    cudaFree(device_pieces);
-    cudaFreeHost(host_pieces);
-  }
-
-  void reserve_pieces(size_t count) {
-    if (count <= piece_capacity) return;
-    if (used) {
-      check_cuda(cudaEventSynchronize(as_event(last_use)), "cudaEventSynchronize");
-    }
-    size_t capacity = std::max<size_t>(count, 2 * piece_capacity);
-    check_cuda(cudaFree(device_pieces), "cudaFree");
-    check_cuda(cudaFreeHost(host_pieces), "cudaFreeHost");
-    device_pieces = nullptr;
-    host_pieces = nullptr;
-    piece_capacity = 0;
-    check_cuda(cudaMalloc(&device_pieces, capacity * sizeof(Piece)), "cudaMalloc (piece table)");
-    check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&host_pieces), capacity * sizeof(Piece), cudaHostAllocDefault),
-               "cudaHostAlloc (piece table)");
-    piece_capacity = capacity;
-  }
+  Lane lanes[2];  // indexed by SwapDirection
 };
 
 CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost)
@@ -163,15 +247,14 @@ CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCost
   check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   KVSCHED_EXPECTS(device >= 0 && device < count, std::invalid_argument, "device: ", device, " out of range (",
                   count, " CUDA devices)");
-  KVSCHED_EXPECTS(staging_bytes >= kPieceBytes, std::invalid_argument, "staging_bytes: must be >= ", kPieceBytes,
-                  ", got ", staging_bytes);
+  staging_slot_bytes(staging_bytes);  // throws naming staging_bytes when too small
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  impl_->pieces_uploaded = make_event(cudaEventDisableTiming);
-  impl_->last_use = make_event(cudaEventDisableTiming);
+  for (Lane& lane : impl_->lanes) lane.init();
 }
 
 CudaCopyEngine::~CudaCopyEngine() {
   cudaSetDevice(device_);
+  impl_.reset();  // the lanes wait for their last work before freeing
 }
 
 bool CudaCopyEngine::batched_supported() {
@@ -194,7 +277,9 @@ CopyStrategy CudaCopyEngine::choose(SwapDirection direction, const int64_t* desc
   for (CopyStrategy s : {CopyStrategy::kBatched, CopyStrategy::kGatherKernel}) {
     if (s == CopyStrategy::kBatched && (!batched_ok || !batched_supported())) continue;
     if (s == CopyStrategy::kGatherKernel && !gather_ok) continue;
-    double t = cost_.seconds(dir, s, n, bytes);
+    // The gather strategy pays per host run, not per descriptor (its kernel packs the device side).
+    const int64_t copies = s == CopyStrategy::kGatherKernel ? count_host_runs(direction, descriptors, count, staging_bytes_) : n;
+    double t = cost_.seconds(dir, s, copies, bytes);
     if (t < best_time) {
       best_time = t;
       best = s;
@@ -280,78 +365,14 @@ CopyEvent CudaCopyEngine::copy(SwapDirection direction, const int64_t* descripto
     }
 #endif
   } else {
-    // Gather (swap-out) or scatter (swap-in) through the staging buffer.
-    Impl& impl = *impl_;
-    if (impl.staging == nullptr) {
-      check_cuda(cudaMalloc(&impl.staging, static_cast<size_t>(staging_bytes_)), "cudaMalloc (staging)");
-    }
-    impl.pieces.clear();
-    impl.runs.clear();
-    impl.chunks.clear();
-    const auto staging = reinterpret_cast<uintptr_t>(impl.staging);
-    int64_t position = 0;
-    Chunk chunk{0, 0, 0, 0};
-    for (size_t i = 0; i < count; ++i) {
-      const int64_t* d = descriptors + 4 * i;
-      uintptr_t device_address = out ? address(src[d[0]], d[1]) : address(dst[d[0]], d[2]);
-      uintptr_t host_address = out ? address(dst[d[0]], d[2]) : address(src[d[0]], d[1]);
-      for (int64_t done = 0; done < d[3]; done += kPieceBytes) {
-        int64_t n = std::min(kPieceBytes, d[3] - done);
-        if (position + n > staging_bytes_) {  // close the chunk: staging is full
-          chunk.piece_end = impl.pieces.size();
-          chunk.run_end = impl.runs.size();
-          impl.chunks.push_back(chunk);
-          chunk = Chunk{impl.pieces.size(), 0, impl.runs.size(), 0};
-          position = 0;
-        }
-        uintptr_t staged = staging + static_cast<uintptr_t>(position);
-        uintptr_t here = device_address + static_cast<uintptr_t>(done);
-        impl.pieces.push_back(out ? Piece{here, staged, static_cast<unsigned long long>(n)}
-                                  : Piece{staged, here, static_cast<unsigned long long>(n)});
-        uintptr_t host_here = host_address + static_cast<uintptr_t>(done);
-        if (impl.runs.size() > chunk.run_begin && impl.runs.back().host + static_cast<uintptr_t>(impl.runs.back().nbytes) == host_here) {
-          impl.runs.back().nbytes += n;
-        } else {
-          impl.runs.push_back(Run{position, host_here, n});
-        }
-        position += n;
-      }
-    }
-    chunk.piece_end = impl.pieces.size();
-    chunk.run_end = impl.runs.size();
-    if (chunk.piece_end > chunk.piece_begin) impl.chunks.push_back(chunk);
-
-    if (!impl.pieces.empty()) {
-      impl.reserve_pieces(impl.pieces.size());
-      // The pinned table and the device table / staging of the previous call must be released.
-      if (impl.used) {
-        check_cuda(cudaEventSynchronize(as_event(impl.pieces_uploaded)), "cudaEventSynchronize");
-        check_cuda(cudaStreamWaitEvent(stream, as_event(impl.last_use), 0), "cudaStreamWaitEvent");
-      }
-      std::copy(impl.pieces.begin(), impl.pieces.end(), impl.host_pieces);
-      check_cuda(cudaMemcpyAsync(impl.device_pieces, impl.host_pieces, impl.pieces.size() * sizeof(Piece),
-                                 cudaMemcpyHostToDevice, stream),
-                 "cudaMemcpyAsync (piece table)");
-      check_cuda(cudaEventRecord(as_event(impl.pieces_uploaded), stream), "cudaEventRecord");
-      for (const Chunk& c : impl.chunks) {
-        auto copy_runs = [&] {
-          for (size_t r = c.run_begin; r < c.run_end; ++r) {
-            const Run& run = impl.runs[r];
-            void* staged = reinterpret_cast<void*>(staging + static_cast<uintptr_t>(run.staging_offset));
-            void* host = reinterpret_cast<void*>(run.host);
-            check_cuda(cudaMemcpyAsync(out ? host : staged, out ? staged : host, static_cast<size_t>(run.nbytes), kind,
-                                       stream),
-                       "cudaMemcpyAsync (staging)");
-          }
-        };
-        if (!out) copy_runs();
-        copy_pieces<<<static_cast<unsigned>(c.piece_end - c.piece_begin), kCopyThreads, 0, stream>>>(
-            impl.device_pieces + c.piece_begin);
-        check_cuda(cudaGetLastError(), out ? "gather kernel launch" : "scatter kernel launch");
-        if (out) copy_runs();
-      }
-      check_cuda(cudaEventRecord(as_event(impl.last_use), stream), "cudaEventRecord");
-      impl.used = true;
+    Lane& lane = impl_->lanes[out ? 0 : 1];
+    std::lock_guard<std::mutex> hold(lane.mutex);
+    lane.reserve(staging_bytes_, 0);
+    build_staging_plan(direction, descriptors, count, src, dst, reinterpret_cast<uintptr_t>(lane.staging),
+                       staging_bytes_, lane.plan);
+    if (!lane.plan.pieces.empty()) {
+      lane.reserve(staging_bytes_, lane.plan.pieces.size());
+      lane.run(out, stream);
     }
   }
   CopyEvent done;

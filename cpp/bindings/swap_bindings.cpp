@@ -10,6 +10,7 @@
 #include "bindings.h"
 #include "kvsched/copy_descriptors.h"
 #include "kvsched/cuda_copy_engine.h"
+#include "kvsched/staging_plan.h"
 #include "kvsched/swap_planner.h"
 
 namespace kvsched::bindings {
@@ -235,6 +236,48 @@ void init_swap(py::module_& m) {
                               src_spans.size());
       },
       py::arg("descriptors"), py::arg("src"), py::arg("dst"));
+
+  // The gather strategy's plan, built on the CPU: for tests and inspection, no GPU needed.
+  m.def(
+      "staging_plan",
+      [](int direction, py::handle descriptors, py::handle src, py::handle dst, uintptr_t staging,
+         int64_t staging_bytes) {
+        if (direction != 0 && direction != 1) throw py::value_error("direction: must be 0 (out) or 1 (in)");
+        auto rows = descriptor_array(descriptors);
+        std::vector<BufferSpan> src_spans = spans(src, "src"), dst_spans = spans(dst, "dst");
+        check_same_count(src_spans, dst_spans);
+        StagingPlan plan;
+        {
+          GilRelease release;
+          check_descriptors(rows.data(), static_cast<size_t>(rows.shape(0)), src_spans.data(), dst_spans.data(),
+                            src_spans.size());
+          build_staging_plan(static_cast<SwapDirection>(direction), rows.data(), static_cast<size_t>(rows.shape(0)),
+                             src_spans.data(), dst_spans.data(), staging, staging_bytes, plan);
+        }
+        std::vector<int64_t> pieces, runs, chunks;
+        for (const StagingPiece& p : plan.pieces) {
+          pieces.insert(pieces.end(), {static_cast<int64_t>(p.src), static_cast<int64_t>(p.dst),
+                                       static_cast<int64_t>(p.nbytes)});
+        }
+        for (const StagingRun& r : plan.runs) {
+          runs.insert(runs.end(), {r.staging_offset, static_cast<int64_t>(r.host), r.nbytes, r.tensor});
+        }
+        for (const StagingChunk& c : plan.chunks) {
+          chunks.insert(chunks.end(), {static_cast<int64_t>(c.piece_begin), static_cast<int64_t>(c.piece_end),
+                                       static_cast<int64_t>(c.run_begin), static_cast<int64_t>(c.run_end), c.slot});
+        }
+        py::dict d;
+        d["pieces"] = to_numpy(std::move(pieces)).attr("reshape")(-1, 3);
+        d["runs"] = to_numpy(std::move(runs)).attr("reshape")(-1, 4);
+        d["chunks"] = to_numpy(std::move(chunks)).attr("reshape")(-1, 5);
+        d["slot_bytes"] = plan.slot_bytes;
+        d["piece_bytes"] = plan.piece_bytes;
+        d["host_runs"] = count_host_runs(static_cast<SwapDirection>(direction), rows.data(),
+                                         static_cast<size_t>(rows.shape(0)), staging_bytes);
+        return d;
+      },
+      py::arg("direction"), py::arg("descriptors"), py::arg("src"), py::arg("dst"), py::arg("staging"),
+      py::arg("staging_bytes"));
 
   // ---- CUDA (each entry raises RuntimeError in a build without nvcc) ----
   py::class_<CopyEvent>(m, "CopyEvent")
