@@ -43,6 +43,15 @@ class KvCache:
             for t in range(2):
                 self.device[t][dst] = self.device[t][src]
 
+    def check_plan(self, plan: kvsched.StepPlan, scheduler: kvsched.Scheduler, totals: np.ndarray) -> None:
+        """Runs the plan's copies, then checks each row's KV so far and writes this step's tokens.
+        `totals` is each row's prompt + generated tokens before the step."""
+        self.apply_copies(plan)
+        for i, req in enumerate(plan.req_ids.tolist()):
+            computed = int(plan.computed_offsets[i])
+            self.verify_and_write(req, scheduler.block_table(req), computed,
+                                  min(int(totals[i]), computed + int(plan.num_tokens[i])))
+
     def verify_and_write(self, req: int, table: np.ndarray, computed: int, end: int) -> None:
         positions = np.arange(computed)
         slots = (table[positions // self.block_size], positions % self.block_size)
@@ -55,10 +64,10 @@ class KvCache:
 
 
 class FakeEngine:
-    def __init__(self, scheduler: kvsched.Scheduler, check: bool = True, kv_check: bool = False) -> None:
+    def __init__(self, scheduler: kvsched.Scheduler, check: bool = True, kv_check: bool = False, kv=None) -> None:
         self.scheduler = scheduler
         self.check = check
-        self.kv = KvCache(scheduler.config) if kv_check else None
+        self.kv = kv if kv is not None else KvCache(scheduler.config) if kv_check else None
         self.swaps_out = 0
         self.prompt: dict[int, int] = {}
         self.true_len: dict[int, int] = {}
@@ -89,12 +98,8 @@ class FakeEngine:
         self.preemptions += plan.preempted_ids.size
         self.swaps_out += plan.swapped_out_ids.size
         if self.kv is not None:
-            self.kv.apply_copies(plan)
-            for i, req in enumerate(plan.req_ids.tolist()):
-                total = self.prompt[req] + self.generated[req]
-                computed = int(plan.computed_offsets[i])
-                self.kv.verify_and_write(req, self.scheduler.block_table(req), computed,
-                                         min(total, computed + int(plan.num_tokens[i])))
+            totals = np.array([self.prompt[r] + self.generated[r] for r in plan.req_ids.tolist()], dtype=np.int64)
+            self.kv.check_plan(plan, self.scheduler, totals)
         new_tokens = np.zeros(len(plan), dtype=np.int64)
         done = np.zeros(len(plan), dtype=bool)
         for i, req in enumerate(plan.req_ids.tolist()):

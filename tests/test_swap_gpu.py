@@ -111,3 +111,39 @@ def test_device_bad_input(rng):
     if CopyEngine.batched_supported():
         with pytest.raises(ValueError, match="legacy default stream"):
             engine.copy(plan, device, pinned_like(layout.buffer_nbytes(64, "host")), strategy="batched", stream=0)
+
+
+@pytest.mark.parametrize("layout_name", ["per_layer", "cross_layer"])
+@pytest.mark.parametrize("strategy", strategies())
+def test_production_size_round_trip(layout_name, strategy):
+    """1 GiB over 64 tensors (or one cross-layer tensor of 2 MiB blocks), random device blocks, a
+    staging buffer far smaller than the swap: out to pinned host, back into other random blocks."""
+    torch = pytest.importorskip("torch")
+    from kvsched.swap import KvLayout
+
+    layout = {"per_layer": KvLayout.per_layer, "cross_layer": KvLayout.cross_layer}[layout_name](
+        num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype_bytes=2)
+    num_device, num_swap = 1536, 512
+    rng = np.random.default_rng(11)
+    picked = rng.choice(num_device, size=2 * num_swap, replace=False).astype(np.int32)
+    source, target = picked[:num_swap], picked[num_swap:]
+    planner = SwapPlanner(num_swap, 16, layout=layout)
+    out = planner.plan_swap_out([0], [16 * num_swap], [0, num_swap], source)
+    back = planner.plan_swap_in([0], [0, num_swap], target)
+    assert out.bytes == 1 << 30
+    device = [torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda") for n in layout.buffer_nbytes(num_device)]
+    for d in device:  # poison the blocks the swap-in will write
+        d.view(num_device, -1)[torch.as_tensor(target, device="cuda")] = 0xAB
+    host = pinned_like(layout.buffer_nbytes(num_swap, "host"))
+    engine = CopyEngine(0, staging_bytes=16 << 20)
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    engine.copy(out, device, host, strategy=strategy, stream=stream.cuda_stream)
+    engine.copy(back, device, host, strategy=strategy, stream=stream.cuda_stream).wait()
+    source_index, target_index = torch.as_tensor(source, device="cuda"), torch.as_tensor(target, device="cuda")
+    for t, d in enumerate(device):
+        blocks = d.view(num_device, -1)
+        assert torch.equal(blocks[source_index], blocks[target_index]), (strategy, layout_name, t)
+        # And the host copy itself, in the planner's host blocks.
+        host_blocks = torch.from_numpy(np.asarray(host[t]).reshape(num_swap, -1)).cuda()
+        assert torch.equal(host_blocks[torch.as_tensor(planner.host_blocks(0), device="cuda")], blocks[source_index])

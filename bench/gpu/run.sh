@@ -1,14 +1,45 @@
 #!/usr/bin/env bash
-# GPU verification of the swap copy engines, for the device machine (no registry there: it builds
-# with the preinstalled pybind11, scikit-build-core, CMake, nvcc and CuPy/PyTorch).
-#   bash bench/gpu/run.sh            results under $OUT (or ./gpu-results)
-set -euo pipefail
+# GPU verification of kvsched on the device machine, most important step first, each with its own
+# time limit, in well under 6 minutes. No registry there: it builds with the preinstalled pybind11,
+# scikit-build-core, CMake, nvcc and PyTorch.
+#   bash bench/gpu/run.sh [TRACE.csv]      results under $OUT (or ./gpu-results)
+# TRACE is an Azure-format trace for the allocator-replay rows of the bandwidth table
+# (default ../shared/data/traces/AzureLLMInferenceTrace_conv.csv when that exists).
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
+trace=${1:-../shared/data/traces/AzureLLMInferenceTrace_conv.csv}
+status=0
+step() {  # step NAME SECONDS COMMAND...: runs it, logs to $out/NAME.txt, records failures
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local began=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.txt"
+  echo "== $name: rc=$rc in $((SECONDS - began))s"
+  [ $rc -eq 0 ] || status=1
+  echo "$name rc=$rc seconds=$((SECONDS - began))" >> "$out/steps.txt"
+}
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv | tee "$out/gpu.txt"
-pip install --no-build-isolation --no-deps -q . 2>&1 | tail -5
+step build 240 pip install --no-build-isolation --no-deps -v .
 python -c "import kvsched; print('cuda_compiled', kvsched.cuda_compiled(), 'has_cuda', kvsched.has_cuda())" | tee -a "$out/gpu.txt"
-python -m pytest -q -p no:cacheprovider tests/test_swap_gpu.py tests/test_swap.py 2>&1 | tee "$out/tests.txt" | tail -15
-python bench/gpu/swap_bandwidth.py --out "$out/swap_bandwidth.json" 2>&1 | tee "$out/swap_bandwidth.txt"
-python bench/gpu/swap_bandwidth.py --calibrate --out "$out/swap_bandwidth_calibrated.json" 2>&1 | tee "$out/swap_bandwidth_calibrated.txt"
+export PYTHONUNBUFFERED=1 KVSCHED_GPU_REPORT="$out"
+# 1. The module links its C++ runtime privately: symbol table and bad input on this toolchain.
+step symbols_bad_input 60 python -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_bad_input.py \
+  tests/test_scheduler_bad_input.py
+# 2. Bandwidth: every row against the ceiling measured in the same run.
+trace_args=()
+[ -f "$trace" ] && trace_args=(--trace "$trace")
+step swap_bandwidth 150 python bench/gpu/swap_bandwidth.py "${trace_args[@]}" --out "$out/swap_bandwidth.json"
+# 3. Correctness on the GPU: round trips (production sizes too) and the scheduler end to end.
+step gpu_tests 150 python -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py
+# 4. The whole suite on this build (the vLLM adapter tests skip: no vLLM there).
+step full_suite 120 python -m pytest -q -p no:cacheprovider -x -n 8 tests
+# 5. Memory errors in the copy engine (small round trips; the production sizes are too slow under it).
+step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -p no:cacheprovider \
+  tests/test_swap_gpu.py -k "test_device_round_trip or bad_input"
+cat "$out/steps.txt"
+exit $status

@@ -109,6 +109,19 @@ class CopyEngine:
         direction, src, dst = self._spans(plan, device_tensors, host_tensors)
         return self._core.copy(direction, plan.descriptors, src, dst, _strategy(strategy), int(stream))
 
+    def copy_descriptors(self, direction: str, descriptors: np.ndarray, device_tensors: Sequence[Any],
+                         host_tensors: Sequence[np.ndarray], *, strategy: str = "auto", stream: int = 0):
+        """``copy`` for bare descriptor rows, such as a StepPlan's ``swap_out_descriptors`` ("out")
+        and ``swap_in_descriptors`` ("in"). Enqueue a step's swap-out before its swap-in on one
+        stream: a swap-in may reuse the host blocks a swap-out of the same step reads."""
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction: expected 'out' or 'in', got {direction!r}")
+        descriptors = np.asarray(descriptors)
+        rows = descriptors.shape[0] if descriptors.ndim == 2 else 0
+        plan = SwapPlan(direction, np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros((0, 3), np.int64),
+                        descriptors, rows, 0, int(descriptors[:, 3].sum()) if rows else 0, rows, 0.0)
+        return self.copy(plan, device_tensors, host_tensors, strategy=strategy, stream=stream)
+
     def time_copy(self, plan: SwapPlan, device_tensors: Sequence[Any], host_tensors: Sequence[np.ndarray], *,
                   strategy: str = "auto", repeats: int = 5) -> float:
         """Median seconds of `repeats` runs of the plan (synchronous, timed with CUDA events)."""

@@ -29,7 +29,17 @@ class PlacementReport:
     mean_running: float
 
 
-def replay_placement(
+@dataclass
+class ReplayStep:
+    """The replay's state after one step (live objects: read them before advancing)."""
+    step: int
+    allocator: BlockAllocator
+    running: np.ndarray  # request ids in admission order (the newest last: the next victims)
+    preemptions: int  # so far
+    completed: int
+
+
+def replay_steps(
     trace: Trace,
     placement: str,
     *,
@@ -38,7 +48,8 @@ def replay_placement(
     step_s: float = 0.03,
     max_num_seqs: int = 256,
     max_steps: int = 1_000_000,
-) -> PlacementReport:
+):
+    """Yields a ReplayStep after every step of the replay (see the module docstring)."""
     allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching=False, placement=placement)
     n = len(trace)
     context = trace.prompt_tokens.copy()  # tokens a request holds when (re)admitted
@@ -49,7 +60,6 @@ def replay_placement(
     next_arrival = int(np.searchsorted(trace.arrival_s, 0.0, side="right"))
     waiting = np.flatnonzero(fits[:next_arrival])
     completed = preemptions = steps = 0
-    table_blocks = table_extents = running_sum = 0
     while (completed + int((~fits).sum()) < n) and steps < max_steps:
         steps += 1
         arrived = int(np.searchsorted(trace.arrival_s, steps * step_s, side="right"))
@@ -86,19 +96,29 @@ def replay_placement(
                 allocator.allocate_batch(admitted, context[admitted])
                 running = np.concatenate([running, admitted])
                 waiting = waiting[count:]
-        stats = allocator.stats()
-        table_blocks += stats["table_blocks"]
-        table_extents += stats["table_extents"]
-        running_sum += running.size
+        yield ReplayStep(steps, allocator, running, preemptions, completed)
         if not running.size and not waiting.size and next_arrival < n:
             # Idle: jump to the next arrival.
             steps = max(steps, int(np.ceil(trace.arrival_s[next_arrival] / step_s)) - 1)
     allocator.check_invariants()
+
+
+def replay_placement(trace: Trace, placement: str, **options) -> PlacementReport:
+    """Mean blocks per contiguous extent of the live block tables over a replay (options as for
+    replay_steps)."""
+    table_blocks = table_extents = running_sum = 0
+    last = None
+    for last in replay_steps(trace, placement, **options):
+        stats = last.allocator.stats()
+        table_blocks += stats["table_blocks"]
+        table_extents += stats["table_extents"]
+        running_sum += last.running.size
+    steps = last.step if last else 0
     return PlacementReport(
         placement=placement,
         steps=steps,
-        completed=completed,
-        preemptions=preemptions,
+        completed=last.completed if last else 0,
+        preemptions=last.preemptions if last else 0,
         mean_blocks_per_extent=table_blocks / table_extents if table_extents else 0.0,
         mean_running=running_sum / max(steps, 1),
     )
