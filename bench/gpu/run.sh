@@ -24,22 +24,22 @@ step() {  # step NAME SECONDS COMMAND...: runs it, logs to $out/NAME.txt, record
   echo "$name rc=$rc seconds=$((SECONDS - began))" >> "$out/steps.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv | tee "$out/gpu.txt"
-step build 150 pip install --no-build-isolation --no-deps -v .
-python -c "import kvsched; print('cuda_compiled', kvsched.cuda_compiled(), 'has_cuda', kvsched.has_cuda())" | tee -a "$out/gpu.txt"
+step build 150 python3 -m pip install --no-build-isolation --no-deps -v .
+python3 -c "import kvsched; print('cuda_compiled', kvsched.cuda_compiled(), 'has_cuda', kvsched.has_cuda())" | tee -a "$out/gpu.txt"
 export PYTHONUNBUFFERED=1 KVSCHED_GPU_REPORT="$out"
 # 1. The module links its C++ runtime privately: symbol table and bad input on this toolchain.
-step symbols_bad_input 60 python -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_bad_input.py \
+step symbols_bad_input 60 python3 -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_bad_input.py \
   tests/test_scheduler_bad_input.py
 # 2. Bandwidth: every row against the ceiling measured in the same run.
 trace_args=()
 [ -f "$trace" ] && trace_args=(--trace "$trace")
-step swap_bandwidth 120 python bench/gpu/swap_bandwidth.py "${trace_args[@]}" --out "$out/swap_bandwidth.json"
+step swap_bandwidth 120 python3 bench/gpu/swap_bandwidth.py "${trace_args[@]}" --out "$out/swap_bandwidth.json"
 # 3. Correctness on the GPU: round trips (production sizes too) and the scheduler end to end.
-step gpu_tests 120 python -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py
+step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py
 # 4. The whole suite on this build (the vLLM adapter tests skip: no vLLM there).
-step full_suite 90 python -m pytest -q -p no:cacheprovider -x -n 8 tests
+step full_suite 90 python3 -m pytest -q -p no:cacheprovider -x -n 8 tests
 # 5. Memory errors in the copy engine (small round trips; the production sizes are too slow under it).
-step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q -p no:cacheprovider \
+step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
   tests/test_swap_gpu.py -k "test_device_round_trip or bad_input"
 cat "$out/steps.txt"
 exit $status
