@@ -36,6 +36,45 @@ void check_cuda(cudaError_t error, const char* what) {
   }
 }
 
+// Copies gathered for one cudaMemcpyBatchAsync (CUDA 12.8+; never on the legacy default stream).
+struct CopyBatch {
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+
+  void clear() {
+    dsts.clear();
+    srcs.clear();
+    sizes.clear();
+  }
+  void add(void* dst, const void* src, size_t nbytes) {
+    dsts.push_back(dst);
+    srcs.push_back(src);
+    sizes.push_back(nbytes);
+  }
+  void enqueue(cudaStream_t stream) {
+    if (sizes.empty()) return;
+#if CUDART_VERSION >= 12080
+    cudaMemcpyAttributes attributes{};
+    attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    size_t attribute_index = 0;
+#if CUDART_VERSION >= 13000
+    check_cuda(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), sizes.size(), &attributes,
+                                    &attribute_index, 1, stream),
+               "cudaMemcpyBatchAsync");
+#else
+    size_t fail_index = 0;
+    check_cuda(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), sizes.size(),
+                                    &attributes, &attribute_index, 1, &fail_index, stream),
+               "cudaMemcpyBatchAsync");
+#endif
+#else
+    (void)stream;
+    throw std::logic_error("cudaMemcpyBatchAsync: not in this CUDA runtime");
+#endif
+  }
+};
+
 // One thread block per piece; 16-byte loads and stores (pieces are 16-byte aligned).
 __global__ void copy_pieces(const StagingPiece* pieces) {
   const StagingPiece piece = pieces[blockIdx.x];
@@ -77,6 +116,7 @@ struct Lane {
   bool used = false;
   bool slot_used[kStagingSlots] = {};
   StagingPlan plan;
+  CopyBatch batch;
 
   void init() {
     entry = make_event(cudaEventDisableTiming);
@@ -124,7 +164,9 @@ struct Lane {
   }
 
   // Enqueues the plan already built in `plan`; see the diagram at the top of this file.
-  void run(bool out, cudaStream_t stream) {
+  // batch_runs: a chunk's host runs go out as one cudaMemcpyBatchAsync instead of one
+  // cudaMemcpyAsync each (fewer calls where the host side is broken into many runs).
+  void run(bool out, cudaStream_t stream, bool batch_runs) {
     const auto staging_base = reinterpret_cast<uintptr_t>(staging);
     const cudaMemcpyKind kind = out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice;
     // The previous call's upload must be done before the pinned table is rewritten, and its kernels
@@ -143,14 +185,20 @@ struct Lane {
     check_cuda(cudaEventRecord(as_event(entry), stream), "cudaEventRecord");
     check_cuda(cudaStreamWaitEvent(copy_stream, as_event(entry), 0), "cudaStreamWaitEvent");
     auto copy_runs = [&](const StagingChunk& c) {
+      batch.clear();
       for (size_t r = c.run_begin; r < c.run_end; ++r) {
         const StagingRun& run = plan.runs[r];
         void* staged = reinterpret_cast<void*>(staging_base + static_cast<uintptr_t>(run.staging_offset));
         void* host = reinterpret_cast<void*>(run.host);
-        check_cuda(cudaMemcpyAsync(out ? host : staged, out ? staged : host, static_cast<size_t>(run.nbytes), kind,
-                                   copy_stream),
-                   "cudaMemcpyAsync (staging)");
+        if (batch_runs) {
+          batch.add(out ? host : staged, out ? staged : host, static_cast<size_t>(run.nbytes));
+        } else {
+          check_cuda(cudaMemcpyAsync(out ? host : staged, out ? staged : host, static_cast<size_t>(run.nbytes), kind,
+                                     copy_stream),
+                     "cudaMemcpyAsync (staging)");
+        }
       }
+      batch.enqueue(copy_stream);
     };
     auto launch = [&](const StagingChunk& c) {
       copy_pieces<<<static_cast<unsigned>(c.piece_end - c.piece_begin), kCopyThreads, 0, stream>>>(device_pieces +
@@ -241,8 +289,9 @@ struct CudaCopyEngine::Impl {
   Lane lanes[2];  // indexed by SwapDirection
 };
 
-CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost)
-    : device_(device), staging_bytes_(staging_bytes), cost_(cost), impl_(std::make_unique<Impl>()) {
+CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost,
+                               bool batch_staging_copies)
+    : device_(device), staging_bytes_(staging_bytes), cost_(cost), batch_staging_copies_(batch_staging_copies), impl_(std::make_unique<Impl>()) {
   int count = 0;
   check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   KVSCHED_EXPECTS(device >= 0 && device < count, std::invalid_argument, "device: ", device, " out of range (",
@@ -338,32 +387,13 @@ CopyEvent CudaCopyEngine::copy(SwapDirection direction, const int64_t* descripto
                  "cudaMemcpyAsync");
     }
   } else if (chosen == CopyStrategy::kBatched) {
-#if CUDART_VERSION >= 12080
-    std::vector<void*> dsts(count);
-    std::vector<const void*> srcs(count);
-    std::vector<size_t> sizes(count);
+    CopyBatch batch;
     for (size_t i = 0; i < count; ++i) {
       const int64_t* d = descriptors + 4 * i;
-      dsts[i] = reinterpret_cast<void*>(address(dst[d[0]], d[2]));
-      srcs[i] = reinterpret_cast<const void*>(address(src[d[0]], d[1]));
-      sizes[i] = static_cast<size_t>(d[3]);
+      batch.add(reinterpret_cast<void*>(address(dst[d[0]], d[2])),
+                reinterpret_cast<const void*>(address(src[d[0]], d[1])), static_cast<size_t>(d[3]));
     }
-    cudaMemcpyAttributes attributes{};
-    attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t attribute_index = 0;
-    if (count > 0) {
-#if CUDART_VERSION >= 13000
-      check_cuda(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attributes, &attribute_index, 1,
-                                      stream),
-                 "cudaMemcpyBatchAsync");
-#else
-      size_t fail_index = 0;
-      check_cuda(cudaMemcpyBatchAsync(dsts.data(), const_cast<void**>(srcs.data()), sizes.data(), count, &attributes,
-                                      &attribute_index, 1, &fail_index, stream),
-                 "cudaMemcpyBatchAsync");
-#endif
-    }
-#endif
+    batch.enqueue(stream);
   } else {
     Lane& lane = impl_->lanes[out ? 0 : 1];
     std::lock_guard<std::mutex> hold(lane.mutex);
@@ -372,7 +402,7 @@ CopyEvent CudaCopyEngine::copy(SwapDirection direction, const int64_t* descripto
                        staging_bytes_, lane.plan);
     if (!lane.plan.pieces.empty()) {
       lane.reserve(staging_bytes_, lane.plan.pieces.size());
-      lane.run(out, stream);
+      lane.run(out, stream, batch_staging_copies_ && batched_supported());
     }
   }
   CopyEvent done;

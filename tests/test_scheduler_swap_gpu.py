@@ -62,5 +62,5 @@ def test_swap_preemption_on_gpu_keeps_every_byte(strategy):
               "checked_tokens": kv.checked_tokens}
     print(json.dumps(report))
     if os.environ.get("KVSCHED_GPU_REPORT"):
-        with open(os.path.join(os.environ["KVSCHED_GPU_REPORT"], f"e2e_{strategy}.json"), "w") as f:
-            json.dump(report, f)
+        with open(os.environ["KVSCHED_GPU_REPORT"], "a") as f:  # one JSON line per strategy
+            f.write(json.dumps(report) + "\n")

@@ -23,10 +23,17 @@ NUM_HOST_BLOCKS = 256
 
 
 def strategies():
-    names = ["auto", "per_descriptor", "gather_kernel"]
+    # gather_kernel/per_run: the gather strategy issuing one cudaMemcpyAsync per host run.
+    names = ["auto", "per_descriptor", "gather_kernel", "gather_kernel/per_run"]
     if kvsched.has_cuda() and CopyEngine.batched_supported():
         names.append("batched")
     return names
+
+
+def engine_for(strategy: str, staging_bytes: int):
+    """(engine, strategy name for copy()) for a name of strategies()."""
+    per_run = strategy.endswith("/per_run")
+    return CopyEngine(0, staging_bytes=staging_bytes, batch_staging_copies=not per_run), strategy.split("/")[0]
 
 
 def pinned_like(sizes):
@@ -43,7 +50,7 @@ def test_device_round_trip_is_byte_exact(layout_name, strategy, staging_bytes, r
     layout = LAYOUTS[layout_name]
     allocator = fragmented_allocator(NUM_DEVICE_BLOCKS, rng)
     planner = SwapPlanner(NUM_HOST_BLOCKS, BLOCK, layout=layout)
-    engine = CopyEngine(0, staging_bytes=staging_bytes)
+    engine, strategy = engine_for(strategy, staging_bytes)
     host_image = make_buffers(layout, NUM_DEVICE_BLOCKS, "device")
     seq_tokens = {s: int(rng.integers(1, 80)) for s in range(10)}
     for s, n in seq_tokens.items():
@@ -135,7 +142,7 @@ def test_production_size_round_trip(layout_name, strategy):
     for d in device:  # poison the blocks the swap-in will write
         d.view(num_device, -1)[torch.as_tensor(target, device="cuda")] = 0xAB
     host = pinned_like(layout.buffer_nbytes(num_swap, "host"))
-    engine = CopyEngine(0, staging_bytes=16 << 20)
+    engine, strategy = engine_for(strategy, 16 << 20)
     stream = torch.cuda.Stream()
     torch.cuda.synchronize()
     engine.copy(out, device, host, strategy=strategy, stream=stream.cuda_stream)

@@ -11,22 +11,26 @@ out=${OUT:-gpu-results}
 mkdir -p "$out"
 trace=${1:-../shared/data/traces/AzureLLMInferenceTrace_conv.csv}
 status=0
-step() {  # step NAME SECONDS COMMAND...: runs it, logs to $out/NAME.txt, records failures
+log="$out/log.txt"
+step() {  # step NAME SECONDS COMMAND...: runs it with a limit, appends its output to $out/log.txt
   local name=$1 limit=$2
   shift 2
-  echo "== $name (limit ${limit}s)"
+  echo "== $name (limit ${limit}s)" | tee -a "$log"
   local began=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  timeout "$limit" "$@" > "$out/current.txt" 2>&1
   local rc=$?
-  tail -n 25 "$out/$name.txt"
-  echo "== $name: rc=$rc in $((SECONDS - began))s"
+  cat "$out/current.txt" >> "$log"
+  tail -n 25 "$out/current.txt"
+  rm -f "$out/current.txt"
+  echo "== $name: rc=$rc in $((SECONDS - began))s" | tee -a "$log"
   [ $rc -eq 0 ] || status=1
-  echo "$name rc=$rc seconds=$((SECONDS - began))" >> "$out/steps.txt"
+  summary+="$name rc=$rc seconds=$((SECONDS - began))"$'\n'
 }
+summary=""
 nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv | tee "$out/gpu.txt"
 step build 150 python3 -m pip install --no-build-isolation --no-deps -v .
 python3 -c "import kvsched; print('cuda_compiled', kvsched.cuda_compiled(), 'has_cuda', kvsched.has_cuda())" | tee -a "$out/gpu.txt"
-export PYTHONUNBUFFERED=1 KVSCHED_GPU_REPORT="$out"
+export PYTHONUNBUFFERED=1
 # 1. The module links its C++ runtime privately: symbol table and bad input on this toolchain.
 step symbols_bad_input 60 python3 -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_bad_input.py \
   tests/test_scheduler_bad_input.py
@@ -35,11 +39,13 @@ trace_args=()
 [ -f "$trace" ] && trace_args=(--trace "$trace")
 step swap_bandwidth 120 python3 bench/gpu/swap_bandwidth.py "${trace_args[@]}" --out "$out/swap_bandwidth.json"
 # 3. Correctness on the GPU: round trips (production sizes too) and the scheduler end to end.
+export KVSCHED_GPU_REPORT="$out/scheduler_swap_gpu.jsonl"
 step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py
+unset KVSCHED_GPU_REPORT
 # 4. The whole suite on this build (the vLLM adapter tests skip: no vLLM there).
 step full_suite 90 python3 -m pytest -q -p no:cacheprovider -x -n 8 tests
 # 5. Memory errors in the copy engine (small round trips; the production sizes are too slow under it).
 step memcheck 100 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
   tests/test_swap_gpu.py -k "test_device_round_trip or bad_input"
-cat "$out/steps.txt"
+printf "%s" "$summary" | tee -a "$log"
 exit $status

@@ -124,7 +124,8 @@ def median_ms(run, repeats: int) -> float:
     return float(np.median(times))
 
 
-def measure_row(engine, layout, plans, baseline, device, host, big_device, big_host, repeats, strategies):
+def measure_row(engine, per_run_engine, layout, plans, baseline, device, host, big_device, big_host, repeats,
+                strategies):
     import torch
     stream = torch.cuda.Stream()
     result = {"directions": {}}
@@ -132,7 +133,7 @@ def measure_row(engine, layout, plans, baseline, device, host, big_device, big_h
         row = {}
         nbytes = plan.bytes
 
-        def timed(p, dev, hst, strategy):
+        def timed(p, dev, hst, strategy, engine=engine):
             def run():
                 stream.wait_stream(torch.cuda.current_stream())  # starts after the start event
                 with torch.cuda.stream(stream):
@@ -144,6 +145,8 @@ def measure_row(engine, layout, plans, baseline, device, host, big_device, big_h
                                           "per_descriptor")
         for strategy in strategies:
             row[strategy] = timed(plan, device, host, strategy)
+        # The gather strategy with one cudaMemcpyAsync per host run instead of one batch per chunk.
+        row["gather_kernel_call_per_run"] = timed(plan, device, host, "gather_kernel", engine=per_run_engine)
         whole = dataclasses.replace(plan, descriptors=np.array([[0, 0, 0, nbytes]], dtype=np.int64))
         row["ceiling"] = timed(whole, big_device, big_host, "per_descriptor")
         row["auto_choice"] = engine.choose(plan)
@@ -222,8 +225,10 @@ def main() -> int:
     if args.trace:
         table_sets["replay"] = replay_tables(args.trace, args.device_blocks, args.swap_blocks)
     engine = CopyEngine(0, staging_bytes=args.staging_mib << 20)
+    per_run_engine = CopyEngine(0, staging_bytes=args.staging_mib << 20, batch_staging_copies=False)
     scratch = torch.empty(2 * (32 << 10) * 2048, dtype=torch.uint8, device="cuda")
     cost = calibrate_swap_cost(engine, scratch, pinned_empty(scratch.numel()))
+    per_run_engine.set_cost_model(cost)
     del scratch
     strategies = ("auto", "per_descriptor") + (("batched",) if CopyEngine.batched_supported() else ()) + \
         ("gather_kernel",)
@@ -245,7 +250,7 @@ def main() -> int:
                 g = 0 if plan.direction == "out" else 1
                 return per_block(plan, layout, groups[g], host_of[g])
 
-            row = measure_row(engine, layout, (out_plan, in_plan), baseline, device, host, big_device, big_host,
+            row = measure_row(engine, per_run_engine, layout, (out_plan, in_plan), baseline, device, host, big_device, big_host,
                               args.repeats, strategies)
             row.update(name=f"{layout_name}/{tables_name}", layout=layout_name, tables=tables_name,
                        bytes=int(out_plan.bytes), tables_info=info)
@@ -260,8 +265,8 @@ def main() -> int:
     results["targets_missed"] = failures
     print(f"{results['gpu']}: GB/s, median of {args.repeats}; {args.swap_blocks} blocks per swap "
           f"({rows[0]['bytes'] / 2**30:.2f} GiB)")
-    columns = ("per_block_baseline",) + strategies + ("ceiling",)
-    print(f"  {'row':<22}{'dir':<5}" + "".join(f"{c[:14]:>15}" for c in columns) + f"{'auto/ceil':>10}  choice")
+    columns = ("per_block_baseline",) + strategies + ("gather_kernel_call_per_run", "ceiling")
+    print(f"  {'row':<22}{'dir':<5}" + "".join(f"{c.replace('_kernel', '')[:14]:>15}" for c in columns) + f"{'auto/ceil':>10}  choice")
     for row in rows:
         for d, r in row["directions"].items():
             print(f"  {row['name']:<22}{d:<5}" + "".join(f"{r[c]:>15.1f}" for c in columns) +

@@ -285,13 +285,13 @@ void init_swap(py::module_& m) {
       .def("wait", &CopyEvent::wait, py::call_guard<GilRelease>())
       .def_property_readonly("handle", &CopyEvent::handle);
   py::class_<CudaCopyEngine>(m, "CudaCopyEngine")
-      .def(py::init([](int device, int64_t staging_bytes, py::handle cost) {
+      .def(py::init([](int device, int64_t staging_bytes, py::handle cost, bool batch_staging_copies) {
              SwapCostModel model;
              KvLayout unused;
              read_swap_options(py::none(), cost, unused, model);
-             return std::make_unique<CudaCopyEngine>(device, staging_bytes, model);
+             return std::make_unique<CudaCopyEngine>(device, staging_bytes, model, batch_staging_copies);
            }),
-           py::arg("device"), py::arg("staging_bytes"), py::arg("cost"))
+           py::arg("device"), py::arg("staging_bytes"), py::arg("cost"), py::arg("batch_staging_copies") = true)
       .def_property_readonly("device", &CudaCopyEngine::device)
       .def_static("batched_supported", &CudaCopyEngine::batched_supported)
       .def("cost_model", [](const CudaCopyEngine& e) { return cost_model_array(e.cost_model()); })

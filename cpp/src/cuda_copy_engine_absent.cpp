@@ -18,8 +18,9 @@ void cuda_host_register(uintptr_t, int64_t) { no_cuda(); }
 void cuda_host_unregister(uintptr_t) { no_cuda(); }
 
 struct CudaCopyEngine::Impl {};
-CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost)
-    : device_(device), staging_bytes_(staging_bytes), cost_(cost) {
+CudaCopyEngine::CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost,
+                               bool batch_staging_copies)
+    : device_(device), staging_bytes_(staging_bytes), cost_(cost), batch_staging_copies_(batch_staging_copies) {
   no_cuda();
 }
 CudaCopyEngine::~CudaCopyEngine() = default;

@@ -84,8 +84,12 @@ class CopyEngine:
     ``strategy`` is "auto" (cheapest under the cost model), or one of ``STRATEGIES``.
     """
 
-    def __init__(self, device: int = 0, staging_bytes: int = 64 << 20, cost: np.ndarray | None = None) -> None:
-        self._core = _core.CudaCopyEngine(device, staging_bytes, cost)
+    def __init__(self, device: int = 0, staging_bytes: int = 64 << 20, cost: np.ndarray | None = None, *,
+                 batch_staging_copies: bool = True) -> None:
+        # staging_bytes: the gather strategy's device buffer per direction (two slots, so kernels
+        # overlap PCIe copies). batch_staging_copies: that strategy issues each chunk's host runs as
+        # one cudaMemcpyBatchAsync where the CUDA runtime has it, instead of one call per run.
+        self._core = _core.CudaCopyEngine(device, staging_bytes, cost, bool(batch_staging_copies))
 
     @property
     def device(self) -> int:

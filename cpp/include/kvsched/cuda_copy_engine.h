@@ -7,9 +7,9 @@
 //   kBatched        one cudaMemcpyBatchAsync for all of them (CUDA runtime >= 12.8; not on the
 //                   legacy default stream 0).
 //   kGatherKernel   swap-out: a kernel gathers the fragmented device pieces into a device staging
-//                   buffer, then one cudaMemcpyAsync per run that is contiguous on the host side;
-//                   swap-in: the reverse (large copies in, then a scatter kernel). Needs 16-byte
-//                   aligned offsets and sizes.
+//                   buffer, then one copy per run that is contiguous on the host side; swap-in: the
+//                   reverse (large copies in, then a scatter kernel). Kernels overlap copies through
+//                   two staging slots (kvsched/staging_plan.h). Needs 16-byte aligned offsets and sizes.
 // Automatic choice takes the cheapest strategy under the engine's SwapCostModel (calibrate it).
 //
 // Stream handles are passed as integers (cudaStream_t values; 0 is the legacy default stream) so
@@ -50,8 +50,10 @@ void cuda_host_unregister(uintptr_t ptr);
 
 class CudaCopyEngine {
  public:
-  // `staging_bytes` bounds the device staging buffer of the gather strategy (allocated on first use).
-  CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost);
+  // `staging_bytes`: the gather strategy's device staging buffer, per direction (allocated on first
+  // use; two slots, so that kernels overlap copies). `batch_staging_copies`: that strategy issues a
+  // chunk's host runs as one cudaMemcpyBatchAsync where the runtime has it (else one call per run).
+  CudaCopyEngine(int device, int64_t staging_bytes, const SwapCostModel& cost, bool batch_staging_copies = true);
   ~CudaCopyEngine();
   CudaCopyEngine(const CudaCopyEngine&) = delete;
   CudaCopyEngine& operator=(const CudaCopyEngine&) = delete;
@@ -79,6 +81,7 @@ class CudaCopyEngine {
   int device_;
   int64_t staging_bytes_;
   SwapCostModel cost_;
+  bool batch_staging_copies_ = true;
   std::unique_ptr<Impl> impl_;
 };
 
