@@ -79,7 +79,7 @@ def test_preempted_request_resumes_with_its_tokens_and_victim_is_the_newest():
 
 
 def test_no_livelock_when_one_request_needs_the_whole_cache():
-    s = make(num_blocks=4, block_size=16, max_num_batched_tokens=64, admission="aggressive")
+    s = make(num_blocks=4, block_size=16, max_num_batched_tokens=64, max_num_seqs=8, admission="aggressive")
     e = FakeEngine(s)
     e.add(0, 10, 54)  # 64 tokens: the whole cache
     e.add(1, 10, 54)

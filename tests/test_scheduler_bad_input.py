@@ -18,7 +18,7 @@ def observable(s: kvsched.Scheduler) -> tuple:
 
 @pytest.fixture
 def scheduler() -> kvsched.Scheduler:
-    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=128)
+    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=128, max_num_seqs=16)
     s.add_requests([1, 2, 3], [40, 300, 20], [10, 10, 10], arrival_times=[0, 1, 2])
     plan = s.schedule()  # 1 runs whole, 2 is chunked
     s.update(plan.req_ids, np.where(plan.req_ids == 2, 0, 1), np.zeros(len(plan), bool))

@@ -52,7 +52,16 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def step(self):
+        decodes = []  # running requests whose next token is a decode: each must run, or be preempted
+        for req in self.scheduler.running_ids().tolist():
+            info = self.scheduler.info(req)
+            if info["num_computed"] == info["prompt_len"] + info["num_generated"] - 1:
+                decodes.append(req)
         plan = self.engine.step()
+        accounted = set(plan.req_ids.tolist()) | set(plan.preempted_ids.tolist()) | set(plan.swapped_out_ids.tolist())
+        skipped = [req for req in decodes if req not in accounted]
+        assert not skipped, f"running decodes {skipped} got no token and were not preempted"
+        assert np.array_equal(plan.samples, plan.computed_offsets + plan.num_tokens >= plan.prompt_lens + plan.num_generated)
         for req in plan.preempted_ids.tolist():
             info = self.scheduler.info(req)
             assert info["state"] == "waiting" and info["num_computed"] == 0

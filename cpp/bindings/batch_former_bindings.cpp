@@ -54,6 +54,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   int_option("max_num_batched_tokens", o.max_num_batched_tokens, 1, INT64_MAX);
   int_option("max_num_seqs", o.max_num_seqs, 1, INT32_MAX);
   int_option("max_prefill_chunk", o.max_prefill_chunk, 0, INT64_MAX);
+  int_option("prefill_attention_budget", o.prefill_attention_budget, 0, INT64_MAX);
   int_option("num_lookahead_tokens", o.num_lookahead_tokens, 0, 1 << 16);
   int_option("max_bypass", o.max_bypass, 0, INT32_MAX);
   int_option("watermark_blocks", o.watermark_blocks, 0, INT32_MAX);
@@ -219,6 +220,8 @@ void init_batch_former(py::module_& m) {
              d["computed_offsets"] = to_numpy(std::move(plan.computed_offsets));
              d["num_generated"] = to_numpy(std::move(plan.num_generated));
              d["is_prefill"] = to_numpy(std::move(plan.is_prefill)).view("bool");
+             d["prompt_lens"] = to_numpy(std::move(plan.prompt_lens));
+             d["samples"] = to_numpy(std::move(plan.samples)).view("bool");
              d["block_indptr"] = to_numpy(std::move(plan.block_indptr));
              d["new_blocks"] = to_numpy(std::move(plan.new_blocks));
              d["copy_on_writes"] = triples(std::move(plan.copy_on_writes));

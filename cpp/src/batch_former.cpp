@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -36,6 +37,8 @@ void StepPlan::clear() {
   computed_offsets.clear();
   num_generated.clear();
   is_prefill.clear();
+  prompt_lens.clear();
+  samples.clear();
   block_indptr.assign(1, 0);
   new_blocks.clear();
   copy_on_writes.clear();
@@ -97,8 +100,14 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
                   "max_num_batched_tokens must be > 0, got ", options.max_num_batched_tokens);
   KVSCHED_EXPECTS(options.max_num_seqs > 0, std::invalid_argument, "max_num_seqs must be > 0, got ",
                   options.max_num_seqs);
+  // Every running decode gets a token every step: the budget must hold one per sequence.
+  KVSCHED_EXPECTS(options.max_num_batched_tokens >= options.max_num_seqs, std::invalid_argument,
+                  "max_num_batched_tokens (", options.max_num_batched_tokens, ") must be >= max_num_seqs (",
+                  options.max_num_seqs, "): each running decode needs a token every step");
   KVSCHED_EXPECTS(options.max_prefill_chunk >= 0, std::invalid_argument, "max_prefill_chunk must be >= 0, got ",
                   options.max_prefill_chunk);
+  KVSCHED_EXPECTS(options.prefill_attention_budget >= 0, std::invalid_argument,
+                  "prefill_attention_budget must be >= 0, got ", options.prefill_attention_budget);
   KVSCHED_EXPECTS(options.num_lookahead_tokens >= 0, std::invalid_argument,
                   "num_lookahead_tokens must be >= 0, got ", options.num_lookahead_tokens);
   KVSCHED_EXPECTS(options.max_bypass >= 0, std::invalid_argument, "max_bypass must be >= 0, got ",
@@ -296,25 +305,6 @@ int64_t BatchFormer::estimator_capacity() const {
   return std::max<int64_t>(1, int64_t{s.num_blocks} - s.num_pinned - options_.watermark_blocks);
 }
 
-void BatchFormer::emit(Request& r, int64_t num_tokens, const std::vector<BlockId>& added) {
-  plan_.req_ids.push_back(r.id);
-  plan_.client_ids.push_back(r.client_id);
-  plan_.num_tokens.push_back(num_tokens);
-  plan_.computed_offsets.push_back(r.num_computed);
-  plan_.num_generated.push_back(r.num_generated);
-  plan_.is_prefill.push_back(r.num_computed + 1 < r.total() ? 1 : 0);
-  plan_.new_blocks.insert(plan_.new_blocks.end(), added.begin(), added.end());
-  plan_.block_indptr.push_back(static_cast<int64_t>(plan_.new_blocks.size()));
-  r.scheduled = num_tokens;
-}
-
-bool BatchFormer::should_swap(const Request& r) const {
-  if (!swap_planner_ || r.num_computed == 0 || !swap_planner_->can_swap_out(r.id, r.num_computed)) return false;
-  if (options_.preemption == PreemptionMode::kSwap) return true;
-  double recompute = static_cast<double>(r.num_computed) * options_.recompute_seconds_per_token;
-  return swap_planner_->estimate_round_trip_seconds(r.id, r.num_computed) < recompute;
-}
-
 void BatchFormer::append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, std::vector<int64_t>& indptr,
                               std::vector<int64_t>& extents, std::vector<int64_t>& descriptors, int64_t& bytes) {
   ids.insert(ids.end(), swap.seq_ids.begin(), swap.seq_ids.end());
@@ -326,99 +316,18 @@ void BatchFormer::append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, s
   plan_.swap_seconds += swap.estimated_seconds;
 }
 
-void BatchFormer::swap_out(Request& r) {
-  scratch_blocks_ = allocator_.block_table(r.id);
-  const int64_t indptr[2] = {0, static_cast<int64_t>(scratch_blocks_.size())};
-  SwapPlan swap = swap_planner_->plan_swap_out(&r.id, &r.num_computed, indptr, scratch_blocks_.data(), 1);
-  append_swap(swap, plan_.swapped_out_ids, plan_.swap_out_indptr, plan_.swap_out, plan_.swap_out_descriptors,
-              plan_.swap_out_bytes);
-  allocator_.free(r.id);
-  r.state = RequestState::kSwapped;
-  r.bypassed = 0;
-  r.preempted_at_step = counters_.steps;
-  ++r.num_preemptions;
-  swapped_.insert(&r);
-}
-
-void BatchFormer::preempt(Request& r) {
-  if (should_swap(r)) {
-    swap_out(r);
-    return;
-  }
-  preempt_by_recompute(r);
-  plan_.preempted_ids.push_back(r.id);
-}
-
-void BatchFormer::preempt_by_recompute(Request& r) {
-  // A host copy kept from an earlier swap would be stale once the KV is rebuilt.
-  if (swap_planner_) swap_planner_->release(&r.id, 1);
-  allocator_.free(r.id);
-  r.num_computed = 0;  // prompt and generated tokens are prefilled again on return
-  r.state = RequestState::kWaiting;
-  r.bypassed = 0;
-  r.preempted_at_step = counters_.steps;  // it sits out the rest of this step (and the next
-                                          // schedule() when preempted between steps)
-  ++r.num_preemptions;
-  waiting_.insert(&r);
-}
-
-void BatchFormer::schedule_running(int64_t& budget, bool& preempted_for_memory) {
-  const int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
-  for (size_t i = 0; i < running_.size(); ++i) {
-    Request& r = *running_[i];
-    int64_t missing = r.total() - r.num_computed;
-    int64_t n;
-    if (missing == 1) {  // decode, with lookahead slots that stay within max_new_tokens
-      int64_t lookahead = std::min<int64_t>(options_.num_lookahead_tokens, r.max_new_tokens - r.num_generated - 1);
-      n = 1 + std::max<int64_t>(0, lookahead);
-      if (n > budget) n = budget;
-    } else {
-      n = std::min({missing, chunk, budget});
-    }
-    if (n <= 0) continue;  // out of token budget: it keeps its blocks and runs next step
-    int64_t needed = r.num_computed + n;
-    bool self_preempted = false;
-    while (!allocator_.can_allocate(r.id, needed)) {
-      Request& victim = *running_.back();
-      running_.pop_back();
-      preempt(victim);
-      preempted_for_memory = true;
-      ++step_memory_preemptions_;
-      if (&victim == &r) {
-        self_preempted = true;
-        break;
-      }
-    }
-    if (self_preempted) break;
-    scratch_blocks_.clear();
-    allocator_.allocate(r.id, needed, r.keys.data(), r.keys.size(), scratch_blocks_);
-    emit(r, n, scratch_blocks_);
-    budget -= n;
-  }
-}
-
-void BatchFormer::preempt_for_priority() {
-  // A waiting request with a strictly smaller key than the back of the running list takes its
-  // place when it cannot be admitted otherwise (no slot, or the estimator says it does not fit).
-  while (!waiting_.empty() && !running_.empty()) {
-    Request& head = **waiting_.begin();
-    Request& worst = *running_.back();
-    if (!(head.key < worst.key)) return;
-    bool has_slot = static_cast<int64_t>(running_.size()) < options_.max_num_seqs;
-    if (has_slot) {
-      running_input_.clear();
-      for (const Request* r : running_) running_input_.push(*r);
-      candidate_input_.clear();
-      candidate_input_.push(head);
-      if (estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0),
-                           estimator_capacity(), 0) == 1) {
-        return;
-      }
-    }
-    running_.pop_back();
-    preempt(worst);
-    ++counters_.priority_preemptions;
-  }
+void BatchFormer::emit(Request& r, int64_t num_tokens, const BlockId* added, size_t num_added) {
+  plan_.req_ids.push_back(r.id);
+  plan_.client_ids.push_back(r.client_id);
+  plan_.num_tokens.push_back(num_tokens);
+  plan_.computed_offsets.push_back(r.num_computed);
+  plan_.num_generated.push_back(r.num_generated);
+  plan_.is_prefill.push_back(r.num_computed + 1 < r.total() ? 1 : 0);
+  plan_.prompt_lens.push_back(r.prompt_len);
+  plan_.samples.push_back(r.num_computed + num_tokens >= r.total() ? 1 : 0);
+  plan_.new_blocks.insert(plan_.new_blocks.end(), added, added + num_added);
+  plan_.block_indptr.push_back(static_cast<int64_t>(plan_.new_blocks.size()));
+  r.scheduled = num_tokens;
 }
 
 bool BatchFormer::start(Request& r, int64_t& budget) {
@@ -430,8 +339,7 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
     cached = std::min<int64_t>(static_cast<int64_t>(scratch_blocks_.size()) * bs, r.total() - 1);
     cached -= cached % bs;
   }
-  int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
-  int64_t n = std::min({r.total() - cached, chunk, budget});
+  int64_t n = prefill_tokens(cached, r.total() - cached, budget);
   if (n <= 0) return false;
   scratch_blocks_.clear();
   try {
@@ -445,7 +353,8 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   r.state = RequestState::kRunning;
   r.admit_order = next_admit_order_++;
   r.bypassed = 0;
-  emit(r, n, scratch_blocks_);
+  emit(r, n, scratch_blocks_.data(), scratch_blocks_.size());
+  charge_prefill(r.num_computed, n);
   budget -= n;
   return true;
 }
@@ -454,7 +363,6 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
   if (swapped_.empty()) return true;
   const int64_t bs = options_.allocator.block_size;
   const int64_t capacity = estimator_capacity();
-  const int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
   running_input_.clear();
   for (const Request* r : running_) running_input_.push(*r);
   while (!swapped_.empty()) {
@@ -469,8 +377,8 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     bool fits = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0), capacity, 0) == 1;
     if (!fits && !running_.empty()) return false;  // alone it always fits
     int64_t missing = r.total() - r.num_computed;
-    int64_t n = missing == 1 ? 1 : std::min({missing, chunk, budget});
-    if (n > budget) return false;
+    int64_t n = missing == 1 ? 1 : prefill_tokens(r.num_computed, missing, budget);
+    if (n <= 0 || n > budget) return false;
     int64_t needed = r.num_computed + n;
     if (!allocator_.can_allocate(r.id, needed)) return false;
     scratch_blocks_.clear();
@@ -495,7 +403,8 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     running_.push_back(&r);
     running_sorted_ = false;
     running_input_.push(r);
-    emit(r, n, scratch_blocks_);
+    emit(r, n, scratch_blocks_.data(), scratch_blocks_.size());
+    if (n > 1 || missing > 1) charge_prefill(r.num_computed, n);
     budget -= n;
   }
   return true;
@@ -550,6 +459,9 @@ StepPlan BatchFormer::schedule() {
   plan_.rejected_ids.swap(pending_rejected_ids_);
   plan_.rejected_reasons.swap(pending_rejected_reasons_);
   step_memory_preemptions_ = 0;
+  step_attention_left_ = options_.prefill_attention_budget > 0 ? options_.prefill_attention_budget
+                                                                : std::numeric_limits<int64_t>::max();
+  step_has_prefill_ = false;
   sort_running();
   if (options_.preempt_for_priority) preempt_for_priority();
   int64_t budget = options_.max_num_batched_tokens;
@@ -559,6 +471,9 @@ StepPlan BatchFormer::schedule() {
   // back before new ones are admitted.
   if (!preempted_for_memory && swap_in_swapped(budget)) admit_waiting(budget);
   for (const CopyOnWrite& copy : allocator_.pop_copy_on_writes()) {
+    // A request preempted later in the step dropped the copy's destination with its blocks.
+    const Request* owner = requests_.find(copy.seq_id);
+    if (owner == nullptr || owner->state != RequestState::kRunning) continue;
     plan_.copy_on_writes.insert(plan_.copy_on_writes.end(), {copy.seq_id, copy.src, copy.dst});
   }
   estimator_.observe(step_memory_preemptions_, plan_.num_admitted);

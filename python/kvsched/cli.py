@@ -39,6 +39,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -140,7 +147,8 @@ def _simulate(args: argparse.Namespace) -> int:
     capacity = args.kv_capacity_tokens or (profile.default_kv_capacity_tokens if args.trace else DEFAULT_KV_CAPACITY_TOKENS)
     engine = EngineConfig(
         profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_new_tokens=args.max_new_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
+        prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
         max_model_len=args.max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
     )
     slo = SLOS[args.slo]
@@ -311,8 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-model-len", type=_positive_int, default=0, help="context limit (default: the profile's)")
     sim.add_argument("--max-new-tokens", type=_positive_int, default=2048,
                      help="max_new_tokens the scheduler sees per request (default 2048)")
-    sim.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    sim.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048)
+    sim.add_argument("--max-num-seqs", type=_positive_int, default=256,
+                     help="most requests running at once (default 256)")
+    sim.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                     help="tokens per engine step: every running decode first, then prefill chunks (default 2048)")
+    sim.add_argument("--max-prefill-chunk", type=_non_negative_int, default=2048,
+                     help="prefill tokens one request may compute per step; 0: no cap but the step's "
+                     "(default 2048)")
+    sim.add_argument("--prefill-attention-budget", type=_non_negative_int, default=2048 * (8192 + 1024),
+                     help="prefill attention per step in token pairs (n new tokens after c cost n*(c+n/2)); "
+                     "chunks deep in long prompts shrink to it, bounding step time; 0: no limit "
+                     "(default: a 2048-token chunk at 8k context)")
     sim.add_argument("--block-size", type=_positive_int, default=16)
     sim.add_argument("--preemption", choices=("recompute", "swap", "auto"), default="recompute",
                      help="what an eviction does: recompute the KV later, swap it to host memory, or choose by "

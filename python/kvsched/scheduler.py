@@ -45,7 +45,13 @@ class SchedulerConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
-    max_prefill_chunk: int = 0  # 0: a prefill may use the whole step budget
+    # Prefill tokens one request may compute per step (decodes always go first); 0: no cap but the
+    # step budget. The cap lets several prompts progress together behind a long one.
+    max_prefill_chunk: int = 2048
+    # Token pairs of prefill attention per step (a chunk of n tokens after c computed ones costs
+    # n * (c + n / 2)): chunks shrink deep in long prompts so the step time, and every running
+    # decode's gap, stays bounded. The default is a full 2048-token chunk at 8k context; 0: no limit.
+    prefill_attention_budget: int = 2048 * (8192 + 1024)
     num_lookahead_tokens: int = 0
     admission: str = "past_future"
     enable_prefix_caching: bool = True
@@ -104,7 +110,9 @@ class StepPlan:
     """What to run this step, as flat numpy arrays (index i is one scheduled request).
 
     ``req_ids``, ``num_tokens`` (tokens to compute), ``computed_offsets`` (tokens already in the KV
-    cache), ``num_generated`` (tokens generated before this step), ``is_prefill``, ``client_ids``;
+    cache), ``num_generated`` (tokens generated before this step), ``prompt_lens``, ``is_prefill``,
+    ``samples`` (the row reaches the end of its sequence and samples a token: ``update()`` takes 1 or
+    more new tokens for it, and 0 for a row without), ``client_ids``;
     new KV blocks in CSR form: those of request i are ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``
     (a request that starts or restarts gets its whole table, prefix-cache hits included);
     ``copy_on_writes`` rows are ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted
@@ -118,7 +126,8 @@ class StepPlan:
     """
 
     __slots__ = (
-        "req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "is_prefill", "block_indptr", "new_blocks",
+        "req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "prompt_lens", "is_prefill",
+        "samples", "block_indptr", "new_blocks",
         "copy_on_writes", "preempted_ids", "rejected_ids", "rejected_reason_codes", "num_admitted",
         "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
@@ -131,6 +140,8 @@ class StepPlan:
         self.computed_offsets = arrays["computed_offsets"]
         self.num_generated = arrays["num_generated"]
         self.is_prefill = arrays["is_prefill"]
+        self.prompt_lens = arrays["prompt_lens"]
+        self.samples = arrays["samples"]
         self.block_indptr = arrays["block_indptr"]
         self.new_blocks = arrays["new_blocks"]
         self.copy_on_writes = arrays["copy_on_writes"]

@@ -17,7 +17,8 @@
 //   swapped    a preempted request whose computed KV was moved to host memory (SwapPlanner); it
 //              comes back with its KV instead of recomputing it.
 //
-// Step order: running requests first (decodes and ongoing prefill chunks, in key order), then
+// Step order: running requests first (every decode, then ongoing prefill chunks in key order with
+// at most max_prefill_chunk tokens each: batch_former_running.cpp), then
 // swapped requests coming back (in key order, through the PeakEstimator), then new admissions
 // through the PeakEstimator in key order, under max_num_batched_tokens and max_num_seqs; the last
 // prefill is chunked to fit. New requests wait while a swapped one cannot come back. When a
@@ -62,7 +63,13 @@ struct BatchFormerOptions {
   AdmissionMode admission = AdmissionMode::kPastFuture;
   int64_t max_num_batched_tokens = 8192;
   int32_t max_num_seqs = 256;
-  int64_t max_prefill_chunk = 0;  // prefill tokens per request per step; 0: only the step budget
+  int64_t max_prefill_chunk = 2048;  // prefill tokens per request per step; 0: only the step budget
+  // Attention work of a step's prefill chunks, in token pairs: a chunk of n tokens after c computed
+  // ones costs n * (c + n / 2). Deep in a long prompt a chunk's attention, not its size, sets the
+  // step time (and so every running decode's gap): chunks shrink there to stay within this. The
+  // default is what a full 2048-token chunk at 8k context costs, so contexts up to 8k are not
+  // affected. 0: no limit. The first prefill of a step always gets at least one token.
+  int64_t prefill_attention_budget = 2048 * (8192 + 1024);
   int32_t num_lookahead_tokens = 0;
   int32_t max_bypass = 16;
   int64_t watermark_blocks = 0;  // blocks admission leaves free
@@ -95,6 +102,9 @@ struct StepPlan {
   std::vector<int64_t> num_generated;     // tokens generated before this step (its sequence is
                                           // prompt_len + num_generated tokens long)
   std::vector<uint8_t> is_prefill;        // 1: prefill or recompute chunk, 0: decode
+  std::vector<int64_t> prompt_lens;
+  std::vector<uint8_t> samples;           // 1: the step reaches the end of the sequence and samples
+                                          // a token (update() expects >= 1 token for it, else 0)
   std::vector<int64_t> block_indptr;      // new_blocks[block_indptr[i]:block_indptr[i+1]] for req i
   std::vector<int32_t> new_blocks;
   std::vector<int64_t> copy_on_writes;    // flat (req_id, src_block, dst_block) triples
@@ -232,7 +242,16 @@ class BatchFormer {
   Request& lookup(RequestId id, const char* name, size_t index);
   const Request& lookup(RequestId id, const char* name, size_t index) const;
   void sort_running();
+  // The tokens a prefill with `context` computed tokens and `missing` more may take now, under the
+  // chunk cap, the budget and what is left of the step's attention budget (batch_former_running.cpp).
+  int64_t prefill_tokens(int64_t context, int64_t missing, int64_t budget) const;
+  void charge_prefill(int64_t context, int64_t n);  // after a chunk was placed
+  // The running stage (batch_former_running.cpp): decodes first, then prefill chunks.
   void schedule_running(int64_t& budget, bool& preempted_for_memory);
+  // Allocates n more tokens for r and emits its row, preempting from the back of running_ (a
+  // victim placed earlier in the step loses its row); false when r itself was preempted.
+  bool place_running(Request& r, int64_t n, int64_t& budget, bool& preempted_for_memory);
+  int64_t unemit(Request& r);  // removes r's row from the plan; returns its tokens
   void preempt(Request& r);
   void preempt_by_recompute(Request& r);
   bool should_swap(const Request& r) const;
@@ -249,7 +268,7 @@ class BatchFormer {
   void admit_waiting(int64_t& budget);
   // Allocates the first chunk of a waiting request; false when the cache or the budget cannot take it.
   bool start(Request& r, int64_t& budget);
-  void emit(Request& r, int64_t num_tokens, const std::vector<BlockId>& added);
+  void emit(Request& r, int64_t num_tokens, const BlockId* added, size_t num_added);
   int64_t estimator_capacity() const;
   void finish(Request& r);
 
@@ -272,10 +291,13 @@ class BatchFormer {
   BatchFormerStats counters_;
   int64_t next_add_order_ = 0, next_admit_order_ = 0, update_stamp_ = 0;
   int64_t step_memory_preemptions_ = 0;
+  int64_t step_attention_left_ = 0;  // token pairs; INT64_MAX without a prefill_attention_budget
+  bool step_has_prefill_ = false;
   // Scratch reused every step.
   EstimatorInput running_input_, candidate_input_;
   std::vector<Request*> candidates_;
   std::vector<BlockId> scratch_blocks_;
+
   std::vector<int64_t> finished_lengths_;
   std::vector<int32_t> finished_classes_;
 };

@@ -414,7 +414,7 @@ class Scheduler(SchedulerInterface):
         h = self._handles
         plan = self.core.schedule()
         hs = plan.req_ids
-        samples = plan.computed_offsets + plan.num_tokens >= h.prompt_len[hs] + plan.num_generated
+        samples = plan.samples
         done = self.core.update(hs, samples.astype(np.int64), None)
         capped = np.isin(hs, done) if done.size else np.zeros(hs.size, bool)
         h.in_core[done] = False

@@ -52,6 +52,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 2048  # SchedulerConfig.max_prefill_chunk (0: only the step budget)
+    prefill_attention_budget: int = 2048 * (8192 + 1024)  # SchedulerConfig's (0: no limit)
     max_new_tokens: int = 2048
     max_model_len: int = 0  # 0: the profile's
     preemption: str = "recompute"  # or "swap" / "auto" (SchedulerConfig.preemption)
@@ -186,8 +188,8 @@ def simulate(
     num_blocks = max(1, engine.kv_capacity_tokens // block_size)
     config = SchedulerConfig(
         num_blocks=num_blocks, block_size=block_size, max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens, admission=admission,
-        **{**engine.swap_options(), **engine.scheduler_overrides},
+        max_num_batched_tokens=engine.max_num_batched_tokens, max_prefill_chunk=engine.max_prefill_chunk,
+        prefill_attention_budget=engine.prefill_attention_budget, admission=admission, **{**engine.swap_options(), **engine.scheduler_overrides},
     )
     scheduler = Scheduler(config, policy=policy)
     prompt, output = trace.prompt_tokens, trace.output_tokens

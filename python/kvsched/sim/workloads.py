@@ -42,11 +42,19 @@ LONG_CONTEXT_STATS = {"input_mean": 7590.0, "input_median": 6000.0, "output_mean
 # Decode-heavy chat in the manner of ShareGPT: short prompts, outputs longer than prompts.
 DECODE_HEAVY_STATS = {"input_mean": 300.0, "input_median": 150.0, "output_mean": 450.0, "output_median": 350.0}
 
+# Chat with occasional long documents (RAG, whole files): 5% of prompts drawn from a long
+# log-normal up to 128k tokens, the rest as chat. The mix is this simulator's assumption, modelled on
+# held-out traces with prompts up to ~123k tokens; it exists to test that long prefills never stall
+# running decodes. Run it with --max-model-len 131072 and a KV cache that holds a 128k prompt.
+LONG_PROMPT_STATS = {**AZURE_CONV_STATS, "long_share": 0.05, "long_input_mean": 40000.0,
+                     "long_input_median": 24000.0, "max_prompt": 131072}
+
 WORKLOADS = {
     "chat": AZURE_CONV_STATS,
     "code": AZURE_CODE_STATS,
     "long_context": LONG_CONTEXT_STATS,
     "decode_heavy": DECODE_HEAVY_STATS,
+    "long_prompt": LONG_PROMPT_STATS,
 }
 
 
@@ -77,6 +85,10 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
     s = WORKLOADS[name]
     prompts = np.clip(_lognormal(rng, s["input_mean"], s["input_median"], num_requests), 1, max_tokens)
     outputs = np.clip(_lognormal(rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
+    if "long_share" in s:  # a share of long documents (drawn after the rest: the others stay as they were)
+        long = rng.random(num_requests) < s["long_share"]
+        lengths = _lognormal(rng, s["long_input_mean"], s["long_input_median"], num_requests)
+        prompts = np.where(long, np.clip(lengths, 1, s["max_prompt"]), prompts)
     arrival = poisson_arrivals(num_requests, rate_per_s, seed + 1)
     return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64))
 
