@@ -17,6 +17,7 @@ for slo in lax strict; do
   run sharegpt "$slo" --trace "$traces/sharegpt_8k_filtered_stats_llama2_tokenizer.csv" --num-requests $n --rate 2 --kv-capacity-tokens 65536
   run decode_heavy "$slo" --workload decode_heavy --num-requests $n --rate 7 --kv-capacity-tokens 32768
   run multi_turn "$slo" --workload multi_turn --num-requests $n --rate 2 --think-time 10 --kv-capacity-tokens 65536
+  run long_prompt "$slo" --workload long_prompt --num-requests $n --rate 1 --max-model-len 131072 --kv-capacity-tokens 400000
 done
 python "$(dirname "$0")/format_results.py" "$out"/*.json > "$(dirname "$0")/../docs/results.md"
 echo "wrote docs/results.md from $out"

@@ -86,6 +86,42 @@ def test_same_requests_finish_with_the_same_tokens_as_vllm(runner, async_schedul
     assert_drained(ours)
 
 
+def test_async_block_handover_before_the_runner_hears_of_the_finish_is_safe(runner, monkeypatch):
+    """With asynchronous scheduling against vLLM's real AsyncScheduler: a request that stops at
+    max_tokens is finished in kvsched's core when its last step is committed, so its blocks can go to
+    another request in the very next step, one step before the runner is told (vLLM frees them when
+    the output arrives, a step later). That is safe because the runner executes steps in order on one
+    stream: the old owner's last KV writes (step N) come before the new owner's (step N+1), and the new
+    owner reads only KV it wrote itself or prefix-cached blocks written by then. The fake runner
+    checks every KV read, so an unsafe handover would fail here; the count shows the case is hit."""
+    requests = [dict(r, max_tokens=min(r["max_tokens"], r["true_len"] - 1) or 1) for r in script(50, seed=5)]
+    max_tokens = {r["req_id"]: r["max_tokens"] for r in requests}
+    counts = {}
+    original = harness.FakeWorker.execute
+    for kind in ("kvsched", "vllm"):
+        early = [0]
+
+        def counting(self, so, early=early):
+            done = {req_id for req_id, r in self.requests.items()
+                    if r.num_sampled >= min(r.true_len, max_tokens[req_id]) and req_id not in so.finished_req_ids}
+            handed = [(n.req_id, list(n.block_ids[0])) for n in so.scheduled_new_reqs]
+            cached = so.scheduled_cached_reqs
+            handed += [(req_id, list(b[0])) for req_id, b in zip(cached.req_ids, cached.new_block_ids) if b]
+            for req_id, blocks in handed:
+                early[0] += sum(1 for b in blocks for other in done if other != req_id and b in self.requests[other].blocks)
+            return original(self, so)
+
+        monkeypatch.setattr(harness.FakeWorker, "execute", counting)
+        engine = run(kind, requests, num_blocks=40, async_scheduling=True, max_num_seqs=16, max_num_batched_tokens=256)
+        counts[kind] = (early[0], engine)
+    ours, theirs = counts["kvsched"][1], counts["vllm"][1]
+    assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
+    print({kind: count for kind, (count, _) in counts.items()})
+    # kvsched hands such blocks over more often (a step earlier), and every KV read stayed right.
+    assert counts["kvsched"][0] > counts["vllm"][0]
+    assert_drained(ours)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_under_memory_pressure_the_adapter_preempts_less(runner, async_scheduling):
     requests = script(60, seed=2)

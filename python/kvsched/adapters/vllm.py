@@ -24,6 +24,13 @@ Glossary
               scheduling does with output placeholders. The true tokens arrive later in
               update_from_output(); a request that stopped early (EOS, a stop token) is then
               stopped in the core with its true length. One code path serves both engine modes.
+              A request that reaches max_tokens is finished at commit, so its blocks may go to
+              another request in the next step, one step before the runner hears of the finish
+              (vLLM frees them when the output arrives). Safe: the runner executes steps in order
+              on one stream, so the old owner's last KV writes precede the new owner's, and the new
+              owner reads only KV written by then (tests/test_vllm_adapter.py checks every read
+              against vLLM's AsyncScheduler). Pipeline parallelism, where steps overlap on the
+              device, is refused.
   row         one scheduled request of a step, in plan order. ``_Step`` keeps a step's rows until
               its output arrives; vLLM answers steps in the order they were scheduled.
   fast row    a row that needs nothing but its one sampled token appended: no logprobs, repetition
@@ -73,7 +80,7 @@ SUPPORTED_VLLM = ((0, 33), (0, 34))  # [lowest, first unsupported)
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
     "min_quantile", "max_quantile", "sampling", "num_scenarios", "keyed_draws", "seed", "prior", "max_bypass",
-    "placement", "hash_algorithm",
+    "placement", "hash_algorithm", "prefill_attention_budget",
 )
 _POLICIES = ("fcfs", "priority")
 _MAX_FAST_STOP_IDS = 4

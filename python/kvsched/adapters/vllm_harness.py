@@ -61,6 +61,9 @@ def make_vllm_config(
                         enable_prefix_caching=enable_prefix_caching)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model, cache_config=cache,
                              device_config=DeviceConfig("cpu"), additional_config=additional_config or {})
+    # The CPU platform turns asynchronous scheduling off while the config is built; the GPU path keeps
+    # it. Turned back on here, so that "async" runs drive vLLM's real AsyncScheduler.
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
     cache.num_gpu_blocks = num_blocks
     kv = KVCacheConfig(
         num_blocks=num_blocks, kv_cache_tensors=[],
