@@ -205,23 +205,17 @@ struct Lane {
                                                                                                    c.piece_begin);
       check_cuda(cudaGetLastError(), out ? "gather kernel launch" : "scatter kernel launch");
     };
+    // Out: the kernel fills a slot on the caller's stream and the copy stream drains it to the host;
+    // in: the copy stream fills it from the host and the scatter kernel drains it.
+    cudaStream_t fill = out ? stream : copy_stream, drain = out ? copy_stream : stream;
     for (const StagingChunk& c : plan.chunks) {
       cudaEvent_t ready_event = as_event(ready[c.slot]), free_event = as_event(free_slot[c.slot]);
-      if (out) {
-        if (slot_used[c.slot]) check_cuda(cudaStreamWaitEvent(stream, free_event, 0), "cudaStreamWaitEvent");
-        launch(c);
-        check_cuda(cudaEventRecord(ready_event, stream), "cudaEventRecord");
-        check_cuda(cudaStreamWaitEvent(copy_stream, ready_event, 0), "cudaStreamWaitEvent");
-        copy_runs(c);
-        check_cuda(cudaEventRecord(free_event, copy_stream), "cudaEventRecord");
-      } else {
-        if (slot_used[c.slot]) check_cuda(cudaStreamWaitEvent(copy_stream, free_event, 0), "cudaStreamWaitEvent");
-        copy_runs(c);
-        check_cuda(cudaEventRecord(ready_event, copy_stream), "cudaEventRecord");
-        check_cuda(cudaStreamWaitEvent(stream, ready_event, 0), "cudaStreamWaitEvent");
-        launch(c);
-        check_cuda(cudaEventRecord(free_event, stream), "cudaEventRecord");
-      }
+      if (slot_used[c.slot]) check_cuda(cudaStreamWaitEvent(fill, free_event, 0), "cudaStreamWaitEvent");
+      out ? launch(c) : copy_runs(c);
+      check_cuda(cudaEventRecord(ready_event, fill), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(drain, ready_event, 0), "cudaStreamWaitEvent");
+      out ? copy_runs(c) : launch(c);
+      check_cuda(cudaEventRecord(free_event, drain), "cudaEventRecord");
       slot_used[c.slot] = true;
     }
     check_cuda(cudaEventRecord(as_event(last_kernel), stream), "cudaEventRecord");

@@ -187,6 +187,9 @@ class _Handles:
         self.client = np.zeros(capacity, np.int64)
         self.request = np.empty(capacity, object)
         self.req_id = np.empty(capacity, object)
+        # The Request's own token lists (vLLM creates them once), for appends without attribute lookups.
+        self.output_ids = np.empty(capacity, object)
+        self.all_ids = np.empty(capacity, object)
         self._free: list[int] = []
         self._next = 0
 
@@ -219,12 +222,16 @@ class _Handles:
         self.client[handle] = request.client_index
         self.request[handle] = request
         self.req_id[handle] = request.request_id
+        self.output_ids[handle] = request._output_token_ids
+        self.all_ids[handle] = request._all_token_ids
         return handle
 
     def release(self, handle: int) -> None:
         self.alive[handle] = False
         self.in_core[handle] = False
         self.request[handle] = None
+        self.output_ids[handle] = None
+        self.all_ids[handle] = None
         self._free.append(handle)
 
     def _grow(self) -> None:
@@ -235,6 +242,11 @@ class _Handles:
                 grown[:size] = column
                 grown[size:] = None if column.dtype == object else -1 if name in ("eos", "stop_ids", "last_step") else 0
                 setattr(self, name, grown)
+
+
+def _consume(iterator) -> None:
+    """Runs an iterator of side effects at C speed."""
+    deque(iterator, maxlen=0)
 
 
 @dataclass
@@ -434,8 +446,10 @@ class Scheduler(SchedulerInterface):
         timestamp = None
         rows_state = h.state[hs]
         req_ids: list[str] = h.req_id[hs].tolist()
-        requests: list[Request] = h.request[hs].tolist()
         sent_rows = np.flatnonzero(rows_state != _RUNNING)
+        # The Request objects are needed for rows sent afresh and rows the v1 runner did not see last
+        # step: at steady state, none.
+        requests: list[Request] = h.request[hs].tolist() if sent_rows.size else []
         new_reqs: list[NewRequestData] = []
         resumed_rows = []
         for row in sent_rows.tolist():
@@ -503,14 +517,18 @@ class Scheduler(SchedulerInterface):
         for k in range(running.size, rows.size):  # resumed: their whole table replaces the old one
             new_block_ids[k] = (self._row_blocks(plan, int(rows[k])),)
         row_list = rows.tolist()
-        cached_ids = [req_ids[r] for r in row_list]
+        every_row = not resumed_rows and rows.size == len(req_ids)  # then rows is 0..n-1
+        cached_ids = list(req_ids) if every_row else [req_ids[r] for r in row_list]
         all_token_ids: dict[str, list[int]] = {}
         if not self.use_v2_model_runner:
             # The v1 runner needs the tokens of a request it did not see in the previous step.
             absent = np.flatnonzero(self._handles.last_step[hs[rows]] != self._step_index - 1)
-            for k in absent.tolist():
-                request = requests[row_list[k]]
-                all_token_ids[request.request_id] = list(request.all_token_ids)
+            if absent.size:
+                if not requests:
+                    requests = self._handles.request[hs].tolist()
+                for k in absent.tolist():
+                    request = requests[row_list[k]]
+                    all_token_ids[request.request_id] = list(request.all_token_ids)
         return CachedRequestData(
             req_ids=cached_ids,
             resumed_req_ids={req_ids[r] for r in resumed_rows},
@@ -570,8 +588,9 @@ class Scheduler(SchedulerInterface):
 
     def _apply_tokens(self, step: _Step, rows: np.ndarray, runner: Any, outputs: dict) -> None:
         h = self._handles
-        hs = step.handles[rows]
-        row_ids = [step.req_ids[r] for r in rows.tolist()]
+        every_row = rows.size == len(step.req_ids)
+        hs = step.handles if every_row else step.handles[rows]
+        row_ids = step.req_ids if every_row else [step.req_ids[r] for r in rows.tolist()]
         if runner.req_ids == step.req_ids:
             index = rows.tolist()
         else:
@@ -589,16 +608,18 @@ class Scheduler(SchedulerInterface):
         if runner.num_nans_in_logits:
             fast[:] = False
         fast_rows = np.flatnonzero(fast)
-        requests = h.request[hs[fast_rows]].tolist()
-        fast_tokens = tokens[fast_rows].tolist()
-        for request, token in zip(requests, fast_tokens):
-            # Request.append_output_token_ids() without its block hasher: kvsched hashes natively.
-            request._output_token_ids.append(token)
-            request._all_token_ids.append(token)
-        h.num_output[hs[fast_rows]] += 1
-        fast_ids = [row_ids[k] for k in fast_rows.tolist()]
-        fast_outputs = list(map(EngineCoreOutput, fast_ids, [sampled[k] for k in fast_rows.tolist()]))
-        clients = h.client[hs[fast_rows]]
+        all_fast = fast_rows.size == len(sampled)
+        fast_hs = hs if all_fast else hs[fast_rows]
+        fast_tokens = (tokens if all_fast else tokens[fast_rows]).tolist()
+        # Request.append_output_token_ids() without its block hasher (kvsched hashes natively), as
+        # C-level appends to the request's own lists.
+        _consume(map(list.append, h.output_ids[fast_hs].tolist(), fast_tokens))
+        _consume(map(list.append, h.all_ids[fast_hs].tolist(), fast_tokens))
+        h.num_output[fast_hs] += 1
+        fast_ids = row_ids if all_fast else [row_ids[k] for k in fast_rows.tolist()]
+        fast_sampled = sampled if all_fast else [sampled[k] for k in fast_rows.tolist()]
+        fast_outputs = list(map(EngineCoreOutput, fast_ids, fast_sampled))
+        clients = h.client[fast_hs]
         if not clients.any():
             outputs[0].extend(fast_outputs)
         else:
