@@ -18,6 +18,7 @@ For each row and direction (out = device -> pinned host, in = the reverse) it ti
   ceiling             one cudaMemcpyAsync of the same bytes between contiguous buffers
 
 and then out and in at once on two streams (auto for both; ceiling: two contiguous copies).
+The contenders of a row are timed in interleaved rounds, so that drift hits all of them alike.
 Targets (issue 16): auto >= 85% of the ceiling each way on every row, >= 4x the baseline on random
 per-layer blocks, within 5% of the best strategy; both ways at once >= 75 GB/s and >= 1.4x one way.
 
@@ -109,19 +110,32 @@ def per_block(plan, layout: KvLayout, tables: list[np.ndarray], host_of: list[np
     return np.array(rows, dtype=np.int64)
 
 
-def median_ms(run, repeats: int) -> float:
+def elapsed_ms(run) -> float:
     import torch
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for r in range(repeats + 1):  # the first run is a warm-up
-        torch.cuda.synchronize()
-        start.record()
-        run()
-        stop.record()
-        stop.synchronize()
-        if r:
-            times.append(start.elapsed_time(stop))
-    return float(np.median(times))
+    torch.cuda.synchronize()
+    start.record()
+    run()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop)
+
+
+def median_ms(run, repeats: int) -> float:
+    elapsed_ms(run)  # warm-up
+    return float(np.median([elapsed_ms(run) for _ in range(repeats)]))
+
+
+def interleaved_median_ms(runs: dict, repeats: int) -> dict:
+    """Median time of each run, timed in rounds (one of each per round) so that drift in the
+    machine's state hits every contender alike."""
+    for run in runs.values():
+        elapsed_ms(run)  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(elapsed_ms(run))
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def measure_row(engine, per_run_engine, layout, plans, baseline, device, host, big_device, big_host, repeats,
@@ -139,16 +153,16 @@ def measure_row(engine, per_run_engine, layout, plans, baseline, device, host, b
                 with torch.cuda.stream(stream):
                     engine.copy(p, dev, hst, strategy=strategy, stream=stream.cuda_stream)
                 torch.cuda.current_stream().wait_stream(stream)
-            return nbytes / median_ms(run, repeats) / 1e6
+            return run
 
-        row["per_block_baseline"] = timed(dataclasses.replace(plan, descriptors=baseline(plan)), device, host,
-                                          "per_descriptor")
-        for strategy in strategies:
-            row[strategy] = timed(plan, device, host, strategy)
-        # The gather strategy with one cudaMemcpyAsync per host run instead of one batch per chunk.
-        row["gather_kernel_call_per_run"] = timed(plan, device, host, "gather_kernel", engine=per_run_engine)
         whole = dataclasses.replace(plan, descriptors=np.array([[0, 0, 0, nbytes]], dtype=np.int64))
-        row["ceiling"] = timed(whole, big_device, big_host, "per_descriptor")
+        runs = {"per_block_baseline": timed(dataclasses.replace(plan, descriptors=baseline(plan)), device, host,
+                                            "per_descriptor")}
+        runs.update({strategy: timed(plan, device, host, strategy) for strategy in strategies})
+        # The gather strategy with one cudaMemcpyAsync per host run instead of one batch per chunk.
+        runs["gather_kernel_call_per_run"] = timed(plan, device, host, "gather_kernel", engine=per_run_engine)
+        runs["ceiling"] = timed(whole, big_device, big_host, "per_descriptor")
+        row.update({name: nbytes / ms / 1e6 for name, ms in interleaved_median_ms(runs, repeats).items()})
         row["auto_choice"] = engine.choose(plan)
         row["descriptors"] = int(plan.num_descriptors)
         best = max(strategies[1:], key=lambda s: row[s])
@@ -208,7 +222,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device-blocks", type=int, default=2048, help="blocks in the device pool (2 MiB each)")
     parser.add_argument("--swap-blocks", type=int, default=512, help="blocks per swap (512 = 1 GiB)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="an Azure-format trace for the replay rows (skipped without)")
     parser.add_argument("--staging-mib", type=int, default=64, help="the gather strategy's staging per direction")
