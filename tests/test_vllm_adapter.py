@@ -373,3 +373,26 @@ def test_stop_token_ids_stop_like_vllm(async_scheduling):
     assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
     assert sum(len(t) < min(r["true_len"], r["max_tokens"]) for t, r in zip(ours.tokens.values(), requests)) >= 5
     assert_drained(ours)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_long_prefill_token_threshold_caps_each_prefill_chunk(runner, async_scheduling, monkeypatch):
+    requests = [dict(req_id=f"r{i}", prompt_len=300, max_tokens=4, true_len=10, arrival_time=float(i), shared_prefix=0)
+                for i in range(3)]
+    chunks = []
+    original = harness.FakeWorker.execute
+
+    def recording(self, so):
+        chunks.extend(so.num_scheduled_tokens.values())
+        return original(self, so)
+
+    monkeypatch.setattr(harness.FakeWorker, "execute", recording)
+    engine = run("kvsched", requests, num_blocks=200, async_scheduling=async_scheduling, max_num_batched_tokens=512,
+                 long_prefill_token_threshold=64)
+    assert engine.scheduler.core.config.max_prefill_chunk == 64
+    assert max(chunks) == 64 and sum(chunks) >= 3 * 300
+    assert all(len(engine.tokens[r["req_id"]]) == 4 for r in requests)
+    cfg, kv = harness.make_vllm_config(num_blocks=200, block_size=BLOCK, max_model_len=1024,
+                                       async_scheduling=async_scheduling, max_num_batched_tokens=512)
+    assert harness.make_scheduler("kvsched", cfg, kv).core.config.max_prefill_chunk == 0  # vLLM's 0: no cap
+    assert_drained(engine)
