@@ -26,7 +26,8 @@ def run(trace, admission, capacity, **kw):
 def test_vidur_and_sharegpt_readers(tmp_path):
     vidur = tmp_path / "v.csv"
     vidur.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.5,100,20\n0.1,50,5\n")
-    trace = read_trace(vidur, "vidur")
+    with pytest.warns(UserWarning, match="1 requests come before .* timestamp order"):
+        trace = read_trace(vidur, "vidur")
     assert trace.arrival_s.tolist() == [0.0, 0.4] and trace.prompt_tokens.tolist() == [50, 100]
     share = tmp_path / "s.csv"
     share.write_text("num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n74,918,992,0.08\n")
@@ -46,7 +47,8 @@ def test_mooncake_reader_keeps_prefix_ids(tmp_path):
         '{"timestamp": 1000, "input_length": 600, "output_length": 3, "hash_ids": [0, 1]}\n'
         '{"timestamp": 0, "input_length": 100, "output_length": 2, "hash_ids": [0]}\n'
     )
-    trace = read_mooncake(path)
+    with pytest.warns(UserWarning, match="timestamp order"):
+        trace = read_mooncake(path)
     assert trace.arrival_s.tolist() == [0.0, 1.0] and trace.prefix_block_tokens == 512
     assert [ids.tolist() for ids in trace.prefix_ids] == [[0], [0, 1]]
     path.write_text('{"timestamp": 0, "input_length": 10}\n')
@@ -195,6 +197,14 @@ def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
     [
         (["--trace", "/no/such/file.csv"], "no such file"),
         (["--trace-format", "azure"], "--trace-format needs --trace"),
+        # Options that would not act are refused, by name, before anything runs.
+        (["--think-time", "5"], "--think-time: only multi_turn conversations and --clients"),
+        (["--clients", "4", "--rate", "3"], "--rate: with --clients the load is set by the number of clients"),
+        (["--host-kv-tokens", "1000"], "--host-kv-tokens: host KV memory is used by --preemption swap or auto"),
+        (["--json", "/no/such/folder/out.json"], "--json: folder /no/such/folder does not exist"),
+        (["--plot", "/no/such/folder/out.png"], "--plot: folder /no/such/folder does not exist"),
+        (["--kv-capacity-tokens", "16"], "--kv-capacity-tokens: a KV cache of 16 tokens holds none of the prompts"),
+        (["--max-num-batched-tokens", "1"], "max_num_batched_tokens (1) must be >= max_num_seqs (256)"),
     ],
 )
 def test_cli_user_errors_exit_2_without_traceback(argv, message, capsys):
@@ -203,8 +213,36 @@ def test_cli_user_errors_exit_2_without_traceback(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_cli_refuses_options_that_do_not_act_on_a_trace(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,100,10\n")
+    assert main(["simulate", "--trace", str(path), "--rate", "3"]) == 2
+    assert "--rate: a azure trace has its own arrival times; use --rate-scale" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(path), "--workload", "code"]) == 2
+    assert "--workload: a built-in workload and --trace exclude each other" in capsys.readouterr().err
+
+
+def test_cli_cuts_long_lines_in_errors(tmp_path, capsys):
+    path = tmp_path / "wrong.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "x" * 40_000 + ",1,1\n")
+    assert main(["simulate", "--trace", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "characters)" in err and len(err) < 1000
+
+
+def test_cli_ends_quietly_when_the_reader_goes_away(tmp_path):
+    import subprocess
+    import sys
+
+    # `true` exits at once without reading: every write of the table meets a closed pipe.
+    command = f"set -o pipefail; {sys.executable} -m kvsched.cli simulate --num-requests 100 --policy oracle | true"
+    result = subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
+
+
 def test_cli_rejects_bad_rates_and_policies(capsys):
-    for argv in (["--rate-scale", "-1"], ["--rate", "0"], ["--policy", "lottery"]):
+    for argv in (["--rate-scale", "-1"], ["--rate", "0"], ["--rate", "inf"], ["--policy", "lottery"],
+                 ["--seed", "-1"], ["--num-requests", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["simulate", *argv])
         assert exit_info.value.code == 2
@@ -234,3 +272,11 @@ def test_real_traces_run_end_to_end(trace_dir, name, fmt, extra, tmp_path, capsy
     records = json.loads(out.read_text())
     assert all(r["completed"] + r["rejected"] == r["num_requests"] for r in records)
     assert guess_format(trace_dir / name) == fmt
+
+
+@pytest.mark.parametrize("name", ["chat", "decode_heavy", "long_prompt"])
+def test_num_requests_takes_the_first_requests_of_the_same_workload(name):
+    short, long = synthetic(name, 300, 5.0, seed=4), synthetic(name, 1500, 5.0, seed=4)
+    assert np.array_equal(short.prompt_tokens, long.prompt_tokens[:300])
+    assert np.array_equal(short.output_tokens, long.output_tokens[:300])
+    assert np.allclose(short.arrival_s, long.arrival_s[:300])

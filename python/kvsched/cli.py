@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import List, Optional
@@ -48,15 +49,15 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return value
 
 
@@ -96,11 +97,42 @@ def _policies(text: str) -> List[str]:
     return names
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuses options that would not act in this run, naming them and why."""
+    if args.trace and args.workload is not None:
+        raise ValueError("--workload: a built-in workload and --trace exclude each other")
+    if not args.trace and args.trace_format:
+        raise ValueError("--trace-format needs --trace")
+    sessions = args.workload == "multi_turn"
+    if args.think_time is not None and not (sessions or args.clients):
+        raise ValueError("--think-time: only multi_turn conversations and --clients have think times")
+    if args.clients and args.rate is not None:
+        raise ValueError("--rate: with --clients the load is set by the number of clients, not an arrival rate")
+    if args.host_kv_tokens and args.preemption == "recompute":
+        raise ValueError("--host-kv-tokens: host KV memory is used by --preemption swap or auto only")
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise ValueError(f"{option}: folder {folder} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib (pip install 'kvsched[plot]')") from None
+
+
 def _load_workload(args: argparse.Namespace) -> tuple:
-    if args.rate is None:
-        args.rate = 2.0 if args.trace or args.workload == "multi_turn" else 7.0
+    _check_options(args)
+    if args.workload is None and not args.trace:
+        args.workload = "chat"
+    if args.think_time is None:
+        args.think_time = 10.0
     if args.trace:
         trace_format = args.trace_format or guess_format(args.trace)
+        if args.rate is not None and trace_format != "sharegpt":
+            raise ValueError(f"--rate: a {trace_format} trace has its own arrival times; use --rate-scale")
+        if args.rate is None:
+            args.rate = 2.0
         trace = read_trace(args.trace, trace_format)
         if args.num_requests:
             trace = trace.head(args.num_requests)
@@ -110,18 +142,20 @@ def _load_workload(args: argparse.Namespace) -> tuple:
         else:
             source = f"{args.trace} ({trace_format})"
     elif args.workload == "multi_turn":
-        if args.trace_format:
-            raise ValueError("--trace-format needs --trace")
+        if args.rate is None:
+            args.rate = 2.0
         count = args.num_requests or 1500
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
         trace = multi_turn_chat(conversations, args.rate, args.think_time, seed=args.seed).head(count)
         source = (f"built-in multi_turn workload (ShareGPT turn statistics, {args.rate:g} conversations/s Poisson, "
                   f"think time {args.think_time:g} s)")
     else:
-        if args.trace_format:
-            raise ValueError("--trace-format needs --trace")
+        if args.rate is None:
+            args.rate = 7.0
         trace = synthetic(args.workload, args.num_requests or 1500, args.rate, seed=args.seed)
         source = f"built-in {args.workload} workload (published length statistics, Poisson {args.rate:g} req/s)"
+        if args.clients:  # the lengths only: the clients set the arrivals
+            source = f"built-in {args.workload} workload (published length statistics)"
     if args.clients:
         if trace.has_sessions:
             raise ValueError("--clients needs a workload without sessions (not multi_turn)")
@@ -155,6 +189,12 @@ def _simulate(args: argparse.Namespace) -> int:
     prepared = prepare(trace, engine)
     if len(prepared.trace) == 0:
         raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
+    # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
+    cache_tokens = capacity // args.block_size * args.block_size
+    too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
+    if too_big == len(prepared.trace):
+        raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
+                         f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
     priority_kind = None if args.priorities == "none" else args.priorities
     priorities = priority_plan(prepared.trace, priority_kind, seed=args.seed) if priority_kind else None
     bar = _progress(len(args.policy) * len(prepared.trace))
@@ -178,6 +218,8 @@ def _simulate(args: argparse.Namespace) -> int:
         f"({capacity * profile.kv_bytes_per_token / 2**30:.1f} GiB); SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and "
         f"{'worst' if slo.gap_kind == 'max' else 'p99'} token gap <= {slo.gap_s:g} s"
     )
+    if too_big:
+        print(f"KV cache {capacity} tokens: {too_big} prompts do not fit in it and will be rejected")
     if prepared.rejected_too_long or prepared.clipped_outputs:
         print(
             f"context {engine.context_limit()} tokens: {prepared.rejected_too_long} prompts rejected as too long, "
@@ -296,16 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--trace", help="trace file (default: a built-in synthetic workload)")
     sim.add_argument("--trace-format", choices=TRACE_FORMATS, help="format of --trace (default: guessed from the header)")
-    sim.add_argument("--workload", choices=tuple(WORKLOADS) + ("multi_turn",), default="chat",
+    sim.add_argument("--workload", choices=tuple(WORKLOADS) + ("multi_turn",), default=None,
                      help="built-in workload without --trace; multi_turn: conversations whose turns reuse the "
-                     "conversation's KV (prefix cache), --rate counting conversations")
-    sim.add_argument("--think-time", type=_non_negative_float, default=10.0,
+                     "conversation's KV (prefix cache), --rate counting conversations (default chat)")
+    sim.add_argument("--think-time", type=_non_negative_float, default=None,
                      help="mean think time (s, exponential) between a multi_turn conversation's turns or a "
                      "--clients client's requests (default 10)")
     sim.add_argument("--clients", type=_positive_int, default=0,
                      help="closed loop: N clients send the workload's requests, each waiting for its previous "
                      "answer and a think time (default: open loop, the trace's arrivals)")
-    sim.add_argument("--num-requests", type=int, default=0,
+    sim.add_argument("--num-requests", type=_positive_int, default=0,
                      help="first N requests of the trace (default: 1500 built-in, all of a trace)")
     sim.add_argument("--rate", type=_positive_float, default=None,
                      help="arrival rate (req/s) of a built-in workload (default 7, where the chat workload "
@@ -315,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated admission policies (default {DEFAULT_POLICIES})")
     sim.add_argument("--kv-capacity-tokens", type=_positive_int, default=0,
                      help=f"KV cache size (default: {DEFAULT_KV_CAPACITY_TOKENS} built-in, the profile's with --trace)")
-    sim.add_argument("--model-profile", choices=("llama3-8b-a100", "llama2-7b-h100"), default="llama3-8b-a100")
+    sim.add_argument("--model-profile", choices=("llama3-8b-a100", "llama2-7b-h100"), default="llama3-8b-a100",
+                     help="the simulated engine's iteration-time fit and KV size per token (default llama3-8b-a100)")
     sim.add_argument("--max-model-len", type=_positive_int, default=0, help="context limit (default: the profile's)")
     sim.add_argument("--max-new-tokens", type=_positive_int, default=2048,
                      help="max_new_tokens the scheduler sees per request (default 2048)")
@@ -330,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prefill attention per step in token pairs (n new tokens after c cost n*(c+n/2)); "
                      "chunks deep in long prompts shrink to it, bounding step time; 0: no limit "
                      "(default: a 2048-token chunk at 8k context)")
-    sim.add_argument("--block-size", type=_positive_int, default=16)
+    sim.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
     sim.add_argument("--preemption", choices=("recompute", "swap", "auto"), default="recompute",
                      help="what an eviction does: recompute the KV later, swap it to host memory, or choose by "
                      "the swap cost model (default recompute)")
@@ -343,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",
                      help="also find each policy's highest rate meeting 90%% attainment (bisection, ~10 runs each)")
-    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--seed", type=_non_negative_int, default=0,
+                     help="seed of the built-in workloads' draws, Poisson arrivals and priorities (default 0)")
     sim.add_argument("--json", help="write one record per policy to this JSON file")
     sim.add_argument("--plot", help="write TTFT and worst-gap CDFs to this PNG (needs matplotlib)")
     sim.set_defaults(run=_simulate)
@@ -353,10 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`kvsched simulate | head`): end quietly, as other tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (TraceError, ValueError, OSError) as error:
-        print(f"kvsched {args.command}: error: {error}", file=sys.stderr)
+        print(f"kvsched {args.command}: error: {_shorten(str(error))}", file=sys.stderr)
         return 2
+
+
+def _shorten(message: str, limit: int = 300) -> str:
+    """An error message with any over-long part (a whole trace line, say) cut to `limit` characters."""
+    return "\n".join(line if len(line) <= limit else line[:limit] + f"... ({len(line)} characters)"
+                     for line in message.splitlines())
 
 
 if __name__ == "__main__":

@@ -81,13 +81,16 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {name!r}")
     if num_requests <= 0:
         raise ValueError(f"num_requests must be > 0, got {num_requests}")
-    rng = np.random.default_rng(seed)
+    # One generator per drawn quantity: request i's values do not depend on how many requests are
+    # drawn, so a run of N requests is the first N of any longer run (--num-requests).
+    prompt_rng, output_rng, long_rng, long_length_rng = (np.random.default_rng(child)
+                                                         for child in np.random.SeedSequence(seed).spawn(4))
     s = WORKLOADS[name]
-    prompts = np.clip(_lognormal(rng, s["input_mean"], s["input_median"], num_requests), 1, max_tokens)
-    outputs = np.clip(_lognormal(rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
-    if "long_share" in s:  # a share of long documents (drawn after the rest: the others stay as they were)
-        long = rng.random(num_requests) < s["long_share"]
-        lengths = _lognormal(rng, s["long_input_mean"], s["long_input_median"], num_requests)
+    prompts = np.clip(_lognormal(prompt_rng, s["input_mean"], s["input_median"], num_requests), 1, max_tokens)
+    outputs = np.clip(_lognormal(output_rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
+    if "long_share" in s:  # a share of long documents
+        long = long_rng.random(num_requests) < s["long_share"]
+        lengths = _lognormal(long_length_rng, s["long_input_mean"], s["long_input_median"], num_requests)
         prompts = np.where(long, np.clip(lengths, 1, s["max_prompt"]), prompts)
     arrival = poisson_arrivals(num_requests, rate_per_s, seed + 1)
     return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64))
