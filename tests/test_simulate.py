@@ -165,7 +165,8 @@ def test_results_are_deterministic_for_a_seed():
     trace = synthetic("code", 300, 6.0, seed=5)
     first = summarize(run(trace, "past_future", 32768)[1], LAX)
     second = summarize(run(trace, "past_future", 32768)[1], LAX)
-    first.pop("scheduler_cpu_s"), second.pop("scheduler_cpu_s")
+    for timing in ("scheduler_cpu_s", "step_cpu_us_mean", "step_cpu_us_p99"):  # wall-clock, not simulated
+        first.pop(timing), second.pop(timing)
     assert first == second
 
 
@@ -190,6 +191,11 @@ def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
     }
     assert [r["policy"] for r in records] == ["aggressive", "conservative", "past_future", "oracle"]
     assert all(required <= set(r) for r in records)
+    # Enough to reproduce the run: the command line, the seed, every option, the version.
+    first = records[0]
+    assert first["command"] == f"kvsched simulate --num-requests 300 --json {out}"
+    assert first["seed"] == 0 and first["options"]["max_prefill_chunk"] == 2048 and first["kvsched_version"]
+    assert 0 < first["step_cpu_us_mean"] <= first["step_cpu_us_p99"]
 
 
 @pytest.mark.parametrize(

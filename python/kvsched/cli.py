@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from typing import List, Optional
 
 import numpy as np
 
+from . import __version__
 from .scheduler import ADMISSION_MODES
 from .sim.allocator_replay import replay_placement
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
@@ -203,7 +205,10 @@ def _simulate(args: argparse.Namespace) -> int:
         log = simulate(prepared, engine, admission, progress=bar.update if bar else None, priorities=priorities)
         record = summarize(log, slo)
         record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
-                      model_profile=profile.name)
+                      model_profile=profile.name, seed=args.seed, preemption=args.preemption,
+                      priorities=args.priorities, clients=args.clients, kvsched_version=__version__,
+                      command=shlex.join(["kvsched", *args.argv]),
+                      options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
         if args.find_max_rate:
             scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=args.seed)
             record["max_rate_scale_90"] = scale * args.rate_scale
@@ -247,17 +252,16 @@ def _progress(total: int):
 
 
 def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False) -> str:
-    columns = [  # title, value of a record, format (its width sets the column's)
+    columns = [  # title (with its unit), value of a record, format (its width sets the column's)
         ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6}"),
-        ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT p50", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
-        ("TTFT p99", lambda r: r["ttft_p99_s"], "{:>9.2f}"), ("TPOT p50", lambda r: r["tpot_p50_s"], "{:>9.3f}"),
-        ("TPOT p99", lambda r: r["tpot_p99_s"], "{:>9.3f}"), ("gap p99", lambda r: r["max_gap_p99_s"], "{:>8.2f}"),
-        ("SLO att", lambda r: r["slo_attainment"], "{:>8.1%}"),
+        ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT50 s", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
+        ("TTFT99 s", lambda r: r["ttft_p99_s"], "{:>9.2f}"), ("TPOT50 s", lambda r: r["tpot_p50_s"], "{:>9.3f}"),
+        ("TPOT99 s", lambda r: r["tpot_p99_s"], "{:>9.3f}"), ("gap99 s", lambda r: r["max_gap_p99_s"], "{:>8.2f}"),
         ("lax", lambda r: r["slo_lax"]["attainment"], "{:>7.1%}"),
         ("strict", lambda r: r["slo_strict"]["attainment"], "{:>7.1%}"),
         ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}"), ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}"),
         ("preempt", lambda r: r["preemptions"], "{:>8}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
-        ("sched ms", lambda r: r["scheduler_cpu_s"] * 1000, "{:>9.1f}"),
+        ("step us", lambda r: r["step_cpu_us_mean"], "{:>8.0f}"),
     ]
     if with_swap:
         columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8}"))
@@ -396,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the JSON
     try:
         status = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

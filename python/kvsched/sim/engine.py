@@ -167,6 +167,7 @@ class RunLog:
     swap_time_s: float = 0.0  # simulated time spent on swap copies
     prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
     computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
+    step_cpu_us: np.ndarray = field(default_factory=lambda: np.zeros(0))  # schedule() + update() per step
 
 
 def simulate(
@@ -214,6 +215,7 @@ def simulate(
     t = 0.0
     ended = 0
     steps = 0
+    step_cpus: list[float] = []  # schedule() + update() of each step, seconds
     util_time = 0.0
     swap_time = 0.0
     unflushed_adds = False
@@ -260,7 +262,8 @@ def simulate(
             continue
         start = time.perf_counter()
         plan = scheduler.schedule()
-        cpu += time.perf_counter() - start
+        step_cpu = time.perf_counter() - start
+        cpu += step_cpu
         unflushed_adds = False
         steps += 1
         if plan.rejected_ids.size:
@@ -276,6 +279,7 @@ def simulate(
         if ids.size == 0:
             t += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
+            step_cpus.append(step_cpu)
             if np.isfinite(arrivals.next_time()):
                 t = max(t, arrivals.next_time())
             elif scheduler.has_unfinished_requests():
@@ -300,7 +304,9 @@ def simulate(
         done = reached & (generated[ids] >= output[ids])
         start = time.perf_counter()
         scheduler.update(ids, reached.astype(np.int64), done)
+        step_cpu += time.perf_counter() - start
         cpu += time.perf_counter() - start
+        step_cpus.append(step_cpu)
         if done.any():
             finished = ids[done]
             finish[finished] = t
@@ -318,4 +324,5 @@ def simulate(
         swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
         prefix_hit_tokens=int(stats["kv"]["prefix_hit_blocks"]) * block_size,
         computed_tokens=int(stats["scheduled_tokens"]),
+        step_cpu_us=np.asarray(step_cpus) * 1e6,
     )

@@ -63,6 +63,9 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "kv_utilization": float(log.kv_utilization),
         "scheduler_cpu_s": float(log.scheduler_cpu_s),
         "steps": int(log.steps),
+        # One step's scheduler cost (schedule() + update(), Python API included), microseconds.
+        "step_cpu_us_mean": float(log.step_cpu_us.mean()) if log.step_cpu_us.size else 0.0,
+        "step_cpu_us_p99": float(np.percentile(log.step_cpu_us, 99)) if log.step_cpu_us.size else 0.0,
         "duration_s": duration,
         "throughput_tok_s": float(log.output_tokens[completed].sum() / duration),
     }
