@@ -8,7 +8,7 @@ out="$(mktemp -d)"
 n=1000
 run() {  # name, SLO, args...
   local name="$1" slo="$2"; shift 2
-  ${KVSCHED:-kvsched} simulate --slo "$slo" --find-max-rate --json "$out/$name-$slo.json" "$@" > /dev/null
+  ${KVSCHED:-kvsched} simulate --seeds 1 --slo "$slo" --find-max-rate --json "$out/$name-$slo.json" "$@" > /dev/null
 }
 for slo in lax strict; do
   run azure_conv "$slo" --trace "$traces/AzureLLMInferenceTrace_conv.csv" --num-requests $n --kv-capacity-tokens 65536

@@ -194,7 +194,12 @@ def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
     # Enough to reproduce the run: the command line, the seed, every option, the version.
     first = records[0]
     assert first["command"] == f"kvsched simulate --num-requests 300 --json {out}"
-    assert first["seed"] == 0 and first["options"]["max_prefill_chunk"] == 2048 and first["kvsched_version"]
+    assert first["seeds"] == [0, 1, 2] and len(first["per_seed"]) == 3
+    assert first["options"]["max_prefill_chunk"] == 2048 and first["kvsched_version"]
+    # Means of the seeds, with a 95% interval beside each figure.
+    attainments = [r["slo_attainment"] for r in first["per_seed"]]
+    assert first["slo_attainment"] == pytest.approx(np.mean(attainments))
+    assert first["slo_attainment_ci95"] >= 0 and "ttft_p99_s_ci95" in first
     assert 0 < first["step_cpu_us_mean"] <= first["step_cpu_us_p99"]
 
 
@@ -286,3 +291,15 @@ def test_num_requests_takes_the_first_requests_of_the_same_workload(name):
     assert np.array_equal(short.prompt_tokens, long.prompt_tokens[:300])
     assert np.array_equal(short.output_tokens, long.output_tokens[:300])
     assert np.allclose(short.arrival_s, long.arrival_s[:300])
+
+
+def test_aggregate_gives_means_and_student_intervals():
+    from kvsched.sim.metrics import aggregate, interval95
+
+    records = [{"policy": "p", "seed": k, "x": v, "slo_lax": {"attainment": v / 10}, "capped": True}
+               for k, v in enumerate([1.0, 2.0, 3.0])]
+    out = aggregate(records)
+    assert out["x"] == 2.0 and out["x_ci95"] == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-3)
+    assert out["slo_lax"]["attainment"] == pytest.approx(0.2) and out["capped"] is True
+    assert out["seeds"] == [0, 1, 2] and "seed" not in out
+    assert interval95([5.0]) == 0.0 and aggregate(records[:1])["x"] == 1.0

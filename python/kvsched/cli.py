@@ -123,101 +123,107 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ValueError("--plot needs matplotlib (pip install 'kvsched[plot]')") from None
 
 
-def _load_workload(args: argparse.Namespace) -> tuple:
-    _check_options(args)
-    if args.workload is None and not args.trace:
-        args.workload = "chat"
-    if args.think_time is None:
-        args.think_time = 10.0
+def _load_workload(args: argparse.Namespace, seed: int) -> tuple:
+    """(trace, description) of the run's workload for one seed: the seed draws a built-in
+    workload's lengths and arrivals, a length trace's arrivals and closed-loop think times."""
+    workload = args.workload or ("chat" if not args.trace else None)
+    think_time = 10.0 if args.think_time is None else args.think_time
     if args.trace:
         trace_format = args.trace_format or guess_format(args.trace)
         if args.rate is not None and trace_format != "sharegpt":
             raise ValueError(f"--rate: a {trace_format} trace has its own arrival times; use --rate-scale")
-        if args.rate is None:
-            args.rate = 2.0
+        rate = 2.0 if args.rate is None else args.rate
         trace = read_trace(args.trace, trace_format)
         if args.num_requests:
             trace = trace.head(args.num_requests)
         if trace_format == "sharegpt":  # lengths only: arrivals from a Poisson process
-            trace = trace.with_arrivals(poisson_arrivals(len(trace), args.rate, seed=args.seed))
-            source = f"{args.trace} (sharegpt lengths, Poisson {args.rate:g} req/s)"
+            trace = trace.with_arrivals(poisson_arrivals(len(trace), rate, seed=seed))
+            source = f"{args.trace} (sharegpt lengths, Poisson {rate:g} req/s)"
         else:
             source = f"{args.trace} ({trace_format})"
-    elif args.workload == "multi_turn":
-        if args.rate is None:
-            args.rate = 2.0
+    elif workload == "multi_turn":
+        rate = 2.0 if args.rate is None else args.rate
         count = args.num_requests or 1500
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
-        trace = multi_turn_chat(conversations, args.rate, args.think_time, seed=args.seed).head(count)
-        source = (f"built-in multi_turn workload (ShareGPT turn statistics, {args.rate:g} conversations/s Poisson, "
-                  f"think time {args.think_time:g} s)")
+        trace = multi_turn_chat(conversations, rate, think_time, seed=seed).head(count)
+        source = (f"built-in multi_turn workload (ShareGPT turn statistics, {rate:g} conversations/s Poisson, "
+                  f"think time {think_time:g} s)")
     else:
-        if args.rate is None:
-            args.rate = 7.0
-        trace = synthetic(args.workload, args.num_requests or 1500, args.rate, seed=args.seed)
-        source = f"built-in {args.workload} workload (published length statistics, Poisson {args.rate:g} req/s)"
+        rate = 7.0 if args.rate is None else args.rate
+        trace = synthetic(workload, args.num_requests or 1500, rate, seed=seed)
+        source = f"built-in {workload} workload (published length statistics, Poisson {rate:g} req/s)"
         if args.clients:  # the lengths only: the clients set the arrivals
-            source = f"built-in {args.workload} workload (published length statistics)"
+            source = f"built-in {workload} workload (published length statistics)"
     if args.clients:
         if trace.has_sessions:
             raise ValueError("--clients needs a workload without sessions (not multi_turn)")
         if args.find_max_rate or args.rate_scale != 1.0:
             raise ValueError("--clients sets the load by the number of clients: sweep --clients instead of "
                              "--rate-scale or --find-max-rate")
-        trace = closed_loop(trace, args.clients, args.think_time, seed=args.seed)
-        source += f", closed loop: {args.clients} clients, think time {args.think_time:g} s"
+        trace = closed_loop(trace, args.clients, think_time, seed=seed)
+        source += f", closed loop: {args.clients} clients, think time {think_time:g} s"
     return trace, source
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from .sim.engine import SLOS, EngineConfig, prepare, simulate
-    from .sim.metrics import summarize
+    from .sim.metrics import aggregate, summarize
     from .sim.profiles import PROFILES
     from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
 
+    _check_options(args)
     profile = PROFILES[args.model_profile]
-    trace, source = _load_workload(args)
-    # For sessions, the request rate offered when each session's requests came at its start rate.
-    base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
-    trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
     capacity = args.kv_capacity_tokens or (profile.default_kv_capacity_tokens if args.trace else DEFAULT_KV_CAPACITY_TOKENS)
-    engine = EngineConfig(
-        profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
-        prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
-        max_model_len=args.max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
-    )
     slo = SLOS[args.slo]
-    prepared = prepare(trace, engine)
-    if len(prepared.trace) == 0:
-        raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
-    # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
-    cache_tokens = capacity // args.block_size * args.block_size
-    too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
-    if too_big == len(prepared.trace):
-        raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
-                         f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
     priority_kind = None if args.priorities == "none" else args.priorities
-    priorities = priority_plan(prepared.trace, priority_kind, seed=args.seed) if priority_kind else None
-    bar = _progress(len(args.policy) * len(prepared.trace))
-    records = []
-    for admission in args.policy:
-        log = simulate(prepared, engine, admission, progress=bar.update if bar else None, priorities=priorities)
-        record = summarize(log, slo)
-        record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
-                      model_profile=profile.name, seed=args.seed, preemption=args.preemption,
-                      priorities=args.priorities, clients=args.clients, kvsched_version=__version__,
-                      command=shlex.join(["kvsched", *args.argv]),
-                      options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
-        if args.find_max_rate:
-            scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=args.seed)
-            record["max_rate_scale_90"] = scale * args.rate_scale
-            record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
-            record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
-        records.append((record, log))
+    seeds = [args.seed + k for k in range(args.seeds)]
+    runs = {admission: [] for admission in args.policy}  # policy -> [(record, log)], one per seed
+    bar = None
+    for seed in seeds:  # the same seeds for every policy: differences are paired
+        trace, source = _load_workload(args, seed)
+        # For sessions, the request rate offered when each session's requests came at its start rate.
+        base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
+        trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
+        engine = EngineConfig(
+            profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
+            prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
+            max_model_len=args.max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
+            scheduler_overrides={"seed": seed},
+        )
+        prepared = prepare(trace, engine)
+        if len(prepared.trace) == 0:
+            raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
+        # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
+        cache_tokens = capacity // args.block_size * args.block_size
+        too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
+        if too_big == len(prepared.trace):
+            raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
+                             f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
+        priorities = priority_plan(prepared.trace, priority_kind, seed=seed) if priority_kind else None
+        if bar is None:
+            bar = _progress(len(seeds) * len(args.policy) * len(prepared.trace)) or False
+        for admission in args.policy:
+            log = simulate(prepared, engine, admission, progress=bar.update if bar else None, priorities=priorities)
+            record = summarize(log, slo)
+            record["seed"] = seed
+            if args.find_max_rate:
+                scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed)
+                record["max_rate_scale_90"] = scale * args.rate_scale
+                record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
+                record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
+            runs[admission].append((record, log))
     if bar:
         bar.close()
-    print(f"workload: {source}")
+    records = []
+    for admission in args.policy:
+        record = aggregate([r for r, _ in runs[admission]])
+        record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
+                      model_profile=profile.name, preemption=args.preemption, priorities=args.priorities,
+                      clients=args.clients, kvsched_version=__version__, command=shlex.join(["kvsched", *args.argv]),
+                      options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
+        records.append((record, runs[admission][0][1]))
+    print(f"workload: {source}" + (f"; seeds {seeds[0]}-{seeds[-1]}: means and 95% intervals" if len(seeds) > 1 else ""))
     print(
         f"{len(prepared.trace)} requests at x{args.rate_scale:g} rate; model {profile.name}; KV {capacity} tokens "
         f"({capacity * profile.kv_bytes_per_token / 2**30:.1f} GiB); SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and "
@@ -253,31 +259,40 @@ def _progress(total: int):
 
 def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False) -> str:
     columns = [  # title (with its unit), value of a record, format (its width sets the column's)
-        ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6}"),
-        ("rej", lambda r: r["rejected"], "{:>5}"), ("TTFT50 s", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
+        ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6.0f}"),
+        ("rej", lambda r: r["rejected"], "{:>5.0f}"), ("TTFT50 s", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
         ("TTFT99 s", lambda r: r["ttft_p99_s"], "{:>9.2f}"), ("TPOT50 s", lambda r: r["tpot_p50_s"], "{:>9.3f}"),
         ("TPOT99 s", lambda r: r["tpot_p99_s"], "{:>9.3f}"), ("gap99 s", lambda r: r["max_gap_p99_s"], "{:>8.2f}"),
-        ("lax", lambda r: r["slo_lax"]["attainment"], "{:>7.1%}"),
-        ("strict", lambda r: r["slo_strict"]["attainment"], "{:>7.1%}"),
+        ("lax %", lambda r: _with_interval(r["slo_lax"], "attainment", 100), "{:>12}"),
+        ("strict %", lambda r: _with_interval(r["slo_strict"], "attainment", 100), "{:>12}"),
         ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}"), ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}"),
-        ("preempt", lambda r: r["preemptions"], "{:>8}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
+        ("preempt", lambda r: r["preemptions"], "{:>8.0f}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
         ("step us", lambda r: r["step_cpu_us_mean"], "{:>8.0f}"),
     ]
     if with_swap:
-        columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8}"))
+        columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8.0f}"))
         columns.insert(-2, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}"))
     if with_cache:  # prompt tokens the prefix cache saved, of all prompt tokens sent
         columns.insert(-2, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}"))
     if with_max_rate:
-        columns.append(("max r/s@90%", _max_rate_text, "{:>12}"))
+        columns.append(("max r/s@90%", _max_rate_text, "{:>14}"))
     header = "".join(_pad(title, fmt) for title, _, fmt in columns)
     lines = [header, "-" * len(header)]
     lines += ["".join(fmt.format(value(r)) for _, value, fmt in columns) for r in records]
     return "\n".join(lines)
 
 
+def _with_interval(record: dict, key: str, scale: float = 1.0) -> str:
+    """``mean±half-width`` of a figure (the mean alone for one seed)."""
+    value, half = record[key] * scale, record.get(f"{key}_ci95", 0.0) * scale
+    return f"{value:.1f}" + (f"±{half:.1f}" if record.get(f"{key}_ci95") is not None and half > 0 else "")
+
+
 def _max_rate_text(record: dict) -> str:
-    return (">=" if record.get("max_rate_capped") else "") + f"{record['max_rate_req_s_90']:.2f}"
+    text = f"{record['max_rate_req_s_90']:.2f}"
+    if record.get("max_rate_req_s_90_ci95"):
+        text += f"±{record['max_rate_req_s_90_ci95']:.2f}"
+    return (">=" if record.get("max_rate_capped") else "") + text
 
 
 def _pad(name: str, fmt: str) -> str:
@@ -391,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--find-max-rate", action="store_true",
                      help="also find each policy's highest rate meeting 90%% attainment (bisection, ~10 runs each)")
     sim.add_argument("--seed", type=_non_negative_int, default=0,
-                     help="seed of the built-in workloads' draws, Poisson arrivals and priorities (default 0)")
+                     help="first seed of the built-in workloads' draws, Poisson arrivals, priorities and the "
+                     "scheduler's sampled lengths (default 0)")
+    sim.add_argument("--seeds", type=_positive_int, default=3,
+                     help="run every policy with seeds --seed, --seed+1, ...: the table and JSON give means and "
+                     "95%% intervals, the same seeds for every policy (default 3)")
     sim.add_argument("--json", help="write one record per policy to this JSON file")
     sim.add_argument("--plot", help="write TTFT and worst-gap CDFs to this PNG (needs matplotlib)")
     sim.set_defaults(run=_simulate)

@@ -83,3 +83,45 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
     record["goodput_req_s"] = chosen["goodput_req_s"]
     record["goodput_tok_s"] = chosen["goodput_tok_s"]
     return record
+
+
+# Two-sided 95% Student t quantiles for n - 1 degrees of freedom (n runs); 1.96 beyond 30.
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262, 11: 2.228,
+        12: 2.201, 13: 2.179, 14: 2.160, 15: 2.145, 16: 2.131, 17: 2.120, 18: 2.110, 19: 2.101, 20: 2.093,
+        21: 2.086, 22: 2.080, 23: 2.074, 24: 2.069, 25: 2.064, 26: 2.060, 27: 2.056, 28: 2.052, 29: 2.048, 30: 2.045}
+
+
+def interval95(values) -> float:
+    """Half-width of the 95% confidence interval of the mean of `values` (0 for one value)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return 0.0
+    return float(_T95.get(values.size, 1.96) * values.std(ddof=1) / np.sqrt(values.size))
+
+
+def aggregate(records: list) -> dict:
+    """One record from the records of several seeds: numbers become their means, each with a
+    ``<name>_ci95`` half-width beside it (nested SLO records too); ``seeds`` and ``per_seed`` keep
+    the runs. One record comes back as it is, with ``seeds`` added."""
+    def merge(group: list) -> dict:
+        out = {}
+        for key, value in group[0].items():
+            if isinstance(value, dict):
+                out[key] = merge([r[key] for r in group])
+            elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+                values = [r[key] for r in group]
+                out[key] = float(np.mean(values)) if len(group) > 1 else value
+                out[f"{key}_ci95"] = interval95(values)
+            elif isinstance(value, bool):
+                out[key] = all(r[key] for r in group)
+            else:
+                out[key] = value
+        return out
+
+    out = merge(records)
+    out.pop("seed", None)
+    out.pop("seed_ci95", None)
+    out["seeds"] = [r.get("seed") for r in records]
+    if len(records) > 1:
+        out["per_seed"] = records
+    return out
