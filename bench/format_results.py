@@ -9,7 +9,8 @@ from pathlib import Path
 
 def main(paths: list[str]) -> None:
     print("# Simulated results (`bash bench/simulate_results.sh`)\n")
-    print("Produced by `kvsched simulate --find-max-rate` on the first 1000 requests of each trace. Columns:")
+    print("Produced by `kvsched simulate --seeds 1 --find-max-rate` on the first 1000 requests of each trace,")
+    print("one seed per cell (the seed-to-seed spread is not shown here; docs/swap_results.md gives five). Columns:")
     print("the highest arrival rate (req/s) at which the policy still meets the SLO for 90% of requests,")
     print("then P99 TTFT, P99 TPOT, P99 worst gap, SLO attainment and preemptions at the trace's own load")
     print("(rate scale shown). lax: TTFT <= 10 s and worst gap <= 1.5 s; strict: TTFT <= 2 s and p99 gap <= 0.2 s.\n")
