@@ -404,7 +404,7 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     running_sorted_ = false;
     running_input_.push(r);
     emit(r, n, scratch_blocks_.data(), scratch_blocks_.size());
-    if (n > 1 || missing > 1) charge_prefill(r.num_computed, n);
+    if (missing > 1) charge_prefill(r.num_computed, n);
     budget -= n;
   }
   return true;

@@ -3,8 +3,6 @@
 // always the back of the running list (batch_former.h: lowest priority, then newest).
 #include "kvsched/batch_former.h"
 
-#include "kvsched/errors.h"
-
 namespace kvsched {
 
 bool BatchFormer::should_swap(const Request& r) const {
@@ -73,6 +71,5 @@ void BatchFormer::preempt_for_priority() {
     ++counters_.priority_preemptions;
   }
 }
-
 
 }  // namespace kvsched

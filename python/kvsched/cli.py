@@ -303,14 +303,10 @@ def _pad(name: str, fmt: str) -> str:
 
 
 def _plot(logs: list, path: str) -> None:
-    try:
-        import matplotlib
+    import matplotlib  # present: _check_options refused --plot before the run otherwise
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
-    import numpy as np
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for log in logs:

@@ -297,7 +297,6 @@ class BatchFormer {
   EstimatorInput running_input_, candidate_input_;
   std::vector<Request*> candidates_;
   std::vector<BlockId> scratch_blocks_;
-
   std::vector<int64_t> finished_lengths_;
   std::vector<int32_t> finished_classes_;
 };

@@ -304,8 +304,9 @@ def simulate(
         done = reached & (generated[ids] >= output[ids])
         start = time.perf_counter()
         scheduler.update(ids, reached.astype(np.int64), done)
-        step_cpu += time.perf_counter() - start
-        cpu += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        step_cpu += elapsed
+        cpu += elapsed
         step_cpus.append(step_cpu)
         if done.any():
             finished = ids[done]
