@@ -9,14 +9,14 @@ out="$(mktemp -d)"
 for seed in $(seq 0 $((seeds - 1))); do
   for mode in recompute swap; do
     for slo in strict lax; do
-      ${KVSCHED:-kvsched} simulate --seeds 1 --slo "$slo" --preemption "$mode" --seed "$seed" \
+      ${KVSCHED:-kvsched} simulate --seeds 1 --rate 7 --slo "$slo" --preemption "$mode" --seed "$seed" \
         --json "$out/memory-chat-$slo-$mode-$seed.json" > /dev/null
       ${KVSCHED:-kvsched} simulate --seeds 1 --workload decode_heavy --num-requests 1000 --rate 7 --kv-capacity-tokens 32768 \
         --slo "$slo" --preemption "$mode" --seed "$seed" --json "$out/memory-decode_heavy-$slo-$mode-$seed.json" > /dev/null
     done
     for kind in markov random; do
-      ${KVSCHED:-kvsched} simulate --seeds 1 --slo strict --priorities "$kind" --preemption "$mode" --seed "$seed" \
-        --policy aggressive,past_future,oracle --json "$out/priorities-$kind-strict-$mode-$seed.json" > /dev/null
+      ${KVSCHED:-kvsched} simulate --seeds 1 --rate 7 --slo strict --priorities "$kind" --preemption "$mode" --seed "$seed" \
+        --admission aggressive,past_future,oracle --json "$out/priorities-$kind-strict-$mode-$seed.json" > /dev/null
     done
   done
 done

@@ -12,7 +12,7 @@ from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
 from kvsched.sim.metrics import summarize
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.traces import TraceError, guess_format, read_length_csv, read_mooncake, read_trace
-from kvsched.sim.workloads import poisson_arrivals, priority_plan, synthetic
+from kvsched.sim.workloads import BUILT_IN_DEFAULTS, poisson_arrivals, priority_plan, synthetic
 
 A100 = PROFILES["llama3-8b-a100"]
 
@@ -177,19 +177,21 @@ def test_poisson_arrivals_have_the_asked_rate():
         poisson_arrivals(10, 0.0)
 
 
-def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
+def test_cli_default_run_prints_every_admission_mode_and_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["simulate", "--num-requests", "300", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    for policy in ("aggressive", "conservative", "past_future", "oracle"):
-        assert policy in table
+    for admission in ("aggressive", "conservative", "past_future", "oracle"):
+        assert admission in table
+    assert f"wrote {out}" in table and "Δ pp" in table
     records = json.loads(out.read_text())
     required = {
-        "policy", "num_requests", "completed", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+        "admission", "policy", "num_requests", "completed", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
         "max_gap_p99_s", "goodput_req_s", "goodput_tok_s", "slo_attainment", "preemptions", "swap_bytes",
         "scheduler_cpu_s",
     }
-    assert [r["policy"] for r in records] == ["aggressive", "conservative", "past_future", "oracle"]
+    assert [r["admission"] for r in records] == ["aggressive", "conservative", "past_future", "oracle"]
+    assert {r["policy"] for r in records} == {"fcfs"}
     assert all(required <= set(r) for r in records)
     # Enough to reproduce the run: the command line, the seed, every option, the version.
     first = records[0]
@@ -201,6 +203,79 @@ def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
     assert first["slo_attainment"] == pytest.approx(np.mean(attainments))
     assert first["slo_attainment_ci95"] >= 0 and "ttft_p99_s_ci95" in first
     assert 0 < first["step_cpu_us_mean"] <= first["step_cpu_us_p99"]
+    # The chat workload's defaults, printed and recorded.
+    assert first["kv_capacity_tokens"] == 65536 and first["max_model_len"] == 8192
+    assert f"Poisson {BUILT_IN_DEFAULTS['chat'].rate:g} req/s" in first["workload"]
+    # Paired differences: each mode's attainment minus aggressive's, seed by seed.
+    for record in records:
+        per_seed = [r["slo_lax"]["attainment"] for r in record["per_seed"]]
+        base = [r["slo_lax"]["attainment"] for r in first["per_seed"]]
+        assert record["paired_difference"]["from"] == "aggressive"
+        assert record["paired_difference"]["attainment"] == pytest.approx(np.mean(np.subtract(per_seed, base)))
+    assert records[0]["paired_difference"]["attainment_ci95"] == 0
+
+
+def test_cli_reuses_runs_that_no_seed_changes(trace_dir, tmp_path):
+    # A timed trace without priorities: only past_future's draws depend on the seed.
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--trace", str(trace_dir / "AzureLLMInferenceTrace_conv.csv"), "--num-requests", "300",
+            "--kv-capacity-tokens", "16384", "--admission", "aggressive,past_future", "--json", str(out)]
+    assert main(argv) == 0
+    aggressive, past_future = json.loads(out.read_text())
+    assert [r.get("same_run_as_seed") for r in aggressive["per_seed"]] == [None, 0, 0]
+    assert aggressive["slo_attainment_ci95"] == 0
+    assert all("same_run_as_seed" not in r for r in past_future["per_seed"])
+
+
+def test_cli_per_request_export_has_every_request_of_every_run(tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "requests.csv"
+    argv = ["simulate", "--workload", "long_context", "--max-model-len", "8192", "--num-requests", "120",
+            "--seeds", "2", "--admission", "aggressive,oracle", "--per-request", str(out), "--json",
+            str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert f"wrote {out} (480 rows)" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert len(rows) == 2 * 2 * 120
+    for record in records:
+        for seed_record in record["per_seed"]:
+            mine = [r for r in rows if r["admission"] == record["admission"] and int(r["seed"]) == seed_record["seed"]]
+            assert [int(r["request"]) for r in mine] == list(range(120))
+            outcomes = [r["outcome"] for r in mine]
+            assert outcomes.count("completed") == seed_record["completed"]
+            # Prompts beyond the 8192-token context never ran: too_long rows, counted as rejected.
+            assert outcomes.count("too_long") + outcomes.count("rejected") == seed_record["rejected"]
+            assert all(r["ttft_s"] == "" for r in mine if r["outcome"] == "too_long")
+            ttft = [float(r["ttft_s"]) for r in mine if r["outcome"] == "completed"]
+            assert np.percentile(ttft, 99) == pytest.approx(seed_record["ttft_p99_s"], rel=1e-4)
+            assert sum(int(r["preemptions"]) for r in mine) == seed_record["preemptions"]
+    assert any(r["outcome"] == "too_long" for r in rows)
+
+
+def test_cli_compact_table_and_wide(capsys):
+    argv = ["simulate", "--num-requests", "100", "--seeds", "1", "--admission", "oracle"]
+    assert main(argv) == 0
+    compact = capsys.readouterr().out
+    assert main([*argv, "--wide"]) == 0
+    wide = capsys.readouterr().out
+    for column in ("TPOT50 s", "strict %", "good t/s", "KV use", "step99 us"):
+        assert column not in compact and column in wide
+    assert max(map(len, compact.splitlines())) <= 110
+
+
+def test_cli_plot_is_annotated(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cdf.png"
+    assert main(["simulate", "--num-requests", "100", "--seeds", "1", "--plot", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out and out.stat().st_size > 10_000
+
+
+def test_cli_not_memory_bound_runs_say_so(capsys):
+    argv = ["simulate", "--num-requests", "100", "--seeds", "1", "--rate", "1", "--admission", "aggressive,oracle"]
+    assert main(argv) == 0
+    assert "the KV cache was not the bottleneck" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -215,6 +290,10 @@ def test_cli_default_run_prints_every_policy_and_writes_json(tmp_path, capsys):
         (["--json", "/no/such/folder/out.json"], "--json: folder /no/such/folder does not exist"),
         (["--plot", "/no/such/folder/out.png"], "--plot: folder /no/such/folder does not exist"),
         (["--kv-capacity-tokens", "16"], "--kv-capacity-tokens: a KV cache of 16 tokens holds none of the prompts"),
+        (["--per-request", "/no/such/folder/r.csv"], "--per-request: folder /no/such/folder does not exist"),
+        (["--per-request", "r.txt"], "--per-request: r.txt must end in .csv or .parquet"),
+        (["--policy", "priority"], "--policy priority: every request would have the same priority"),
+        (["--policy", "fcfs", "--priorities", "markov"], "--priorities: only the priority policy uses priorities"),
         (["--max-num-batched-tokens", "1"], "max_num_batched_tokens (1) must be >= max_num_seqs (256)"),
     ],
 )
@@ -246,18 +325,22 @@ def test_cli_ends_quietly_when_the_reader_goes_away(tmp_path):
     import sys
 
     # `true` exits at once without reading: every write of the table meets a closed pipe.
-    command = f"set -o pipefail; {sys.executable} -m kvsched.cli simulate --num-requests 100 --policy oracle | true"
+    command = f"set -o pipefail; {sys.executable} -m kvsched.cli simulate --num-requests 100 --admission oracle | true"
     result = subprocess.run(command, shell=True, executable="/bin/bash", capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
 
 
 def test_cli_rejects_bad_rates_and_policies(capsys):
-    for argv in (["--rate-scale", "-1"], ["--rate", "0"], ["--rate", "inf"], ["--policy", "lottery"],
-                 ["--seed", "-1"], ["--num-requests", "0"]):
+    for argv in (["--rate-scale", "-1"], ["--rate", "0"], ["--rate", "inf"], ["--admission", "lottery"],
+                 ["--seed", "-1"], ["--num-requests", "0"], ["--policy", "lottery"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["simulate", *argv])
         assert exit_info.value.code == 2
     assert "lottery" in capsys.readouterr().err
+    # --policy is the ordering policy, as in the API; an admission mode there is pointed to --admission.
+    with pytest.raises(SystemExit):
+        main(["simulate", "--policy", "past_future"])
+    assert "is an admission mode: compare those with --admission" in capsys.readouterr().err
 
 
 def test_cli_empty_trace_is_an_error(tmp_path, capsys):
@@ -278,7 +361,7 @@ def test_cli_empty_trace_is_an_error(tmp_path, capsys):
 )
 def test_real_traces_run_end_to_end(trace_dir, name, fmt, extra, tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["simulate", "--trace", str(trace_dir / name), "--num-requests", "200", "--policy", "past_future,oracle"]
+    argv = ["simulate", "--trace", str(trace_dir / name), "--num-requests", "200", "--admission", "past_future,oracle"]
     assert main([*argv, *extra, "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     assert all(r["completed"] + r["rejected"] == r["num_requests"] for r in records)

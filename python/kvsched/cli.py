@@ -13,13 +13,15 @@ from typing import List, Optional
 import numpy as np
 
 from . import __version__
-from .scheduler import ADMISSION_MODES
+from .scheduler import ADMISSION_MODES, SEEDED_ADMISSION_MODES
 from .sim.allocator_replay import replay_placement
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
 from .sim.workloads import (
+    BUILT_IN_DEFAULTS,
     PRIORITY_KINDS,
     SHAREGPT_TURN_STATS,
     WORKLOADS,
+    WorkloadDefaults,
     closed_loop,
     multi_turn_chat,
     poisson_arrivals,
@@ -29,10 +31,8 @@ from .sim.workloads import (
 )
 
 PLACEMENTS = ("contiguous", "lifo", "fifo")
-DEFAULT_POLICIES = "aggressive,conservative,past_future,oracle"
-# The built-in run: a KV budget small enough that admission decides the outcome (a 24 GB-class
-# GPU's KV space after an 8B model's weights), at the Azure conv trace's own arrival rate.
-DEFAULT_KV_CAPACITY_TOKENS = 65536
+DEFAULT_ADMISSIONS = "aggressive,conservative,past_future,oracle"
+ORDERING_POLICIES = ("fcfs", "priority")  # those the simulated workloads give inputs to
 
 
 def _positive_int(text: str) -> int:
@@ -91,12 +91,23 @@ def _allocator_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _policies(text: str) -> List[str]:
+def _admissions(text: str) -> List[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in ADMISSION_MODES]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown policy {','.join(unknown) or text!r}; choose from {','.join(ADMISSION_MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown admission mode {','.join(unknown) or text!r}; "
+                                         f"choose from {','.join(ADMISSION_MODES)}")
     return names
+
+
+def _ordering_policy(text: str) -> str:
+    if text in ORDERING_POLICIES:
+        return text
+    if all(name.strip() in ADMISSION_MODES for name in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is an admission mode: compare those with --admission; "
+                                         f"--policy is the ordering policy ({', '.join(ORDERING_POLICIES)}), "
+                                         "as in Scheduler(policy=...)")
+    raise argparse.ArgumentTypeError(f"unknown ordering policy {text!r}; choose from {', '.join(ORDERING_POLICIES)}")
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -112,7 +123,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--rate: with --clients the load is set by the number of clients, not an arrival rate")
     if args.host_kv_tokens and args.preemption == "recompute":
         raise ValueError("--host-kv-tokens: host KV memory is used by --preemption swap or auto only")
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
+    if args.policy == "priority" and args.priorities == "none":
+        raise ValueError("--policy priority: every request would have the same priority; give --priorities")
+    if args.policy == "fcfs" and args.priorities != "none":
+        raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
+    for option, path in (("--json", args.json), ("--plot", args.plot), ("--per-request", args.per_request)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             raise ValueError(f"{option}: folder {folder} does not exist")
@@ -121,13 +136,22 @@ def _check_options(args: argparse.Namespace) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib (pip install 'kvsched[plot]')") from None
+    if args.per_request:
+        if not args.per_request.endswith((".csv", ".parquet")):
+            raise ValueError(f"--per-request: {args.per_request} must end in .csv or .parquet")
+        if args.per_request.endswith(".parquet"):
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ValueError("--per-request: a .parquet file needs pyarrow (or write .csv)") from None
 
 
-def _load_workload(args: argparse.Namespace, seed: int) -> tuple:
-    """(trace, description) of the run's workload for one seed: the seed draws a built-in
-    workload's lengths and arrivals, a length trace's arrivals and closed-loop think times."""
-    workload = args.workload or ("chat" if not args.trace else None)
+def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[WorkloadDefaults]) -> tuple:
+    """(trace, description, seeded) of the run's workload for one seed: the seed draws a built-in
+    workload's lengths and arrivals, a length trace's arrivals and closed-loop think times;
+    ``seeded`` says whether it changed anything here."""
     think_time = 10.0 if args.think_time is None else args.think_time
+    seeded = True
     if args.trace:
         trace_format = args.trace_format or guess_format(args.trace)
         if args.rate is not None and trace_format != "sharegpt":
@@ -141,15 +165,17 @@ def _load_workload(args: argparse.Namespace, seed: int) -> tuple:
             source = f"{args.trace} (sharegpt lengths, Poisson {rate:g} req/s)"
         else:
             source = f"{args.trace} ({trace_format})"
-    elif workload == "multi_turn":
-        rate = 2.0 if args.rate is None else args.rate
+            seeded = bool(args.clients)
+    elif args.workload == "multi_turn":
+        rate = defaults.rate if args.rate is None else args.rate
         count = args.num_requests or 1500
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
         trace = multi_turn_chat(conversations, rate, think_time, seed=seed).head(count)
         source = (f"built-in multi_turn workload (ShareGPT turn statistics, {rate:g} conversations/s Poisson, "
                   f"think time {think_time:g} s)")
     else:
-        rate = 7.0 if args.rate is None else args.rate
+        workload = args.workload or "chat"
+        rate = defaults.rate if args.rate is None else args.rate
         trace = synthetic(workload, args.num_requests or 1500, rate, seed=seed)
         source = f"built-in {workload} workload (published length statistics, Poisson {rate:g} req/s)"
         if args.clients:  # the lengths only: the clients set the arrivals
@@ -162,7 +188,7 @@ def _load_workload(args: argparse.Namespace, seed: int) -> tuple:
                              "--rate-scale or --find-max-rate")
         trace = closed_loop(trace, args.clients, think_time, seed=seed)
         source += f", closed loop: {args.clients} clients, think time {think_time:g} s"
-    return trace, source
+    return trace, source, seeded
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -173,14 +199,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
     _check_options(args)
     profile = PROFILES[args.model_profile]
-    capacity = args.kv_capacity_tokens or (profile.default_kv_capacity_tokens if args.trace else DEFAULT_KV_CAPACITY_TOKENS)
+    defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
+    capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
+    max_model_len = args.max_model_len or (defaults.max_model_len if defaults else 0)
     slo = SLOS[args.slo]
     priority_kind = None if args.priorities == "none" else args.priorities
+    policy = args.policy or ("priority" if priority_kind else "fcfs")
     seeds = [args.seed + k for k in range(args.seeds)]
-    runs = {admission: [] for admission in args.policy}  # policy -> [(record, log)], one per seed
-    bar = None
-    for seed in seeds:  # the same seeds for every policy: differences are paired
-        trace, source = _load_workload(args, seed)
+    runs = {admission: [] for admission in args.admission}  # admission -> [(record, log)], one per seed
+    progress = _Progress()
+    prepared_of_seed = {}
+    for seed in seeds:  # the same seeds for every admission mode: differences are paired
+        trace, source, seeded = _load_workload(args, seed, defaults)
         # For sessions, the request rate offered when each session's requests came at its start rate.
         base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
         trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
@@ -188,10 +218,11 @@ def _simulate(args: argparse.Namespace) -> int:
             profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
-            max_model_len=args.max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
+            max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
             scheduler_overrides={"seed": seed},
         )
         prepared = prepare(trace, engine)
+        prepared_of_seed[seed] = prepared
         if len(prepared.trace) == 0:
             raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
         # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
@@ -201,91 +232,231 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
                              f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
         priorities = priority_plan(prepared.trace, priority_kind, seed=seed) if priority_kind else None
-        if bar is None:
-            bar = _progress(len(seeds) * len(args.policy) * len(prepared.trace)) or False
-        for admission in args.policy:
-            log = simulate(prepared, engine, admission, progress=bar.update if bar else None, priorities=priorities)
+        progress.start(len(seeds) * len(args.admission) * len(prepared.trace))
+        for admission in args.admission:
+            progress.status(f"{admission}, seed {seed}")
+            earlier = runs[admission][0] if runs[admission] else None
+            if earlier and not seeded and priorities is None and admission not in SEEDED_ADMISSION_MODES:
+                # Nothing here depends on the seed: this seed's run is the first seed's, not re-run.
+                record = dict(earlier[0], seed=seed, same_run_as_seed=earlier[0]["seed"])
+                runs[admission].append((record, earlier[1]))
+                progress.requests(len(prepared.trace))
+                continue
+            log = simulate(prepared, engine, admission, policy=policy, progress=progress.requests,
+                           priorities=priorities)
             record = summarize(log, slo)
             record["seed"] = seed
             if args.find_max_rate:
-                scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed)
+                count = iter(range(1, 100))
+                scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed,
+                                       on_run=lambda: progress.status(f"{admission}, seed {seed}: "
+                                                                      f"max-rate search, run {next(count)}"))
                 record["max_rate_scale_90"] = scale * args.rate_scale
                 record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
                 record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
             runs[admission].append((record, log))
-    if bar:
-        bar.close()
+    progress.close()
     records = []
-    for admission in args.policy:
+    for admission in args.admission:
         record = aggregate([r for r, _ in runs[admission]])
-        record.update(workload=source, rate_scale=args.rate_scale, kv_capacity_tokens=capacity,
-                      model_profile=profile.name, preemption=args.preemption, priorities=args.priorities,
-                      clients=args.clients, kvsched_version=__version__, command=shlex.join(["kvsched", *args.argv]),
+        record.update(workload=source, workload_note=defaults.note if defaults else "", rate_scale=args.rate_scale,
+                      kv_capacity_tokens=capacity, max_model_len=engine.context_limit(), model_profile=profile.name,
+                      preemption=args.preemption, priorities=args.priorities, clients=args.clients,
+                      kvsched_version=__version__, command=shlex.join(["kvsched", *args.argv]),
                       options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
-        records.append((record, runs[admission][0][1]))
+        records.append(record)
+    _add_paired_differences(records, runs, slo.name)
     print(f"workload: {source}" + (f"; seeds {seeds[0]}-{seeds[-1]}: means and 95% intervals" if len(seeds) > 1 else ""))
     print(
         f"{len(prepared.trace)} requests at x{args.rate_scale:g} rate; model {profile.name}; KV {capacity} tokens "
-        f"({capacity * profile.kv_bytes_per_token / 2**30:.1f} GiB); SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and "
-        f"{'worst' if slo.gap_kind == 'max' else 'p99'} token gap <= {slo.gap_s:g} s"
+        f"({capacity * profile.kv_bytes_per_token / 2**30:.1f} GiB); context {engine.context_limit()} tokens"
     )
+    print(f"SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and {'worst' if slo.gap_kind == 'max' else 'p99'} token gap "
+          f"<= {slo.gap_s:g} s; ordering policy {policy}; preemption by {args.preemption}")
+    if defaults and defaults.note:
+        print(f"note: {defaults.note}")
     if too_big:
         print(f"KV cache {capacity} tokens: {too_big} prompts do not fit in it and will be rejected")
-    if prepared.rejected_too_long or prepared.clipped_outputs:
-        print(
-            f"context {engine.context_limit()} tokens: {prepared.rejected_too_long} prompts rejected as too long, "
-            f"{prepared.clipped_outputs} outputs clipped to max_new_tokens or the context"
-        )
+    if prepared.rejected_too_long:
+        print(f"context {engine.context_limit()} tokens: {prepared.rejected_too_long} prompts do not fit and are "
+              "rejected (a larger --max-model-len admits them)")
+    if prepared.clipped_outputs:
+        print(f"{prepared.clipped_outputs} outputs clipped to --max-new-tokens or the context")
     print()
     cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
-    print(_table([r for r, _ in records], args.find_max_rate, args.preemption != "recompute", cached))
+    print(_table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide))
+    if len(records) > 1 and len(seeds) > 1:
+        print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['admission']} over the same seeds, "
+              "percentage points")
+    if any(r.get("max_rate_capped") for r in records):
+        print(f">=: the SLO was met even at {MAX_RATE_SCALE:g}x the rate, the top of the search (a workload of "
+              "sessions stops adding load once all have started)")
+    if len(records) > 1 and all(r["preemptions"] == 0 for r in records) and \
+            len({round(r["slo_attainment"], 6) for r in records}) == 1:
+        print(f"\nEvery admission mode gave the same attainment and none preempted: the KV cache was not the "
+              f"bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). Admission "
+              "matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([r for r, _ in records], handle, indent=2)
+            json.dump(records, handle, indent=2)
+        print(f"wrote {args.json}")
+    if args.per_request:
+        count = _write_per_request(args.per_request, runs, prepared_of_seed)
+        print(f"wrote {args.per_request} ({count} rows)")
     if args.plot:
-        _plot([log for _, log in records], args.plot)
+        _plot([runs[admission][0][1] for admission in args.admission], args.plot,
+              title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
+              slo=slo)
+        print(f"wrote {args.plot}")
     return 0
 
 
-def _progress(total: int):
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="req", file=sys.stderr, leave=False)
+def _add_paired_differences(records: List[dict], runs: dict, slo_name: str) -> None:
+    """Each admission mode's attainment minus the first mode's, seed by seed: the difference's
+    mean and 95% interval, judged against its own noise rather than both modes' spreads."""
+    from .sim.metrics import interval95
+
+    first = records[0]["admission"]
+    base = [r[f"slo_{slo_name}"]["attainment"] for r, _ in runs[first]]
+    for record in records:
+        diffs = [r[f"slo_{slo_name}"]["attainment"] - b for (r, _), b in zip(runs[record["admission"]], base)]
+        record["paired_difference"] = {"from": first, "slo": slo_name, "attainment": float(np.mean(diffs)),
+                                       "attainment_ci95": interval95(diffs)}
 
 
-def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False) -> str:
-    columns = [  # title (with its unit), value of a record, format (its width sets the column's)
-        ("policy", lambda r: r["policy"], "{:<13}"), ("done", lambda r: r["completed"], "{:>6.0f}"),
-        ("rej", lambda r: r["rejected"], "{:>5.0f}"), ("TTFT50 s", lambda r: r["ttft_p50_s"], "{:>9.2f}"),
-        ("TTFT99 s", lambda r: r["ttft_p99_s"], "{:>9.2f}"), ("TPOT50 s", lambda r: r["tpot_p50_s"], "{:>9.3f}"),
-        ("TPOT99 s", lambda r: r["tpot_p99_s"], "{:>9.3f}"), ("gap99 s", lambda r: r["max_gap_p99_s"], "{:>8.2f}"),
-        ("lax %", lambda r: _with_interval(r["slo_lax"], "attainment", 100), "{:>12}"),
-        ("strict %", lambda r: _with_interval(r["slo_strict"], "attainment", 100), "{:>12}"),
-        ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}"), ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}"),
-        ("preempt", lambda r: r["preemptions"], "{:>8.0f}"), ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}"),
-        ("step us", lambda r: r["step_cpu_us_mean"], "{:>8.0f}"),
+class _Progress:
+    """Progress on stderr while it is a terminal: a tqdm bar (the [cli] extra), else a line per run."""
+
+    def __init__(self) -> None:
+        self.terminal = sys.stderr.isatty()
+        self.bar = None
+        self.started = False
+
+    def start(self, total_requests: int) -> None:
+        if self.started or not self.terminal:
+            return
+        self.started = True
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=total_requests, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def requests(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def status(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+        elif self.terminal:
+            print(f"  {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+PER_REQUEST_COLUMNS = ("admission", "seed", "request", "session", "arrival_s", "prompt_tokens", "output_tokens",
+                       "ttft_s", "tpot_s", "max_gap_s", "e2e_s", "preemptions", "outcome")
+
+
+def _per_request_rows(log, seed: int, prepared) -> dict:
+    """One run's requests as columns, in workload order, with the prompts beyond the context
+    (never sent) as ``too_long`` rows."""
+    workload, at = prepared.workload, prepared.source_index
+    n = len(workload)
+    out = {name: np.full(n, np.nan) for name in ("arrival_s", "ttft_s", "tpot_s", "max_gap_s", "e2e_s")}
+    out["prompt_tokens"] = workload.prompt_tokens.copy()
+    out["output_tokens"] = workload.output_tokens.copy()
+    out["output_tokens"][at] = log.output_tokens  # as clipped to the context
+    out["preemptions"] = np.zeros(n, np.int64)
+    out["preemptions"][at] = log.preemptions
+    completed = ~np.isnan(log.finish_s)
+    multi = completed & (log.output_tokens > 1)
+    out["arrival_s"][at] = log.arrival_s
+    out["ttft_s"][at] = log.first_token_s - log.arrival_s
+    out["tpot_s"][at] = np.where(multi, (log.finish_s - log.first_token_s) / np.maximum(log.output_tokens - 1, 1),
+                                 np.nan)
+    out["max_gap_s"][at] = np.where(multi, log.max_gap_s, np.nan)
+    out["e2e_s"][at] = log.finish_s - log.arrival_s
+    outcome = np.full(n, "too_long", dtype=object)
+    outcome[at] = np.where(completed, "completed", np.where(log.rejected, "rejected", "unfinished"))
+    out["outcome"] = outcome
+    out["admission"] = np.full(n, log.admission, dtype=object)
+    out["seed"] = np.full(n, seed, np.int64)
+    out["request"] = np.arange(n, dtype=np.int64)
+    out["session"] = workload.sessions() if workload.has_sessions else np.full(n, -1, np.int64)
+    return out
+
+
+def _write_per_request(path: str, runs: dict, prepared_of_seed: dict) -> int:
+    """Every request of every run (admission mode x seed) to a CSV or Parquet file; the row count."""
+    parts = [_per_request_rows(log, record["seed"], prepared_of_seed[record["seed"]])
+             for admission in runs for record, log in runs[admission]]
+    columns = {name: np.concatenate([part[name] for part in parts]) for name in PER_REQUEST_COLUMNS}
+    rows = columns["request"].size
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({name: values.tolist() if values.dtype == object else values
+                                 for name, values in columns.items()}), path)
+        return rows
+    import csv
+
+    floats = {"arrival_s", "ttft_s", "tpot_s", "max_gap_s", "e2e_s"}
+    cells = [[("" if np.isnan(v) else f"{v:.6f}") for v in columns[name].tolist()] if name in floats
+             else columns[name].tolist() for name in PER_REQUEST_COLUMNS]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PER_REQUEST_COLUMNS)
+        writer.writerows(zip(*cells))
+    return rows
+
+
+def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False,
+           wide: bool = False) -> str:
+    slo = records[0]["slo"]
+    other = "strict" if slo == "lax" else "lax"
+    paired = len(records) > 1 and len(records[0].get("seeds", [])) > 1
+    columns = [  # title (with its unit), value of a record, format (its width sets the column's), wide only
+        ("admission", lambda r: r["admission"], "{:<13}", False),
+        ("done", lambda r: r["completed"], "{:>6.0f}", False), ("rej", lambda r: r["rejected"], "{:>5.0f}", False),
+        ("TTFT50 s", lambda r: r["ttft_p50_s"], "{:>9.2f}", False),
+        ("TTFT99 s", lambda r: r["ttft_p99_s"], "{:>9.2f}", False),
+        ("TPOT50 s", lambda r: r["tpot_p50_s"], "{:>9.3f}", True),
+        ("TPOT99 s", lambda r: r["tpot_p99_s"], "{:>9.3f}", False),
+        ("gap99 s", lambda r: r["max_gap_p99_s"], "{:>8.2f}", False),
+        (f"{slo} %", lambda r: _with_interval(r[f"slo_{slo}"], "attainment", 100), "{:>12}", False),
+        ("Δ pp", lambda r: _with_interval(r["paired_difference"], "attainment", 100, signed=True), "{:>11}",
+         not paired),
+        (f"{other} %", lambda r: _with_interval(r[f"slo_{other}"], "attainment", 100), "{:>12}", True),
+        ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}", False),
+        ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}", True),
+        ("preempt", lambda r: r["preemptions"], "{:>8.0f}", False),
+        ("KV use", lambda r: r["kv_utilization"], "{:>7.1%}", True),
+        ("step us", lambda r: r["step_cpu_us_mean"], "{:>8.0f}", False),
+        ("step99 us", lambda r: r["step_cpu_us_p99"], "{:>10.0f}", True),
     ]
     if with_swap:
-        columns.insert(-2, ("swapped", lambda r: r["swap_preemptions"], "{:>8.0f}"))
-        columns.insert(-2, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}"))
+        columns.insert(-3, ("swapped", lambda r: r["swap_preemptions"], "{:>8.0f}", False))
+        columns.insert(-3, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}", False))
     if with_cache:  # prompt tokens the prefix cache saved, of all prompt tokens sent
-        columns.insert(-2, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}"))
+        columns.insert(-3, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}", False))
     if with_max_rate:
-        columns.append(("max r/s@90%", _max_rate_text, "{:>14}"))
+        columns.append(("max r/s@90%", _max_rate_text, "{:>14}", False))
+    columns = [(title, value, fmt) for title, value, fmt, wide_only in columns if wide or not wide_only]
     header = "".join(_pad(title, fmt) for title, _, fmt in columns)
     lines = [header, "-" * len(header)]
     lines += ["".join(fmt.format(value(r)) for _, value, fmt in columns) for r in records]
     return "\n".join(lines)
 
 
-def _with_interval(record: dict, key: str, scale: float = 1.0) -> str:
+def _with_interval(record: dict, key: str, scale: float = 1.0, signed: bool = False) -> str:
     """``mean±half-width`` of a figure (the mean alone for one seed)."""
-    value, half = record[key] * scale, record.get(f"{key}_ci95", 0.0) * scale
-    return f"{value:.1f}" + (f"±{half:.1f}" if record.get(f"{key}_ci95") is not None and half > 0 else "")
+    value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
+    return (f"{value:+.1f}" if signed else f"{value:.1f}") + (f"±{half:.1f}" if half > 0 else "")
 
 
 def _max_rate_text(record: dict) -> str:
@@ -302,31 +473,36 @@ def _pad(name: str, fmt: str) -> str:
     return name.ljust(width) if spec.startswith("<") else name.rjust(width)
 
 
-def _plot(logs: list, path: str) -> None:
+def _plot(logs: list, path: str, title: str, slo) -> None:
     import matplotlib  # present: _check_options refused --plot before the run otherwise
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for log in logs:
         done = ~np.isnan(log.finish_s)
         for ax, values in ((axes[0], (log.first_token_s - log.arrival_s)[done]), (axes[1], log.max_gap_s[done])):
             ordered = np.sort(values)
             ax.plot(ordered, np.arange(1, ordered.size + 1) / max(ordered.size, 1), label=log.admission)
-    axes[0].set_xlabel("TTFT (s)")
-    axes[1].set_xlabel("worst inter-token gap (s)")
-    for ax in axes:
+    gap_label = f"SLO {slo.name}: {'worst' if slo.gap_kind == 'max' else 'p99'} gap {slo.gap_s:g} s"
+    for ax, bound, label, xlabel in ((axes[0], slo.ttft_s, f"SLO {slo.name}: TTFT {slo.ttft_s:g} s", "TTFT (s)"),
+                                     (axes[1], slo.gap_s, gap_label, "worst inter-token gap (s)")):
+        ax.axvline(bound, color="black", linestyle="--", linewidth=1, label=label)
+        ax.set_xlabel(xlabel)
         ax.set_xscale("symlog", linthresh=0.1)
-        ax.set_ylabel("fraction of requests")
+        ax.set_ylabel("fraction of completed requests")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvsched", description="kvsched: a native scheduling core for LLM serving.")
+    parser.add_argument("--version", action="version", version=f"kvsched {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser(
         "allocator-replay",
@@ -346,16 +522,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser(
         "simulate",
-        help="replay a workload through the real Scheduler and compare admission policies",
+        help="replay a workload through the real Scheduler and compare admission modes",
         description="Drives kvsched's Scheduler with a simulated engine (published iteration-time fits) and "
-        "prints one row per policy: latency percentiles, SLO attainment, goodput, preemptions. The scheduler "
-        "never sees true output lengths except under the oracle policy.",
+        "prints one row per admission mode: latency percentiles, SLO attainment, goodput, preemptions, the "
+        "scheduler's cost per step. The scheduler never sees true output lengths except under oracle "
+        "admission.",
     )
     sim.add_argument("--trace", help="trace file (default: a built-in synthetic workload)")
     sim.add_argument("--trace-format", choices=TRACE_FORMATS, help="format of --trace (default: guessed from the header)")
+    defaults_text = "; ".join(f"{name} {d.rate:g}" for name, d in BUILT_IN_DEFAULTS.items())
     sim.add_argument("--workload", choices=tuple(WORKLOADS) + ("multi_turn",), default=None,
-                     help="built-in workload without --trace; multi_turn: conversations whose turns reuse the "
-                     "conversation's KV (prefix cache), --rate counting conversations (default chat)")
+                     help="built-in workload without --trace (default chat); multi_turn: conversations whose turns "
+                     "reuse the conversation's KV (prefix cache), --rate counting conversations. Each has its "
+                     "own default rate, KV cache and context, where the KV cache limits the load "
+                     "(WorkloadDefaults; bench/default_rates.py)")
     sim.add_argument("--think-time", type=_non_negative_float, default=None,
                      help="mean think time (s, exponential) between a multi_turn conversation's turns or a "
                      "--clients client's requests (default 10)")
@@ -363,18 +543,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="closed loop: N clients send the workload's requests, each waiting for its previous "
                      "answer and a think time (default: open loop, the trace's arrivals)")
     sim.add_argument("--num-requests", type=_positive_int, default=0,
-                     help="first N requests of the trace (default: 1500 built-in, all of a trace)")
+                     help="first N requests of the workload (default: 1500 built-in, all of a trace)")
     sim.add_argument("--rate", type=_positive_float, default=None,
-                     help="arrival rate (req/s) of a built-in workload (default 7, where the chat workload "
-                     "saturates the default KV budget) or of a sharegpt length trace (default 2)")
-    sim.add_argument("--rate-scale", type=_positive_float, default=1.0, help="multiply the arrival rate")
-    sim.add_argument("--policy", type=_policies, default=_policies(DEFAULT_POLICIES),
-                     help=f"comma-separated admission policies (default {DEFAULT_POLICIES})")
+                     help=f"arrival rate (req/s) of a built-in workload (defaults: {defaults_text}) or of a "
+                     "sharegpt length trace (default 2)")
+    sim.add_argument("--rate-scale", type=_positive_float, default=1.0,
+                     help="multiply every arrival time's rate (a session's later turns keep their think times)")
+    sim.add_argument("--admission", type=_admissions, default=_admissions(DEFAULT_ADMISSIONS),
+                     help=f"comma-separated admission modes to compare, one row each (default {DEFAULT_ADMISSIONS})")
+    sim.add_argument("--policy", type=_ordering_policy, default=None,
+                     help="ordering policy, as Scheduler(policy=...): fcfs, or priority with --priorities "
+                     "(default: priority with --priorities, else fcfs)")
     sim.add_argument("--kv-capacity-tokens", type=_positive_int, default=0,
-                     help=f"KV cache size (default: {DEFAULT_KV_CAPACITY_TOKENS} built-in, the profile's with --trace)")
+                     help="KV cache size in tokens (default: the built-in workload's, 65536 for most; the "
+                     "model profile's with --trace)")
     sim.add_argument("--model-profile", choices=("llama3-8b-a100", "llama2-7b-h100"), default="llama3-8b-a100",
                      help="the simulated engine's iteration-time fit and KV size per token (default llama3-8b-a100)")
-    sim.add_argument("--max-model-len", type=_positive_int, default=0, help="context limit (default: the profile's)")
+    sim.add_argument("--max-model-len", type=_positive_int, default=0,
+                     help="context limit in tokens; longer prompts are rejected and counted (default: the "
+                     "built-in workload's, else the model profile's)")
     sim.add_argument("--max-new-tokens", type=_positive_int, default=2048,
                      help="max_new_tokens the scheduler sees per request (default 2048)")
     sim.add_argument("--max-num-seqs", type=_positive_int, default=256,
@@ -400,15 +587,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",
-                     help="also find each policy's highest rate meeting 90%% attainment (bisection, ~10 runs each)")
+                     help="also find each admission mode's highest rate meeting 90%% attainment (bisection, about "
+                     "10 runs per mode and seed; the table gives its mean and 95%% interval over the seeds)")
     sim.add_argument("--seed", type=_non_negative_int, default=0,
                      help="first seed of the built-in workloads' draws, Poisson arrivals, priorities and the "
                      "scheduler's sampled lengths (default 0)")
     sim.add_argument("--seeds", type=_positive_int, default=3,
-                     help="run every policy with seeds --seed, --seed+1, ...: the table and JSON give means and "
-                     "95%% intervals, the same seeds for every policy (default 3)")
-    sim.add_argument("--json", help="write one record per policy to this JSON file")
-    sim.add_argument("--plot", help="write TTFT and worst-gap CDFs to this PNG (needs matplotlib)")
+                     help="run every admission mode with seeds --seed, --seed+1, ...: the table and JSON give "
+                     "means and 95%% intervals, and each mode's paired difference from the first (default 3)")
+    sim.add_argument("--wide", action="store_true",
+                     help="every column: TPOT p50, the other SLO, token goodput, KV use, step p99")
+    sim.add_argument("--json", help="write one record per admission mode to this JSON file")
+    sim.add_argument("--per-request", metavar="FILE",
+                     help="write every request of every run (arrival, TTFT, TPOT, worst gap, preemptions, "
+                     "outcome) to FILE: .csv, or .parquet with pyarrow")
+    sim.add_argument("--plot", help="write TTFT and worst-gap CDFs of the first seed to this PNG (needs matplotlib)")
     sim.set_defaults(run=_simulate)
     return parser
 

@@ -17,6 +17,8 @@ from .swap import KvLayout
 from .policies import NewRequests, Policy, make_policy
 
 ADMISSION_MODES = ("aggressive", "conservative", "past_future", "oracle")
+# The modes whose decisions depend on SchedulerConfig.seed (past_future draws remaining lengths).
+SEEDED_ADMISSION_MODES = ("past_future",)
 PREEMPTION_MODES = ("recompute", "swap", "auto")
 REJECT_REASONS = {1: "prompt_too_long"}
 _PLACEMENTS = {"contiguous": 0, "lifo": 1, "fifo": 2}
@@ -409,4 +411,4 @@ class Scheduler:
         return req_id in self._former
 
 
-__all__ = ["ADMISSION_MODES", "REJECT_REASONS", "Scheduler", "SchedulerConfig", "StepPlan"]
+__all__ = ["ADMISSION_MODES", "REJECT_REASONS", "SEEDED_ADMISSION_MODES", "Scheduler", "SchedulerConfig", "StepPlan"]

@@ -89,6 +89,8 @@ class PreparedTrace:
     max_new_tokens: np.ndarray
     rejected_too_long: int
     clipped_outputs: int
+    workload: Optional[Trace] = None  # the trace before the cut
+    source_index: Optional[np.ndarray] = None  # each kept request's index in ``workload``
 
 
 def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
@@ -107,7 +109,8 @@ def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
     max_new = np.minimum(engine.max_new_tokens, limit - kept.prompt_tokens)
     clipped = kept.output_tokens > max_new
     kept = replace(kept, output_tokens=np.minimum(kept.output_tokens, max_new))
-    return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()))
+    return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()), trace,
+                         np.flatnonzero(keep))
 
 
 # Session keys are tagged so that they never equal a (prefix id, position) key of a Mooncake trace.
@@ -168,21 +171,24 @@ class RunLog:
     prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
     computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
     step_cpu_us: np.ndarray = field(default_factory=lambda: np.zeros(0))  # schedule() + update() per step
+    policy: str = "fcfs"  # the ordering policy
 
 
 def simulate(
     prepared: PreparedTrace,
     engine: EngineConfig,
     admission: str,
-    policy: str = "fcfs",
+    policy: Optional[str] = None,
     progress: Optional[Callable[[int], None]] = None,
     priorities: Optional[PriorityPlan] = None,
 ) -> RunLog:
-    """Replays ``prepared`` through a fresh Scheduler under ``admission``; deterministic. With
-    ``priorities`` (built on the prepared trace) sessions carry priorities that change while they
-    live, under the ``priority`` policy (which evicts for a more urgent request)."""
-    if priorities is not None:
-        policy = "priority"
+    """Replays ``prepared`` through a fresh Scheduler under ``admission`` and the ordering
+    ``policy`` (default fcfs, or priority with ``priorities``); deterministic. With ``priorities``
+    (built on the prepared trace) sessions carry priorities that change while they live, which
+    only the ``priority`` policy (it evicts for a more urgent request) acts on."""
+    policy = policy or ("priority" if priorities is not None else "fcfs")
+    if priorities is not None and policy != "priority":
+        raise ValueError(f"priorities: only the priority policy uses them, not {policy!r}")
     trace = prepared.trace
     n = len(trace)
     block_size = engine.block_size
@@ -325,5 +331,5 @@ def simulate(
         swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
         prefix_hit_tokens=int(stats["kv"]["prefix_hit_blocks"]) * block_size,
         computed_tokens=int(stats["scheduled_tokens"]),
-        step_cpu_us=np.asarray(step_cpus) * 1e6,
+        step_cpu_us=np.asarray(step_cpus) * 1e6, policy=policy,
     )

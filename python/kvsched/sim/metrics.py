@@ -39,7 +39,8 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
     end = np.nanmax(log.finish_s) if completed.any() else np.nanmax(log.arrival_s)
     duration = max(float(end - np.nanmin(log.arrival_s)), 1e-9)
     record: dict[str, Any] = {
-        "policy": log.admission,
+        "admission": log.admission,
+        "policy": log.policy,
         "num_requests": int(n + log.rejected_too_long),
         "completed": int(completed.sum()),
         "rejected": int(log.rejected.sum() + log.rejected_too_long),
