@@ -5,7 +5,9 @@ at their true length. It also checks the plan against the budgets after every st
 With ``kv_check=True`` it also keeps a real (numpy) KV cache: each computed token writes a value
 that names its request and position into its block, the plan's swap and copy-on-write copies are
 executed with the host executor, and before every forward pass the KV a request already has
-must read back exactly. Without prefix caching (no block keys) no block is shared."""
+must read back exactly. A value names its request, unless ``shared`` says that the request's
+first tokens have another one's content (``shared[req] = (owner, tokens)``: a common prefix, as
+its block keys say), so that KV found in the prefix cache, on either tier, reads back right."""
 
 from __future__ import annotations
 
@@ -29,16 +31,20 @@ class KvCache:
         self.layout = config.swap_layout
         self.device = [np.zeros((config.num_blocks, config.block_size), np.int64) for _ in range(2)]
         self.host = [np.zeros((max(config.num_host_blocks, 1), config.block_size), np.int64) for _ in range(2)]
+        self.shared: dict[int, tuple[int, int]] = {}
 
-    @staticmethod
-    def value(tensor: int, req: int, position: int) -> int:
+    def value(self, tensor: int, req: int, position: int) -> int:
+        owner, tokens = self.shared.get(req, (req, 0))
+        req = owner if position < tokens else req
         return (req << 32 | position) + 1 if tensor == 0 else -((req << 32 | position) + 1)
 
     def apply_copies(self, plan: kvsched.StepPlan) -> None:
-        if plan.swap_out_descriptors.size:
-            copy_host(plan.swap_out_descriptors, self.device, self.host)
-        if plan.swap_in_descriptors.size:
-            copy_host(plan.swap_in_descriptors, self.host, self.device)
+        for descriptors in (plan.swap_out_descriptors, plan.cache_write_descriptors):  # device -> host first
+            if descriptors.size:
+                copy_host(descriptors, self.device, self.host)
+        for descriptors in (plan.swap_in_descriptors, plan.cache_load_descriptors):
+            if descriptors.size:
+                copy_host(descriptors, self.host, self.device)
         for _, src, dst in plan.copy_on_writes.tolist():
             for t in range(2):
                 self.device[t][dst] = self.device[t][src]

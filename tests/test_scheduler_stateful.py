@@ -24,13 +24,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         lookahead=st.integers(0, 2),
         preemption=st.sampled_from(["recompute", "swap", "auto"]),
         num_host_blocks=st.integers(1, 60),
+        host_tier=st.booleans(),
     )
-    def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead, preemption, num_host_blocks):
+    def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead, preemption, num_host_blocks,
+              host_tier):
         self.scheduler = kvsched.Scheduler(
             num_blocks=num_blocks, block_size=8, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
             max_prefill_chunk=chunk, num_lookahead_tokens=lookahead, admission=admission, policy=policy, window=20,
-            preemption=preemption, num_host_blocks=num_host_blocks if preemption != "recompute" else 0,
-            swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5,
+            preemption=preemption, num_host_blocks=num_host_blocks if preemption != "recompute" or host_tier else 0,
+            swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5, host_prefix_cache=host_tier,
         )
         # Real KV bytes: swaps and copy-on-writes are executed and checked every step.
         self.engine = FakeEngine(self.scheduler, kv_check=True)
@@ -38,13 +40,22 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.aborted: set[int] = set()
         self.capacity = num_blocks * 8
 
-    @rule(prompt=st.integers(1, 200), true_len=st.integers(1, 60), slack=st.integers(0, 40), priority=st.integers(0, 3))
-    def add(self, prompt, true_len, slack, priority):
+    @rule(prompt=st.integers(1, 200), true_len=st.integers(1, 60), slack=st.integers(0, 40), priority=st.integers(0, 3),
+          document=st.integers(-1, 2), shared=st.integers(0, 200))
+    def add(self, prompt, true_len, slack, priority, document, shared):
         req = self.next_id
         self.next_id += 1
+        keys = None
+        if document >= 0:  # the prompt starts with one of three documents: prefix-cache hits, both tiers
+            shared = min(shared, prompt)
+            owner = 1_000_000 + document
+            self.engine.kv.shared[req] = (owner, shared)
+            keys = np.empty((prompt // 8, 2), dtype=np.uint64)
+            keys[:, 0] = [owner if (b + 1) * 8 <= shared else 2_000_000 + req for b in range(prompt // 8)]
+            keys[:, 1] = np.arange(1, prompt // 8 + 1)
         self.engine.add(
             req, prompt, true_len, max_new_tokens=true_len + slack, priority=priority, arrival_time=float(req),
-            true_output_len=true_len,
+            true_output_len=true_len, block_keys=keys,
         )
         if req in self.scheduler:
             # The engine ends a request at its true length or at the (possibly capped) max_new_tokens.
@@ -112,7 +123,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.scheduler.stats()["kv"]["num_used"] == 0
         swap = self.scheduler.stats()["swap"]
         assert swap["num_swapped"] == 0 and swap["num_resident_copies"] == 0
-        assert swap["num_free_host_blocks"] == swap["num_host_blocks"]
+        assert swap["num_free_host_blocks"] + swap["num_cached_host_blocks"] == swap["num_host_blocks"]
 
 
 TestScheduler = SchedulerMachine.TestCase

@@ -134,7 +134,7 @@ def test_find_max_rate_with_priorities():
 def test_cli_multi_turn_and_clients(capsys):
     assert main(["simulate", "--workload", "multi_turn", "--num-requests", "150", "--admission", "past_future"]) == 0
     out = capsys.readouterr().out
-    assert "multi_turn" in out and "cached" in out
+    assert "multi_turn" in out and "GPU hit" in out
     assert main(["simulate", "--num-requests", "100", "--clients", "16", "--admission", "aggressive"]) == 0
     assert "closed loop: 16 clients" in capsys.readouterr().out
     for argv, message in (

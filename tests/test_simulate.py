@@ -286,7 +286,6 @@ def test_cli_not_memory_bound_runs_say_so(capsys):
         # Options that would not act are refused, by name, before anything runs.
         (["--think-time", "5"], "--think-time: only multi_turn conversations and --clients"),
         (["--clients", "4", "--rate", "3"], "--rate: with --clients the load is set by the number of clients"),
-        (["--host-kv-tokens", "1000"], "--host-kv-tokens: host KV memory is used by --preemption swap or auto"),
         (["--json", "/no/such/folder/out.json"], "--json: folder /no/such/folder does not exist"),
         (["--plot", "/no/such/folder/out.png"], "--plot: folder /no/such/folder does not exist"),
         (["--kv-capacity-tokens", "16"], "--kv-capacity-tokens: a KV cache of 16 tokens holds none of the prompts"),

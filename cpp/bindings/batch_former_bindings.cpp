@@ -66,6 +66,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   int_option("swap_block_bytes", o.swap.block_bytes, 1, INT64_MAX);
   int_option("swap_tensors_per_block", o.swap.tensors_per_block, 1, INT32_MAX);
   bool_option("reuse_host_copies", o.swap.reuse_host_copies);
+  bool_option("host_prefix_cache", o.host_prefix_cache);
   float_option("recompute_seconds_per_token", o.recompute_seconds_per_token);
   {
     std::optional<py::handle> layout = take("swap_layout"), cost = take("swap_cost");
@@ -118,6 +119,10 @@ py::dict stats_dict(const BatchFormerStats& s) {
   d["swap_out_bytes"] = s.swap_out_bytes;
   d["swap_in_bytes"] = s.swap_in_bytes;
   d["swap_blocks_reused"] = s.swap_blocks_reused;
+  d["host_hit_blocks"] = s.host_hit_blocks;
+  d["cache_write_blocks"] = s.cache_write_blocks;
+  d["cache_load_bytes"] = s.cache_load_bytes;
+  d["cache_write_bytes"] = s.cache_write_bytes;
   d["max_new_tokens_capped"] = s.max_new_tokens_capped;
   d["steps"] = s.steps;
   d["scheduled_tokens"] = s.scheduled_tokens;
@@ -236,6 +241,14 @@ void init_batch_former(py::module_& m) {
              d["swap_in_descriptors"] = to_numpy(std::move(plan.swap_in_descriptors)).reshape({-1, 4});
              d["swap_out_bytes"] = plan.swap_out_bytes;
              d["swap_in_bytes"] = plan.swap_in_bytes;
+             d["cache_write"] = triples(std::move(plan.cache_write));
+             d["cache_write_descriptors"] = to_numpy(std::move(plan.cache_write_descriptors)).reshape({-1, 4});
+             d["cache_load_ids"] = to_numpy(std::move(plan.cache_load_ids));
+             d["cache_load_indptr"] = to_numpy(std::move(plan.cache_load_indptr));
+             d["cache_load"] = triples(std::move(plan.cache_load));
+             d["cache_load_descriptors"] = to_numpy(std::move(plan.cache_load_descriptors)).reshape({-1, 4});
+             d["cache_write_bytes"] = plan.cache_write_bytes;
+             d["cache_load_bytes"] = plan.cache_load_bytes;
              d["swap_seconds"] = plan.swap_seconds;
              d["rejected_ids"] = to_numpy(std::move(plan.rejected_ids));
              d["rejected_reasons"] = to_numpy(std::move(plan.rejected_reasons));

@@ -51,6 +51,13 @@ py::dict swap_stats_dict(const SwapPlannerStats& s) {
   d["bytes_out"] = s.bytes_out;
   d["bytes_in"] = s.bytes_in;
   d["evicted_copies"] = s.evicted_copies;
+  d["num_cached_host_blocks"] = s.num_cached_host_blocks;
+  d["cache_write_blocks"] = s.cache_write_blocks;
+  d["cache_write_bytes"] = s.cache_write_bytes;
+  d["cache_load_blocks"] = s.cache_load_blocks;
+  d["cache_load_bytes"] = s.cache_load_bytes;
+  d["cache_write_skips"] = s.cache_write_skips;
+  d["evicted_cached_blocks"] = s.evicted_cached_blocks;
   return d;
 }
 

@@ -14,6 +14,12 @@ namespace {
 constexpr size_t kNoIndex = static_cast<size_t>(-1);
 constexpr int kMaxBypassesPerStep = 4;  // bounds the estimator calls of one step
 
+BlockAllocatorOptions allocator_options(const BatchFormerOptions& options) {
+  BlockAllocatorOptions allocator = options.allocator;
+  allocator.track_evictions = options.host_prefix_cache;  // the host tier writes evictions back
+  return allocator;
+}
+
 PeakEstimatorOptions estimator_options(const BatchFormerOptions& options) {
   PeakEstimatorOptions estimator = options.estimator;
   estimator.block_size = options.allocator.block_size;
@@ -48,12 +54,14 @@ void StepPlan::clear() {
   rejected_ids.clear();
   rejected_reasons.clear();
   num_admitted = 0;
-  for (auto* v : {&swapped_out_ids, &swap_out, &swap_out_descriptors, &swapped_in_ids, &swap_in, &swap_in_descriptors}) {
+  for (auto* v : {&swapped_out_ids, &swap_out, &swap_out_descriptors, &swapped_in_ids, &swap_in, &swap_in_descriptors,
+                  &cache_write, &cache_write_descriptors, &cache_load_ids, &cache_load, &cache_load_descriptors}) {
     v->clear();
   }
   swap_out_indptr.assign(1, 0);
   swap_in_indptr.assign(1, 0);
-  swap_out_bytes = swap_in_bytes = 0;
+  cache_load_indptr.assign(1, 0);
+  swap_out_bytes = swap_in_bytes = cache_write_bytes = cache_load_bytes = 0;
   swap_seconds = 0.0;
 }
 
@@ -95,7 +103,7 @@ RequestArrays BatchFormer::EstimatorInput::view(size_t begin) const {
 }
 
 BatchFormer::BatchFormer(const BatchFormerOptions& options)
-    : options_(options), allocator_(options.allocator), estimator_(estimator_options(options)) {
+    : options_(options), allocator_(allocator_options(options)), estimator_(estimator_options(options)) {
   KVSCHED_EXPECTS(options.max_num_batched_tokens > 0, std::invalid_argument,
                   "max_num_batched_tokens must be > 0, got ", options.max_num_batched_tokens);
   KVSCHED_EXPECTS(options.max_num_seqs > 0, std::invalid_argument, "max_num_seqs must be > 0, got ",
@@ -118,7 +126,13 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
   KVSCHED_EXPECTS(options.recompute_seconds_per_token >= 0 && std::isfinite(options.recompute_seconds_per_token),
                   std::invalid_argument, "recompute_seconds_per_token must be >= 0, got ",
                   options.recompute_seconds_per_token);
-  if (options.preemption != PreemptionMode::kRecompute) {
+  if (options.host_prefix_cache) {
+    KVSCHED_EXPECTS(options.swap.num_host_blocks > 0, std::invalid_argument,
+                    "num_host_blocks must be > 0 for the host prefix cache, got ", options.swap.num_host_blocks);
+    KVSCHED_EXPECTS(options.allocator.enable_prefix_caching, std::invalid_argument,
+                    "host_prefix_cache needs enable_prefix_caching");
+  }
+  if (options.preemption != PreemptionMode::kRecompute || options.host_prefix_cache) {
     KVSCHED_EXPECTS(options.swap.num_host_blocks > 0, std::invalid_argument,
                     "num_host_blocks must be > 0 when preemption swaps, got ", options.swap.num_host_blocks);
     SwapPlannerOptions swap = options.swap;
@@ -339,17 +353,29 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
     cached = std::min<int64_t>(static_cast<int64_t>(scratch_blocks_.size()) * bs, r.total() - 1);
     cached -= cached % bs;
   }
-  int64_t n = prefill_tokens(cached, r.total() - cached, budget);
+  // Host tier: blocks past the device hit that come back by copy are computed once loaded.
+  int64_t loaded = 0;
+  if (options_.host_prefix_cache && !r.keys.empty()) {
+    loaded = host_hit_blocks(r, cached / bs, (r.total() - 1) / bs - cached / bs) * bs;
+  }
+  int64_t n = prefill_tokens(cached + loaded, r.total() - cached - loaded, budget);
   if (n <= 0) return false;
   scratch_blocks_.clear();
   try {
-    allocator_.allocate(r.id, cached + n, r.keys.data(), r.keys.size(), scratch_blocks_);
+    allocator_.allocate(r.id, cached + loaded + n, r.keys.data(), r.keys.size(), scratch_blocks_);
   } catch (const OutOfBlocks&) {
     return false;  // nothing changed; it waits for memory
   }
   // The allocator decides the hit (it may differ from the match when the budget cut the chunk).
   r.num_computed = allocator_.num_cached_tokens(r.id);
-  n = cached + n - r.num_computed;
+  if (loaded > 0) {
+    // The device blocks after the hit are fresh: the first of them receive the loaded prefix.
+    KVSCHED_ASSERT(r.num_computed == cached, "request ", r.id, ": device hit ", r.num_computed, " tokens, matched ",
+                   cached);
+    load_from_host(r, cached / bs, loaded / bs);
+    r.num_computed += loaded;
+  }
+  n = cached + loaded + n - r.num_computed;
   r.state = RequestState::kRunning;
   r.admit_order = next_admit_order_++;
   r.bypassed = 0;
@@ -462,6 +488,7 @@ StepPlan BatchFormer::schedule() {
   step_attention_left_ = options_.prefill_attention_budget > 0 ? options_.prefill_attention_budget
                                                                 : std::numeric_limits<int64_t>::max();
   step_has_prefill_ = false;
+  if (swap_planner_) swap_planner_->begin_step();
   sort_running();
   if (options_.preempt_for_priority) preempt_for_priority();
   int64_t budget = options_.max_num_batched_tokens;
@@ -476,6 +503,7 @@ StepPlan BatchFormer::schedule() {
     if (owner == nullptr || owner->state != RequestState::kRunning) continue;
     plan_.copy_on_writes.insert(plan_.copy_on_writes.end(), {copy.seq_id, copy.src, copy.dst});
   }
+  if (options_.host_prefix_cache) write_back_evictions();
   estimator_.observe(step_memory_preemptions_, plan_.num_admitted);
   counters_.preemptions += step_memory_preemptions_;
   counters_.admitted += plan_.num_admitted;
@@ -593,7 +621,9 @@ std::vector<RequestId> BatchFormer::preempt_running() {
 
 int64_t BatchFormer::reset_prefix_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
-  return allocator_.reset_prefix_cache();
+  int64_t dropped = allocator_.reset_prefix_cache();
+  if (options_.host_prefix_cache) dropped += swap_planner_->reset_cached();
+  return dropped;
 }
 
 void BatchFormer::pause_admission(bool paused) {
@@ -619,6 +649,10 @@ BatchFormerStats BatchFormer::stats() const {
     s.swap_out_bytes = swap.bytes_out;
     s.swap_in_bytes = swap.bytes_in;
     s.swap_blocks_reused = swap.blocks_reused;
+    s.host_hit_blocks = swap.cache_load_blocks;
+    s.cache_write_blocks = swap.cache_write_blocks;
+    s.cache_load_bytes = swap.cache_load_bytes;
+    s.cache_write_bytes = swap.cache_write_bytes;
   }
   return s;
 }

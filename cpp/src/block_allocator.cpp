@@ -264,6 +264,7 @@ void BlockAllocator::take_blocks(BlockId after, int64_t count, std::vector<Block
     cached_blocks_.erase(key_[block]);
     has_key_[block] = 0;
     ++counters_.cache_evictions;
+    if (options_.track_evictions) evictions_.push_back({block, key_[block]});
     out.push_back(block);
   }
 }
@@ -507,6 +508,12 @@ BlockId BlockAllocator::lru_pop() {
 }
 
 // ---------------------------------------------------------------- reporting
+
+void BlockAllocator::pop_evictions(std::vector<Eviction>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  out.clear();
+  out.swap(evictions_);
+}
 
 std::vector<CopyOnWrite> BlockAllocator::pop_copy_on_writes() {
   std::lock_guard<std::mutex> lock(mutex_);

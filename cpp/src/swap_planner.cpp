@@ -76,6 +76,12 @@ SwapPlanner::SwapPlanner(const SwapPlannerOptions& options) : options_(options) 
   check_layout(options.layout);
   check_cost(options.cost);
   free_pool_ = std::make_unique<FreePool>(options.num_host_blocks, Placement::kContiguous);
+  const size_t n = static_cast<size_t>(options.num_host_blocks);
+  cached_key_.assign(n, Hash128{});
+  is_cached_.assign(n, 0);
+  cache_prev_.assign(n, -1);
+  cache_next_.assign(n, -1);
+  copied_at_step_.assign(n, 0);
 }
 
 SwapPlanner::~SwapPlanner() = default;
@@ -100,7 +106,7 @@ bool SwapPlanner::can_swap_out(SeqId seq_id, int64_t num_tokens) const {
   const HostCopy* copy = copies_.find(seq_id);
   if (copy != nullptr && copy->swapped) return false;
   int64_t own = copy ? static_cast<int64_t>(copy->blocks.size()) : 0;  // its own resident copy is reused
-  int64_t available = free_pool_->size() + resident_blocks_ - own;
+  int64_t available = free_pool_->size() + evictable_cached_blocks() + resident_blocks_ - own;
   return host_blocks_needed(seq_id, num_tokens) <= available;
 }
 
@@ -151,6 +157,12 @@ void SwapPlanner::drop_copy(SeqId seq_id, HostCopy& copy) {
 }
 
 void SwapPlanner::evict_until(int64_t free_needed) {
+  // Cached prefix blocks go first: a resident copy saves its own request's next swap-out.
+  for (BlockId block = cache_head_; free_pool_->size() < free_needed && block != -1;) {
+    BlockId next = cache_next_[block];
+    if (copied_at_step_[block] != step_) evict_cached(block);
+    block = next;
+  }
   int64_t seq = lru_head_;
   while (free_pool_->size() < free_needed && seq != kNoSeq) {
     HostCopy* copy = copies_.find(seq);
@@ -188,7 +200,7 @@ void SwapPlanner::check_table(size_t i, SeqId id, const int64_t* indptr, const B
   }
 }
 
-void SwapPlanner::finish_plan(SwapPlan& plan, int direction, size_t num_sequences) {
+void SwapPlanner::finish_plan(SwapPlan& plan, int direction) {
   const KvLayout& layout = options_.layout;
   if (layout.tensors.empty()) {
     plan.bytes = plan.blocks_copied * options_.block_bytes;
@@ -236,6 +248,9 @@ void SwapPlanner::finish_plan(SwapPlan& plan, int direction, size_t num_sequence
     plan.num_descriptors = static_cast<int64_t>(plan.descriptors.size() / 4);
   }
   plan.estimated_seconds = options_.cost.best_seconds(direction, plan.num_descriptors, plan.bytes);
+}
+
+void SwapPlanner::count_swap(const SwapPlan& plan, int direction, size_t num_sequences) {
   const bool out = direction == 0;
   (out ? counters_.swap_outs : counters_.swap_ins) += static_cast<int64_t>(num_sequences);
   (out ? counters_.blocks_out : counters_.blocks_in) += plan.blocks_copied;
@@ -269,7 +284,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
     }
     new_blocks += host_blocks_needed(id, num_tokens[i]);
   }
-  int64_t available = free_pool_->size() + resident_blocks_ - own_resident;
+  int64_t available = free_pool_->size() + evictable_cached_blocks() + resident_blocks_ - own_resident;
   if (new_blocks > available) {
     throw OutOfBlocks(detail::concat("host pool: swapping out ", count, " sequences needs ", new_blocks,
                                      " host blocks, ", available, " available (free or evictable)"));
@@ -317,7 +332,8 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
     plan.seq_ids.push_back(id);
     plan.extent_indptr.push_back(static_cast<int64_t>(plan.extents.size() / 3));
   }
-  finish_plan(plan, 0, count);
+  finish_plan(plan, 0);
+  count_swap(plan, 0, count);
   return plan;
 }
 
@@ -358,7 +374,8 @@ SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, 
     --num_swapped_;
     if (options_.reuse_host_copies) lru_push_back(id, copy); else drop_copy(id, copy);
   }
-  finish_plan(plan, 1, count);
+  finish_plan(plan, 1);
+  count_swap(plan, 1, count);
   return plan;
 }
 
@@ -396,6 +413,7 @@ SwapPlannerStats SwapPlanner::stats() const {
   s.num_swapped_blocks = swapped_blocks_;
   s.num_swapped = num_swapped_;
   s.num_resident_copies = static_cast<int64_t>(copies_.size()) - num_swapped_;
+  s.num_cached_host_blocks = cached_blocks_;
   return s;
 }
 
@@ -428,9 +446,24 @@ void SwapPlanner::check_invariants() const {
                  " copies, expected ", copies_.size() - swapped);
   KVSCHED_ASSERT(swapped == num_swapped_ && swapped_blocks == swapped_blocks_ && resident_blocks == resident_blocks_,
                  "cached counts differ from the copies");
-  KVSCHED_ASSERT(free_pool_->size() + swapped_blocks + resident_blocks == options_.num_host_blocks,
+  int64_t cached = 0, cache_length = 0;
+  for (BlockId b = 0; b < options_.num_host_blocks; ++b) {
+    if (!is_cached_[b]) continue;
+    ++cached;
+    KVSCHED_ASSERT(!owner[b] && !free_pool_->is_free(b), "cached host block ", b, " is also free or held by a copy");
+    auto found = cached_.find(cached_key_[b]);
+    KVSCHED_ASSERT(found != cached_.end() && found->second == b, "cached host block ", b, " is not found by its key");
+  }
+  for (BlockId b = cache_head_, prev = -1; b != -1; prev = b, b = cache_next_[b]) {
+    KVSCHED_ASSERT(is_cached_[b] && cache_prev_[b] == prev, "host cache LRU list broken at ", b);
+    ++cache_length;
+  }
+  KVSCHED_ASSERT(cached == cached_blocks_ && cache_length == cached && static_cast<int64_t>(cached_.size()) == cached,
+                 "host cache holds ", cached, " blocks, counted ", cached_blocks_, ", LRU ", cache_length, ", keys ",
+                 cached_.size());
+  KVSCHED_ASSERT(free_pool_->size() + swapped_blocks + resident_blocks + cached == options_.num_host_blocks,
                  "host blocks are lost: free ", free_pool_->size(), " + swapped ", swapped_blocks, " + resident ",
-                 resident_blocks, " != ", options_.num_host_blocks);
+                 resident_blocks, " + cached ", cached, " != ", options_.num_host_blocks);
 }
 
 }  // namespace kvsched

@@ -121,8 +121,6 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--think-time: only multi_turn conversations and --clients have think times")
     if args.clients and args.rate is not None:
         raise ValueError("--rate: with --clients the load is set by the number of clients, not an arrival rate")
-    if args.host_kv_tokens and args.preemption == "recompute":
-        raise ValueError("--host-kv-tokens: host KV memory is used by --preemption swap or auto only")
     if args.policy == "priority" and args.priorities == "none":
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
     if args.policy == "fcfs" and args.priorities != "none":
@@ -284,7 +282,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"{prepared.clipped_outputs} outputs clipped to --max-new-tokens or the context")
     print()
     cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
-    print(_table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide))
+    print(_table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide,
+                 host_tier=bool(args.host_kv_tokens)))
     if len(records) > 1 and len(seeds) > 1:
         print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['admission']} over the same seeds, "
               "percentage points")
@@ -416,7 +415,7 @@ def _write_per_request(path: str, runs: dict, prepared_of_seed: dict) -> int:
 
 
 def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False,
-           wide: bool = False) -> str:
+           wide: bool = False, host_tier: bool = False) -> str:
     slo = records[0]["slo"]
     other = "strict" if slo == "lax" else "lax"
     paired = len(records) > 1 and len(records[0].get("seeds", [])) > 1
@@ -443,7 +442,11 @@ def _table(records: List[dict], with_max_rate: bool, with_swap: bool = False, wi
         columns.insert(-3, ("swapped", lambda r: r["swap_preemptions"], "{:>8.0f}", False))
         columns.insert(-3, ("swap GB", lambda r: r["swap_bytes"] / 1e9, "{:>8.1f}", False))
     if with_cache:  # prompt tokens the prefix cache saved, of all prompt tokens sent
-        columns.insert(-3, ("cached", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>7.1%}", False))
+        columns.insert(-3, ("GPU hit", lambda r: r["prefix_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>8.1%}", False))
+    if with_cache and host_tier:
+        columns.insert(-3, ("host hit", lambda r: r["host_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>9.1%}", False))
+        columns.insert(-3, ("copy GB", lambda r: (r["cache_write_bytes"] + r["cache_load_bytes"]) / 1e9, "{:>8.1f}",
+                            False))
     if with_max_rate:
         columns.append(("max r/s@90%", _max_rate_text, "{:>14}", False))
     columns = [(title, value, fmt) for title, value, fmt, wide_only in columns if wide or not wide_only]
@@ -583,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give requests 3 priority classes that change every 2 s (random, or a Markov walk), "
                      "scheduled by the priority policy, which evicts for a more urgent request (default none)")
     sim.add_argument("--host-kv-tokens", type=_positive_int, default=0,
-                     help="host memory for swapped KV, in tokens (default: 4x the device KV capacity)")
+                     help="host KV memory in tokens: adds the host tier of the prefix cache (blocks evicted from "
+                     "the GPU prefix cache are written back and loaded on a later hit) in every preemption "
+                     "mode, sharing the pool with swap (default: no host tier; swap gets 4x the device KV)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

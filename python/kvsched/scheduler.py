@@ -41,6 +41,11 @@ class SchedulerConfig:
     trip is cheaper than ``recompute_seconds_per_token`` times its computed tokens). With
     ``swap_layout`` (a :class:`kvsched.KvLayout`) plans carry byte descriptors for the engine's KV
     tensors; without one, swap costs assume ``swap_block_bytes`` per block.
+
+    ``host_prefix_cache`` (any preemption mode; needs ``num_host_blocks``) adds a host tier to the
+    prefix cache: full blocks evicted from the device prefix cache are written back to the host
+    pool, and a new request's prefix found there is loaded into fresh device blocks when the swap
+    cost model says that beats recomputing it at ``recompute_seconds_per_token``.
     """
 
     num_blocks: int
@@ -87,6 +92,7 @@ class SchedulerConfig:
     reuse_host_copies: bool = True
     swap_cost: np.ndarray | None = field(default=None, repr=False)  # (2, 3, 3); kvsched.swap.default_cost_model()
     recompute_seconds_per_token: float = 1e-4
+    host_prefix_cache: bool = False
 
     def native_options(self) -> dict[str, Any]:
         options = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -123,8 +129,14 @@ class StepPlan:
     Swaps: ``swapped_out_ids`` moved device -> host, ``swapped_in_ids`` host -> device (and run in
     this plan). ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)``, request i's
     rows ``swap_out[swap_out_indptr[i]:swap_out_indptr[i + 1]]``; ``swap_*_descriptors`` rows are
-    ``(tensor, src_offset, dst_offset, nbytes)`` for the configured ``swap_layout``. Execute, before
-    the forward pass: swap-outs, then swap-ins, then copy-on-writes.
+    ``(tensor, src_offset, dst_offset, nbytes)`` for the configured ``swap_layout``.
+
+    Host tier (``host_prefix_cache``): ``cache_write`` rows ``(device_block, host_block, n_blocks)``
+    write evicted prefix blocks back to the host; ``cache_load`` rows ``(host_block, device_block,
+    n_blocks)`` load host hits into new blocks of ``cache_load_ids`` (request i's rows
+    ``cache_load[cache_load_indptr[i]:cache_load_indptr[i + 1]]``), with ``cache_*_descriptors``
+    as above. Execute, before the forward pass: swap-outs and cache writes (device -> host), then
+    swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all.
     """
 
     __slots__ = (
@@ -133,6 +145,8 @@ class StepPlan:
         "copy_on_writes", "preempted_ids", "rejected_ids", "rejected_reason_codes", "num_admitted",
         "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
+        "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr", "cache_load",
+        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
@@ -150,7 +164,8 @@ class StepPlan:
         self.preempted_ids = arrays["preempted_ids"]
         for name in ("swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
                      "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
-                     "swap_seconds"):
+                     "swap_seconds", "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr",
+                     "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes"):
             setattr(self, name, arrays[name])
         self.rejected_ids = arrays["rejected_ids"]
         self.rejected_reason_codes = arrays["rejected_reasons"]

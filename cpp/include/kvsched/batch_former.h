@@ -16,6 +16,11 @@
 //              scheduled request. A plan is outstanding until update() consumes it.
 //   swapped    a preempted request whose computed KV was moved to host memory (SwapPlanner); it
 //              comes back with its KV instead of recomputing it.
+//   host tier  with `host_prefix_cache`, full blocks evicted from the device prefix cache are
+//              written back to the host pool (cache_write) and a new request's prefix is matched
+//              on the device, then on the host: host hits are loaded into fresh device blocks
+//              (cache_load) when the cost model says the copy beats recomputing them, and its
+//              prefill starts after them.
 //
 // Step order: running requests first (every decode, then ongoing prefill chunks in key order with
 // at most max_prefill_chunk tokens each: batch_former_running.cpp), then
@@ -30,8 +35,9 @@
 // comes back in the step that preempted it (an asynchronous engine may still have its last token
 // in flight; it is known by the step after).
 //
-// The engine executes a plan's copies before its forward pass, in this order: swap_out (device
-// blocks it reads may be handed to others in the same plan), then swap_in, then copy_on_writes.
+// The engine executes a plan's copies before its forward pass, in this order: swap_out and
+// cache_write (device blocks they read may be handed to others in the same plan), then swap_in and
+// cache_load, then copy_on_writes.
 //
 // Errors: every call checks all of its input before changing anything (errors.h).
 // Thread safety: every public method takes an internal mutex.
@@ -77,8 +83,11 @@ struct BatchFormerOptions {
   PreemptionMode preemption = PreemptionMode::kRecompute;
   // Swap needs a host pool: swap.num_host_blocks > 0 (block_size is set to the allocator's).
   SwapPlannerOptions swap;
-  // kAuto: what recomputing one token costs (the engine's prefill time per token).
+  // kAuto and the host tier: what recomputing one token costs (the engine's prefill time per token).
   double recompute_seconds_per_token = 1e-4;
+  // The host tier of the prefix cache (needs swap.num_host_blocks > 0 and prefix caching), in any
+  // preemption mode; swapped requests and cached blocks share the host pool.
+  bool host_prefix_cache = false;
 };
 
 // A request as add_requests() takes it; optional fields use -1 / empty.
@@ -115,7 +124,13 @@ struct StepPlan {
   std::vector<int64_t> swapped_out_ids, swap_out_indptr, swap_out, swap_out_descriptors;
   std::vector<int64_t> swapped_in_ids, swap_in_indptr, swap_in, swap_in_descriptors;
   int64_t swap_out_bytes = 0, swap_in_bytes = 0;
-  double swap_seconds = 0.0;  // cost-model estimate of both directions
+  // Host tier (flat (src_block, dst_block, n_blocks) extents and byte descriptors as above):
+  // write-backs device -> host, run with swap_out; loads host -> device into the new blocks of
+  // cache_load_ids (rows cache_load_indptr[i]..[i+1]), run with swap_in.
+  std::vector<int64_t> cache_write, cache_write_descriptors;
+  std::vector<int64_t> cache_load_ids, cache_load_indptr, cache_load, cache_load_descriptors;
+  int64_t cache_write_bytes = 0, cache_load_bytes = 0;
+  double swap_seconds = 0.0;  // cost-model estimate of every copy, both directions
   std::vector<int64_t> rejected_ids;
   std::vector<int32_t> rejected_reasons;  // RejectReason
   int64_t num_admitted = 0;
@@ -138,6 +153,9 @@ struct BatchFormerStats {
   int64_t swapped_in = 0;
   int64_t swap_out_bytes = 0, swap_in_bytes = 0;
   int64_t swap_blocks_reused = 0;  // blocks not copied: still valid on the host, or a prefix-cache hit
+  // Host tier, read from the SwapPlanner's counters: blocks loaded (host prefix hits) and written back.
+  int64_t host_hit_blocks = 0, cache_write_blocks = 0;
+  int64_t cache_load_bytes = 0, cache_write_bytes = 0;
   int64_t priority_preemptions = 0;
   int64_t max_new_tokens_capped = 0;  // requests whose max_new_tokens was cut to what the cache holds
   int64_t steps = 0;
@@ -260,6 +278,13 @@ class BatchFormer {
   bool swap_in_swapped(int64_t& budget);
   void append_swap(const SwapPlan& swap, std::vector<int64_t>& ids, std::vector<int64_t>& indptr,
                    std::vector<int64_t>& extents, std::vector<int64_t>& descriptors, int64_t& bytes);
+  // Host tier: leading blocks of r's prefix past `device_hit` blocks worth loading from the host
+  // (batch_former_host_tier.cpp); at most `limit` blocks.
+  int64_t host_hit_blocks(const Request& r, int64_t device_hit, int64_t limit) const;
+  // Plans the load of r's blocks [first, first + count) from the host tier.
+  void load_from_host(const Request& r, int64_t first, int64_t count);
+  // Plans the write-back of the blocks the allocator evicted this step.
+  void write_back_evictions();
   void drop(Request& r);  // removes a request in any state from its queue and frees its KV
   void remove(Request& r);  // drop() and forget it (it leaves the outstanding plan too)
   // Throws unless every id is live and appears once.
@@ -299,6 +324,7 @@ class BatchFormer {
   std::vector<BlockId> scratch_blocks_;
   std::vector<int64_t> finished_lengths_;
   std::vector<int32_t> finished_classes_;
+  std::vector<Eviction> evictions_;
 };
 
 }  // namespace kvsched

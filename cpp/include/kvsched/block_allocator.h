@@ -49,6 +49,9 @@ struct BlockAllocatorOptions {
   bool enable_prefix_caching = true;
   Placement placement = Placement::kContiguous;
   HashAlgorithm hash_algorithm = HashAlgorithm::kFast128;
+  // Record every cached block evicted for reuse, with its key, for pop_evictions() (a host tier
+  // writes them back). Off, nothing is recorded.
+  bool track_evictions = false;
 };
 
 struct BlockAllocatorStats {
@@ -72,6 +75,13 @@ struct CopyOnWrite {
   SeqId seq_id;
   BlockId src;
   BlockId dst;
+};
+
+// A cached block whose key was dropped because an allocation reused it; its KV is intact until
+// the new owner writes it.
+struct Eviction {
+  BlockId block;
+  Hash128 key;
 };
 
 class FreePool;
@@ -128,6 +138,8 @@ class BlockAllocator {
   void restore(SeqId seq_id);
 
   std::vector<CopyOnWrite> pop_copy_on_writes();
+  // The evictions since the last call, oldest first (needs options.track_evictions).
+  void pop_evictions(std::vector<Eviction>& out);
   BlockAllocatorStats stats() const;
   // Throws std::logic_error describing the first broken invariant.
   void check_invariants() const;
@@ -198,6 +210,7 @@ class BlockAllocator {
 
   int32_t num_pinned_only_ = 0;
   std::vector<CopyOnWrite> pending_copies_;
+  std::vector<Eviction> evictions_;
   std::vector<BlockId> scratch_;
   std::vector<Sequence*> batch_targets_;  // reused across batched calls to avoid reallocation
   std::vector<SeqId> batch_inserted_;

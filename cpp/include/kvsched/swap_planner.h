@@ -14,6 +14,13 @@
 //   extent       (src_block, dst_block, n_blocks): n consecutive blocks on both sides.
 //   descriptor   (tensor, src_offset, dst_offset, nbytes): one copy inside one tensor of the KV
 //                layout; descriptors adjacent on both sides are merged.
+//   cached       the host tier of the prefix cache: a host block holding a full device block that
+//                left the device prefix cache, findable by the same chained key
+//                (swap_planner_prefix_cache.cpp). Evicted least recently used first, before
+//                resident copies, whenever the pool needs room; never while a copy of the
+//                current step reads or writes it.
+//
+// Every host block is free, cached, or held by one host copy (swapped or resident).
 //
 // Why full blocks stay valid: paged attention only appends. A block that was full when it was
 // copied holds the same KV until the sequence is dropped, so only the partial last block and blocks
@@ -27,7 +34,10 @@
 #include <memory>
 #include <vector>
 
+#include <unordered_map>
+
 #include "kvsched/block_allocator.h"
+#include "kvsched/block_hash.h"
 #include "kvsched/detail/id_map.h"
 
 namespace kvsched {
@@ -109,6 +119,12 @@ struct SwapPlannerStats {
   int64_t blocks_out = 0, blocks_in = 0, blocks_reused = 0;
   int64_t bytes_out = 0, bytes_in = 0;
   int64_t evicted_copies = 0;
+  // The host tier of the prefix cache.
+  int32_t num_cached_host_blocks = 0;
+  int64_t cache_write_blocks = 0, cache_write_bytes = 0;  // written back from the device
+  int64_t cache_load_blocks = 0, cache_load_bytes = 0;    // loaded into device blocks (host hits)
+  int64_t cache_write_skips = 0;  // write-backs not needed (key already cached) or without room
+  int64_t evicted_cached_blocks = 0;
 };
 
 class FreePool;
@@ -142,6 +158,22 @@ class SwapPlanner {
   // Drops host copies (finished or aborted sequences, or KV that was rewritten). Unknown ids are ignored.
   void release(const SeqId* seq_ids, size_t count);
 
+  // ---- the host tier of the prefix cache (swap_planner_prefix_cache.cpp) ----
+  // Starts a step: blocks read or written by the previous step's copies may be evicted again.
+  void begin_step();
+  // Write-back of device blocks leaving the device prefix cache (keys[i] is device_blocks[i]'s):
+  // each key not cached yet gets a host block (free, else by evicting) and a device-to-host
+  // extent; a key already cached is refreshed, and one that finds no room is skipped.
+  SwapPlan plan_cache_write(const Hash128* keys, const BlockId* device_blocks, size_t count);
+  // How many leading `keys` the host tier holds.
+  size_t match_cached(const Hash128* keys, size_t count) const;
+  // Loads cached blocks `keys` (all cached, as match_cached() says) into fresh device blocks.
+  SwapPlan plan_cache_load(const Hash128* keys, const BlockId* device_blocks, size_t count);
+  // Estimated seconds of loading `blocks` blocks (each its own run: the worst case).
+  double estimate_load_seconds(int64_t blocks) const;
+  // Forgets every cached block (the KV is stale); returns how many were dropped.
+  int64_t reset_cached();
+
   bool is_swapped(SeqId seq_id) const;
   bool has_host_copy(SeqId seq_id) const;
   int64_t num_swapped_tokens(SeqId seq_id) const;  // current tokens of a swapped sequence
@@ -171,8 +203,17 @@ class SwapPlanner {
   // `blocks` blocks, and those ids are >= 0.
   static void check_table(size_t i, SeqId id, const int64_t* indptr, const BlockId* device_blocks, int64_t blocks);
   void append_extent(SwapPlan& plan, BlockId src, BlockId dst);
-  // Bytes, descriptors and estimated time of a planned swap; adds it to the counters.
-  void finish_plan(SwapPlan& plan, int direction, size_t num_sequences);
+  // Bytes, descriptors and estimated time of a planned copy.
+  void finish_plan(SwapPlan& plan, int direction);
+  // Adds a planned swap of `num_sequences` sequences to the swap counters.
+  void count_swap(const SwapPlan& plan, int direction, size_t num_sequences);
+  // Host tier: evictable cached blocks (not touched by this step's copies), and taking one free
+  // host block for a write-back (evicting a cached block, then a resident copy); -1 when none.
+  int64_t evictable_cached_blocks() const;
+  void evict_cached(BlockId block);
+  BlockId take_block_for_cache();
+  void cache_push_back(BlockId block);
+  void cache_remove(BlockId block);
 
   SwapPlannerOptions options_;
   std::unique_ptr<FreePool> free_pool_;
@@ -183,6 +224,16 @@ class SwapPlanner {
   uint64_t batch_counter_ = 0;
   SwapPlannerStats counters_;
   std::vector<BlockId> scratch_;
+  // Host tier: key -> host block, and per host block its key, LRU links (head = least recently
+  // used) and the step that last copied it.
+  std::unordered_map<Hash128, BlockId, Hash128Hasher> cached_;
+  std::vector<Hash128> cached_key_;
+  std::vector<uint8_t> is_cached_;
+  std::vector<int32_t> cache_prev_, cache_next_;
+  std::vector<uint64_t> copied_at_step_;
+  int32_t cache_head_ = -1, cache_tail_ = -1;
+  int32_t cached_blocks_ = 0, cached_copied_this_step_ = 0;
+  uint64_t step_ = 1;
 };
 
 }  // namespace kvsched

@@ -57,18 +57,22 @@ class EngineConfig:
     max_new_tokens: int = 2048
     max_model_len: int = 0  # 0: the profile's
     preemption: str = "recompute"  # or "swap" / "auto" (SchedulerConfig.preemption)
-    host_kv_tokens: int = 0  # host pool for swap; 0: four times the device KV capacity
+    # Host KV memory in tokens: > 0 adds the host tier of the prefix cache (any preemption mode) and
+    # is the pool swap shares with it; 0: no tier, and swap gets four times the device KV capacity.
+    host_kv_tokens: int = 0
     scheduler_overrides: dict = field(default_factory=dict)
 
     def swap_options(self) -> dict:
-        """SchedulerConfig options for preemption by swap: a host pool, the bytes of a block of this
-        model in the per-layer K/V layout, the host link's bandwidth, and recompute priced at the
-        profile's prefill time per token."""
-        if self.preemption == "recompute":
+        """SchedulerConfig options for preemption by swap and the host tier: a host pool, the bytes
+        of a block of this model in the per-layer K/V layout, the host link's bandwidth, and
+        recompute priced at the profile's prefill time per token."""
+        host_tier = self.host_kv_tokens > 0
+        if self.preemption == "recompute" and not host_tier:
             return {"preemption": "recompute"}
         host_tokens = self.host_kv_tokens or 4 * self.kv_capacity_tokens
         return {
             "preemption": self.preemption,
+            "host_prefix_cache": host_tier,
             "num_host_blocks": max(1, host_tokens // self.block_size),
             "swap_block_bytes": self.profile.kv_bytes_per_token * self.block_size,
             "swap_tensors_per_block": 2 * self.profile.num_layers,
@@ -168,7 +172,10 @@ class RunLog:
     swap_bytes: int = 0  # both directions
     swap_preemptions: int = 0  # preemptions (counted in `preemptions`) that swapped instead of recomputing
     swap_time_s: float = 0.0  # simulated time spent on swap copies
-    prefix_hit_tokens: int = 0  # prompt tokens found in the prefix cache
+    prefix_hit_tokens: int = 0  # prompt tokens found in the device prefix cache
+    host_hit_tokens: int = 0  # prompt tokens loaded from the host tier
+    cache_write_bytes: int = 0  # host tier: written back (device -> host)
+    cache_load_bytes: int = 0  # host tier: loaded (host -> device)
     computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
     step_cpu_us: np.ndarray = field(default_factory=lambda: np.zeros(0))  # schedule() + update() per step
     policy: str = "fcfs"  # the ordering policy
@@ -330,6 +337,8 @@ def simulate(
         swap_bytes=int(stats["swap_out_bytes"] + stats["swap_in_bytes"]),
         swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
         prefix_hit_tokens=int(stats["kv"]["prefix_hit_blocks"]) * block_size,
+        host_hit_tokens=int(stats["host_hit_blocks"]) * block_size,
+        cache_write_bytes=int(stats["cache_write_bytes"]), cache_load_bytes=int(stats["cache_load_bytes"]),
         computed_tokens=int(stats["scheduled_tokens"]),
         step_cpu_us=np.asarray(step_cpus) * 1e6, policy=policy,
     )
