@@ -127,6 +127,8 @@ class FakeEngine:
         # One more plan collects rejections added after the last step.
         if not self.scheduler.has_unfinished_requests():
             plan = self.scheduler.schedule()
+            if self.kv is not None:  # an empty plan may still copy (host tier write-throughs)
+                self.kv.apply_copies(plan)
             self.rejected.update(plan.rejected_ids.tolist())
             self.scheduler.update(plan.req_ids, np.zeros(len(plan), np.int64), np.zeros(len(plan), bool))
         assert not self.scheduler.has_unfinished_requests(), f"not done after {max_steps} steps"

@@ -108,3 +108,51 @@ def test_host_tier_needs_a_host_pool_and_prefix_caching():
         scheduler(num_host_blocks=0)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         scheduler(enable_prefix_caching=False)
+
+
+def test_write_through_copies_a_finished_request_once():
+    s = scheduler(host_cache_write_through=True)
+    engine, plans = evict_then_reuse(s)
+    # The plan after request 1 finished (the driver's last one) wrote its 4 keyed blocks; when
+    # request 2 evicted them they were on the host already, so its plans copy nothing. Request 3
+    # adds its own 2 keyed blocks at the end (its shared 4 are cached already).
+    assert s.stats()["cache_write_blocks"] == 4 + 2
+    assert all(p.cache_write.size == 0 for p in plans)
+    assert plans[-1].cache_load_ids.tolist() == [3]
+    s.check_invariants()
+
+
+@pytest.mark.parametrize("next_prompt, overlappable", [(8, True), (61, False)])
+def test_write_through_overlaps_only_blocks_the_step_does_not_reuse(next_prompt, overlappable):
+    s = scheduler(host_cache_write_through=True)
+    engine = FakeEngine(s, kv_check=True)
+    engine.add(1, 16, 3, block_keys=keys(1, 4))
+    while 1 not in engine.finished:
+        engine.step()
+    # The next plan writes request 1's blocks through. A short request leaves them alone: the copy
+    # may run during the forward pass. A long one takes every block: the copy must come first.
+    engine.add(2, next_prompt, 2)
+    plan = engine.step()
+    assert plan.cache_write[:, 2].sum() == 4
+    assert plan.cache_write_overlap_seconds == pytest.approx(plan.swap_seconds if overlappable else 0.0)
+    engine.run()
+
+
+def test_a_swapped_request_leaves_its_host_copy_as_cache():
+    # Request 1 is swapped out and back in (a resident host copy), then finishes: its copy's full
+    # blocks become host cache without a copy, and request 3 with the same prefix loads them.
+    s = scheduler(preemption="swap", num_blocks=12, max_num_batched_tokens=64, admission="aggressive",
+                  policy="priority")
+    engine = FakeEngine(s, kv_check=True)
+    engine.add(1, 16, 6, block_keys=keys(1, 4), priority=1)
+    engine.step()
+    engine.add(2, 40, 3, priority=0)  # more urgent: evicts request 1 by swap
+    engine.run()
+    assert engine.swaps_out >= 1
+    swap = s.stats()["swap"]
+    assert swap["cache_adopted_blocks"] >= 1 and swap["num_resident_copies"] == 0
+    engine.kv.shared[3] = (1, 16)
+    engine.add(3, 24, 2, block_keys=np.concatenate([keys(1, 4), keys(3, 2, first=4)]))
+    engine.run()
+    assert s.stats()["host_hit_blocks"] + s.stats()["kv"]["prefix_hit_blocks"] >= 1
+    s.check_invariants()

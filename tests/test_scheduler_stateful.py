@@ -24,15 +24,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         lookahead=st.integers(0, 2),
         preemption=st.sampled_from(["recompute", "swap", "auto"]),
         num_host_blocks=st.integers(1, 60),
-        host_tier=st.booleans(),
+        host_tier=st.sampled_from(["off", "evict", "finish"]),
     )
     def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead, preemption, num_host_blocks,
               host_tier):
         self.scheduler = kvsched.Scheduler(
             num_blocks=num_blocks, block_size=8, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
             max_prefill_chunk=chunk, num_lookahead_tokens=lookahead, admission=admission, policy=policy, window=20,
-            preemption=preemption, num_host_blocks=num_host_blocks if preemption != "recompute" or host_tier else 0,
-            swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5, host_prefix_cache=host_tier,
+            preemption=preemption,
+            num_host_blocks=num_host_blocks if preemption != "recompute" or host_tier != "off" else 0,
+            swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5, host_prefix_cache=host_tier != "off",
+            host_cache_write_through=host_tier == "finish",
         )
         # Real KV bytes: swaps and copy-on-writes are executed and checked every step.
         self.engine = FakeEngine(self.scheduler, kv_check=True)

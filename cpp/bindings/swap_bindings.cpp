@@ -58,6 +58,7 @@ py::dict swap_stats_dict(const SwapPlannerStats& s) {
   d["cache_load_bytes"] = s.cache_load_bytes;
   d["cache_write_skips"] = s.cache_write_skips;
   d["evicted_cached_blocks"] = s.evicted_cached_blocks;
+  d["cache_adopted_blocks"] = s.cache_adopted_blocks;
   return d;
 }
 

@@ -62,7 +62,7 @@ void StepPlan::clear() {
   swap_in_indptr.assign(1, 0);
   cache_load_indptr.assign(1, 0);
   swap_out_bytes = swap_in_bytes = cache_write_bytes = cache_load_bytes = 0;
-  swap_seconds = 0.0;
+  swap_seconds = cache_write_overlap_seconds = 0.0;
 }
 
 bool BatchFormer::WaitingOrder::operator()(const Request* a, const Request* b) const {
@@ -132,6 +132,12 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
     KVSCHED_EXPECTS(options.allocator.enable_prefix_caching, std::invalid_argument,
                     "host_prefix_cache needs enable_prefix_caching");
   }
+  KVSCHED_EXPECTS(!options.host_cache_write_through || options.host_prefix_cache, std::invalid_argument,
+                  "host_cache_write_through needs host_prefix_cache");
+  // A swap-in without a resident copy frees its host blocks while the step's copies still read
+  // them; the host tier's write-backs of the same step could take them.
+  KVSCHED_EXPECTS(!options.host_prefix_cache || options.swap.reuse_host_copies, std::invalid_argument,
+                  "host_prefix_cache needs reuse_host_copies");
   if (options.preemption != PreemptionMode::kRecompute || options.host_prefix_cache) {
     KVSCHED_EXPECTS(options.swap.num_host_blocks > 0, std::invalid_argument,
                     "num_host_blocks must be > 0 when preemption swaps, got ", options.swap.num_host_blocks);
@@ -489,6 +495,7 @@ StepPlan BatchFormer::schedule() {
                                                                 : std::numeric_limits<int64_t>::max();
   step_has_prefill_ = false;
   if (swap_planner_) swap_planner_->begin_step();
+  if (options_.host_prefix_cache) write_through_finished();
   sort_running();
   if (options_.preempt_for_priority) preempt_for_priority();
   int64_t budget = options_.max_num_batched_tokens;
@@ -516,6 +523,7 @@ StepPlan BatchFormer::schedule() {
 }
 
 void BatchFormer::finish(Request& r) {
+  if (options_.host_prefix_cache) retain_in_host_tier(r);
   allocator_.free(r.id);
   if (swap_planner_) swap_planner_->release(&r.id, 1);
   finished_lengths_.push_back(r.num_generated);
@@ -598,6 +606,7 @@ void BatchFormer::stop(const RequestId* ids, const int64_t* output_lens, size_t 
       finished_lengths_.push_back(length);
       finished_classes_.push_back(r.class_id);
     }
+    if (options_.host_prefix_cache && r.state == RequestState::kRunning) retain_in_host_tier(r);
     remove(r);
     ++counters_.finished;
   }
@@ -623,6 +632,8 @@ int64_t BatchFormer::reset_prefix_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
   int64_t dropped = allocator_.reset_prefix_cache();
   if (options_.host_prefix_cache) dropped += swap_planner_->reset_cached();
+  write_through_keys_.clear();  // their KV is stale too
+  write_through_blocks_.clear();
   return dropped;
 }
 

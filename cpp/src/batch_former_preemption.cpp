@@ -6,7 +6,11 @@
 namespace kvsched {
 
 bool BatchFormer::should_swap(const Request& r) const {
-  if (!swap_planner_ || r.num_computed == 0 || !swap_planner_->can_swap_out(r.id, r.num_computed)) return false;
+  // The planner also exists for the host tier alone: recompute mode never swaps.
+  if (options_.preemption == PreemptionMode::kRecompute || !swap_planner_ || r.num_computed == 0 ||
+      !swap_planner_->can_swap_out(r.id, r.num_computed)) {
+    return false;
+  }
   if (options_.preemption == PreemptionMode::kSwap) return true;
   double recompute = static_cast<double>(r.num_computed) * options_.recompute_seconds_per_token;
   return swap_planner_->estimate_round_trip_seconds(r.id, r.num_computed) < recompute;

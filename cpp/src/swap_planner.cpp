@@ -106,7 +106,7 @@ bool SwapPlanner::can_swap_out(SeqId seq_id, int64_t num_tokens) const {
   const HostCopy* copy = copies_.find(seq_id);
   if (copy != nullptr && copy->swapped) return false;
   int64_t own = copy ? static_cast<int64_t>(copy->blocks.size()) : 0;  // its own resident copy is reused
-  int64_t available = free_pool_->size() + evictable_cached_blocks() + resident_blocks_ - own;
+  int64_t available = free_pool_->size() + evictable_cached_blocks() + evictable_resident_blocks() - own;
   return host_blocks_needed(seq_id, num_tokens) <= available;
 }
 
@@ -138,8 +138,14 @@ void SwapPlanner::lru_remove(HostCopy& copy) {
   resident_blocks_ -= static_cast<int32_t>(copy.blocks.size());
 }
 
+void SwapPlanner::unmark_swapped_in(HostCopy& copy) {
+  if (in_this_step(copy.swapped_in_at_step)) resident_swapped_in_this_step_ -= static_cast<int32_t>(copy.blocks.size());
+  copy.swapped_in_at_step = 0;
+}
+
 void SwapPlanner::drop_copy(SeqId seq_id, HostCopy& copy) {
   if (copy.in_lru) lru_remove(copy);
+  unmark_swapped_in(copy);
   if (copy.swapped) {
     swapped_blocks_ -= static_cast<int32_t>(copy.blocks.size());
     --num_swapped_;
@@ -153,6 +159,7 @@ void SwapPlanner::drop_copy(SeqId seq_id, HostCopy& copy) {
     c.lru_prev = c.lru_next = kNoSeq;
     c.in_lru = false;
     c.batch_stamp = 0;
+    c.swapped_in_at_step = 0;
   });
 }
 
@@ -160,14 +167,15 @@ void SwapPlanner::evict_until(int64_t free_needed) {
   // Cached prefix blocks go first: a resident copy saves its own request's next swap-out.
   for (BlockId block = cache_head_; free_pool_->size() < free_needed && block != -1;) {
     BlockId next = cache_next_[block];
-    if (copied_at_step_[block] != step_) evict_cached(block);
+    if (!in_this_step(copied_at_step_[block])) evict_cached(block);
     block = next;
   }
   int64_t seq = lru_head_;
   while (free_pool_->size() < free_needed && seq != kNoSeq) {
     HostCopy* copy = copies_.find(seq);
     int64_t next = copy->lru_next;
-    if (copy->batch_stamp != batch_counter_) {  // never evict a copy the current batch reuses
+    // Never evict a copy the current batch reuses, or one a swap-in of this step reads.
+    if (copy->batch_stamp != batch_counter_ && !in_this_step(copy->swapped_in_at_step)) {
       drop_copy(seq, *copy);
       ++counters_.evicted_copies;
     }
@@ -284,7 +292,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
     }
     new_blocks += host_blocks_needed(id, num_tokens[i]);
   }
-  int64_t available = free_pool_->size() + evictable_cached_blocks() + resident_blocks_ - own_resident;
+  int64_t available = free_pool_->size() + evictable_cached_blocks() + evictable_resident_blocks() - own_resident;
   if (new_blocks > available) {
     throw OutOfBlocks(detail::concat("host pool: swapping out ", count, " sequences needs ", new_blocks,
                                      " host blocks, ", available, " available (free or evictable)"));
@@ -294,6 +302,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
   // Shrinking copies (fewer tokens than held) return blocks first, so eviction sees them.
   for (size_t i = 0; i < count; ++i) {
     HostCopy* copy = copies_.find(seq_ids[i]);
+    if (copy != nullptr) unmark_swapped_in(*copy);  // it leaves the resident copies
     int64_t blocks = num_blocks_for(num_tokens[i]);
     if (copy != nullptr && static_cast<int64_t>(copy->blocks.size()) > blocks) {
       if (copy->in_lru) resident_blocks_ -= static_cast<int32_t>(copy->blocks.size() - blocks);
@@ -372,7 +381,15 @@ SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, 
     copy.batch_stamp = 0;
     swapped_blocks_ -= static_cast<int32_t>(blocks);
     --num_swapped_;
-    if (options_.reuse_host_copies) lru_push_back(id, copy); else drop_copy(id, copy);
+    if (options_.reuse_host_copies) {
+      lru_push_back(id, copy);
+      if (step_ != 0) {  // steps are counted (a BatchFormer drives the planner)
+        copy.swapped_in_at_step = step_;
+        resident_swapped_in_this_step_ += static_cast<int32_t>(blocks);
+      }
+    } else {
+      drop_copy(id, copy);  // freed now: the engine runs this plan's copies before anything reuses them
+    }
   }
   finish_plan(plan, 1);
   count_swap(plan, 1, count);
@@ -420,7 +437,7 @@ SwapPlannerStats SwapPlanner::stats() const {
 void SwapPlanner::check_invariants() const {
   free_pool_->check_invariants();
   std::vector<uint8_t> owner(static_cast<size_t>(options_.num_host_blocks), 0);
-  int64_t swapped = 0, swapped_blocks = 0, resident_blocks = 0, lru_length = 0;
+  int64_t swapped = 0, swapped_blocks = 0, resident_blocks = 0, lru_length = 0, swapped_in_now = 0;
   copies_.for_each([&](int64_t id, const HostCopy& copy) {
     KVSCHED_ASSERT(copy.swapped != copy.in_lru, "sequence ", id, " must be either swapped or in the resident LRU");
     KVSCHED_ASSERT(num_blocks_for(copy.valid_tokens) == static_cast<int64_t>(copy.blocks.size()), "sequence ", id,
@@ -435,8 +452,11 @@ void SwapPlanner::check_invariants() const {
       swapped_blocks += static_cast<int64_t>(copy.blocks.size());
     } else {
       resident_blocks += static_cast<int64_t>(copy.blocks.size());
+      if (in_this_step(copy.swapped_in_at_step)) swapped_in_now += static_cast<int64_t>(copy.blocks.size());
     }
   });
+  KVSCHED_ASSERT(swapped_in_now == resident_swapped_in_this_step_, "copies swapped in this step hold ",
+                 swapped_in_now, " blocks, counted ", resident_swapped_in_this_step_);
   for (int64_t seq = lru_head_, prev = kNoSeq; seq != kNoSeq; prev = seq, seq = copies_.find(seq)->lru_next) {
     const HostCopy* copy = copies_.find(seq);
     KVSCHED_ASSERT(copy != nullptr && copy->in_lru && copy->lru_prev == prev, "resident LRU list broken at ", seq);

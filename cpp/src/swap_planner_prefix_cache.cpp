@@ -18,6 +18,7 @@ namespace kvsched {
 void SwapPlanner::begin_step() {
   ++step_;
   cached_copied_this_step_ = 0;
+  resident_swapped_in_this_step_ = 0;
 }
 
 int64_t SwapPlanner::evictable_cached_blocks() const { return cached_blocks_ - cached_copied_this_step_; }
@@ -47,7 +48,7 @@ void SwapPlanner::evict_cached(BlockId block) {
 
 BlockId SwapPlanner::take_block_for_cache() {
   if (free_pool_->size() == 0) {
-    if (evictable_cached_blocks() + resident_blocks_ == 0) return -1;
+    if (evictable_cached_blocks() + evictable_resident_blocks() == 0) return -1;
     evict_until(1);
   }
   scratch_.clear();
@@ -113,7 +114,7 @@ SwapPlan SwapPlanner::plan_cache_load(const Hash128* keys, const BlockId* device
     BlockId block = cached_.find(keys[i])->second;
     cache_remove(block);
     cache_push_back(block);
-    if (copied_at_step_[block] != step_) {
+    if (!in_this_step(copied_at_step_[block])) {
       copied_at_step_[block] = step_;
       ++cached_copied_this_step_;
     }
@@ -131,6 +132,34 @@ double SwapPlanner::estimate_load_seconds(int64_t blocks) const {
   int64_t pieces = options_.layout.tensors.empty() ? options_.tensors_per_block
                                                    : static_cast<int64_t>(options_.layout.tensors.size());
   return options_.cost.best_seconds(1, blocks * pieces, blocks * block_bytes);
+}
+
+void SwapPlanner::release_as_cached(SeqId seq_id, const Hash128* keys, size_t num_keys) {
+  HostCopy* copy = copies_.find(seq_id);
+  if (copy == nullptr) return;
+  if (!copy->swapped) {
+    // Before its blocks change: the resident counts go by them. (Called after the step's copies ran.)
+    lru_remove(*copy);
+    unmark_swapped_in(*copy);
+    const size_t full = std::min({num_keys, copy->blocks.size(),
+                                  static_cast<size_t>(copy->valid_tokens / options_.block_size)});
+    size_t kept = 0;
+    for (size_t b = 0; b < copy->blocks.size(); ++b) {
+      const BlockId block = copy->blocks[b];
+      if (b < full && cached_.count(keys[b]) == 0) {
+        cached_key_[block] = keys[b];
+        is_cached_[block] = 1;
+        cached_.emplace(keys[b], block);
+        cache_push_back(block);
+        ++cached_blocks_;
+        ++counters_.cache_adopted_blocks;
+      } else {
+        copy->blocks[kept++] = block;  // not adopted: freed with the copy
+      }
+    }
+    copy->blocks.resize(kept);
+  }
+  drop_copy(seq_id, *copy);
 }
 
 int64_t SwapPlanner::reset_cached() {

@@ -121,6 +121,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--think-time: only multi_turn conversations and --clients have think times")
     if args.clients and args.rate is not None:
         raise ValueError("--rate: with --clients the load is set by the number of clients, not an arrival rate")
+    if args.host_cache_write and not args.host_kv_tokens:
+        raise ValueError("--host-cache-write: the host tier needs --host-kv-tokens")
     if args.policy == "priority" and args.priorities == "none":
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
     if args.policy == "fcfs" and args.priorities != "none":
@@ -217,6 +219,7 @@ def _simulate(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
             max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
+            host_cache_write=args.host_cache_write or "evict",
             scheduler_overrides={"seed": seed},
         )
         prepared = prepare(trace, engine)
@@ -589,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host KV memory in tokens: adds the host tier of the prefix cache (blocks evicted from "
                      "the GPU prefix cache are written back and loaded on a later hit) in every preemption "
                      "mode, sharing the pool with swap (default: no host tier; swap gets 4x the device KV)")
+    sim.add_argument("--host-cache-write", choices=("evict", "finish"), default=None,
+                     help="when the host tier copies a block to host memory: when the GPU evicts it (the next "
+                     "forward pass waits for the copy), or when its request finishes (write-through, overlapping "
+                     "the next forward pass) (default evict)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

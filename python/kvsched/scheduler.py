@@ -45,7 +45,10 @@ class SchedulerConfig:
     ``host_prefix_cache`` (any preemption mode; needs ``num_host_blocks``) adds a host tier to the
     prefix cache: full blocks evicted from the device prefix cache are written back to the host
     pool, and a new request's prefix found there is loaded into fresh device blocks when the swap
-    cost model says that beats recomputing it at ``recompute_seconds_per_token``.
+    cost model says that beats recomputing it at ``recompute_seconds_per_token``. A finished
+    request's host copy (it was swapped) stays as cache. ``host_cache_write_through`` also writes a
+    finished request's full blocks to the host in the next plan (overlappable with its forward
+    pass), instead of only when the device evicts them.
     """
 
     num_blocks: int
@@ -93,6 +96,7 @@ class SchedulerConfig:
     swap_cost: np.ndarray | None = field(default=None, repr=False)  # (2, 3, 3); kvsched.swap.default_cost_model()
     recompute_seconds_per_token: float = 1e-4
     host_prefix_cache: bool = False
+    host_cache_write_through: bool = False
 
     def native_options(self) -> dict[str, Any]:
         options = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -136,7 +140,8 @@ class StepPlan:
     n_blocks)`` load host hits into new blocks of ``cache_load_ids`` (request i's rows
     ``cache_load[cache_load_indptr[i]:cache_load_indptr[i + 1]]``), with ``cache_*_descriptors``
     as above. Execute, before the forward pass: swap-outs and cache writes (device -> host), then
-    swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all.
+    swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all;
+    ``cache_write_overlap_seconds`` of it are write-throughs that may run during the forward pass.
     """
 
     __slots__ = (
@@ -146,7 +151,7 @@ class StepPlan:
         "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
         "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr", "cache_load",
-        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
+        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes", "cache_write_overlap_seconds",
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
@@ -165,7 +170,8 @@ class StepPlan:
         for name in ("swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
                      "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
                      "swap_seconds", "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr",
-                     "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes"):
+                     "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
+                     "cache_write_overlap_seconds"):
             setattr(self, name, arrays[name])
         self.rejected_ids = arrays["rejected_ids"]
         self.rejected_reason_codes = arrays["rejected_reasons"]

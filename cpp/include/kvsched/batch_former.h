@@ -86,8 +86,14 @@ struct BatchFormerOptions {
   // kAuto and the host tier: what recomputing one token costs (the engine's prefill time per token).
   double recompute_seconds_per_token = 1e-4;
   // The host tier of the prefix cache (needs swap.num_host_blocks > 0 and prefix caching), in any
-  // preemption mode; swapped requests and cached blocks share the host pool.
+  // preemption mode; swapped requests and cached blocks share the host pool. A finished request's
+  // resident host copy (it was swapped) stays behind as cache, without a copy.
   bool host_prefix_cache = false;
+  // Host tier, write-through: a finished request's full blocks are written to the host by the next
+  // plan, where they may overlap its forward pass (cache_write_overlap_seconds), so that a later
+  // eviction finds them there already. Off: a block is written back only when the device evicts it,
+  // and the next forward pass, which reuses it, waits for that copy.
+  bool host_cache_write_through = false;
 };
 
 // A request as add_requests() takes it; optional fields use -1 / empty.
@@ -131,6 +137,9 @@ struct StepPlan {
   std::vector<int64_t> cache_load_ids, cache_load_indptr, cache_load, cache_load_descriptors;
   int64_t cache_write_bytes = 0, cache_load_bytes = 0;
   double swap_seconds = 0.0;  // cost-model estimate of every copy, both directions
+  // The part of swap_seconds an engine may overlap with the forward pass: write-throughs of blocks
+  // this plan does not hand to another request.
+  double cache_write_overlap_seconds = 0.0;
   std::vector<int64_t> rejected_ids;
   std::vector<int32_t> rejected_reasons;  // RejectReason
   int64_t num_admitted = 0;
@@ -285,6 +294,10 @@ class BatchFormer {
   void load_from_host(const Request& r, int64_t first, int64_t count);
   // Plans the write-back of the blocks the allocator evicted this step.
   void write_back_evictions();
+  // A request that finished leaves its KV to the host tier: its resident host copy becomes cache,
+  // and with write-through its full blocks are queued for the next plan.
+  void retain_in_host_tier(const Request& r);
+  void write_through_finished();  // plans the queued write-throughs (start of schedule())
   void drop(Request& r);  // removes a request in any state from its queue and frees its KV
   void remove(Request& r);  // drop() and forget it (it leaves the outstanding plan too)
   // Throws unless every id is live and appears once.
@@ -325,6 +338,10 @@ class BatchFormer {
   std::vector<int64_t> finished_lengths_;
   std::vector<int32_t> finished_classes_;
   std::vector<Eviction> evictions_;
+  std::vector<Hash128> write_through_keys_;      // queued by finished requests
+  std::vector<BlockId> write_through_blocks_;
+  std::vector<BlockId> written_through_;         // this step's, sorted
+  double write_through_seconds_ = 0.0;
 };
 
 }  // namespace kvsched

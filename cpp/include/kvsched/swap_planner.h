@@ -125,6 +125,7 @@ struct SwapPlannerStats {
   int64_t cache_load_blocks = 0, cache_load_bytes = 0;    // loaded into device blocks (host hits)
   int64_t cache_write_skips = 0;  // write-backs not needed (key already cached) or without room
   int64_t evicted_cached_blocks = 0;
+  int64_t cache_adopted_blocks = 0;  // resident copies' blocks kept as cache when their request finished
 };
 
 class FreePool;
@@ -173,6 +174,10 @@ class SwapPlanner {
   double estimate_load_seconds(int64_t blocks) const;
   // Forgets every cached block (the KV is stale); returns how many were dropped.
   int64_t reset_cached();
+  bool is_cached(const Hash128& key) const { return cached_.count(key) != 0; }
+  // Releases a finished sequence's host copy, keeping its first `num_keys` blocks (those whose
+  // tokens are all current) as cached blocks under `keys`: no copy needed. A swapped copy is dropped.
+  void release_as_cached(SeqId seq_id, const Hash128* keys, size_t num_keys);
 
   bool is_swapped(SeqId seq_id) const;
   bool has_host_copy(SeqId seq_id) const;
@@ -190,6 +195,7 @@ class SwapPlanner {
     int64_t lru_prev = -1, lru_next = -1;  // seq ids in the resident LRU list
     bool in_lru = false;
     uint64_t batch_stamp = 0;
+    uint64_t swapped_in_at_step = 0;  // its swap-in reads these blocks: not evicted in that step
   };
 
   int64_t num_blocks_for(int64_t tokens) const;
@@ -197,6 +203,7 @@ class SwapPlanner {
   int64_t evictable_blocks_excluding_batch() const;
   void evict_until(int64_t free_needed);
   void drop_copy(SeqId seq_id, HostCopy& copy);
+  void unmark_swapped_in(HostCopy& copy);  // before its blocks change or it stops being resident
   void lru_push_back(SeqId seq_id, HostCopy& copy);
   void lru_remove(HostCopy& copy);
   // Checks sequence i's slice of a CSR block table: indptr does not decrease, it holds at least
@@ -207,6 +214,8 @@ class SwapPlanner {
   void finish_plan(SwapPlan& plan, int direction);
   // Adds a planned swap of `num_sequences` sequences to the swap counters.
   void count_swap(const SwapPlan& plan, int direction, size_t num_sequences);
+  // Resident blocks that eviction may take now (not read by a swap-in of this step).
+  int64_t evictable_resident_blocks() const { return resident_blocks_ - resident_swapped_in_this_step_; }
   // Host tier: evictable cached blocks (not touched by this step's copies), and taking one free
   // host block for a write-back (evicting a cached block, then a resident copy); -1 when none.
   int64_t evictable_cached_blocks() const;
@@ -233,7 +242,9 @@ class SwapPlanner {
   std::vector<uint64_t> copied_at_step_;
   int32_t cache_head_ = -1, cache_tail_ = -1;
   int32_t cached_blocks_ = 0, cached_copied_this_step_ = 0;
-  uint64_t step_ = 1;
+  int32_t resident_swapped_in_this_step_ = 0;  // blocks of copies swapped in this step
+  uint64_t step_ = 0;  // 0 until begin_step(): a planner used on its own protects nothing by step
+  bool in_this_step(uint64_t stamp) const { return stamp != 0 && stamp == step_; }
 };
 
 }  // namespace kvsched

@@ -8,7 +8,9 @@ sees ``max_new_tokens``, except under ``oracle`` admission, which is given the t
 Preemption is by recompute (a preempted request's later prefill of its lost tokens is simply
 part of the steps that run it), or by swap: the step then also takes the swap planner's cost-model
 time for the plan's copies, executed before the forward pass and not overlapped with it (as a
-blocking engine does; an engine that overlaps them only does better). Per-step work is numpy over
+blocking engine does; an engine that overlaps them only does better). The host tier's copies are
+priced the same way, except write-throughs the plan marks as overlappable: the step then takes the
+longer of its forward pass and those copies. Per-step work is numpy over
 the plan's arrays; there is no scheduling code here.
 """
 
@@ -60,6 +62,7 @@ class EngineConfig:
     # Host KV memory in tokens: > 0 adds the host tier of the prefix cache (any preemption mode) and
     # is the pool swap shares with it; 0: no tier, and swap gets four times the device KV capacity.
     host_kv_tokens: int = 0
+    host_cache_write: str = "evict"  # host tier: write back on eviction, or write through at "finish"
     scheduler_overrides: dict = field(default_factory=dict)
 
     def swap_options(self) -> dict:
@@ -73,6 +76,7 @@ class EngineConfig:
         return {
             "preemption": self.preemption,
             "host_prefix_cache": host_tier,
+            "host_cache_write_through": host_tier and self.host_cache_write == "finish",
             "num_host_blocks": max(1, host_tokens // self.block_size),
             "swap_block_bytes": self.profile.kv_bytes_per_token * self.block_size,
             "swap_tensors_per_block": 2 * self.profile.num_layers,
@@ -298,7 +302,9 @@ def simulate(
             elif scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
             continue
-        dt = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill) + plan.swap_seconds
+        forward = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
+        overlap = plan.cache_write_overlap_seconds
+        dt = max(forward, overlap) + plan.swap_seconds - overlap
         unscheduled = np.isnan(first_scheduled[ids])
         first_scheduled[ids[unscheduled]] = t
         t += dt
