@@ -8,7 +8,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-CONFIGS = {"1gpu": "GPU prefix cache only", "2host": "+ host tier", "3large": "GPU cache that keeps everything"}
+CONFIGS = {"1gpu": "GPU prefix cache only", "2evict": "+ host tier, written back on eviction",
+           "3finish": "+ host tier, written through at finish", "4large": "GPU cache that keeps everything"}
 
 
 def interval(record: dict, key: str, fmt: str, scale: float = 1.0) -> str:
@@ -33,12 +34,15 @@ def main(paths: list[str]) -> None:
         (record,) = json.loads(Path(path).read_text())
         groups[workload][config] = record
     print("# Host tier of the prefix cache (`bash bench/host_tier_results.sh`)\n")
-    print("`--host-kv-tokens N` keeps blocks evicted from the GPU prefix cache in N tokens of host memory")
-    print("and loads them back on a later hit when the swap cost model says the copy beats recomputing them.")
-    print("Each step pays the cost model's time for its copies (the profile's host link, blocking, not overlapped")
-    print("with the forward pass). Rows: the GPU prefix cache alone, the same GPU with the host tier, and a GPU")
-    print("cache large enough to keep everything (the reuse there is to be had). Means over the seeds with 95%")
-    print("intervals; past_future admission, preemption by recompute; cached = prompt tokens not computed.\n")
+    print("`--host-kv-tokens N` keeps full KV blocks in N tokens of host memory and loads them back on a later")
+    print("prefix hit when the swap cost model says the copy beats recomputing them. A block gets there when the")
+    print("GPU prefix cache evicts it (`--host-cache-write evict`: the step that reuses the block waits for the")
+    print("copy) or when its request finishes (`finish`: write-through, overlapping the next forward pass unless")
+    print("that step reuses the block). Every other copy is priced at the cost model's time on the profile's host")
+    print("link, blocking, before the forward pass. Rows: the GPU prefix cache alone, the same GPU with the host")
+    print("tier either way, and a GPU cache large enough to keep everything (the reuse there is to be had).")
+    print("Means over the seeds with 95% intervals; past_future admission, preemption by recompute; cached: the")
+    print("share of prompt tokens not computed, found on the GPU or loaded from the host.\n")
     for workload, configs in sorted(groups.items()):
         first = next(iter(configs.values()))
         print(f"## {workload}\n")
@@ -56,7 +60,11 @@ def main(paths: list[str]) -> None:
                   f"{interval(r, 'ttft_p50_s', '.2f')} | {interval(r, 'ttft_p99_s', '.2f')} | "
                   f"{share(r, 'prefix_hit_tokens')} | {share(r, 'host_hit_tokens')} | {copied:.1f} | "
                   f"{interval(r, 'preemptions', '.0f')} |")
-        print(f"\n`{configs.get('2host', first)['command']}`\n")
+        print("\nCommands:\n")
+        for config in CONFIGS:
+            if config in configs:
+                print(f"- `{configs[config]['command']}`")
+        print()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Produces docs/host_tier_results.md with `kvsched simulate` itself: the host tier of the prefix
-# cache (--host-kv-tokens) against a GPU-only prefix cache of the same GPU size, and against a GPU
+# cache (--host-kv-tokens; written back on eviction, or written through when a request finishes)
+# against a GPU-only prefix cache of the same GPU size, and against a GPU
 # cache large enough to keep every conversation (the reuse there is to be had), on the built-in
 # multi_turn workload at two loads and on the shared Mooncake trace (shared prefixes). past_future
 # admission, preemption by recompute, five seeds (three for the trace, whose arrivals are fixed).
@@ -15,13 +16,15 @@ run() {  # name, args...
 for rate in 1.5 2.5; do
   common=(--workload multi_turn --rate "$rate" --seeds 5)
   run "multi_turn@$rate-1gpu" "${common[@]}"
-  run "multi_turn@$rate-2host" "${common[@]}" --host-kv-tokens 262144
-  run "multi_turn@$rate-3large" "${common[@]}" --kv-capacity-tokens 400000
+  run "multi_turn@$rate-2evict" "${common[@]}" --host-kv-tokens 262144
+  run "multi_turn@$rate-3finish" "${common[@]}" --host-kv-tokens 262144 --host-cache-write finish
+  run "multi_turn@$rate-4large" "${common[@]}" --kv-capacity-tokens 400000
 done
 common=(--trace "$traces/mooncake_synthetic_trace.jsonl" --num-requests 1000 --max-model-len 131072 --rate-scale 0.1
         --kv-capacity-tokens 200000 --seeds 3)
 run "mooncake-1gpu" "${common[@]}"
-run "mooncake-2host" "${common[@]}" --host-kv-tokens 800000
-run "mooncake-3large" "${common[@]}" --kv-capacity-tokens 2000000
+run "mooncake-2evict" "${common[@]}" --host-kv-tokens 800000
+run "mooncake-3finish" "${common[@]}" --host-kv-tokens 800000 --host-cache-write finish
+run "mooncake-4large" "${common[@]}" --kv-capacity-tokens 2000000
 python "$(dirname "$0")/format_host_tier_results.py" "$out"/*.json > "$(dirname "$0")/../docs/host_tier_results.md"
 echo "wrote docs/host_tier_results.md from $out"

@@ -40,10 +40,15 @@ class GpuKvCache:
         self.copy_seconds = 0.0  # device time of the plans' copies (CUDA events)
         self.copies = 0
         self.checked_tokens = 0
+        self.shared: dict[int, tuple[int, int]] = {}  # as scheduler_driver.KvCache.shared
 
-    @staticmethod
-    def values(tensor: int, reqs: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        v = (reqs.astype(np.int64) << 32 | positions.astype(np.int64)) + 1
+    def values(self, tensor: int, reqs: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        reqs = reqs.astype(np.int64)
+        if self.shared:
+            owner = np.array([self.shared.get(int(r), (r, 0))[0] for r in reqs], dtype=np.int64)
+            tokens = np.array([self.shared.get(int(r), (r, 0))[1] for r in reqs], dtype=np.int64)
+            reqs = np.where(positions < tokens, owner, reqs)
+        v = (reqs << 32 | positions.astype(np.int64)) + 1
         return v if tensor == 0 else -v
 
     def apply_copies(self, plan: kvsched.StepPlan) -> None:
@@ -53,12 +58,12 @@ class GpuKvCache:
         with torch.cuda.stream(self.stream):
             start.record()
             handle = self.stream.cuda_stream
-            if plan.swap_out_descriptors.size:
-                self.engine.copy_descriptors("out", plan.swap_out_descriptors, self.device, self.host,
-                                             strategy=self.strategy, stream=handle)
-            if plan.swap_in_descriptors.size:
-                self.engine.copy_descriptors("in", plan.swap_in_descriptors, self.device, self.host,
-                                             strategy=self.strategy, stream=handle)
+            # Device -> host first (swap-outs, then host-tier writes), then host -> device.
+            for direction, descriptors in (("out", plan.swap_out_descriptors), ("out", plan.cache_write_descriptors),
+                                           ("in", plan.swap_in_descriptors), ("in", plan.cache_load_descriptors)):
+                if descriptors.size:
+                    self.engine.copy_descriptors(direction, descriptors, self.device, self.host,
+                                                 strategy=self.strategy, stream=handle)
             if plan.copy_on_writes.size:
                 src = torch.as_tensor(plan.copy_on_writes[:, 1], device="cuda")
                 dst = torch.as_tensor(plan.copy_on_writes[:, 2], device="cuda")
@@ -66,7 +71,8 @@ class GpuKvCache:
                     self.device[t][dst] = self.device[t][src]
             stop.record()
         torch.cuda.current_stream().wait_stream(self.stream)
-        if plan.swap_out_descriptors.size or plan.swap_in_descriptors.size:
+        if (plan.swap_out_descriptors.size or plan.swap_in_descriptors.size or plan.cache_write_descriptors.size
+                or plan.cache_load_descriptors.size):
             stop.synchronize()
             self.copy_seconds += start.elapsed_time(stop) * 1e-3
             self.copies += 1

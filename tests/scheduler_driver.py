@@ -132,3 +132,21 @@ class FakeEngine:
             self.rejected.update(plan.rejected_ids.tolist())
             self.scheduler.update(plan.req_ids, np.zeros(len(plan), np.int64), np.zeros(len(plan), bool))
         assert not self.scheduler.has_unfinished_requests(), f"not done after {max_steps} steps"
+
+
+def add_document_requests(engine: FakeEngine, rng: np.random.Generator, num_requests: int,
+                          num_documents: int = 6, block_size: int = 16) -> None:
+    """Requests whose prompts start with one of a few long documents (their shared, keyed blocks)
+    followed by a question of their own: prefix-cache reuse on both tiers under memory pressure."""
+    lengths = rng.integers(8, 40, num_documents) * block_size
+    for req in range(num_requests):
+        doc = int(rng.integers(0, num_documents))
+        question, output = int(rng.integers(1, 100)), int(rng.integers(1, 60))
+        prompt = int(lengths[doc]) + question
+        owner = 1 << 30 | doc
+        engine.kv.shared[req] = (owner, int(lengths[doc]))
+        keys = np.empty((prompt // block_size, 2), dtype=np.uint64)
+        keys[:, 0] = [owner if (b + 1) * block_size <= lengths[doc] else (2 << 30) + req
+                      for b in range(prompt // block_size)]
+        keys[:, 1] = np.arange(1, prompt // block_size + 1)
+        engine.add(req, prompt, output, arrival_time=float(req // 4), block_keys=keys)

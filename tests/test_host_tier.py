@@ -156,3 +156,47 @@ def test_a_swapped_request_leaves_its_host_copy_as_cache():
     engine.run()
     assert s.stats()["host_hit_blocks"] + s.stats()["kv"]["prefix_hit_blocks"] >= 1
     s.check_invariants()
+
+
+@pytest.mark.parametrize("write", ["evict", "finish"])
+def test_simulated_multi_turn_reuses_more_of_the_conversation_with_the_host_tier(write, tmp_path):
+    import json
+
+    from kvsched.cli import main
+
+    base = ["simulate", "--workload", "multi_turn", "--num-requests", "400", "--rate", "2.5", "--seeds", "1",
+            "--admission", "past_future"]
+    assert main([*base, "--json", str(tmp_path / "gpu.json")]) == 0
+    assert main([*base, "--host-kv-tokens", "262144", "--host-cache-write", write,
+                 "--json", str(tmp_path / "host.json")]) == 0
+    (gpu,), (host,) = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("gpu", "host"))
+    assert gpu["host_hit_tokens"] == 0 and host["host_hit_tokens"] > 0
+    assert host["prefix_hit_tokens"] + host["host_hit_tokens"] > gpu["prefix_hit_tokens"]
+    assert host["cache_write_bytes"] > 0 and host["cache_load_bytes"] > 0
+    for record in (gpu, host):
+        assert record["completed"] + record["rejected"] == record["num_requests"]
+
+
+def test_cli_host_cache_write_needs_the_host_tier(capsys):
+    from kvsched.cli import main
+
+    assert main(["simulate", "--host-cache-write", "finish"]) == 2
+    assert "--host-cache-write: the host tier needs --host-kv-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("write_through", [False, True])
+def test_shared_documents_come_back_from_host_byte_exact(write_through):
+    # The GPU test's scenario (tests/test_scheduler_swap_gpu.py) on the numpy engine.
+    from scheduler_driver import add_document_requests
+
+    s = kvsched.Scheduler(num_blocks=160, block_size=16, max_num_batched_tokens=1024, max_num_seqs=16,
+                          admission="aggressive", preemption="swap", num_host_blocks=2048,
+                          swap_layout=kv_layout(16), host_prefix_cache=True, host_cache_write_through=write_through,
+                          recompute_seconds_per_token=1e-3)
+    engine = FakeEngine(s, check=False, kv_check=True)
+    add_document_requests(engine, np.random.default_rng(11), 300, block_size=16)
+    engine.run(max_steps=20_000)
+    stats = s.stats()
+    assert len(engine.finished) == 300
+    assert stats["host_hit_blocks"] >= 100 and stats["cache_write_blocks"] >= 100
+    s.check_invariants()

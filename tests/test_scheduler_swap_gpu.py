@@ -64,3 +64,24 @@ def test_swap_preemption_on_gpu_keeps_every_byte(strategy):
     if os.environ.get("KVSCHED_GPU_REPORT"):
         with open(os.environ["KVSCHED_GPU_REPORT"], "a") as f:  # one JSON line per strategy
             f.write(json.dumps(report) + "\n")
+
+
+@pytest.mark.parametrize("write_through", [False, True])
+def test_host_tier_on_gpu_keeps_every_byte(write_through):
+    # Documents shared by many requests on a GPU too small to keep them: their blocks go to pinned
+    # host memory and come back through CopyEngine, checked byte for byte before every step.
+    from gpu_kv_cache import GpuKvCache
+    from scheduler_driver import add_document_requests
+
+    scheduler = kvsched.Scheduler(num_blocks=160, block_size=BLOCK, max_num_batched_tokens=1024, max_num_seqs=16,
+                                  admission="aggressive", preemption="swap", num_host_blocks=2048,
+                                  swap_layout=kv_layout(BLOCK), host_prefix_cache=True,
+                                  host_cache_write_through=write_through, recompute_seconds_per_token=1e-3)
+    kv = GpuKvCache(scheduler.config, staging_bytes=64 << 10)
+    engine = FakeEngine(scheduler, check=False, kv=kv)
+    add_document_requests(engine, np.random.default_rng(11), 300, block_size=BLOCK)
+    engine.run(max_steps=20_000)
+    stats = scheduler.stats()
+    assert len(engine.finished) == 300
+    assert stats["host_hit_blocks"] >= 100 and stats["cache_write_blocks"] >= 100
+    assert kv.checked_tokens > 100_000
