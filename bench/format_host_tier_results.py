@@ -14,7 +14,8 @@ CONFIGS = {"1gpu": "GPU prefix cache only", "2evict": "+ host tier, written back
 
 def interval(record: dict, key: str, fmt: str, scale: float = 1.0) -> str:
     value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
-    return format(value, fmt) + (f" ± {format(half, fmt)}" if half > 0 else "")
+    shown = format(half, fmt)
+    return format(value, fmt) + (f" ± {shown}" if float(shown) > 0 else "")
 
 
 def share(record: dict, key: str) -> str:
@@ -24,7 +25,7 @@ def share(record: dict, key: str) -> str:
     from kvsched.sim.metrics import interval95
 
     mean, half = 100 * sum(values) / len(values), 100 * interval95(values)
-    return f"{mean:.1f}" + (f" ± {half:.1f}" if half > 0 else "")
+    return f"{mean:.1f}" + (f" ± {half:.1f}" if round(half, 1) > 0 else "")
 
 
 def main(paths: list[str]) -> None:

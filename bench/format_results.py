@@ -12,7 +12,8 @@ def interval(record: dict, key: str, fmt: str, scale: float = 1.0, signed: bool 
     value = record[key] * scale
     half = (record.get(f"{key}_ci95") or 0.0) * scale
     text = format(value, ("+" if signed else "") + fmt)
-    return text + (f" ± {format(half, fmt)}" if half > 0 else "")
+    shown = format(half, fmt)
+    return text + (f" ± {shown}" if float(shown) > 0 else "")
 
 
 def main(paths: list[str]) -> None:

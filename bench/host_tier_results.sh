@@ -16,15 +16,16 @@ run() {  # name, args...
 for rate in 1.5 2.5; do
   common=(--workload multi_turn --rate "$rate" --seeds 5)
   run "multi_turn@$rate-1gpu" "${common[@]}"
-  run "multi_turn@$rate-2evict" "${common[@]}" --host-kv-tokens 262144
+  run "multi_turn@$rate-2evict" "${common[@]}" --host-kv-tokens 262144 --host-cache-write evict
   run "multi_turn@$rate-3finish" "${common[@]}" --host-kv-tokens 262144 --host-cache-write finish
   run "multi_turn@$rate-4large" "${common[@]}" --kv-capacity-tokens 400000
 done
+# A 200k-token GPU, with 1.8M tokens of host memory: the large GPU holds as much as both tiers.
 common=(--trace "$traces/mooncake_synthetic_trace.jsonl" --num-requests 1000 --max-model-len 131072 --rate-scale 0.1
-        --kv-capacity-tokens 200000 --seeds 3)
-run "mooncake-1gpu" "${common[@]}"
-run "mooncake-2evict" "${common[@]}" --host-kv-tokens 800000
-run "mooncake-3finish" "${common[@]}" --host-kv-tokens 800000 --host-cache-write finish
+        --seeds 3)
+run "mooncake-1gpu" "${common[@]}" --kv-capacity-tokens 200000
+run "mooncake-2evict" "${common[@]}" --kv-capacity-tokens 200000 --host-kv-tokens 1800000 --host-cache-write evict
+run "mooncake-3finish" "${common[@]}" --kv-capacity-tokens 200000 --host-kv-tokens 1800000 --host-cache-write finish
 run "mooncake-4large" "${common[@]}" --kv-capacity-tokens 2000000
 python "$(dirname "$0")/format_host_tier_results.py" "$out"/*.json > "$(dirname "$0")/../docs/host_tier_results.md"
 echo "wrote docs/host_tier_results.md from $out"

@@ -21,9 +21,11 @@ def keys(owner: int, blocks: int, first: int = 0) -> np.ndarray:
 
 
 def scheduler(host_tier: bool = True, num_host_blocks: int = 32, **overrides) -> kvsched.Scheduler:
+    """Written back on eviction unless told otherwise: the tests follow those copies."""
     options = dict(num_blocks=16, block_size=BLOCK, max_num_batched_tokens=64, max_num_seqs=4,
                    num_host_blocks=num_host_blocks, swap_layout=kv_layout(BLOCK), host_prefix_cache=host_tier,
-                   recompute_seconds_per_token=1.0, admission="aggressive")
+                   host_cache_write="evict" if host_tier else None, recompute_seconds_per_token=1.0,
+                   admission="aggressive")
     options.update(overrides)
     return kvsched.Scheduler(**options)
 
@@ -108,10 +110,14 @@ def test_host_tier_needs_a_host_pool_and_prefix_caching():
         scheduler(num_host_blocks=0)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         scheduler(enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="host_cache_write: only the host tier"):
+        scheduler(host_tier=False, host_cache_write="finish")
+    with pytest.raises(ValueError, match="host_cache_write must be"):
+        scheduler(host_cache_write="never")
 
 
 def test_write_through_copies_a_finished_request_once():
-    s = scheduler(host_cache_write_through=True)
+    s = scheduler(host_cache_write="finish")
     engine, plans = evict_then_reuse(s)
     # The plan after request 1 finished (the driver's last one) wrote its 4 keyed blocks; when
     # request 2 evicted them they were on the host already, so its plans copy nothing. Request 3
@@ -124,7 +130,7 @@ def test_write_through_copies_a_finished_request_once():
 
 @pytest.mark.parametrize("next_prompt, overlappable", [(8, True), (61, False)])
 def test_write_through_overlaps_only_blocks_the_step_does_not_reuse(next_prompt, overlappable):
-    s = scheduler(host_cache_write_through=True)
+    s = scheduler(host_cache_write="finish")
     engine = FakeEngine(s, kv_check=True)
     engine.add(1, 16, 3, block_keys=keys(1, 4))
     while 1 not in engine.finished:
@@ -191,7 +197,8 @@ def test_shared_documents_come_back_from_host_byte_exact(write_through):
 
     s = kvsched.Scheduler(num_blocks=160, block_size=16, max_num_batched_tokens=1024, max_num_seqs=16,
                           admission="aggressive", preemption="swap", num_host_blocks=2048,
-                          swap_layout=kv_layout(16), host_prefix_cache=True, host_cache_write_through=write_through,
+                          swap_layout=kv_layout(16), host_prefix_cache=True,
+                          host_cache_write="finish" if write_through else "evict",
                           recompute_seconds_per_token=1e-3)
     engine = FakeEngine(s, check=False, kv_check=True)
     add_document_requests(engine, np.random.default_rng(11), 300, block_size=16)

@@ -34,7 +34,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             preemption=preemption,
             num_host_blocks=num_host_blocks if preemption != "recompute" or host_tier != "off" else 0,
             swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5, host_prefix_cache=host_tier != "off",
-            host_cache_write_through=host_tier == "finish",
+            host_cache_write=None if host_tier == "off" else host_tier,
         )
         # Real KV bytes: swaps and copy-on-writes are executed and checked every step.
         self.engine = FakeEngine(self.scheduler, kv_check=True)

@@ -76,7 +76,7 @@ def test_host_tier_on_gpu_keeps_every_byte(write_through):
     scheduler = kvsched.Scheduler(num_blocks=160, block_size=BLOCK, max_num_batched_tokens=1024, max_num_seqs=16,
                                   admission="aggressive", preemption="swap", num_host_blocks=2048,
                                   swap_layout=kv_layout(BLOCK), host_prefix_cache=True,
-                                  host_cache_write_through=write_through, recompute_seconds_per_token=1e-3)
+                                  host_cache_write="finish" if write_through else "evict", recompute_seconds_per_token=1e-3)
     kv = GpuKvCache(scheduler.config, staging_bytes=64 << 10)
     engine = FakeEngine(scheduler, check=False, kv=kv)
     add_document_requests(engine, np.random.default_rng(11), 300, block_size=BLOCK)

@@ -247,6 +247,7 @@ def test_cli_per_request_export_has_every_request_of_every_run(tmp_path, capsys)
             assert outcomes.count("completed") == seed_record["completed"]
             # Prompts beyond the 8192-token context never ran: too_long rows, counted as rejected.
             assert outcomes.count("too_long") + outcomes.count("rejected") == seed_record["rejected"]
+            assert outcomes.count("too_long") == seed_record["rejected_too_long"]
             assert all(r["ttft_s"] == "" for r in mine if r["outcome"] == "too_long")
             ttft = [float(r["ttft_s"]) for r in mine if r["outcome"] == "completed"]
             assert np.percentile(ttft, 99) == pytest.approx(seed_record["ttft_p99_s"], rel=1e-4)

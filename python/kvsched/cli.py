@@ -219,7 +219,7 @@ def _simulate(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
             max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
-            host_cache_write=args.host_cache_write or "evict",
+            host_cache_write=args.host_cache_write or "finish",
             scheduler_overrides={"seed": seed},
         )
         prepared = prepare(trace, engine)
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host-cache-write", choices=("evict", "finish"), default=None,
                      help="when the host tier copies a block to host memory: when the GPU evicts it (the next "
                      "forward pass waits for the copy), or when its request finishes (write-through, overlapping "
-                     "the next forward pass) (default evict)")
+                     "the next forward pass) (default finish: equal or better in docs/host_tier_results.md)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

@@ -46,9 +46,10 @@ class SchedulerConfig:
     prefix cache: full blocks evicted from the device prefix cache are written back to the host
     pool, and a new request's prefix found there is loaded into fresh device blocks when the swap
     cost model says that beats recomputing it at ``recompute_seconds_per_token``. A finished
-    request's host copy (it was swapped) stays as cache. ``host_cache_write_through`` also writes a
-    finished request's full blocks to the host in the next plan (overlappable with its forward
-    pass), instead of only when the device evicts them.
+    request's host copy (it was swapped) stays as cache. ``host_cache_write`` says when a block is
+    copied to the host: ``"finish"`` (the default with the tier: a finished request's full blocks, in
+    the next plan, overlappable with its forward pass) or ``"evict"`` (only when the device evicts
+    it; the forward pass that reuses the block waits for the copy).
     """
 
     num_blocks: int
@@ -96,13 +97,19 @@ class SchedulerConfig:
     swap_cost: np.ndarray | None = field(default=None, repr=False)  # (2, 3, 3); kvsched.swap.default_cost_model()
     recompute_seconds_per_token: float = 1e-4
     host_prefix_cache: bool = False
-    host_cache_write_through: bool = False
+    host_cache_write: str | None = None  # with host_prefix_cache: "finish" (default) or "evict"
 
     def native_options(self) -> dict[str, Any]:
         options = {f: getattr(self, f) for f in self.__dataclass_fields__}
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
         options["preemption"] = PREEMPTION_MODES.index(self.preemption)
+        write = options.pop("host_cache_write")
+        if write is not None and not self.host_prefix_cache:
+            raise ValueError("host_cache_write: only the host tier writes to the host cache (host_prefix_cache=True)")
+        if write not in (None, "finish", "evict"):
+            raise ValueError(f"host_cache_write must be 'finish' or 'evict', got {write!r}")
+        options["host_cache_write_through"] = self.host_prefix_cache and write != "evict"
         options["swap_layout"] = None if self.swap_layout is None else self.swap_layout.tensors
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")

@@ -62,7 +62,7 @@ class EngineConfig:
     # Host KV memory in tokens: > 0 adds the host tier of the prefix cache (any preemption mode) and
     # is the pool swap shares with it; 0: no tier, and swap gets four times the device KV capacity.
     host_kv_tokens: int = 0
-    host_cache_write: str = "evict"  # host tier: write back on eviction, or write through at "finish"
+    host_cache_write: str = "finish"  # host tier: write through at "finish", or back on "evict"ion
     scheduler_overrides: dict = field(default_factory=dict)
 
     def swap_options(self) -> dict:
@@ -76,7 +76,7 @@ class EngineConfig:
         return {
             "preemption": self.preemption,
             "host_prefix_cache": host_tier,
-            "host_cache_write_through": host_tier and self.host_cache_write == "finish",
+            "host_cache_write": self.host_cache_write if host_tier else None,
             "num_host_blocks": max(1, host_tokens // self.block_size),
             "swap_block_bytes": self.profile.kv_bytes_per_token * self.block_size,
             "swap_tensors_per_block": 2 * self.profile.num_layers,

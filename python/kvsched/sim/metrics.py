@@ -44,6 +44,7 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "num_requests": int(n + log.rejected_too_long),
         "completed": int(completed.sum()),
         "rejected": int(log.rejected.sum() + log.rejected_too_long),
+        "rejected_too_long": int(log.rejected_too_long),  # prompts beyond the context (--max-model-len)
         "clipped_outputs": int(log.clipped_outputs),
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p99_s": _percentile(ttft, 99),
