@@ -13,7 +13,7 @@ run() {  # name, args...
   local name="$1"; shift
   ${KVSCHED:-kvsched} simulate --admission past_future --json "$out/$name.json" "$@" > /dev/null
 }
-for rate in 1.5 2.5; do
+for rate in 1.75 2.5; do
   common=(--workload multi_turn --rate "$rate" --seeds 5)
   run "multi_turn@$rate-1gpu" "${common[@]}"
   run "multi_turn@$rate-2evict" "${common[@]}" --host-kv-tokens 262144 --host-cache-write evict

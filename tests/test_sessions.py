@@ -150,3 +150,15 @@ def test_find_max_rate_reports_the_top_of_the_sweep_when_every_rate_meets_the_sl
     trace = synthetic("chat", 12, 1.0, seed=10)
     engine = EngineConfig(A100, 400_000)
     assert max_rate_scale(trace, engine, "past_future", LAX, iterations=1) == MAX_RATE_SCALE
+
+
+def test_a_rate_and_a_rate_scale_of_the_same_load_give_the_same_multi_turn_requests():
+    # --num-requests keeps whole conversations in start order, whatever the rate: --rate 3 and
+    # --rate 1.5 --rate-scale 2 replay the same requests at the same nominal times.
+    fast = multi_turn_chat(200, 3.0, think_time_s=10.0, seed=5, max_requests=300)
+    slow = multi_turn_chat(200, 1.5, think_time_s=10.0, seed=5, max_requests=300)
+    assert len(fast) == len(slow) == 300
+    key = lambda t: sorted(zip(t.session_ids.tolist(), t.prompt_tokens.tolist(), t.output_tokens.tolist()))  # noqa: E731
+    assert key(fast) == key(slow)
+    first_turn = lambda t: np.sort(t.arrival_s[t.parent_index < 0])  # noqa: E731
+    assert np.allclose(first_turn(fast), first_turn(slow) / 2)

@@ -170,7 +170,7 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
         rate = defaults.rate if args.rate is None else args.rate
         count = args.num_requests or 1500
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
-        trace = multi_turn_chat(conversations, rate, think_time, seed=seed).head(count)
+        trace = multi_turn_chat(conversations, rate, think_time, seed=seed, max_requests=count)
         source = (f"built-in multi_turn workload (ShareGPT turn statistics, {rate:g} conversations/s Poisson, "
                   f"think time {think_time:g} s)")
     else:

@@ -86,7 +86,7 @@ BUILT_IN_DEFAULTS = {
     "long_context": WorkloadDefaults(0.75, max_model_len=32768, note=_PREFILL_BOUND),
     "decode_heavy": WorkloadDefaults(10.0),
     "long_prompt": WorkloadDefaults(1.0, kv_capacity_tokens=400000, max_model_len=131072, note=_PREFILL_BOUND),
-    "multi_turn": WorkloadDefaults(1.5),
+    "multi_turn": WorkloadDefaults(1.75),
 }
 
 def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0, burstiness: float = 1.0) -> np.ndarray:
@@ -138,11 +138,15 @@ MAX_TURNS = 32
 
 
 def multi_turn_chat(num_conversations: int, rate_per_s: float, think_time_s: float = 10.0, seed: int = 0,
-                    max_tokens: int = 8192) -> Trace:
+                    max_tokens: int = 8192, max_requests: int = 0) -> Trace:
     """Multi-turn conversations: Poisson conversation starts at ``rate_per_s``, a geometric number of
     turns, log-normal user and response lengths (:data:`SHAREGPT_TURN_STATS`). Each turn is sent an
     exponential think time (mean ``think_time_s``) after the previous one's answer, and its prompt is
-    the whole conversation so far plus the new user message (``shared_context``)."""
+    the whole conversation so far plus the new user message (``shared_context``).
+
+    ``max_requests`` > 0 keeps the first that many turns in conversation order (the last kept
+    conversation may lose its later turns): the same requests at any rate, so a rate and a rate
+    scale of the same load give the same run."""
     if num_conversations <= 0:
         raise ValueError(f"num_conversations must be > 0, got {num_conversations}")
     if not rate_per_s > 0:
@@ -167,6 +171,10 @@ def multi_turn_chat(num_conversations: int, rate_per_s: float, think_time_s: flo
     # arrivals come from the run.
     since_start = np.cumsum(think) - np.repeat(np.cumsum(think)[first], turns)
     nominal = np.repeat(starts, turns) + since_start
+    if max_requests > 0 and max_requests < n:  # generation order is conversation, then turn
+        n = max_requests
+        conversation, turn, prompts, outputs, think, nominal = (
+            a[:n] for a in (conversation, turn, prompts, outputs, think, nominal))
     order = np.lexsort((turn, nominal))
     new_index = np.empty(n, np.int64)
     new_index[order] = np.arange(n)
