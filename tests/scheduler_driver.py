@@ -100,6 +100,10 @@ class FakeEngine:
             assert len(set(plan.req_ids.tolist())) == len(plan)
             assert np.all(plan.num_tokens > 0)
             self.scheduler.check_invariants()
+            for i, req in enumerate(plan.req_ids.tolist()):  # new blocks extend the end of the table
+                new = plan.new_blocks[plan.block_indptr[i]:plan.block_indptr[i + 1]]
+                table = self.scheduler.block_table(req)
+                assert new.size <= table.size and np.array_equal(new, table[table.size - new.size:]), req
         self.rejected.update(plan.rejected_ids.tolist())
         self.preemptions += plan.preempted_ids.size
         self.swaps_out += plan.swapped_out_ids.size

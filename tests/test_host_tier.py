@@ -207,3 +207,22 @@ def test_shared_documents_come_back_from_host_byte_exact(write_through):
     assert len(engine.finished) == 300
     assert stats["host_hit_blocks"] >= 100 and stats["cache_write_blocks"] >= 100
     s.check_invariants()
+
+
+def test_a_prefix_split_between_the_tiers_is_found_on_both():
+    # Request 2 takes only 2 of request 1's 4 cached blocks (the tail goes first): request 3 shares
+    # the first 2 on the GPU and loads the next 2 from the host, byte-exact.
+    s = scheduler()
+    engine = FakeEngine(s, kv_check=True)
+    engine.add(1, 16, 3, block_keys=keys(1, 4))
+    engine.run()
+    engine.add(2, 52, 2)
+    engine.run()
+    engine.kv.shared[3] = (1, 16)
+    engine.add(3, 24, 2, block_keys=np.concatenate([keys(1, 4), keys(3, 2, first=4)]))
+    plan = engine.step()
+    assert plan.computed_offsets.tolist() == [16]
+    assert s.stats()["kv"]["prefix_hit_blocks"] == 2 and plan.cache_load[:, 2].sum() == 2
+    # A new request's new blocks are its whole table, hits included (what an engine's worker needs).
+    assert np.array_equal(plan.new_blocks, s.block_table(3))
+    engine.run()

@@ -19,8 +19,9 @@ int64_t BatchFormer::host_hit_blocks(const Request& r, int64_t device_hit, int64
 }
 
 void BatchFormer::load_from_host(const Request& r, int64_t first, int64_t count) {
-  scratch_blocks_ = allocator_.block_table(r.id);
-  SwapPlan load = swap_planner_->plan_cache_load(r.keys.data() + first, scratch_blocks_.data() + first,
+  // Not scratch_blocks_: start() emits the blocks it allocated from there after this.
+  table_scratch_ = allocator_.block_table(r.id);
+  SwapPlan load = swap_planner_->plan_cache_load(r.keys.data() + first, table_scratch_.data() + first,
                                                  static_cast<size_t>(count));
   plan_.cache_load_ids.push_back(r.id);
   append_swap(load, plan_.cache_load_ids, plan_.cache_load_indptr, plan_.cache_load, plan_.cache_load_descriptors,
@@ -32,11 +33,11 @@ void BatchFormer::retain_in_host_tier(const Request& r) {
   const size_t full = static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(r.keys.size()), r.num_computed / bs));
   swap_planner_->release_as_cached(r.id, r.keys.data(), full);
   if (!options_.host_cache_write_through || full == 0) return;
-  scratch_blocks_ = allocator_.block_table(r.id);
+  table_scratch_ = allocator_.block_table(r.id);
   for (size_t b = 0; b < full; ++b) {
     if (swap_planner_->is_cached(r.keys[b])) continue;
     write_through_keys_.push_back(r.keys[b]);
-    write_through_blocks_.push_back(scratch_blocks_[b]);
+    write_through_blocks_.push_back(table_scratch_[b]);
   }
 }
 

@@ -335,6 +335,7 @@ class BatchFormer {
   EstimatorInput running_input_, candidate_input_;
   std::vector<Request*> candidates_;
   std::vector<BlockId> scratch_blocks_;
+  std::vector<BlockId> table_scratch_;  // the host tier's copy of a block table
   std::vector<int64_t> finished_lengths_;
   std::vector<int32_t> finished_classes_;
   std::vector<Eviction> evictions_;
