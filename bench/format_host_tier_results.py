@@ -4,6 +4,7 @@ into docs/host_tier_results.md: per workload, GPU-only, with the host tier, and 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -64,7 +65,7 @@ def main(paths: list[str]) -> None:
         print("\nCommands:\n")
         for config in CONFIGS:
             if config in configs:
-                print(f"- `{configs[config]['command']}`")
+                print(f"- `{re.sub(r' --json [^ ]+', '', configs[config]['command'])}`")
         print()
 
 

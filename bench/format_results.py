@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+
+
+def shown_command(record: dict) -> str:
+    """The run's command line without its temporary --json path."""
+    return re.sub(r" --json \S+", "", record["command"])
 
 
 def interval(record: dict, key: str, fmt: str, scale: float = 1.0, signed: bool = False) -> str:
@@ -32,7 +38,7 @@ def main(paths: list[str]) -> None:
         records = json.loads(Path(path).read_text())
         first = records[0]
         print(f"## {name}, {slo} SLO\n")
-        print(f"`{first['command']}`\n")
+        print(f"`{shown_command(first)}`\n")
         print(f"{first['workload']}; rate scale {first['rate_scale']:g}; KV {first['kv_capacity_tokens']} tokens; "
               f"context {first['max_model_len']} tokens; {first['model_profile']}; seeds {first['seeds']}\n")
         print("| admission | max rate @90% (req/s) | TTFT p99 (s) | gap p99 (s) | attainment (%) "
