@@ -9,8 +9,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-CONFIGS = {"1gpu": "GPU prefix cache only", "2evict": "+ host tier, written back on eviction",
-           "3finish": "+ host tier, written through at finish", "4large": "GPU cache that keeps everything"}
+CONFIGS = {"1gpu": "GPU prefix cache only", "2evict": "+ host tier: write on eviction, load inline",
+           "3finish": "+ host tier: write through at finish, load inline",
+           "4prefetch": "+ host tier: write through at finish, prefetch (the defaults)",
+           "5large": "GPU cache that keeps everything"}
 
 
 def interval(record: dict, key: str, fmt: str, scale: float = 1.0) -> str:
@@ -40,9 +42,12 @@ def main(paths: list[str]) -> None:
     print("prefix hit when the swap cost model says the copy beats recomputing them. A block gets there when the")
     print("GPU prefix cache evicts it (`--host-cache-write evict`: the step that reuses the block waits for the")
     print("copy) or when its request finishes (`finish`: write-through, overlapping the next forward pass unless")
-    print("that step reuses the block). Every other copy is priced at the cost model's time on the profile's host")
-    print("link, blocking, before the forward pass. Rows: the GPU prefix cache alone, the same GPU with the host")
-    print("tier either way, and a GPU cache large enough to keep everything (the reuse there is to be had).")
+    print("that step reuses the block). A request's host hits are loaded in the plan of its prefill, before the")
+    print("forward pass (`--host-cache-load inline`), or a step ahead, overlapping that step's forward pass")
+    print("(`prefetch`: its prefill starts a step later). Every other copy is priced at the cost model's time on")
+    print("the profile's host link, blocking, before the forward pass. Rows: the GPU prefix cache alone, the same")
+    print("GPU with the host tier each way, and a GPU cache large enough to keep everything (the reuse there is")
+    print("to be had).")
     print("Means over the seeds with 95% intervals; past_future admission, preemption by recompute; cached: the")
     print("share of prompt tokens not computed, found on the GPU or loaded from the host.\n")
     for workload, configs in sorted(groups.items()):

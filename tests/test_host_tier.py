@@ -21,11 +21,12 @@ def keys(owner: int, blocks: int, first: int = 0) -> np.ndarray:
 
 
 def scheduler(host_tier: bool = True, num_host_blocks: int = 32, **overrides) -> kvsched.Scheduler:
-    """Written back on eviction unless told otherwise: the tests follow those copies."""
+    """Written back on eviction and loaded in the plan of the prefill unless told otherwise: the
+    tests follow those copies."""
     options = dict(num_blocks=16, block_size=BLOCK, max_num_batched_tokens=64, max_num_seqs=4,
                    num_host_blocks=num_host_blocks, swap_layout=kv_layout(BLOCK), host_prefix_cache=host_tier,
-                   host_cache_write="evict" if host_tier else None, recompute_seconds_per_token=1.0,
-                   admission="aggressive")
+                   host_cache_write="evict" if host_tier else None, host_cache_load="inline" if host_tier else None,
+                   recompute_seconds_per_token=1.0, admission="aggressive")
     options.update(overrides)
     return kvsched.Scheduler(**options)
 
@@ -43,6 +44,8 @@ def evict_then_reuse(s: kvsched.Scheduler) -> tuple[FakeEngine, list]:
     engine.kv.shared[3] = (1, 16)
     engine.add(3, 24, 2, block_keys=np.concatenate([keys(1, 4), keys(3, 2, first=4)]))
     plans.append(engine.step())
+    if 3 not in plans[-1].req_ids.tolist():  # prefetched: its first row comes in the next plan
+        plans.append(engine.step())
     engine.run()
     assert engine.finished == {1, 2, 3}
     return engine, plans
@@ -114,6 +117,10 @@ def test_host_tier_needs_a_host_pool_and_prefix_caching():
         scheduler(host_tier=False, host_cache_write="finish")
     with pytest.raises(ValueError, match="host_cache_write must be"):
         scheduler(host_cache_write="never")
+    with pytest.raises(ValueError, match="host_cache_load: only the host tier"):
+        scheduler(host_tier=False, host_cache_load="prefetch")
+    with pytest.raises(ValueError, match="host_cache_load must be"):
+        scheduler(host_cache_load="later")
 
 
 def test_write_through_copies_a_finished_request_once():
@@ -140,7 +147,7 @@ def test_write_through_overlaps_only_blocks_the_step_does_not_reuse(next_prompt,
     engine.add(2, next_prompt, 2)
     plan = engine.step()
     assert plan.cache_write[:, 2].sum() == 4
-    assert plan.cache_write_overlap_seconds == pytest.approx(plan.swap_seconds if overlappable else 0.0)
+    assert plan.cache_overlap_seconds == pytest.approx(plan.swap_seconds if overlappable else 0.0)
     engine.run()
 
 
@@ -226,3 +233,22 @@ def test_a_prefix_split_between_the_tiers_is_found_on_both():
     # A new request's new blocks are its whole table, hits included (what an engine's worker needs).
     assert np.array_equal(plan.new_blocks, s.block_table(3))
     engine.run()
+
+
+def test_prefetch_loads_a_step_ahead_and_announces_the_whole_table_with_the_first_row():
+    s = scheduler(host_cache_load="prefetch")
+    engine, plans = evict_then_reuse(s)
+    # The plan that admitted request 3 loads its 4 host blocks but gives it no row: the copy may
+    # overlap that step's forward pass. Its prefill comes in the next plan, after the loaded tokens.
+    loading = next(p for p in plans if p.cache_load_ids.size)
+    assert loading.cache_load_ids.tolist() == [3] and 3 not in loading.req_ids.tolist()
+    assert loading.cache_overlap_seconds == pytest.approx(loading.swap_seconds)
+    first_row = plans[plans.index(loading) + 1]
+    row = first_row.req_ids.tolist().index(3)
+    assert first_row.computed_offsets[row] == 16 and first_row.num_tokens[row] == 8
+    # The engine learns its blocks here: all 6 (24 tokens), the 4 loaded ones first (FakeEngine
+    # checked the KV).
+    loaded = np.concatenate([np.arange(dst, dst + n) for _, dst, n in loading.cache_load.tolist()])
+    blocks = first_row.blocks_of(row)
+    assert blocks.size == 6 and np.array_equal(blocks[:4], loaded)
+    s.check_invariants()

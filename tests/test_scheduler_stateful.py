@@ -25,9 +25,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         preemption=st.sampled_from(["recompute", "swap", "auto"]),
         num_host_blocks=st.integers(1, 60),
         host_tier=st.sampled_from(["off", "evict", "finish"]),
+        host_load=st.sampled_from(["prefetch", "inline"]),
     )
     def setup(self, admission, policy, num_blocks, budget, max_seqs, chunk, lookahead, preemption, num_host_blocks,
-              host_tier):
+              host_tier, host_load):
         self.scheduler = kvsched.Scheduler(
             num_blocks=num_blocks, block_size=8, max_num_batched_tokens=budget, max_num_seqs=max_seqs,
             max_prefill_chunk=chunk, num_lookahead_tokens=lookahead, admission=admission, policy=policy, window=20,
@@ -35,6 +36,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             num_host_blocks=num_host_blocks if preemption != "recompute" or host_tier != "off" else 0,
             swap_layout=kv_layout(8), recompute_seconds_per_token=1e-5, host_prefix_cache=host_tier != "off",
             host_cache_write=None if host_tier == "off" else host_tier,
+            host_cache_load=None if host_tier == "off" else host_load,
         )
         # Real KV bytes: swaps and copy-on-writes are executed and checked every step.
         self.engine = FakeEngine(self.scheduler, kv_check=True)

@@ -68,6 +68,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   bool_option("reuse_host_copies", o.swap.reuse_host_copies);
   bool_option("host_prefix_cache", o.host_prefix_cache);
   bool_option("host_cache_write_through", o.host_cache_write_through);
+  bool_option("host_cache_prefetch", o.host_cache_prefetch);
   float_option("recompute_seconds_per_token", o.recompute_seconds_per_token);
   {
     std::optional<py::handle> layout = take("swap_layout"), cost = take("swap_cost");
@@ -251,7 +252,7 @@ void init_batch_former(py::module_& m) {
              d["cache_write_bytes"] = plan.cache_write_bytes;
              d["cache_load_bytes"] = plan.cache_load_bytes;
              d["swap_seconds"] = plan.swap_seconds;
-             d["cache_write_overlap_seconds"] = plan.cache_write_overlap_seconds;
+             d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
              d["rejected_ids"] = to_numpy(std::move(plan.rejected_ids));
              d["rejected_reasons"] = to_numpy(std::move(plan.rejected_reasons));
              d["num_admitted"] = plan.num_admitted;

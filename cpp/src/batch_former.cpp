@@ -62,7 +62,7 @@ void StepPlan::clear() {
   swap_in_indptr.assign(1, 0);
   cache_load_indptr.assign(1, 0);
   swap_out_bytes = swap_in_bytes = cache_write_bytes = cache_load_bytes = 0;
-  swap_seconds = cache_write_overlap_seconds = 0.0;
+  swap_seconds = cache_overlap_seconds = 0.0;
 }
 
 bool BatchFormer::WaitingOrder::operator()(const Request* a, const Request* b) const {
@@ -345,7 +345,13 @@ void BatchFormer::emit(Request& r, int64_t num_tokens, const BlockId* added, siz
   plan_.is_prefill.push_back(r.num_computed + 1 < r.total() ? 1 : 0);
   plan_.prompt_lens.push_back(r.prompt_len);
   plan_.samples.push_back(r.num_computed + num_tokens >= r.total() ? 1 : 0);
-  plan_.new_blocks.insert(plan_.new_blocks.end(), added, added + num_added);
+  if (r.announced) {
+    plan_.new_blocks.insert(plan_.new_blocks.end(), added, added + num_added);
+  } else {  // its first row after a host prefetch: the engine has not seen its table yet
+    table_scratch_ = allocator_.block_table(r.id);
+    plan_.new_blocks.insert(plan_.new_blocks.end(), table_scratch_.begin(), table_scratch_.end());
+    r.announced = true;
+  }
   plan_.block_indptr.push_back(static_cast<int64_t>(plan_.new_blocks.size()));
   r.scheduled = num_tokens;
 }
@@ -363,6 +369,25 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   int64_t loaded = 0;
   if (options_.host_prefix_cache && !r.keys.empty()) {
     loaded = host_hit_blocks(r, cached / bs, (r.total() - 1) / bs - cached / bs) * bs;
+  }
+  if (loaded > 0 && options_.host_cache_prefetch) {
+    // Admitted with its load and no row: its prefill starts next step, after the copy.
+    scratch_blocks_.clear();
+    try {
+      allocator_.allocate(r.id, cached + loaded, r.keys.data(), r.keys.size(), scratch_blocks_);
+    } catch (const OutOfBlocks&) {
+      return false;
+    }
+    KVSCHED_ASSERT(allocator_.num_cached_tokens(r.id) == cached, "request ", r.id, ": device hit ",
+                   allocator_.num_cached_tokens(r.id), " tokens, matched ", cached);
+    r.num_computed = cached;
+    plan_.cache_overlap_seconds += load_from_host(r, cached / bs, loaded / bs);
+    r.num_computed += loaded;
+    r.state = RequestState::kRunning;
+    r.admit_order = next_admit_order_++;
+    r.bypassed = 0;
+    r.announced = false;
+    return true;
   }
   int64_t n = prefill_tokens(cached + loaded, r.total() - cached - loaded, budget);
   if (n <= 0) return false;

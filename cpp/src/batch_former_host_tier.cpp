@@ -18,7 +18,7 @@ int64_t BatchFormer::host_hit_blocks(const Request& r, int64_t device_hit, int64
   return swap_planner_->estimate_load_seconds(hits) < recompute ? hits : 0;
 }
 
-void BatchFormer::load_from_host(const Request& r, int64_t first, int64_t count) {
+double BatchFormer::load_from_host(const Request& r, int64_t first, int64_t count) {
   // Not scratch_blocks_: start() emits the blocks it allocated from there after this.
   table_scratch_ = allocator_.block_table(r.id);
   SwapPlan load = swap_planner_->plan_cache_load(r.keys.data() + first, table_scratch_.data() + first,
@@ -26,6 +26,7 @@ void BatchFormer::load_from_host(const Request& r, int64_t first, int64_t count)
   plan_.cache_load_ids.push_back(r.id);
   append_swap(load, plan_.cache_load_ids, plan_.cache_load_indptr, plan_.cache_load, plan_.cache_load_descriptors,
               plan_.cache_load_bytes);
+  return load.estimated_seconds;
 }
 
 void BatchFormer::retain_in_host_tier(const Request& r) {
@@ -70,7 +71,7 @@ void BatchFormer::write_back_evictions() {
     reused += std::binary_search(written_through_.begin(), written_through_.end(), e.block) ? 1 : 0;
   }
   if (!written_through_.empty()) {
-    plan_.cache_write_overlap_seconds =
+    plan_.cache_overlap_seconds +=
         write_through_seconds_ * static_cast<double>(written_through_.size() - reused) /
         static_cast<double>(written_through_.size());
   }

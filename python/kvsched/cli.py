@@ -123,6 +123,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--rate: with --clients the load is set by the number of clients, not an arrival rate")
     if args.host_cache_write and not args.host_kv_tokens:
         raise ValueError("--host-cache-write: the host tier needs --host-kv-tokens")
+    if args.host_cache_load and not args.host_kv_tokens:
+        raise ValueError("--host-cache-load: the host tier needs --host-kv-tokens")
     if args.policy == "priority" and args.priorities == "none":
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
     if args.policy == "fcfs" and args.priorities != "none":
@@ -219,7 +221,7 @@ def _simulate(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
             max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
-            host_cache_write=args.host_cache_write or "finish",
+            host_cache_write=args.host_cache_write or "finish", host_cache_load=args.host_cache_load or "prefetch",
             scheduler_overrides={"seed": seed},
         )
         prepared = prepare(trace, engine)
@@ -450,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when the host tier copies a block to host memory: when the GPU evicts it (the next "
                      "forward pass waits for the copy), or when its request finishes (write-through, overlapping "
                      "the next forward pass) (default finish: equal or better in docs/host_tier_results.md)")
+    sim.add_argument("--host-cache-load", choices=("prefetch", "inline"), default=None,
+                     help="when the host tier loads a request's host hits: a step ahead of its prefill, "
+                     "overlapping that step's forward pass, or in the step of its prefill, before the forward "
+                     "pass (default prefetch)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

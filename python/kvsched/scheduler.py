@@ -49,7 +49,10 @@ class SchedulerConfig:
     request's host copy (it was swapped) stays as cache. ``host_cache_write`` says when a block is
     copied to the host: ``"finish"`` (the default with the tier: a finished request's full blocks, in
     the next plan, overlappable with its forward pass) or ``"evict"`` (only when the device evicts
-    it; the forward pass that reuses the block waits for the copy).
+    it; the forward pass that reuses the block waits for the copy). ``host_cache_load`` says when a
+    request's host hits are loaded: ``"prefetch"`` (the default with the tier: it is admitted with
+    its load but without a row, and its prefill starts in the next plan, so the copy overlaps this
+    step's forward pass) or ``"inline"`` (load and prefill in the same plan, the copy first).
     """
 
     num_blocks: int
@@ -98,6 +101,7 @@ class SchedulerConfig:
     recompute_seconds_per_token: float = 1e-4
     host_prefix_cache: bool = False
     host_cache_write: str | None = None  # with host_prefix_cache: "finish" (default) or "evict"
+    host_cache_load: str | None = None  # with host_prefix_cache: "prefetch" (default) or "inline"
 
     def native_options(self) -> dict[str, Any]:
         options = {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -110,6 +114,12 @@ class SchedulerConfig:
         if write not in (None, "finish", "evict"):
             raise ValueError(f"host_cache_write must be 'finish' or 'evict', got {write!r}")
         options["host_cache_write_through"] = self.host_prefix_cache and write != "evict"
+        load = options.pop("host_cache_load")
+        if load is not None and not self.host_prefix_cache:
+            raise ValueError("host_cache_load: only the host tier loads from the host cache (host_prefix_cache=True)")
+        if load not in (None, "prefetch", "inline"):
+            raise ValueError(f"host_cache_load must be 'prefetch' or 'inline', got {load!r}")
+        options["host_cache_prefetch"] = self.host_prefix_cache and load != "inline"
         options["swap_layout"] = None if self.swap_layout is None else self.swap_layout.tensors
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
@@ -148,7 +158,7 @@ class StepPlan:
     ``cache_load[cache_load_indptr[i]:cache_load_indptr[i + 1]]``), with ``cache_*_descriptors``
     as above. Execute, before the forward pass: swap-outs and cache writes (device -> host), then
     swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all;
-    ``cache_write_overlap_seconds`` of it are write-throughs that may run during the forward pass.
+    ``cache_overlap_seconds`` of it are write-throughs that may run during the forward pass.
     """
 
     __slots__ = (
@@ -158,7 +168,7 @@ class StepPlan:
         "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
         "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr", "cache_load",
-        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes", "cache_write_overlap_seconds",
+        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes", "cache_overlap_seconds",
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
@@ -178,7 +188,7 @@ class StepPlan:
                      "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
                      "swap_seconds", "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr",
                      "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
-                     "cache_write_overlap_seconds"):
+                     "cache_overlap_seconds"):
             setattr(self, name, arrays[name])
         self.rejected_ids = arrays["rejected_ids"]
         self.rejected_reason_codes = arrays["rejected_reasons"]

@@ -90,10 +90,14 @@ struct BatchFormerOptions {
   // resident host copy (it was swapped) stays behind as cache, without a copy.
   bool host_prefix_cache = false;
   // Host tier, write-through: a finished request's full blocks are written to the host by the next
-  // plan, where they may overlap its forward pass (cache_write_overlap_seconds), so that a later
+  // plan, where they may overlap its forward pass (cache_overlap_seconds), so that a later
   // eviction finds them there already. Off: a block is written back only when the device evicts it,
   // and the next forward pass, which reuses it, waits for that copy.
   bool host_cache_write_through = false;
+  // Host tier, prefetch: a request whose prefix comes from the host is admitted with its load but
+  // without a row; its prefill starts in the next plan, so the load overlaps this forward pass
+  // instead of delaying it. Its first row then lists its whole block table as new blocks.
+  bool host_cache_prefetch = false;
 };
 
 // A request as add_requests() takes it; optional fields use -1 / empty.
@@ -138,8 +142,8 @@ struct StepPlan {
   int64_t cache_write_bytes = 0, cache_load_bytes = 0;
   double swap_seconds = 0.0;  // cost-model estimate of every copy, both directions
   // The part of swap_seconds an engine may overlap with the forward pass: write-throughs of blocks
-  // this plan does not hand to another request.
-  double cache_write_overlap_seconds = 0.0;
+  // this plan does not hand to another request, and loads for requests without a row in it.
+  double cache_overlap_seconds = 0.0;
   std::vector<int64_t> rejected_ids;
   std::vector<int32_t> rejected_reasons;  // RejectReason
   int64_t num_admitted = 0;
@@ -249,6 +253,7 @@ class BatchFormer {
     int32_t class_id = 0, client_id = 0, bypassed = 0;
     RequestState state = RequestState::kWaiting;
     bool finishing = false;  // reported finished in the update being applied
+    bool announced = true;   // false while admitted by a host prefetch and not yet in a plan's rows
     std::vector<Hash128> keys;
     int64_t total() const { return prompt_len + num_generated; }
   };
@@ -290,8 +295,8 @@ class BatchFormer {
   // Host tier: leading blocks of r's prefix past `device_hit` blocks worth loading from the host
   // (batch_former_host_tier.cpp); at most `limit` blocks.
   int64_t host_hit_blocks(const Request& r, int64_t device_hit, int64_t limit) const;
-  // Plans the load of r's blocks [first, first + count) from the host tier.
-  void load_from_host(const Request& r, int64_t first, int64_t count);
+  // Plans the load of r's blocks [first, first + count) from the host tier; its estimated seconds.
+  double load_from_host(const Request& r, int64_t first, int64_t count);
   // Plans the write-back of the blocks the allocator evicted this step.
   void write_back_evictions();
   // A request that finished leaves its KV to the host tier: its resident host copy becomes cache,

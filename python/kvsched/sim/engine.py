@@ -63,6 +63,7 @@ class EngineConfig:
     # is the pool swap shares with it; 0: no tier, and swap gets four times the device KV capacity.
     host_kv_tokens: int = 0
     host_cache_write: str = "finish"  # host tier: write through at "finish", or back on "evict"ion
+    host_cache_load: str = "prefetch"  # host tier: load a step ahead of the prefill, or "inline"
     scheduler_overrides: dict = field(default_factory=dict)
 
     def swap_options(self) -> dict:
@@ -77,6 +78,7 @@ class EngineConfig:
             "preemption": self.preemption,
             "host_prefix_cache": host_tier,
             "host_cache_write": self.host_cache_write if host_tier else None,
+            "host_cache_load": self.host_cache_load if host_tier else None,
             "num_host_blocks": max(1, host_tokens // self.block_size),
             "swap_block_bytes": self.profile.kv_bytes_per_token * self.block_size,
             "swap_tensors_per_block": 2 * self.profile.num_layers,
@@ -303,7 +305,7 @@ def simulate(
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
             continue
         forward = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
-        overlap = plan.cache_write_overlap_seconds
+        overlap = plan.cache_overlap_seconds
         dt = max(forward, overlap) + plan.swap_seconds - overlap
         unscheduled = np.isnan(first_scheduled[ids])
         first_scheduled[ids[unscheduled]] = t
