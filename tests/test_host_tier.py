@@ -113,11 +113,11 @@ def test_host_tier_needs_a_host_pool_and_prefix_caching():
         scheduler(num_host_blocks=0)
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         scheduler(enable_prefix_caching=False)
-    with pytest.raises(ValueError, match="host_cache_write: only the host tier"):
+    with pytest.raises(ValueError, match="host_cache_write: only the host tier uses it"):
         scheduler(host_tier=False, host_cache_write="finish")
     with pytest.raises(ValueError, match="host_cache_write must be"):
         scheduler(host_cache_write="never")
-    with pytest.raises(ValueError, match="host_cache_load: only the host tier"):
+    with pytest.raises(ValueError, match="host_cache_load: only the host tier uses it"):
         scheduler(host_tier=False, host_cache_load="prefetch")
     with pytest.raises(ValueError, match="host_cache_load must be"):
         scheduler(host_cache_load="later")

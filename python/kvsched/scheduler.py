@@ -108,18 +108,15 @@ class SchedulerConfig:
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
         options["preemption"] = PREEMPTION_MODES.index(self.preemption)
-        write = options.pop("host_cache_write")
-        if write is not None and not self.host_prefix_cache:
-            raise ValueError("host_cache_write: only the host tier writes to the host cache (host_prefix_cache=True)")
-        if write not in (None, "finish", "evict"):
-            raise ValueError(f"host_cache_write must be 'finish' or 'evict', got {write!r}")
-        options["host_cache_write_through"] = self.host_prefix_cache and write != "evict"
-        load = options.pop("host_cache_load")
-        if load is not None and not self.host_prefix_cache:
-            raise ValueError("host_cache_load: only the host tier loads from the host cache (host_prefix_cache=True)")
-        if load not in (None, "prefetch", "inline"):
-            raise ValueError(f"host_cache_load must be 'prefetch' or 'inline', got {load!r}")
-        options["host_cache_prefetch"] = self.host_prefix_cache and load != "inline"
+        # The host tier's two choices: None means the default (the first choice) with the tier.
+        for name, choices, native in (("host_cache_write", ("finish", "evict"), "host_cache_write_through"),
+                                      ("host_cache_load", ("prefetch", "inline"), "host_cache_prefetch")):
+            value = options.pop(name)
+            if value is not None and not self.host_prefix_cache:
+                raise ValueError(f"{name}: only the host tier uses it (host_prefix_cache=True)")
+            if value not in (None, *choices):
+                raise ValueError(f"{name} must be {choices[0]!r} or {choices[1]!r}, got {value!r}")
+            options[native] = self.host_prefix_cache and value != choices[1]
         options["swap_layout"] = None if self.swap_layout is None else self.swap_layout.tensors
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
