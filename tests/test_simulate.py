@@ -266,7 +266,7 @@ def test_cli_compact_table_and_wide(capsys):
     assert max(map(len, compact.splitlines())) <= 110
 
 
-def test_cli_plot_is_annotated(tmp_path, capsys):
+def test_cli_plot_writes_the_png_and_says_so(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "cdf.png"
     assert main(["simulate", "--num-requests", "100", "--seeds", "1", "--plot", str(out)]) == 0

@@ -370,27 +370,10 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   if (options_.host_prefix_cache && !r.keys.empty()) {
     loaded = host_hit_blocks(r, cached / bs, (r.total() - 1) / bs - cached / bs) * bs;
   }
-  if (loaded > 0 && options_.host_cache_prefetch) {
-    // Admitted with its load and no row: its prefill starts next step, after the copy.
-    scratch_blocks_.clear();
-    try {
-      allocator_.allocate(r.id, cached + loaded, r.keys.data(), r.keys.size(), scratch_blocks_);
-    } catch (const OutOfBlocks&) {
-      return false;
-    }
-    KVSCHED_ASSERT(allocator_.num_cached_tokens(r.id) == cached, "request ", r.id, ": device hit ",
-                   allocator_.num_cached_tokens(r.id), " tokens, matched ", cached);
-    r.num_computed = cached;
-    plan_.cache_overlap_seconds += load_from_host(r, cached / bs, loaded / bs);
-    r.num_computed += loaded;
-    r.state = RequestState::kRunning;
-    r.admit_order = next_admit_order_++;
-    r.bypassed = 0;
-    r.announced = false;
-    return true;
-  }
-  int64_t n = prefill_tokens(cached + loaded, r.total() - cached - loaded, budget);
-  if (n <= 0) return false;
+  // Prefetch: admitted with its load and no row; its prefill starts next step, after the copy.
+  const bool prefetch = loaded > 0 && options_.host_cache_prefetch;
+  int64_t n = prefetch ? 0 : prefill_tokens(cached + loaded, r.total() - cached - loaded, budget);
+  if (!prefetch && n <= 0) return false;
   scratch_blocks_.clear();
   try {
     allocator_.allocate(r.id, cached + loaded + n, r.keys.data(), r.keys.size(), scratch_blocks_);
@@ -399,17 +382,23 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   }
   // The allocator decides the hit (it may differ from the match when the budget cut the chunk).
   r.num_computed = allocator_.num_cached_tokens(r.id);
+  double load_seconds = 0.0;
   if (loaded > 0) {
     // The device blocks after the hit are fresh: the first of them receive the loaded prefix.
     KVSCHED_ASSERT(r.num_computed == cached, "request ", r.id, ": device hit ", r.num_computed, " tokens, matched ",
                    cached);
-    load_from_host(r, cached / bs, loaded / bs);
+    load_seconds = load_from_host(r, cached / bs, loaded / bs);
     r.num_computed += loaded;
   }
   n = cached + loaded + n - r.num_computed;
   r.state = RequestState::kRunning;
   r.admit_order = next_admit_order_++;
   r.bypassed = 0;
+  if (prefetch) {
+    plan_.cache_overlap_seconds += load_seconds;  // no row of this plan reads the loaded blocks
+    r.announced = false;
+    return true;
+  }
   emit(r, n, scratch_blocks_.data(), scratch_blocks_.size());
   charge_prefill(r.num_computed, n);
   budget -= n;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -221,7 +222,7 @@ def _simulate(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
             prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
             max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
-            host_cache_write=args.host_cache_write or "finish", host_cache_load=args.host_cache_load or "prefetch",
+            host_cache_write=args.host_cache_write, host_cache_load=args.host_cache_load,
             scheduler_overrides={"seed": seed},
         )
         prepared = prepare(trace, engine)
@@ -250,7 +251,7 @@ def _simulate(args: argparse.Namespace) -> int:
             record = summarize(log, slo)
             record["seed"] = seed
             if args.find_max_rate:
-                count = iter(range(1, 100))
+                count = itertools.count(1)
                 scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed,
                                        on_run=lambda: progress.status(f"{admission}, seed {seed}: "
                                                                       f"max-rate search, run {next(count)}"))
@@ -298,9 +299,8 @@ def _simulate(args: argparse.Namespace) -> int:
     same = len({(round(r["slo_lax"]["attainment"], 6), round(r["slo_strict"]["attainment"], 6)) for r in records}) == 1
     if len(records) > 1 and all(r["preemptions"] == 0 for r in records) and same:
         print(f"\nEvery admission mode gave the same attainment under both SLOs and none preempted: the KV cache "
-              f"was not the "
-              f"bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). Admission "
-              "matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
+              f"was not the bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). "
+              "Admission matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(records, handle, indent=2)
@@ -310,8 +310,8 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"wrote {args.per_request} ({count} rows)")
     if args.plot:
         plot_cdfs([runs[admission][0][1] for admission in args.admission], args.plot,
-              title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
-              slo=slo)
+                  title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
+                  slo=slo)
         print(f"wrote {args.plot}")
     return 0
 

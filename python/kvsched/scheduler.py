@@ -155,7 +155,8 @@ class StepPlan:
     ``cache_load[cache_load_indptr[i]:cache_load_indptr[i + 1]]``), with ``cache_*_descriptors``
     as above. Execute, before the forward pass: swap-outs and cache writes (device -> host), then
     swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all;
-    ``cache_overlap_seconds`` of it are write-throughs that may run during the forward pass.
+    ``cache_overlap_seconds`` of it may run during the forward pass (write-throughs of blocks the
+    plan does not reuse, loads for requests without a row).
     """
 
     __slots__ = (

@@ -200,7 +200,6 @@ class SwapPlanner {
 
   int64_t num_blocks_for(int64_t tokens) const;
   int64_t reusable_blocks(const HostCopy* copy, int64_t num_tokens) const;
-  int64_t evictable_blocks_excluding_batch() const;
   void evict_until(int64_t free_needed);
   void drop_copy(SeqId seq_id, HostCopy& copy);
   void unmark_swapped_in(HostCopy& copy);  // before its blocks change or it stops being resident

@@ -9,8 +9,8 @@ Preemption is by recompute (a preempted request's later prefill of its lost toke
 part of the steps that run it), or by swap: the step then also takes the swap planner's cost-model
 time for the plan's copies, executed before the forward pass and not overlapped with it (as a
 blocking engine does; an engine that overlaps them only does better). The host tier's copies are
-priced the same way, except write-throughs the plan marks as overlappable: the step then takes the
-longer of its forward pass and those copies. Per-step work is numpy over
+priced the same way, except the ones the plan marks as overlappable (write-throughs, prefetched
+loads): the step then takes the longer of its forward pass and those copies. Per-step work is numpy over
 the plan's arrays; there is no scheduling code here.
 """
 
@@ -62,8 +62,8 @@ class EngineConfig:
     # Host KV memory in tokens: > 0 adds the host tier of the prefix cache (any preemption mode) and
     # is the pool swap shares with it; 0: no tier, and swap gets four times the device KV capacity.
     host_kv_tokens: int = 0
-    host_cache_write: str = "finish"  # host tier: write through at "finish", or back on "evict"ion
-    host_cache_load: str = "prefetch"  # host tier: load a step ahead of the prefill, or "inline"
+    host_cache_write: Optional[str] = None  # host tier: SchedulerConfig.host_cache_write (None: its default)
+    host_cache_load: Optional[str] = None  # host tier: SchedulerConfig.host_cache_load (None: its default)
     scheduler_overrides: dict = field(default_factory=dict)
 
     def swap_options(self) -> dict:

@@ -61,7 +61,6 @@ WORKLOADS = {
 }
 
 
-
 @dataclass(frozen=True)
 class WorkloadDefaults:
     """What ``kvsched simulate --workload NAME`` runs when not told otherwise.
