@@ -9,7 +9,8 @@ the figures.
 
 from __future__ import annotations
 
-from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
+from kvsched.sim.driver import simulate
+from kvsched.sim.engine import LAX, EngineConfig, prepare
 from kvsched.sim.metrics import summarize
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.workloads import synthetic

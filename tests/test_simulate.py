@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from kvsched.cli import main
-from kvsched.sim.engine import LAX, EngineConfig, prepare, simulate
+from kvsched.sim.driver import simulate
+from kvsched.sim.engine import LAX, EngineConfig, prepare
 from kvsched.sim.metrics import summarize
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.traces import TraceError, guess_format, read_length_csv, read_mooncake, read_trace

@@ -97,7 +97,8 @@ def test_long_prompts_keep_the_worst_gap_within_the_strict_slo_in_simulation():
     profile, with a step budget sized for the strict SLO (Sarathi-Serve picks it by the TBT target):
     every request's worst token gap, p99 over requests, stays within the strict 0.2 s. Without the
     prefill attention budget, chunks deep in a long prompt make steps longer than that."""
-    from kvsched.sim.engine import STRICT, EngineConfig, prepare, simulate
+    from kvsched.sim.driver import simulate
+    from kvsched.sim.engine import STRICT, EngineConfig, prepare
     from kvsched.sim.metrics import summarize
     from kvsched.sim.profiles import PROFILES
     from kvsched.sim.workloads import synthetic

@@ -109,7 +109,10 @@ py::dict stats_dict(const BatchFormerStats& s) {
   d["num_waiting"] = s.num_waiting;
   d["num_running"] = s.num_running;
   d["num_swapped"] = s.num_swapped;
+  d["num_incoming"] = s.num_incoming;
   d["added"] = s.added;
+  d["migrated_in"] = s.migrated_in;
+  d["migrated_out"] = s.migrated_out;
   d["finished"] = s.finished;
   d["aborted"] = s.aborted;
   d["rejected"] = s.rejected;
@@ -130,6 +133,22 @@ py::dict stats_dict(const BatchFormerStats& s) {
   d["scheduled_tokens"] = s.scheduled_tokens;
   d["estimator_quantile"] = s.estimator_quantile;
   return d;
+}
+
+// One key array per request (a sequence of (n, 2) uint64 arrays), checked against `count`.
+std::vector<std::vector<Hash128>> key_lists(py::handle block_keys, size_t count, const char* name) {
+  std::vector<std::vector<Hash128>> lists;
+  py::sequence per_request = py::reinterpret_borrow<py::sequence>(block_keys);
+  if (static_cast<size_t>(py::len(per_request)) != count) {
+    throw py::value_error(std::string(name) + " has " + std::to_string(py::len(per_request)) + " entries, expected " +
+                          std::to_string(count));
+  }
+  for (size_t i = 0; i < count; ++i) {
+    std::string label = std::string(name) + "[" + std::to_string(i) + "]";
+    KeyArray k(per_request[i], label.c_str());
+    lists.emplace_back(k.data(), k.data() + k.size());
+  }
+  return lists;
 }
 
 }  // namespace
@@ -162,15 +181,7 @@ void init_batch_former(py::module_& m) {
             same(clients.size(), "client_ids");
             same(true_len.size(), "true_output_lens");
             std::vector<std::vector<Hash128>> request_keys;
-            if (!block_keys.is_none()) {
-              py::sequence per_request = py::reinterpret_borrow<py::sequence>(block_keys);
-              same(static_cast<size_t>(py::len(per_request)), "block_keys");
-              for (size_t i = 0; i < n; ++i) {
-                std::string label = "block_keys[" + std::to_string(i) + "]";
-                KeyArray k(per_request[i], label.c_str());
-                request_keys.emplace_back(k.data(), k.data() + k.size());
-              }
-            }
+            if (!block_keys.is_none()) request_keys = key_lists(block_keys, n, "block_keys");
             std::vector<NewRequest> requests(n);
             for (size_t i = 0; i < n; ++i) {
               requests[i] = NewRequest{id_array.data()[i], prompt.data()[i],  max_new.data()[i],
@@ -302,7 +313,7 @@ void init_batch_former(py::module_& m) {
           "info",
           [](const BatchFormer& f, py::handle id) {
             RequestInfo info = f.info(to_int64(id, "req_id"));
-            static const char* names[] = {"waiting", "running", "swapped"};
+            static const char* names[] = {"waiting", "running", "swapped", "incoming"};
             py::dict d;
             d["state"] = names[static_cast<int>(info.state)];
             d["prompt_len"] = info.prompt_len;
@@ -320,7 +331,105 @@ void init_batch_former(py::module_& m) {
       .def("running_ids", [](const BatchFormer& f) { return to_numpy(f.running_ids()); })
       .def("waiting_ids", [](const BatchFormer& f) { return to_numpy(f.waiting_ids()); })
       .def("swapped_ids", [](const BatchFormer& f) { return to_numpy(f.swapped_ids()); })
-      .def("check_invariants", &BatchFormer::check_invariants);
+      .def("check_invariants", &BatchFormer::check_invariants)
+      // ---- cluster support ----
+      .def("load",
+           [](BatchFormer& f) {
+             InstanceLoad load;
+             {
+               GilRelease release;
+               load = f.load();
+             }
+             py::dict d;
+             d["num_running"] = load.num_running;
+             d["num_waiting"] = load.num_waiting;
+             d["num_swapped"] = load.num_swapped;
+             d["num_incoming"] = load.num_incoming;
+             d["running_tokens"] = load.running_tokens;
+             d["queued_tokens"] = load.queued_tokens;
+             d["capacity_blocks"] = load.capacity_blocks;
+             d["used_blocks"] = load.used_blocks;
+             d["peak_blocks"] = load.peak_blocks;
+             d["demand_blocks"] = load.demand_blocks;
+             return d;
+           })
+      .def(
+          "prefix_hits",
+          [](const BatchFormer& f, py::handle block_keys) {
+            auto lists = key_lists(block_keys, static_cast<size_t>(py::len(block_keys)), "block_keys");
+            std::vector<int64_t> hits;
+            {
+              GilRelease release;
+              hits = f.prefix_hits(lists.data(), lists.size());
+            }
+            return to_numpy(std::move(hits));
+          },
+          py::arg("block_keys"))
+      .def(
+          "migration_candidate",
+          [](const BatchFormer& f, py::handle exclude) {
+            Int64Array ids(exclude, "exclude");
+            return f.migration_candidate(ids.data(), ids.size());
+          },
+          py::arg("exclude"))
+      .def(
+          "reserve_incoming",
+          [](BatchFormer& f, py::handle id, py::handle prompt_len, py::handle max_new_tokens, py::handle num_generated,
+             py::handle num_tokens, double arrival_time, double key, py::handle class_id, py::handle client_id,
+             py::handle true_output_len, py::handle block_keys) {
+            NewRequest n{to_int64(id, "req_id"),
+                         to_int64(prompt_len, "prompt_len"),
+                         to_int64(max_new_tokens, "max_new_tokens"),
+                         arrival_time,
+                         key,
+                         static_cast<int32_t>(to_int64(class_id, "class_id")),
+                         static_cast<int32_t>(to_int64(client_id, "client_id")),
+                         to_int64(true_output_len, "true_output_len")};
+            std::optional<std::vector<Hash128>> keys;
+            if (!block_keys.is_none()) {
+              KeyArray k(block_keys, "block_keys");
+              keys.emplace(k.data(), k.data() + k.size());
+            }
+            const int64_t generated = to_int64(num_generated, "num_generated"), tokens = to_int64(num_tokens, "num_tokens");
+            std::vector<BlockId> table;
+            int64_t cached;
+            {
+              GilRelease release;
+              cached = f.reserve_incoming(n, generated, tokens, keys ? &*keys : nullptr, table);
+            }
+            return py::make_tuple(to_numpy(std::move(table)), cached);
+          },
+          py::arg("req_id"), py::arg("prompt_len"), py::arg("max_new_tokens"), py::arg("num_generated"),
+          py::arg("num_tokens"), py::arg("arrival_time"), py::arg("key"), py::arg("class_id"), py::arg("client_id"),
+          py::arg("true_output_len"), py::arg("block_keys"))
+      .def(
+          "extend_incoming",
+          [](BatchFormer& f, py::handle id, py::handle num_tokens) {
+            std::vector<BlockId> added;
+            f.extend_incoming(to_int64(id, "req_id"), to_int64(num_tokens, "num_tokens"), added);
+            return to_numpy(std::move(added));
+          },
+          py::arg("req_id"), py::arg("num_tokens"))
+      .def(
+          "commit_incoming",
+          [](BatchFormer& f, py::handle id, py::handle num_generated) {
+            f.commit_incoming(to_int64(id, "req_id"), to_int64(num_generated, "num_generated"));
+          },
+          py::arg("req_id"), py::arg("num_generated"))
+      .def(
+          "cancel_incoming",
+          [](BatchFormer& f, py::handle ids) {
+            Int64Array id_array(ids, "req_ids");
+            f.cancel_incoming(id_array.data(), id_array.size());
+          },
+          py::arg("req_ids"))
+      .def(
+          "migrate_out",
+          [](BatchFormer& f, py::handle ids) {
+            Int64Array id_array(ids, "req_ids");
+            f.migrate_out(id_array.data(), id_array.size());
+          },
+          py::arg("req_ids"));
 }
 
 }  // namespace kvsched::bindings

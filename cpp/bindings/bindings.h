@@ -13,6 +13,7 @@ void init_allocator(pybind11::module_& m);
 void init_estimator(pybind11::module_& m);
 void init_batch_former(pybind11::module_& m);
 void init_swap(pybind11::module_& m);
+void init_cluster(pybind11::module_& m);
 
 // The swap layout, rows of (block_bytes, device_block_stride, host_block_stride), and the swap cost
 // table, shape (2, 3, 3); None leaves the default. Shared by the swap and batch former bindings.

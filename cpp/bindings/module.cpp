@@ -25,4 +25,5 @@ PYBIND11_MODULE(_core, m) {
   kvsched::bindings::init_estimator(m);
   kvsched::bindings::init_batch_former(m);
   kvsched::bindings::init_swap(m);
+  kvsched::bindings::init_cluster(m);
 }

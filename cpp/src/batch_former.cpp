@@ -26,15 +26,17 @@ PeakEstimatorOptions estimator_options(const BatchFormerOptions& options) {
   return estimator;
 }
 
-const char* state_name(RequestState state) {
+}  // namespace
+
+const char* request_state_name(RequestState state) {
   switch (state) {
     case RequestState::kWaiting: return "waiting";
     case RequestState::kRunning: return "running";
     case RequestState::kSwapped: return "swapped";
+    case RequestState::kIncoming: return "incoming";
   }
   return "unknown";
 }
-}  // namespace
 
 void StepPlan::clear() {
   req_ids.clear();
@@ -245,6 +247,10 @@ void BatchFormer::drop(Request& r) {
       allocator_.free(r.id);
       running_.erase(std::find(running_.begin(), running_.end(), &r));
       break;
+    case RequestState::kIncoming:
+      allocator_.free(r.id);
+      incoming_.erase(std::find(incoming_.begin(), incoming_.end(), &r));
+      break;
   }
   if (swap_planner_) swap_planner_->release(&r.id, 1);  // its host copy, swapped or kept for reuse
 }
@@ -410,14 +416,14 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
   const int64_t bs = options_.allocator.block_size;
   const int64_t capacity = estimator_capacity();
   running_input_.clear();
-  for (const Request* r : running_) running_input_.push(*r);
+  push_holders(running_input_);
   while (!swapped_.empty()) {
     Request& r = **swapped_.begin();
     // Swapped and waiting requests come back in one key order; one swapped out by a priority
     // preemption in this very step waits a step, leaving its room to the request that evicted it.
     if (r.preempted_at_step == counters_.steps) return true;
     if (!waiting_.empty() && WaitingOrder()(*waiting_.begin(), &r)) return true;
-    if (static_cast<int64_t>(running_.size()) >= options_.max_num_seqs || budget <= 0) return false;
+    if (static_cast<int64_t>(running_.size() + incoming_.size()) >= options_.max_num_seqs || budget <= 0) return false;
     candidate_input_.clear();
     candidate_input_.push(r);
     bool fits = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0), capacity, 0) == 1;
@@ -457,10 +463,10 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
 }
 
 void BatchFormer::admit_waiting(int64_t& budget) {
-  int64_t slots = options_.max_num_seqs - static_cast<int64_t>(running_.size());
+  int64_t slots = options_.max_num_seqs - static_cast<int64_t>(running_.size() + incoming_.size());
   if (slots <= 0 || budget <= 0 || waiting_.empty() || admission_paused_) return;
   running_input_.clear();
-  for (const Request* r : running_) running_input_.push(*r);
+  push_holders(running_input_);
   candidates_.clear();
   candidate_input_.clear();
   for (Request* r : waiting_) {
@@ -667,6 +673,7 @@ BatchFormerStats BatchFormer::stats() const {
   s.num_waiting = static_cast<int64_t>(waiting_.size());
   s.num_running = static_cast<int64_t>(running_.size());
   s.num_swapped = static_cast<int64_t>(swapped_.size());
+  s.num_incoming = static_cast<int64_t>(incoming_.size());
   if (swap_planner_) {
     SwapPlannerStats swap = swap_planner_->stats();
     s.swap_preemptions = swap.swap_outs;
@@ -702,7 +709,7 @@ RequestInfo BatchFormer::info(RequestId id) const {
 std::vector<BlockId> BatchFormer::block_table(RequestId id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   const Request& r = lookup(id, "req_id", kNoIndex);
-  if (r.state != RequestState::kRunning) return {};
+  if (r.state != RequestState::kRunning && r.state != RequestState::kIncoming) return {};
   return allocator_.block_table(id);
 }
 
@@ -730,9 +737,9 @@ std::vector<RequestId> BatchFormer::swapped_ids() const {
 void BatchFormer::check_invariants() const {
   std::lock_guard<std::mutex> lock(mutex_);
   allocator_.check_invariants();
-  KVSCHED_ASSERT(waiting_.size() + running_.size() + swapped_.size() == requests_.size(), "waiting ",
-                 waiting_.size(), " + running ", running_.size(), " + swapped ", swapped_.size(), " != table ",
-                 requests_.size());
+  KVSCHED_ASSERT(waiting_.size() + running_.size() + swapped_.size() + incoming_.size() == requests_.size(),
+                 "waiting ", waiting_.size(), " + running ", running_.size(), " + swapped ", swapped_.size(),
+                 " + incoming ", incoming_.size(), " != table ", requests_.size());
   if (swap_planner_) {
     swap_planner_->check_invariants();
     KVSCHED_ASSERT(swap_planner_->stats().num_swapped == static_cast<int64_t>(swapped_.size()), "the planner holds ",
@@ -743,12 +750,18 @@ void BatchFormer::check_invariants() const {
                        swap_planner_->num_swapped_tokens(r->id) == r->num_computed,
                    "swapped request ", r->id, " is inconsistent with its host copy");
   }
-  KVSCHED_ASSERT(counters_.added == counters_.finished + counters_.aborted + counters_.rejected +
-                                        static_cast<int64_t>(requests_.size()),
-                 "requests were lost: added ", counters_.added);
+  KVSCHED_ASSERT(counters_.added + counters_.migrated_in ==
+                     counters_.finished + counters_.aborted + counters_.rejected + counters_.migrated_out +
+                         static_cast<int64_t>(requests_.size() - incoming_.size()),
+                 "requests were lost: added ", counters_.added, ", migrated in ", counters_.migrated_in);
+  for (const Request* r : incoming_) {
+    KVSCHED_ASSERT(r->state == RequestState::kIncoming && allocator_.contains(r->id) &&
+                       allocator_.num_tokens(r->id) == r->num_computed && r->num_computed <= r->total(),
+                   "incoming request ", r->id, " is inconsistent with its reservation");
+  }
   for (const Request* r : running_) {
     KVSCHED_ASSERT(r->state == RequestState::kRunning, "request ", r->id, " in the running list is ",
-                   state_name(r->state));
+                   request_state_name(r->state));
     // Lookahead slots of an earlier step may still be held beyond what is computed.
     int64_t held = allocator_.num_tokens(r->id);
     int64_t expected = r->num_computed + std::max<int64_t>(0, r->scheduled);
@@ -761,8 +774,9 @@ void BatchFormer::check_invariants() const {
     KVSCHED_ASSERT(r->state == RequestState::kWaiting && r->num_computed == 0 && !allocator_.contains(r->id),
                    "waiting request ", r->id, " holds KV");
   }
-  KVSCHED_ASSERT(allocator_.stats().num_sequences == static_cast<int64_t>(running_.size()), "allocator holds ",
-                 allocator_.stats().num_sequences, " sequences, running ", running_.size());
+  KVSCHED_ASSERT(allocator_.stats().num_sequences == static_cast<int64_t>(running_.size() + incoming_.size()),
+                 "allocator holds ", allocator_.stats().num_sequences, " sequences, running ", running_.size(),
+                 ", incoming ", incoming_.size());
 }
 
 }  // namespace kvsched

@@ -59,10 +59,10 @@ void BatchFormer::preempt_for_priority() {
     Request& head = **waiting_.begin();
     Request& worst = *running_.back();
     if (!(head.key < worst.key)) return;
-    bool has_slot = static_cast<int64_t>(running_.size()) < options_.max_num_seqs;
+    bool has_slot = static_cast<int64_t>(running_.size() + incoming_.size()) < options_.max_num_seqs;
     if (has_slot) {
       running_input_.clear();
-      for (const Request* r : running_) running_input_.push(*r);
+      push_holders(running_input_);
       candidate_input_.clear();
       candidate_input_.push(head);
       if (estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0),

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import __version__
 from .scheduler import ADMISSION_MODES, SEEDED_ADMISSION_MODES
+from .cluster import DISPATCH_POLICIES, LINKS
 from .sim.allocator_replay import replay_placement
 from .sim.report import plot_cdfs, table, write_per_request
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
@@ -101,6 +102,33 @@ def _admissions(text: str) -> List[str]:
     return names
 
 
+def _dispatch_policies(text: str) -> List[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in DISPATCH_POLICIES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown dispatch policy {','.join(unknown) or text!r}; "
+                                         f"choose from {','.join(DISPATCH_POLICIES)}")
+    return names
+
+
+def _fleets(args: argparse.Namespace) -> list:
+    """The fleets to compare (FleetSpec each), or [None] for one instance."""
+    from .cluster import Link, MigrationPolicy
+    from .sim.driver import FleetSpec
+
+    if args.instances == 1:
+        return [None]
+    link = LINKS[args.link or "rdma"]
+    if args.link_bandwidth_gbps is not None or args.link_latency_us is not None:
+        link = Link("custom", (args.link_bandwidth_gbps or link.bandwidth_bytes_per_s / 1e9) * 1e9,
+                    link.latency_s if args.link_latency_us is None else args.link_latency_us * 1e-6)
+    migrations = {"off": [None], "on": [MigrationPolicy(link=link)],
+                  "both": [None, MigrationPolicy(link=link)]}[args.migration or "off"]
+    imbalance = 0.1 if args.imbalance_limit is None else args.imbalance_limit
+    return [FleetSpec(args.instances, dispatch, migration, imbalance)
+            for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for migration in migrations]
+
+
 def _ordering_policy(text: str) -> str:
     if text in ORDERING_POLICIES:
         return text
@@ -130,6 +158,19 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
     if args.policy == "fcfs" and args.priorities != "none":
         raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
+    if args.instances == 1:
+        for option, value in (("--dispatch", args.dispatch), ("--migration", args.migration), ("--link", args.link),
+                              ("--link-bandwidth-gbps", args.link_bandwidth_gbps),
+                              ("--link-latency-us", args.link_latency_us), ("--imbalance-limit", args.imbalance_limit)):
+            if value is not None:
+                raise ValueError(f"{option}: only a fleet has it (--instances N with N > 1)")
+    elif args.migration in (None, "off"):
+        for option, value in (("--link", args.link), ("--link-bandwidth-gbps", args.link_bandwidth_gbps),
+                              ("--link-latency-us", args.link_latency_us)):
+            if value is not None:
+                raise ValueError(f"{option}: only live migration uses the link (--migration on or both)")
+    if args.imbalance_limit is not None and "prefix_affinity" not in (args.dispatch or DISPATCH_POLICIES):
+        raise ValueError("--imbalance-limit: only --dispatch prefix_affinity uses it")
     for option, path in (("--json", args.json), ("--plot", args.plot), ("--per-request", args.per_request)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
@@ -170,16 +211,16 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
             source = f"{args.trace} ({trace_format})"
             seeded = bool(args.clients)
     elif args.workload == "multi_turn":
-        rate = defaults.rate if args.rate is None else args.rate
-        count = args.num_requests or 1500
+        rate = defaults.rate * args.instances if args.rate is None else args.rate
+        count = args.num_requests or 1500 * args.instances
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
         trace = multi_turn_chat(conversations, rate, think_time, seed=seed, max_requests=count)
         source = (f"built-in multi_turn workload (ShareGPT turn statistics, {rate:g} conversations/s Poisson, "
                   f"think time {think_time:g} s)")
     else:
         workload = args.workload or "chat"
-        rate = defaults.rate if args.rate is None else args.rate
-        trace = synthetic(workload, args.num_requests or 1500, rate, seed=seed)
+        rate = defaults.rate * args.instances if args.rate is None else args.rate
+        trace = synthetic(workload, args.num_requests or 1500 * args.instances, rate, seed=seed)
         source = f"built-in {workload} workload (published length statistics, Poisson {rate:g} req/s)"
         if args.clients:  # the lengths only: the clients set the arrivals
             source = f"built-in {workload} workload (published length statistics)"
@@ -195,12 +236,15 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .sim.engine import SLOS, EngineConfig, prepare, simulate
+    from .sim.driver import simulate, simulate_fleet
+    from .sim.engine import SLOS, EngineConfig, prepare
     from .sim.metrics import aggregate, summarize
     from .sim.profiles import PROFILES
     from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
 
     _check_options(args)
+    if args.admission is None:
+        args.admission = ["past_future"] if args.instances > 1 else _admissions(DEFAULT_ADMISSIONS)
     profile = PROFILES[args.model_profile]
     defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
     capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
@@ -209,10 +253,14 @@ def _simulate(args: argparse.Namespace) -> int:
     priority_kind = None if args.priorities == "none" else args.priorities
     policy = args.policy or ("priority" if priority_kind else "fcfs")
     seeds = [args.seed + k for k in range(args.seeds)]
-    runs = {admission: [] for admission in args.admission}  # admission -> [(record, log)], one per seed
+    fleets = _fleets(args)
+    # One run per (admission mode, fleet); its label names it in the table, the JSON and the files.
+    configs = [(admission, fleet) for admission in args.admission for fleet in fleets]
+    label = {c: c[0] if c[1] is None else f"{c[0]} {c[1].label}" for c in configs}
+    runs = {label[c]: [] for c in configs}  # label -> [(record, log)], one per seed
     progress = _Progress()
     prepared_of_seed = {}
-    for seed in seeds:  # the same seeds for every admission mode: differences are paired
+    for seed in seeds:  # the same seeds for every run: differences are paired
         trace, source, seeded = _load_workload(args, seed, defaults)
         # For sessions, the request rate offered when each session's requests came at its start rate.
         base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
@@ -236,33 +284,43 @@ def _simulate(args: argparse.Namespace) -> int:
             raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
                              f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
         priorities = priority_plan(prepared.trace, priority_kind, seed=seed) if priority_kind else None
-        progress.start(len(seeds) * len(args.admission) * len(prepared.trace))
-        for admission in args.admission:
-            progress.status(f"{admission}, seed {seed}")
-            earlier = runs[admission][0] if runs[admission] else None
+        progress.start(len(seeds) * len(configs) * len(prepared.trace))
+        for config in configs:
+            admission, fleet = config
+            name = label[config]
+            progress.status(f"{name}, seed {seed}")
+            earlier = runs[name][0] if runs[name] else None
             if earlier and not seeded and priorities is None and admission not in SEEDED_ADMISSION_MODES:
                 # Nothing here depends on the seed: this seed's run is the first seed's, not re-run.
                 record = dict(earlier[0], seed=seed, same_run_as_seed=earlier[0]["seed"])
-                runs[admission].append((record, earlier[1]))
+                runs[name].append((record, earlier[1]))
                 progress.requests(len(prepared.trace))
                 continue
-            log = simulate(prepared, engine, admission, policy=policy, progress=progress.requests,
-                           priorities=priorities)
-            record = summarize(log, slo)
-            record["seed"] = seed
+            if fleet is None:
+                log = simulate(prepared, engine, admission, policy=policy, progress=progress.requests,
+                               priorities=priorities)
+                record = summarize(log, slo)
+            else:
+                result = simulate_fleet(prepared, engine, admission, fleet, policy=policy, priorities=priorities,
+                                        progress=progress.requests)
+                log = result.log
+                record = summarize(log, slo)
+                record.update(dispatch=fleet.dispatch, migration=fleet.migration is not None,
+                              fleet=result.summary())
+            record.update(run=name, seed=seed)
             if args.find_max_rate:
                 count = itertools.count(1)
-                scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed,
-                                       on_run=lambda: progress.status(f"{admission}, seed {seed}: "
+                scale = max_rate_scale(trace, engine, admission, slo, priorities=priority_kind, seed=seed, fleet=fleet,
+                                       on_run=lambda: progress.status(f"{name}, seed {seed}: "
                                                                       f"max-rate search, run {next(count)}"))
                 record["max_rate_scale_90"] = scale * args.rate_scale
                 record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
                 record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
-            runs[admission].append((record, log))
+            runs[name].append((record, log))
     progress.close()
     records = []
-    for admission in args.admission:
-        record = aggregate([r for r, _ in runs[admission]])
+    for name in runs:
+        record = aggregate([r for r, _ in runs[name]])
         record.update(workload=source, workload_note=defaults.note if defaults else "", rate_scale=args.rate_scale,
                       kv_capacity_tokens=capacity, max_model_len=engine.context_limit(), model_profile=profile.name,
                       preemption=args.preemption, priorities=args.priorities, clients=args.clients,
@@ -277,6 +335,12 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     print(f"SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and {'worst' if slo.gap_kind == 'max' else 'p99'} token gap "
           f"<= {slo.gap_s:g} s; ordering policy {policy}; preemption by {args.preemption}")
+    if args.instances > 1:
+        moving = next((f.migration for f in fleets if f.migration is not None), None)
+        print(f"fleet: {args.instances} instances, each with that KV cache and its own scheduler"
+              + (f"; a built-in workload's rate and requests x{args.instances}" if defaults else "")
+              + (f"; migration over {moving.link.name} ({moving.link.bandwidth_bytes_per_s / 1e9:g} GB/s, "
+                 f"{moving.link.latency_s * 1e6:g} us)" if moving else ""))
     if defaults and defaults.note:
         print(f"note: {defaults.note}")
     if too_big:
@@ -289,16 +353,16 @@ def _simulate(args: argparse.Namespace) -> int:
     print()
     cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
     print(table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide,
-                 host_tier=bool(args.host_kv_tokens)))
+                 host_tier=bool(args.host_kv_tokens), fleet=args.instances > 1))
     if len(records) > 1 and len(seeds) > 1:
-        print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['admission']} over the same seeds, "
+        print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['run']} over the same seeds, "
               "percentage points")
     if any(r.get("max_rate_capped") for r in records):
         print(f">=: the SLO was met even at {MAX_RATE_SCALE:g}x the rate, the top of the search (a workload of "
               "sessions stops adding load once all have started)")
     same = len({(round(r["slo_lax"]["attainment"], 6), round(r["slo_strict"]["attainment"], 6)) for r in records}) == 1
     if len(records) > 1 and all(r["preemptions"] == 0 for r in records) and same:
-        print(f"\nEvery admission mode gave the same attainment under both SLOs and none preempted: the KV cache "
+        print(f"\nEvery run gave the same attainment under both SLOs and none preempted: the KV cache "
               f"was not the bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). "
               "Admission matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
     if args.json:
@@ -309,7 +373,7 @@ def _simulate(args: argparse.Namespace) -> int:
         count = write_per_request(args.per_request, runs, prepared_of_seed)
         print(f"wrote {args.per_request} ({count} rows)")
     if args.plot:
-        plot_cdfs([runs[admission][0][1] for admission in args.admission], args.plot,
+        plot_cdfs([runs[name][0][1] for name in runs], args.plot,
                   title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
                   slo=slo)
         print(f"wrote {args.plot}")
@@ -317,14 +381,14 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _add_paired_differences(records: List[dict], runs: dict, slo_name: str) -> None:
-    """Each admission mode's attainment minus the first mode's, seed by seed: the difference's
-    mean and 95% interval, judged against its own noise rather than both modes' spreads."""
+    """Each run's attainment minus the first run's, seed by seed: the difference's mean and 95%
+    interval, judged against its own noise rather than both runs' spreads."""
     from .sim.metrics import interval95
 
-    first = records[0]["admission"]
+    first = records[0]["run"]
     base = [r[f"slo_{slo_name}"]["attainment"] for r, _ in runs[first]]
     for record in records:
-        diffs = [r[f"slo_{slo_name}"]["attainment"] - b for (r, _), b in zip(runs[record["admission"]], base)]
+        diffs = [r[f"slo_{slo_name}"]["attainment"] - b for (r, _), b in zip(runs[record["run"]], base)]
         record["paired_difference"] = {"from": first, "slo": slo_name, "attainment": float(np.mean(diffs)),
                                        "attainment_ci95": interval95(diffs)}
 
@@ -411,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "sharegpt length trace (default 2)")
     sim.add_argument("--rate-scale", type=_positive_float, default=1.0,
                      help="multiply every arrival time's rate (a session's later turns keep their think times)")
-    sim.add_argument("--admission", type=_admissions, default=_admissions(DEFAULT_ADMISSIONS),
-                     help=f"comma-separated admission modes to compare, one row each (default {DEFAULT_ADMISSIONS})")
+    sim.add_argument("--admission", type=_admissions, default=None,
+                     help=f"comma-separated admission modes to compare, one row each (default {DEFAULT_ADMISSIONS}; "
+                     "past_future with --instances)")
     sim.add_argument("--policy", type=_ordering_policy, default=None,
                      help="ordering policy, as Scheduler(policy=...): fcfs, or priority with --priorities "
                      "(default: priority with --priorities, else fcfs)")
@@ -456,6 +521,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when the host tier loads a request's host hits: a step ahead of its prefill, "
                      "overlapping that step's forward pass, or in the step of its prefill, before the forward "
                      "pass (default prefetch)")
+    sim.add_argument("--instances", type=_positive_int, default=1,
+                     help="simulate a fleet of N identical instances (each its own KV cache and scheduler) behind a "
+                     "dispatcher; a built-in workload's default rate and request count scale with N (default 1)")
+    sim.add_argument("--dispatch", type=_dispatch_policies, default=None,
+                     help="with --instances: comma-separated dispatch policies to compare, one row each: "
+                     f"{', '.join(DISPATCH_POLICIES)} (default all)")
+    sim.add_argument("--migration", choices=("off", "on", "both"), default=None,
+                     help="with --instances: live migration of running requests between instances (Llumnix-style, "
+                     "staged KV copies); both: a row with and one without (default off)")
+    sim.add_argument("--link", choices=tuple(LINKS), default=None,
+                     help="with --migration: the link KV moves over (default rdma: 50 GB/s, 10 us); "
+                     + "; ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:g} GB/s" for k, v in LINKS.items()))
+    sim.add_argument("--link-bandwidth-gbps", type=_positive_float, default=None,
+                     help="with --migration: the link's bandwidth in GB/s (overrides --link's)")
+    sim.add_argument("--link-latency-us", type=_non_negative_float, default=None,
+                     help="with --migration: the link's latency per copy in microseconds (overrides --link's)")
+    sim.add_argument("--imbalance-limit", type=_non_negative_float, default=None,
+                     help="with --dispatch prefix_affinity: an instance more loaded than the least loaded one by "
+                     "this fraction of its KV capacity is not chosen for its cache (default 0.1)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
                      help="lax: TTFT <= 10 s, worst gap <= 1.5 s; strict: TTFT <= 2 s, p99 gap <= 0.2 s")
     sim.add_argument("--find-max-rate", action="store_true",

@@ -446,5 +446,62 @@ class Scheduler:
     def __contains__(self, req_id: object) -> bool:
         return req_id in self._former
 
+    # ---- cluster support (kvsched.cluster): between update() and the next schedule() ----
+    def load(self) -> dict[str, int]:
+        """What a dispatcher reads of this instance, in one native call: request counts, tokens of
+        running (``running_tokens``) and queued (``queued_tokens``) requests, ``capacity_blocks``,
+        ``used_blocks``, and the estimator's predicted future peak of the running requests
+        (``peak_blocks``) and of every live one (``demand_blocks``). Aggressive admission predicts
+        no growth, so under it the prediction is past_future's."""
+        return self._former.load()
+
+    def prefix_hits(self, block_keys: Sequence[Any]) -> np.ndarray:
+        """Leading blocks of each key list cached in this instance's device prefix cache."""
+        return self._former.prefix_hits(list(block_keys))
+
+    def migration_candidate(self, exclude: Any = ()) -> int | None:
+        """The running, decoding request with the least KV (the cheapest to move), or None."""
+        found = self._former.migration_candidate(np.atleast_1d(_integers(list(exclude))))
+        return None if found < 0 else int(found)
+
+    def reserve_incoming(
+        self, req_id: int, prompt_len: int, max_new_tokens: int, num_generated: int, num_tokens: int, *,
+        arrival_time: float = 0.0, priority: float = 0.0, class_id: int = 0, client_id: int = 0,
+        block_keys: Any = None, true_output_len: int | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """Destination of a live migration, first stage: reserves blocks for the first ``num_tokens``
+        tokens of a request that runs elsewhere with ``num_generated`` tokens generated. Returns its
+        block table here and how many of its tokens were found in this prefix cache (no copy needed).
+        Raises :class:`kvsched.OutOfBlocks` with nothing changed when the blocks or a sequence slot
+        are not there."""
+        requests = NewRequests(
+            req_ids=np.array([req_id], np.int64), prompt_lens=np.array([prompt_len], np.int64),
+            max_new_tokens=np.array([max_new_tokens], np.int64), arrival_times=np.array([arrival_time], np.float64),
+            priorities=np.array([priority], np.float64), class_ids=np.array([class_id], np.int32),
+            client_ids=np.array([client_id], np.int32),
+        )
+        key = float(np.asarray(self.policy.keys(requests), dtype=np.float64)[0])
+        return self._former.reserve_incoming(
+            req_id, prompt_len, max_new_tokens, num_generated, num_tokens, float(arrival_time), key, class_id,
+            client_id, -1 if true_output_len is None else true_output_len, block_keys,
+        )
+
+    def extend_incoming(self, req_id: int, num_tokens: int) -> np.ndarray:
+        """A later stage: grows the reservation to ``num_tokens`` (all or nothing); returns the blocks added."""
+        return self._former.extend_incoming(req_id, num_tokens)
+
+    def commit_incoming(self, req_id: int, num_generated: int) -> None:
+        """The last stage's KV arrived: the request runs here from its reserved tokens on."""
+        self._former.commit_incoming(req_id, num_generated)
+
+    def cancel_incoming(self, req_ids: Any) -> None:
+        """Aborts migrations in: frees their reservations; nothing else changes."""
+        self._former.cancel_incoming(np.atleast_1d(_integers(req_ids)))
+
+    def migrate_out(self, req_ids: Any) -> None:
+        """Source of a live migration, last stage: running requests leave (their KV was copied);
+        counted in ``stats()["migrated_out"]``, neither finished nor aborted."""
+        self._former.migrate_out(np.atleast_1d(_integers(req_ids)))
+
 
 __all__ = ["ADMISSION_MODES", "REJECT_REASONS", "SEEDED_ADMISSION_MODES", "Scheduler", "SchedulerConfig", "StepPlan"]

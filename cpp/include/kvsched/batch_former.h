@@ -21,6 +21,10 @@
 //              on the device, then on the host: host hits are loaded into fresh device blocks
 //              (cache_load) when the cost model says the copy beats recomputing them, and its
 //              prefill starts after them.
+//   incoming   a request migrating in from another instance (batch_former_migration.cpp): it
+//              holds blocks reserved for the KV being copied to it but is in no queue; commit
+//              makes it running with those tokens computed, cancel frees them. The estimator
+//              counts it as running, so admission leaves room for it.
 //
 // Step order: running requests first (every decode, then ongoing prefill chunks in key order with
 // at most max_prefill_chunk tokens each: batch_former_running.cpp), then
@@ -59,7 +63,8 @@ namespace kvsched {
 
 using RequestId = int64_t;
 
-enum class RequestState : int { kWaiting = 0, kRunning = 1, kSwapped = 2 };
+enum class RequestState : int { kWaiting = 0, kRunning = 1, kSwapped = 2, kIncoming = 3 };
+const char* request_state_name(RequestState state);
 enum class RejectReason : int { kPromptTooLong = 1 };
 enum class PreemptionMode : int { kRecompute = 0, kSwap = 1, kAuto = 2 };
 
@@ -155,7 +160,10 @@ struct BatchFormerStats {
   int64_t num_waiting = 0;
   int64_t num_running = 0;
   int64_t num_swapped = 0;
+  int64_t num_incoming = 0;  // migrating in, blocks reserved
   int64_t added = 0;
+  int64_t migrated_in = 0;   // committed migrations in; added + migrated_in = finished + aborted
+  int64_t migrated_out = 0;  //   + rejected + migrated_out + live (not incoming)
   int64_t finished = 0;
   int64_t aborted = 0;
   int64_t rejected = 0;
@@ -174,6 +182,19 @@ struct BatchFormerStats {
   int64_t steps = 0;
   int64_t scheduled_tokens = 0;
   double estimator_quantile = 0.0;
+};
+
+// What a cluster dispatcher reads of an instance in one call (load()). Blocks are those the
+// estimator plans with (pinned and watermark blocks excluded); predictions use the instance's
+// admission mode, except aggressive (which predicts no growth) reports past_future's.
+struct InstanceLoad {
+  int64_t num_running = 0, num_waiting = 0, num_swapped = 0, num_incoming = 0;
+  int64_t running_tokens = 0;  // tokens of running and incoming requests (prompt + generated)
+  int64_t queued_tokens = 0;   // tokens of waiting and swapped requests
+  int64_t capacity_blocks = 0;
+  int64_t used_blocks = 0;     // held by sequences now
+  int64_t peak_blocks = 0;     // predicted future peak of running and incoming requests
+  int64_t demand_blocks = 0;   // predicted future peak of every live request, queued ones included
 };
 
 struct RequestInfo {
@@ -238,6 +259,32 @@ class BatchFormer {
   std::vector<RequestId> swapped_ids() const;  // in swap-in order
   // Throws std::logic_error describing the first broken invariant.
   void check_invariants() const;
+
+  // ---- Cluster support (batch_former_migration.cpp). Not while a plan is outstanding: the
+  // engine copies migrated KV between steps. ----
+  InstanceLoad load();
+  // Leading blocks of each key list found in the device prefix cache (what a dispatch there saves).
+  std::vector<int64_t> prefix_hits(const std::vector<Hash128>* keys, size_t count) const;
+  // The running, decoding request with the least KV (cheapest to move), not in `exclude`; -1: none.
+  RequestId migration_candidate(const RequestId* exclude, size_t count) const;
+  // Destination, first stage: creates `request` as incoming with `num_generated` tokens generated
+  // and reserves blocks for its first `num_tokens` tokens (prefix-cache hits first; `keys` as in
+  // add_requests). Appends its block table to `table` and returns the tokens found cached, which
+  // need no copy. Throws OutOfBlocks (nothing changed) when the blocks or a sequence slot are
+  // not there.
+  int64_t reserve_incoming(const NewRequest& request, int64_t num_generated, int64_t num_tokens,
+                           const std::vector<Hash128>* keys, std::vector<BlockId>& table);
+  // Later stages: grows the reservation to `num_tokens` (all or nothing, OutOfBlocks) and
+  // appends the blocks added.
+  void extend_incoming(RequestId id, int64_t num_tokens, std::vector<BlockId>& added);
+  // The last stage arrived: the request runs here with its reserved tokens computed and
+  // `num_generated` tokens generated (what the source had when it stopped it).
+  void commit_incoming(RequestId id, int64_t num_generated);
+  // An aborted migration: frees the reservations; nothing else changes.
+  void cancel_incoming(const RequestId* ids, size_t count);
+  // Source, last stage: running requests leave this instance (their KV now lives elsewhere).
+  // Their blocks are freed (full ones stay in the prefix cache); counted as migrated_out.
+  void migrate_out(const RequestId* ids, size_t count);
 
  private:
   struct Request {
@@ -314,6 +361,9 @@ class BatchFormer {
   void emit(Request& r, int64_t num_tokens, const BlockId* added, size_t num_added);
   int64_t estimator_capacity() const;
   void finish(Request& r);
+  // Running and incoming requests into `input` (what the estimator counts as held).
+  void push_holders(EstimatorInput& input) const;
+  void expect_between_steps(const char* call) const;
 
   BatchFormerOptions options_;
   mutable std::mutex mutex_;
@@ -324,6 +374,7 @@ class BatchFormer {
   std::set<Request*, WaitingOrder> swapped_;
   std::unique_ptr<SwapPlanner> swap_planner_;
   std::vector<Request*> running_;
+  std::vector<Request*> incoming_;  // migrating in, in reservation order
   bool running_sorted_ = true;
   StepPlan plan_;
   bool plan_outstanding_ = false;

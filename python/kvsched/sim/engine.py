@@ -1,6 +1,7 @@
-"""A discrete-event engine that drives the real kvsched.Scheduler.
+"""The simulated engine: an instance that drives the real kvsched.Scheduler one step at a time.
 
-Each iteration: requests that have arrived are added, ``Scheduler.schedule()`` plans the step,
+:class:`EngineInstance` runs the requests a driver (``sim/driver.py``) hands it. Each step: those
+handed to it since the last step are added, ``Scheduler.schedule()`` plans the step,
 simulated time advances by the model profile's iteration time of that plan, every request whose
 scheduled chunk reaches the end of its sequence emits one token, and ``Scheduler.update()``
 reports them. Only the engine knows true output lengths (it ends a request there); the scheduler
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
+from .._core import OutOfBlocks
 from ..scheduler import Scheduler, SchedulerConfig
-from .arrivals import ArrivalQueue
 from .profiles import ModelProfile
 from .traces import Trace
 from .workloads import PriorityPlan
@@ -185,168 +186,354 @@ class RunLog:
     computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
     step_cpu_us: np.ndarray = field(default_factory=lambda: np.zeros(0))  # schedule() + update() per step
     policy: str = "fcfs"  # the ordering policy
+    run: str = ""  # the run's name in reports: its admission mode, and its fleet's dispatch over several instances
 
 
-def simulate(
-    prepared: PreparedTrace,
-    engine: EngineConfig,
-    admission: str,
-    policy: Optional[str] = None,
-    progress: Optional[Callable[[int], None]] = None,
-    priorities: Optional[PriorityPlan] = None,
-) -> RunLog:
-    """Replays ``prepared`` through a fresh Scheduler under ``admission`` and the ordering
-    ``policy`` (default fcfs, or priority with ``priorities``); deterministic. With ``priorities``
-    (built on the prepared trace) sessions carry priorities that change while they live, which
-    only the ``priority`` policy (it evicts for a more urgent request) acts on."""
-    policy = policy or ("priority" if priorities is not None else "fcfs")
-    if priorities is not None and policy != "priority":
-        raise ValueError(f"priorities: only the priority policy uses them, not {policy!r}")
-    trace = prepared.trace
-    n = len(trace)
-    block_size = engine.block_size
-    num_blocks = max(1, engine.kv_capacity_tokens // block_size)
-    config = SchedulerConfig(
-        num_blocks=num_blocks, block_size=block_size, max_num_seqs=engine.max_num_seqs,
-        max_num_batched_tokens=engine.max_num_batched_tokens, max_prefill_chunk=engine.max_prefill_chunk,
-        prefill_attention_budget=engine.prefill_attention_budget, admission=admission, **{**engine.swap_options(), **engine.scheduler_overrides},
-    )
-    scheduler = Scheduler(config, policy=policy)
-    prompt, output = trace.prompt_tokens, trace.output_tokens
-    arrivals = ArrivalQueue(trace)
-    arrival = arrivals.arrival_s  # filled in as followers are sent
-    has_keys = trace.shared_context or (trace.prefix_ids is not None and trace.prefix_block_tokens % block_size == 0)
-    session = trace.sessions()
-    session_priority = None if priorities is None else priorities.initial.copy()
-    live_of_session = np.full(int(session.max()) + 1, -1, np.int64)  # its request in the scheduler
-    generated = np.zeros(n, np.int64)
-    first_token = np.full(n, np.nan)
-    finish = np.full(n, np.nan)
-    first_scheduled = np.full(n, np.nan)
-    last_token = np.zeros(n)
-    max_gap = np.zeros(n)
-    num_gaps = np.zeros(n, np.int64)
-    p99_slos = [slo for slo in SLOS.values() if slo.gap_kind == "p99"]
-    slow = {slo.name: np.zeros(n, np.int64) for slo in p99_slos}
-    preemptions = np.zeros(n, np.int64)
-    rejected = np.zeros(n, bool)
-    cpu = 0.0
-    t = 0.0
-    ended = 0
-    steps = 0
-    step_cpus: list[float] = []  # schedule() + update() of each step, seconds
-    util_time = 0.0
-    swap_time = 0.0
-    unflushed_adds = False
-    next_change = 0
+@dataclass
+class StepEvents:
+    """What the steps of one :meth:`EngineInstance.advance` call ended: requests that finished (with
+    when) and requests the scheduler rejected; ``stalled`` when a step planned nothing."""
 
-    def end(ids: np.ndarray) -> None:
-        nonlocal ended
-        live_of_session[session[ids]] = -1
-        ended += int(ids.size)
+    finished: np.ndarray
+    finish_s: np.ndarray
+    rejected: np.ndarray
+    clock: float
+    busy: bool
+    stalled: bool = False
+    rows: dict = field(default_factory=dict)  # per-request measurements of ``finished``
 
-    while ended < n:
-        ids = arrivals.due(t)
-        if ids.size:
-            max_tokens = prompt[ids] + prepared.max_new_tokens[ids]
-            keys = ([_block_keys(trace, i, block_size, s, m) for i, s, m in
-                     zip(ids.tolist(), session[ids].tolist(), max_tokens.tolist())] if has_keys else None)
+
+@dataclass
+class MigrationRecord:
+    """A request in flight between instances: what its destination needs to go on with it (the
+    scheduler's counts and the per-request measurements made so far)."""
+
+    index: int
+    num_generated: int
+    num_computed: int
+    first_token_s: float
+    first_scheduled_s: float
+    last_token_s: float
+    max_gap_s: float
+    num_gaps: int
+    slow_gaps: dict
+    preemptions: int
+
+
+class EngineInstance:
+    """One simulated engine instance over the prepared trace (request ids are trace indices; the
+    instance runs those handed to it with :meth:`add`). ``clock`` is when its next step starts."""
+
+    def __init__(self, prepared: PreparedTrace, engine: EngineConfig, admission: str, policy: Optional[str] = None,
+                 priorities: Optional[PriorityPlan] = None):
+        policy = policy or ("priority" if priorities is not None else "fcfs")
+        if priorities is not None and policy != "priority":
+            raise ValueError(f"priorities: only the priority policy uses them, not {policy!r}")
+        self.prepared, self.engine, self.admission, self.policy = prepared, engine, admission, policy
+        trace = prepared.trace
+        n = len(trace)
+        self.num_blocks = max(1, engine.kv_capacity_tokens // engine.block_size)
+        config = SchedulerConfig(
+            num_blocks=self.num_blocks, block_size=engine.block_size, max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens, max_prefill_chunk=engine.max_prefill_chunk,
+            prefill_attention_budget=engine.prefill_attention_budget, admission=admission,
+            **{**engine.swap_options(), **engine.scheduler_overrides},
+        )
+        self.scheduler = Scheduler(config, policy=policy)
+        self._has_keys = trace.shared_context or (
+            trace.prefix_ids is not None and trace.prefix_block_tokens % engine.block_size == 0)
+        self._session = trace.sessions()
+        self._priorities = priorities
+        self._session_priority = None if priorities is None else priorities.initial.copy()
+        self._live_of_session = np.full(int(self._session.max()) + 1, -1, np.int64)  # its request here
+        self._next_change = 0
+        self._has_follower = np.zeros(n, bool)  # a step that finishes one stops advance()
+        if trace.has_sessions:
+            self._has_follower[trace.parent_index[trace.parent_index >= 0]] = True
+        self.arrival = np.full(n, np.nan)
+        self.generated = np.zeros(n, np.int64)
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.first_scheduled = np.full(n, np.nan)
+        self.last_token = np.zeros(n)
+        self.max_gap = np.zeros(n)
+        self.num_gaps = np.zeros(n, np.int64)
+        self._p99_slos = [slo for slo in SLOS.values() if slo.gap_kind == "p99"]
+        self.slow = {slo.name: np.zeros(n, np.int64) for slo in self._p99_slos}
+        self.preemptions = np.zeros(n, np.int64)
+        self.rejected = np.zeros(n, bool)
+        self.cpu = 0.0
+        self.clock = 0.0
+        self.steps = 0
+        self.step_cpus: list[float] = []  # schedule() + update() of each step, seconds
+        self.util_time = 0.0
+        self.swap_time = 0.0
+        self.first_arrival = np.inf
+        self._unflushed_adds = False
+
+    # ---- requests ----
+    def block_keys(self, index: int) -> Optional[np.ndarray]:
+        """Prefix-cache keys of request ``index`` (None without keys in the trace)."""
+        if not self._has_keys:
+            return None
+        trace, block_size = self.prepared.trace, self.engine.block_size
+        max_tokens = int(trace.prompt_tokens[index] + self.prepared.max_new_tokens[index])
+        return _block_keys(trace, index, block_size, int(self._session[index]), max_tokens)
+
+    def add(self, ids: np.ndarray, arrival_s: np.ndarray) -> None:
+        """Requests ``ids`` arrived at ``arrival_s``; they join at the next step (an idle instance's
+        clock moves to the first arrival)."""
+        if ids.size == 0:
+            return
+        trace = self.prepared.trace
+        prompt, output = trace.prompt_tokens, trace.output_tokens
+        self._forget(ids)
+        self.arrival[ids] = arrival_s
+        self.first_arrival = min(self.first_arrival, float(np.min(arrival_s)))
+        if not self.busy():
+            self.clock = max(self.clock, float(np.min(arrival_s)))
+        keys = [self.block_keys(i) for i in ids.tolist()] if self._has_keys else None
+        start = time.perf_counter()
+        self.scheduler.add_requests(
+            ids, prompt[ids], self.prepared.max_new_tokens[ids], arrival_times=arrival_s,
+            true_output_lens=output[ids] if self.admission == "oracle" else None, block_keys=keys,
+            priorities=None if self._priorities is None else self._session_priority[self._session[ids]],
+        )
+        self.cpu += time.perf_counter() - start
+        self._live_of_session[self._session[ids]] = ids
+        self._unflushed_adds = True
+
+    def _forget(self, ids: np.ndarray) -> None:
+        """Clears what an earlier visit of these requests left (one that migrated away or whose
+        instance failed comes back from scratch)."""
+        for array, value in ((self.generated, 0), (self.first_token, np.nan), (self.finish, np.nan),
+                             (self.first_scheduled, np.nan), (self.last_token, 0), (self.max_gap, 0),
+                             (self.num_gaps, 0), (self.preemptions, 0), (self.rejected, False)):
+            array[ids] = value
+        for counts in self.slow.values():
+            counts[ids] = 0
+
+    def busy(self) -> bool:
+        return self._unflushed_adds or self.scheduler.has_unfinished_requests()
+
+    def _apply_priority_changes(self) -> None:
+        plan = self._priorities
+        due = int(np.searchsorted(plan.change_s, self.clock, side="right"))
+        if due <= self._next_change:
+            return
+        index = plan.change_index[self._next_change:due][::-1]  # the latest change per session wins
+        value = plan.change_priority[self._next_change:due][::-1]
+        index, first = np.unique(index, return_index=True)
+        self._session_priority[index] = value[first]
+        request = self._live_of_session[index]
+        keep = request >= 0
+        if keep.any():
             start = time.perf_counter()
-            scheduler.add_requests(
-                ids, prompt[ids], prepared.max_new_tokens[ids], arrival_times=arrival[ids],
-                true_output_lens=output[ids] if admission == "oracle" else None, block_keys=keys,
-                priorities=None if priorities is None else session_priority[session[ids]],
-            )
-            cpu += time.perf_counter() - start
-            live_of_session[session[ids]] = ids
-            unflushed_adds = True
-        if priorities is not None:
-            due = int(np.searchsorted(priorities.change_s, t, side="right"))
-            if due > next_change:
-                index = priorities.change_index[next_change:due][::-1]  # the latest change per session wins
-                value = priorities.change_priority[next_change:due][::-1]
-                index, first = np.unique(index, return_index=True)
-                session_priority[index] = value[first]
-                request = live_of_session[index]
-                keep = request >= 0
-                if keep.any():
-                    start = time.perf_counter()
-                    scheduler.set_priority(request[keep], value[first][keep])
-                    cpu += time.perf_counter() - start
-                next_change = due
-        if not unflushed_adds and not scheduler.has_unfinished_requests():
-            t = arrivals.next_time()  # idle until the next arrival
-            if not np.isfinite(t):
-                raise RuntimeError("requests are left that will never arrive")
-            continue
+            self.scheduler.set_priority(request[keep], value[first][keep])
+            self.cpu += time.perf_counter() - start
+        self._next_change = due
+
+    def _ended(self, ids: np.ndarray) -> None:
+        self._live_of_session[self._session[ids]] = -1
+
+    # ---- steps ----
+    def advance(self, until: float, next_arrival_s: float) -> StepEvents:
+        """Runs steps while the clock is before ``until``, and stops early after a step that
+        finished a request with a follower (it arrives later: the driver must see it). A step that
+        plans nothing moves the clock to ``next_arrival_s`` (the driver's next event)."""
+        finished: list = []
+        finish_s: list = []
+        rejected: list = []
+        stalled = False
+        busy = self.busy()
+        while busy and self.clock < until:
+            done, lost, stalled = self.step(next_arrival_s)
+            busy = self.busy()
+            if lost.size:
+                rejected.append(lost)
+            if done.size:
+                finished.append(done)
+                finish_s.append(np.full(done.size, self.clock))
+                if self._has_follower[done].any():
+                    break
+            if stalled:
+                break
+        cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+        ids = cat(finished, np.int64)
+        rows = {"first_token": self.first_token[ids], "finish": self.finish[ids],
+                "first_scheduled": self.first_scheduled[ids], "max_gap": self.max_gap[ids],
+                "num_gaps": self.num_gaps[ids], "preemptions": self.preemptions[ids],
+                "slow": {name: counts[ids] for name, counts in self.slow.items()}}
+        return StepEvents(ids, cat(finish_s, np.float64), cat(rejected, np.int64), self.clock, busy, stalled, rows)
+
+    def step(self, next_arrival_s: float) -> tuple:
+        """One engine step at ``clock``: returns (finished ids, rejected ids, planned nothing)."""
+        prompt, output = self.prepared.trace.prompt_tokens, self.prepared.trace.output_tokens
+        if self._priorities is not None:
+            self._apply_priority_changes()
+        scheduler = self.scheduler
         start = time.perf_counter()
         plan = scheduler.schedule()
         step_cpu = time.perf_counter() - start
-        cpu += step_cpu
-        unflushed_adds = False
-        steps += 1
-        if plan.rejected_ids.size:
-            lost = np.concatenate([plan.rejected_ids, arrivals.cancelled(plan.rejected_ids)])
-            rejected[lost] = True
-            end(lost)
+        self.cpu += step_cpu
+        self._unflushed_adds = False
+        self.steps += 1
+        lost = plan.rejected_ids
+        if lost.size:
+            self.rejected[lost] = True
+            self._ended(lost)
         if plan.preempted_ids.size:
-            preemptions[plan.preempted_ids] += 1
+            self.preemptions[plan.preempted_ids] += 1
         if plan.swapped_out_ids.size:
-            preemptions[plan.swapped_out_ids] += 1
-        swap_time += plan.swap_seconds
+            self.preemptions[plan.swapped_out_ids] += 1
+        self.swap_time += plan.swap_seconds
         ids = plan.req_ids
         if ids.size == 0:
-            t += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
+            self.clock += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
-            step_cpus.append(step_cpu)
-            if np.isfinite(arrivals.next_time()):
-                t = max(t, arrivals.next_time())
+            self.step_cpus.append(step_cpu)
+            if np.isfinite(next_arrival_s):
+                self.clock = max(self.clock, next_arrival_s)
             elif scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
-            continue
+            return np.zeros(0, np.int64), lost, True
+        engine = self.engine
         forward = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
         overlap = plan.cache_overlap_seconds
         dt = max(forward, overlap) + plan.swap_seconds - overlap
-        unscheduled = np.isnan(first_scheduled[ids])
-        first_scheduled[ids[unscheduled]] = t
-        t += dt
+        unscheduled = np.isnan(self.first_scheduled[ids])
+        self.first_scheduled[ids[unscheduled]] = self.clock
+        self.clock += dt
+        t = self.clock
+        generated = self.generated
         reached = plan.computed_offsets + plan.num_tokens >= prompt[ids] + generated[ids]
         emitting = ids[reached]
         first = generated[emitting] == 0
-        first_token[emitting[first]] = t
+        self.first_token[emitting[first]] = t
         later = emitting[~first]
-        gaps = t - last_token[later]
-        max_gap[later] = np.maximum(max_gap[later], gaps)
-        num_gaps[later] += 1
-        for slo in p99_slos:
-            slow[slo.name][later] += gaps > slo.gap_s
-        last_token[emitting] = t
+        gaps = t - self.last_token[later]
+        self.max_gap[later] = np.maximum(self.max_gap[later], gaps)
+        self.num_gaps[later] += 1
+        for slo in self._p99_slos:
+            self.slow[slo.name][later] += gaps > slo.gap_s
+        self.last_token[emitting] = t
         generated[emitting] += 1
         done = reached & (generated[ids] >= output[ids])
         start = time.perf_counter()
         scheduler.update(ids, reached.astype(np.int64), done)
         elapsed = time.perf_counter() - start
         step_cpu += elapsed
-        cpu += elapsed
-        step_cpus.append(step_cpu)
-        if done.any():
-            finished = ids[done]
-            finish[finished] = t
-            end(finished)
-            arrivals.finished(finished, t)
-            if progress is not None:
-                progress(int(done.sum()))
-        util_time += dt * (scheduler._former.allocator_stats()["num_used"] / num_blocks)
-    makespan = max(t - float(np.nanmin(arrival)), 1e-9)
-    stats = scheduler.stats()
-    return RunLog(
-        admission, arrival, prompt, output, first_token, finish, first_scheduled, max_gap, num_gaps, slow, preemptions,
-        rejected, prepared.rejected_too_long, prepared.clipped_outputs, cpu, steps, util_time / makespan,
-        swap_bytes=int(stats["swap_out_bytes"] + stats["swap_in_bytes"]),
-        swap_preemptions=int(stats["swap_preemptions"]), swap_time_s=swap_time,
-        prefix_hit_tokens=int(stats["kv"]["prefix_hit_blocks"]) * block_size,
-        host_hit_tokens=int(stats["host_hit_blocks"]) * block_size,
-        cache_write_bytes=int(stats["cache_write_bytes"]), cache_load_bytes=int(stats["cache_load_bytes"]),
-        computed_tokens=int(stats["scheduled_tokens"]),
-        step_cpu_us=np.asarray(step_cpus) * 1e6, policy=policy,
-    )
+        self.cpu += elapsed
+        self.step_cpus.append(step_cpu)
+        finished = ids[done]
+        if finished.size:
+            self.finish[finished] = t
+            self._ended(finished)
+        self.util_time += dt * (scheduler._former.allocator_stats()["num_used"] / self.num_blocks)
+        return finished, lost, False
+
+    # ---- live migration (the driver copies; this instance is one end) ----
+    def migration_state(self, index: int) -> Optional[tuple]:
+        """(computed tokens, generated tokens, preemptions so far) of a running request here, or None."""
+        if index not in self.scheduler:
+            return None
+        info = self.scheduler.info(index)
+        if info["state"] != "running":
+            return None
+        return int(info["num_computed"]), int(info["num_generated"]), int(info["num_preemptions"])
+
+    def reserve_incoming(self, index: int, arrival_s: float, num_generated: int, num_tokens: int) -> Optional[int]:
+        """Reserves blocks for the first ``num_tokens`` tokens of a request migrating here; returns
+        the tokens cached here already (not copied), or None when the room is not there (nothing
+        changed)."""
+        trace = self.prepared.trace
+        priority = 0.0 if self._priorities is None else float(self._session_priority[self._session[index]])
+        self._forget(np.array([index]))
+        start = time.perf_counter()
+        try:
+            _, cached = self.scheduler.reserve_incoming(
+                index, int(trace.prompt_tokens[index]), int(self.prepared.max_new_tokens[index]), num_generated,
+                num_tokens, arrival_time=arrival_s, priority=priority, block_keys=self.block_keys(index),
+                true_output_len=int(trace.output_tokens[index]) if self.admission == "oracle" else None)
+        except OutOfBlocks:
+            return None
+        finally:
+            self.cpu += time.perf_counter() - start
+        self.arrival[index] = arrival_s
+        return int(cached)
+
+    def extend_incoming(self, index: int, num_tokens: int) -> bool:
+        """Grows the reservation; False when the room is not there (nothing changed)."""
+        try:
+            self.scheduler.extend_incoming(index, num_tokens)
+        except OutOfBlocks:
+            return False
+        return True
+
+    def cancel_incoming(self, index: int) -> None:
+        self.scheduler.cancel_incoming([index])
+
+    def commit_incoming(self, record: "MigrationRecord", now: float) -> None:
+        """The last stage arrived at ``now``: the request goes on here with its measurements."""
+        i = record.index
+        was_busy = self.busy()
+        self.scheduler.commit_incoming(i, record.num_generated)
+        self.generated[i] = record.num_generated
+        self.first_token[i], self.first_scheduled[i] = record.first_token_s, record.first_scheduled_s
+        self.last_token[i], self.max_gap[i], self.num_gaps[i] = record.last_token_s, record.max_gap_s, record.num_gaps
+        for name, count in record.slow_gaps.items():
+            self.slow[name][i] = count
+        self.preemptions[i] = record.preemptions
+        self._live_of_session[self._session[i]] = i
+        if not was_busy:  # idle: it wakes when the KV has arrived
+            self.clock = max(self.clock, now)
+        self._unflushed_adds = True
+        return True
+
+    def migrate_out(self, index: int) -> MigrationRecord:
+        """The last stage: the request leaves; its record goes to the destination."""
+        info = self.scheduler.info(index)
+        self.scheduler.migrate_out([index])
+        self._ended(np.array([index]))
+        return MigrationRecord(
+            index, int(info["num_generated"]), int(info["num_computed"]), float(self.first_token[index]),
+            float(self.first_scheduled[index]), float(self.last_token[index]), float(self.max_gap[index]),
+            int(self.num_gaps[index]), {k: int(v[index]) for k, v in self.slow.items()},
+            int(self.preemptions[index]))
+
+    # ---- cluster reports ----
+    def load(self) -> dict:
+        """The scheduler's load report plus this instance's clock."""
+        report = self.scheduler.load()
+        report["clock"] = self.clock
+        return report
+
+    def prefix_hits(self, ids: np.ndarray) -> np.ndarray:
+        """Blocks of each request's prefix cached here."""
+        if not self._has_keys or ids.size == 0:
+            return np.zeros(ids.size, np.int64)
+        return self.scheduler.prefix_hits([self.block_keys(i) for i in ids.tolist()])
+
+    def migration_candidate(self, exclude: list) -> Optional[int]:
+        return self.scheduler.migration_candidate(exclude)
+
+    def take_queued(self) -> np.ndarray:
+        """Drops the requests waiting or swapped here (a draining instance's go to dispatch again);
+        returns their ids."""
+        s = self.scheduler
+        ids = np.concatenate([s.waiting_ids(), s.swapped_ids()]).astype(np.int64)
+        if ids.size:
+            s.abort(ids)
+            self._ended(ids)
+        return ids
+
+    def outcome(self) -> dict:
+        """Everything the driver merges into the run's log: per-request arrays and counters."""
+        stats = self.scheduler.stats()
+        return {
+            "first_token": self.first_token, "finish": self.finish, "first_scheduled": self.first_scheduled,
+            "max_gap": self.max_gap, "num_gaps": self.num_gaps, "slow": self.slow, "preemptions": self.preemptions,
+            "rejected": self.rejected, "cpu": self.cpu, "steps": self.steps, "util_time": self.util_time,
+            "swap_time": self.swap_time, "step_cpus": np.asarray(self.step_cpus), "clock": self.clock,
+            "stats": stats, "policy": self.policy,
+        }

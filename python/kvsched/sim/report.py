@@ -11,7 +11,7 @@ from typing import List
 
 import numpy as np
 
-PER_REQUEST_COLUMNS = ("admission", "seed", "request", "session", "arrival_s", "prompt_tokens", "output_tokens",
+PER_REQUEST_COLUMNS = ("run", "admission", "seed", "request", "session", "arrival_s", "prompt_tokens", "output_tokens",
                        "ttft_s", "tpot_s", "max_gap_s", "e2e_s", "preemptions", "outcome")
 
 
@@ -38,6 +38,7 @@ def per_request_rows(log, seed: int, prepared) -> dict:
     outcome[at] = np.where(completed, "completed", np.where(log.rejected, "rejected", "unfinished"))
     out["outcome"] = outcome
     out["admission"] = np.full(n, log.admission, dtype=object)
+    out["run"] = np.full(n, log.run or log.admission, dtype=object)
     out["seed"] = np.full(n, seed, np.int64)
     out["request"] = np.arange(n, dtype=np.int64)
     out["session"] = workload.sessions() if workload.has_sessions else np.full(n, -1, np.int64)
@@ -45,16 +46,16 @@ def per_request_rows(log, seed: int, prepared) -> dict:
 
 
 def write_per_request(path: str, runs: dict, prepared_of_seed: dict) -> int:
-    """Every request of every run (admission mode x seed) to a CSV or Parquet file; the row count."""
+    """Every request of every run (admission mode or fleet, x seed) to a CSV or Parquet file; the row count."""
     parts = [per_request_rows(log, record["seed"], prepared_of_seed[record["seed"]])
-             for admission in runs for record, log in runs[admission]]
+             for name in runs for record, log in runs[name]]
     columns = {name: np.concatenate([part[name] for part in parts]) for name in PER_REQUEST_COLUMNS}
     rows = columns["request"].size
     if path.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.writetable(pa.table({name: values.tolist() if values.dtype == object else values
+        pq.write_table(pa.table({name: values.tolist() if values.dtype == object else values
                                  for name, values in columns.items()}), path)
         return rows
     import csv
@@ -70,7 +71,7 @@ def write_per_request(path: str, runs: dict, prepared_of_seed: dict) -> int:
 
 
 def table(records: List[dict], with_max_rate: bool, with_swap: bool = False, with_cache: bool = False,
-           wide: bool = False, host_tier: bool = False) -> str:
+           wide: bool = False, host_tier: bool = False, fleet: bool = False) -> str:
     slo = records[0]["slo"]
     other = "strict" if slo == "lax" else "lax"
     paired = len(records) > 1 and len(records[0].get("seeds", [])) > 1
@@ -102,6 +103,11 @@ def table(records: List[dict], with_max_rate: bool, with_swap: bool = False, wit
         columns.insert(-3, ("host hit", lambda r: r["host_hit_tokens"] / max(r["prompt_tokens"], 1), "{:>9.1%}", False))
         columns.insert(-3, ("copy GB", lambda r: (r["cache_write_bytes"] + r["cache_load_bytes"]) / 1e9, "{:>8.1f}",
                             False))
+    if fleet:  # a row per (admission, dispatch, migration): the run's name, and what the fleet did
+        width = max(len(r["run"]) for r in records) + 1
+        columns[0] = ("run", lambda r: r["run"], f"{{:<{width}}}", False)
+        columns.insert(-3, ("migr", lambda r: (r["fleet"]["migration"] or {}).get("committed", 0), "{:>6.0f}", False))
+        columns.insert(-3, ("spread", lambda r: r["fleet"]["load_spread"], "{:>7.1%}", False))
     if with_max_rate:
         columns.append(("max r/s@90%", max_rate_text, "{:>14}", False))
     columns = [(title, value, fmt) for title, value, fmt, wide_only in columns if wide or not wide_only]
@@ -142,7 +148,7 @@ def plot_cdfs(logs: list, path: str, title: str, slo) -> None:
         done = ~np.isnan(log.finish_s)
         for ax, values in ((axes[0], (log.first_token_s - log.arrival_s)[done]), (axes[1], log.max_gap_s[done])):
             ordered = np.sort(values)
-            ax.plot(ordered, np.arange(1, ordered.size + 1) / max(ordered.size, 1), label=log.admission)
+            ax.plot(ordered, np.arange(1, ordered.size + 1) / max(ordered.size, 1), label=log.run or log.admission)
     gap_label = f"SLO {slo.name}: {'worst' if slo.gap_kind == 'max' else 'p99'} gap {slo.gap_s:g} s"
     for ax, bound, label, xlabel in ((axes[0], slo.ttft_s, f"SLO {slo.name}: TTFT {slo.ttft_s:g} s", "TTFT (s)"),
                                      (axes[1], slo.gap_s, gap_label, "worst inter-token gap (s)")):

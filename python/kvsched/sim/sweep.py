@@ -6,7 +6,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import SLO, EngineConfig, prepare, simulate
+from .driver import FleetSpec, simulate, simulate_fleet
+from .engine import SLO, EngineConfig, prepare
 from .metrics import slo_met
 from .traces import Trace
 from .workloads import priority_plan
@@ -16,13 +17,17 @@ MAX_RATE_SCALE = 64.0
 
 
 def attainment_at(trace: Trace, engine: EngineConfig, admission: str, rate_scale: float, slo: SLO,
-                  priorities: Optional[str] = None, seed: int = 0) -> float:
+                  priorities: Optional[str] = None, seed: int = 0, fleet: Optional[FleetSpec] = None) -> float:
     """SLO attainment of ``trace`` at ``rate_scale`` times its rate; with ``priorities`` (a kind of
-    :func:`priority_plan`, drawn with ``seed`` on the scaled trace) under changing priorities."""
+    :func:`priority_plan`, drawn with ``seed`` on the scaled trace) under changing priorities; over
+    a ``fleet`` of instances when given."""
     scaled = trace.with_arrivals(trace.arrival_s / rate_scale)
     prepared = prepare(scaled, engine)
     plan = None if priorities is None else priority_plan(prepared.trace, priorities, seed=seed)
-    log = simulate(prepared, engine, admission, priorities=plan)
+    if fleet is None:
+        log = simulate(prepared, engine, admission, priorities=plan)
+    else:
+        log = simulate_fleet(prepared, engine, admission, fleet, priorities=plan).log
     total = len(prepared.trace) + prepared.rejected_too_long
     return float(slo_met(log, slo).sum() / total)
 
@@ -37,6 +42,7 @@ def max_rate_scale(
     on_run: Callable[[], None] | None = None,
     priorities: Optional[str] = None,
     seed: int = 0,
+    fleet: Optional[FleetSpec] = None,
 ) -> float:
     """The largest rate scale (bisection, geometric) whose attainment is at least ``target``;
     0.0 when even 1/64 of the trace's rate misses it, and :data:`MAX_RATE_SCALE` when 64 times it
@@ -46,7 +52,7 @@ def max_rate_scale(
     def meets(scale: float) -> bool:
         if on_run is not None:
             on_run()
-        return attainment_at(trace, engine, admission, scale, slo, priorities, seed) >= target
+        return attainment_at(trace, engine, admission, scale, slo, priorities, seed, fleet) >= target
 
     low, high = 1.0, 1.0
     if meets(1.0):

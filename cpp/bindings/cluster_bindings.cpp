@@ -1,0 +1,64 @@
+// Bindings for the cluster dispatcher (kvsched/dispatch.h); kvsched.cluster wraps them.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "array_args.h"
+#include "bindings.h"
+#include "kvsched/dispatch.h"
+
+#include <optional>
+
+namespace kvsched::bindings {
+
+void init_cluster(py::module_& m) {
+  m.def(
+      "dispatch",
+      [](int policy, py::handle available, py::handle load_tokens, py::handle headroom_blocks,
+         py::handle capacity_tokens, py::handle request_tokens, py::handle request_blocks, py::handle prefix_hits,
+         double imbalance_limit, int64_t round_robin_next) {
+        if (policy < 0 || policy > 3) throw py::value_error("policy must be in [0, 3], got " + std::to_string(policy));
+        FlagArray up(available, "available");
+        Int64Array load(load_tokens, "load_tokens"), headroom(headroom_blocks, "headroom_blocks"),
+            capacity(capacity_tokens, "capacity_tokens"), tokens(request_tokens, "request_tokens"),
+            blocks(request_blocks, "request_blocks");
+        const size_t n = up.size(), r = tokens.size();
+        auto expect = [](size_t got, size_t want, const char* name) {
+          if (got != want) {
+            throw py::value_error(std::string(name) + " has " + std::to_string(got) + " entries, expected " +
+                                  std::to_string(want));
+          }
+        };
+        expect(load.size(), n, "load_tokens");
+        expect(headroom.size(), n, "headroom_blocks");
+        expect(capacity.size(), n, "capacity_tokens");
+        expect(blocks.size(), r, "request_blocks");
+        std::optional<Int64Array> hits;
+        if (!prefix_hits.is_none()) {
+          hits.emplace(prefix_hits, "prefix_hits");
+          expect(hits->size(), n * r, "prefix_hits (requests x instances, flattened)");
+        }
+        DispatchInput in;
+        in.num_instances = n;
+        in.num_requests = r;
+        in.available = up.data();
+        in.load_tokens = load.data();
+        in.headroom_blocks = headroom.data();
+        in.capacity_tokens = capacity.data();
+        in.request_tokens = tokens.data();
+        in.request_blocks = blocks.data();
+        in.prefix_hits = hits ? hits->data() : nullptr;
+        in.imbalance_limit = imbalance_limit;
+        std::vector<int32_t> placed;
+        {
+          py::gil_scoped_release release;
+          placed = dispatch(static_cast<DispatchPolicy>(policy), in, round_robin_next);
+        }
+        return py::make_tuple(to_numpy(std::move(placed)), round_robin_next);
+      },
+      py::arg("policy"), py::arg("available"), py::arg("load_tokens"), py::arg("headroom_blocks"),
+      py::arg("capacity_tokens"), py::arg("request_tokens"), py::arg("request_blocks"), py::arg("prefix_hits"),
+      py::arg("imbalance_limit"), py::arg("round_robin_next"),
+      "Places requests on instances (kvsched/dispatch.h); returns (instance per request, next round-robin cursor).");
+}
+
+}  // namespace kvsched::bindings

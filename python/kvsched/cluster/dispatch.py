@@ -1,0 +1,91 @@
+"""Dispatch: which instance gets each new request, decided for a batch in one native call.
+
+The instances' state comes in as plain arrays, one entry per instance (``InstanceLoads``, built
+from each scheduler's ``load()``); the decision is ``kvsched._core.dispatch`` (see
+cpp/include/kvsched/dispatch.h for the policies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .. import _core
+
+DISPATCH_POLICIES = ("round_robin", "least_load", "headroom", "prefix_affinity")
+
+
+@dataclass
+class InstanceLoads:
+    """One entry per instance: whether it takes new requests, its load in tokens (running and
+    queued), its headroom (capacity minus the predicted peak of every live request, in blocks,
+    negative when it will have to preempt or queue), its predicted peak of running requests alone,
+    and its capacity."""
+
+    available: np.ndarray
+    load_tokens: np.ndarray
+    headroom_blocks: np.ndarray
+    peak_blocks: np.ndarray
+    capacity_blocks: np.ndarray
+    block_size: int
+
+    @classmethod
+    def from_reports(cls, reports: Sequence[Optional[dict]], available: np.ndarray, block_size: int) -> "InstanceLoads":
+        """From each instance's ``Scheduler.load()`` (None for one that is gone)."""
+        def column(name: str) -> np.ndarray:
+            return np.array([r[name] if r is not None else 0 for r in reports], np.int64)
+        capacity = column("capacity_blocks")
+        return cls(
+            available=np.asarray(available, bool) & np.array([r is not None for r in reports]),
+            load_tokens=column("running_tokens") + column("queued_tokens"),
+            headroom_blocks=capacity - column("demand_blocks"),
+            peak_blocks=column("peak_blocks"),
+            capacity_blocks=capacity,
+            block_size=block_size,
+        )
+
+    @property
+    def free_fraction(self) -> np.ndarray:
+        """Headroom as a fraction of capacity (Llumnix's freeness, from predicted demand)."""
+        return self.headroom_blocks / np.maximum(self.capacity_blocks, 1)
+
+
+class Dispatcher:
+    """Places batches of requests by ``policy`` (one of DISPATCH_POLICIES). ``imbalance_limit``
+    bounds prefix affinity: an instance whose load exceeds the least loaded one's by more than
+    this fraction of its KV capacity is not chosen for its cache."""
+
+    def __init__(self, policy: str, imbalance_limit: float = 0.1):
+        if policy not in DISPATCH_POLICIES:
+            raise ValueError(f"dispatch policy must be one of {DISPATCH_POLICIES}, got {policy!r}")
+        if not imbalance_limit >= 0:
+            raise ValueError(f"imbalance_limit must be >= 0, got {imbalance_limit}")
+        self.policy = policy
+        self.imbalance_limit = float(imbalance_limit)
+        self._next = 0
+
+    @property
+    def uses_prefix_hits(self) -> bool:
+        return self.policy == "prefix_affinity"
+
+    @property
+    def uses_loads(self) -> bool:
+        return self.policy != "round_robin"
+
+    def place(self, loads: InstanceLoads, request_tokens: np.ndarray, request_blocks: np.ndarray,
+              prefix_hits: Optional[np.ndarray] = None) -> np.ndarray:
+        """The instance of each request (``prefix_hits``: requests x instances, for prefix affinity)."""
+        hits = None
+        if self.uses_prefix_hits:
+            if prefix_hits is None:
+                raise ValueError("prefix_hits: prefix_affinity needs each request's cached blocks per instance")
+            hits = np.ascontiguousarray(prefix_hits, np.int64).ravel()
+        placed, self._next = _core.dispatch(
+            DISPATCH_POLICIES.index(self.policy), np.ascontiguousarray(loads.available, bool),
+            np.ascontiguousarray(loads.load_tokens, np.int64), np.ascontiguousarray(loads.headroom_blocks, np.int64),
+            np.ascontiguousarray(loads.capacity_blocks * loads.block_size, np.int64),
+            np.ascontiguousarray(request_tokens, np.int64), np.ascontiguousarray(request_blocks, np.int64), hits,
+            self.imbalance_limit, self._next)
+        return placed

@@ -1,0 +1,166 @@
+"""Live migration of running requests between instances (after Llumnix, OSDI'24).
+
+A migration copies a request's KV in stages while its source keeps decoding: the first stage
+copies everything computed so far, each later stage what was computed during the one before,
+and when what is left is at most ``final_stage_tokens`` (or after ``max_stages``) the source stops
+the request, the last stage copies the rest, and the destination runs it from there. Before each
+stage the destination reserves the blocks it will receive (all or nothing: ``OutOfBlocks`` aborts
+the migration). An aborted migration frees the destination's reservation and changes nothing
+on the source, which never stopped the request. The copy time of a stage is the link's latency
+plus its bytes over the link's bandwidth.
+
+``MigrationPolicy.pick`` decides who moves where from the instances' loads (plain arrays):
+    drain      an instance being drained sends its running requests away;
+    pressure   the predicted peak of an instance's running requests exceeds its capacity
+               (it will preempt);
+    queue      requests wait on an instance whose predicted demand exceeds its capacity (room for
+               them, the urgent first under the priority policy);
+    rebalance  the free fractions of the least and most loaded instances differ by more than
+               ``rebalance_gap``.
+The source gives its cheapest running request to move (the least KV, decoding); the destination
+is the instance with the most headroom, which must be freer than the source by ``min_gain``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .dispatch import InstanceLoads
+
+
+@dataclass(frozen=True)
+class Link:
+    """The inter-instance link KV travels over."""
+
+    name: str
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bytes_per_s > 0:
+            raise ValueError(f"link bandwidth must be > 0, got {self.bandwidth_bytes_per_s}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"link latency must be >= 0, got {self.latency_s}")
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
+
+# Per-direction figures of common links: NVLink 4 between GPUs of a node (H100: 450 GB/s per
+# direction), RDMA at 400 Gb/s (one ConnectX-7 port) and TCP at 25 Gb/s, with typical latencies.
+LINKS = {
+    "nvlink": Link("nvlink", 450e9, 5e-6),
+    "rdma": Link("rdma", 50e9, 10e-6),
+    "tcp": Link("tcp", 25e9 / 8, 100e-6),
+}
+
+REASONS = ("drain", "pressure", "queue", "rebalance")
+
+
+@dataclass
+class Migration:
+    """One migration in flight. ``stage`` counts copies begun; ``copied_tokens`` is what the
+    destination holds once the current stage lands at ``event_s``; ``record`` is set once the
+    source stopped the request (the last stage)."""
+
+    index: int
+    src: int
+    dst: int
+    reason: str
+    started_s: float
+    event_s: float
+    copied_tokens: int
+    preemptions_at_start: int
+    stage: int = 1
+    bytes: int = 0
+    record: Optional[object] = None
+    downtime_s: float = 0.0
+
+
+@dataclass
+class MigrationStats:
+    started: int = 0
+    committed: int = 0
+    aborted: int = 0
+    bytes: int = 0
+    stages: int = 0
+    downtime_s: list = field(default_factory=list)
+    by_reason: dict = field(default_factory=lambda: {r: 0 for r in REASONS})
+
+    def as_dict(self) -> dict:
+        downtime = np.asarray(self.downtime_s)
+        return {
+            "started": self.started, "committed": self.committed, "aborted": self.aborted, "bytes": self.bytes,
+            "stages": self.stages, "by_reason": dict(self.by_reason),
+            "downtime_p50_ms": float(np.median(downtime) * 1e3) if downtime.size else None,
+            "downtime_max_ms": float(downtime.max() * 1e3) if downtime.size else None,
+        }
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    """When to migrate and the cost model of a copy (see the module docstring)."""
+
+    link: Link = LINKS["rdma"]
+    check_interval_s: float = 0.05
+    rebalance_gap: float = 0.25
+    min_gain: float = 0.1
+    max_stages: int = 8
+    final_stage_tokens: int = 16
+    max_in_flight_per_instance: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("check_interval_s", "rebalance_gap", "min_gain"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_stages < 1 or self.final_stage_tokens < 0 or self.max_in_flight_per_instance < 1:
+            raise ValueError("max_stages and max_in_flight_per_instance must be >= 1, final_stage_tokens >= 0")
+
+    def reasons(self, loads: InstanceLoads, num_waiting: np.ndarray, num_running: np.ndarray,
+                draining: np.ndarray) -> list:
+        """Each instance's reason to send a request away, or None."""
+        free = loads.free_fraction
+        takers = loads.available & ~draining
+        spread = (free[takers].max() - free.min()) if takers.any() else 0.0
+        out: list = []
+        for i in range(free.size):
+            if num_running[i] == 0:
+                out.append(None)
+            elif draining[i]:
+                out.append("drain")
+            elif loads.peak_blocks[i] > loads.capacity_blocks[i]:
+                out.append("pressure")
+            elif num_waiting[i] > 0 and loads.headroom_blocks[i] < 0:
+                out.append("queue")
+            elif spread > self.rebalance_gap and free[i] == free.min():
+                out.append("rebalance")
+            else:
+                out.append(None)
+        return out
+
+    def pick(self, loads: InstanceLoads, num_waiting: np.ndarray, num_running: np.ndarray, draining: np.ndarray,
+             in_flight: np.ndarray) -> list:
+        """(source, destination, reason) pairs to start now; ``in_flight`` counts each instance's
+        migrations (either end)."""
+        reasons = self.reasons(loads, num_waiting, num_running, draining)
+        free = loads.free_fraction
+        order = sorted((i for i, r in enumerate(reasons) if r is not None),
+                       key=lambda i: (REASONS.index(reasons[i]), free[i]))
+        busy = in_flight >= self.max_in_flight_per_instance
+        pairs = []
+        for src in order:
+            if busy[src]:
+                continue
+            candidates = [d for d in np.argsort(-free, kind="stable").tolist()
+                          if d != src and loads.available[d] and not draining[d] and not busy[d]]
+            for dst in candidates:
+                gain = free[dst] - free[src]
+                if loads.headroom_blocks[dst] <= 0 or (reasons[src] != "drain" and gain < self.min_gain):
+                    break  # the freest one is not free enough: neither is any other
+                pairs.append((src, dst, reasons[src]))
+                busy[src] = busy[dst] = True
+                break
+        return pairs

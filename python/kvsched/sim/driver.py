@@ -1,0 +1,520 @@
+"""The discrete-event driver: replays a prepared trace over one or more simulated instances.
+
+Glossary
+  pool       the instances, called through ``call``/``call_many`` (in process: ``LocalPool``; on
+             Ray: ``kvsched.cluster.ray.RayPool``, one actor each). The driver's protocol is the
+             same on both, so a seed gives the same per-request results.
+  round      the driver's unit of work. ``now`` is the earliest clock of a busy instance (its next
+             step starts then): arrivals due by ``now`` are dispatched, migration events due by
+             ``now`` are handled, then every busy instance steps until the next event (the next
+             arrival or migration event; with sessions, no later than ``now`` plus the shortest
+             think time, so that no follower arrives behind an instance's back). An instance also
+             stops after a step that finished a request with a follower.
+  location   where each request is: an instance, ``IN_FLIGHT`` (its last migration stage is
+             being copied), or ``NOWHERE`` (not sent yet, ended, or waiting to be re-dispatched).
+
+With one instance every round is exactly the single-engine loop: add what arrived by the step
+start, step, repeat (an idle engine jumps to the next arrival).
+
+Nothing is lost: every request sent ends finished or rejected, and at any moment it is on one
+instance, in flight, or queued for re-dispatch (``check_conservation``). An instance that fails
+(``InstanceLost`` from a call) loses its requests' progress: they are dispatched again, from
+scratch, and counted as retried.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..cluster.dispatch import Dispatcher, InstanceLoads
+from ..cluster.migration import Migration, MigrationPolicy, MigrationStats
+from .arrivals import ArrivalQueue
+from .engine import SLOS, EngineConfig, EngineInstance, PreparedTrace, RunLog
+from .workloads import PriorityPlan
+
+NOWHERE = -1
+IN_FLIGHT = -2
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    """A fleet to simulate: ``instances`` identical engines behind ``dispatch`` (one of
+    kvsched.cluster.DISPATCH_POLICIES), with live ``migration`` when given."""
+
+    instances: int
+    dispatch: str
+    migration: Optional[MigrationPolicy] = None
+    imbalance_limit: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"instances must be >= 1, got {self.instances}")
+        Dispatcher(self.dispatch, self.imbalance_limit)  # checks both
+
+    @property
+    def label(self) -> str:
+        return self.dispatch + ("+migration" if self.migration is not None else "")
+
+
+class InstanceLost(RuntimeError):
+    """An instance stopped answering (its process died); ``instance`` is its index."""
+
+    def __init__(self, instance: int, cause: object = None):
+        super().__init__(f"instance {instance} is gone: {cause}")
+        self.instance = instance
+
+
+class LocalPool:
+    """Instances in this process."""
+
+    def __init__(self, instances: Sequence[EngineInstance]):
+        self.instances = list(instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def call(self, index: int, method: str, *args):
+        return getattr(self.instances[index], method)(*args)
+
+    def call_many(self, calls: Sequence[tuple]) -> list:
+        """[(index, method, args)] -> results in order (an InstanceLost in place of a failure)."""
+        return [self.call(i, method, *args) for i, method, args in calls]
+
+
+@dataclass
+class FleetResult:
+    """A run over several instances: the merged per-request log and what the fleet did."""
+
+    log: RunLog
+    instances: int
+    dispatch: str
+    migration: Optional[dict]
+    retried: int
+    redispatched: int
+    lost_instances: list
+    served: np.ndarray  # requests each instance finished
+    kv_utilization: np.ndarray  # each instance's time-weighted mean fraction of KV in use
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def load_spread(self) -> float:
+        """Largest minus smallest instance KV utilization (0: perfectly even)."""
+        alive = self.kv_utilization[np.isfinite(self.kv_utilization)]
+        return float(alive.max() - alive.min()) if alive.size else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "instances": self.instances, "dispatch": self.dispatch, "migration": self.migration,
+            "retried": self.retried, "redispatched": self.redispatched, "lost_instances": self.lost_instances,
+            "served": self.served.tolist(), "kv_utilization": [round(float(u), 4) for u in self.kv_utilization],
+            "load_spread": round(self.load_spread, 4),
+        }
+
+
+class Driver:
+    """One run over ``pool`` (see the module docstring). ``dispatcher`` places new requests
+    (default: everything on instance 0, which must then be the only one); ``migration`` turns on
+    live migration; ``drains`` maps an instance to the time it starts draining; ``hook(now, pool)``
+    is called every round (tests use it to kill an instance)."""
+
+    _ROWS = ("first_token", "finish", "first_scheduled", "max_gap", "num_gaps", "preemptions")
+
+    def __init__(self, prepared: PreparedTrace, engine: EngineConfig, pool, *, admission: str,
+                 policy: Optional[str] = None, dispatcher: Optional[Dispatcher] = None,
+                 migration: Optional[MigrationPolicy] = None, drains: Optional[dict] = None,
+                 progress: Optional[Callable[[int], None]] = None, hook: Optional[Callable] = None,
+                 check_every_round: bool = False):
+        if dispatcher is None and len(pool) != 1:
+            raise ValueError("dispatcher: several instances need a dispatch policy")
+        for i in (drains or {}):
+            if not 0 <= i < len(pool):
+                raise ValueError(f"drains: no instance {i} among {len(pool)}")
+        self.prepared, self.engine, self.pool = prepared, engine, pool
+        self.admission, self.policy = admission, policy
+        self.dispatcher, self.migration, self.progress, self.hook = dispatcher, migration, progress, hook
+        self.drains = dict(drains or {})
+        self.check_every_round = check_every_round
+        trace = prepared.trace
+        n = len(trace)
+        self.n = n
+        self.arrivals = ArrivalQueue(trace)
+        self.location = np.full(n, NOWHERE, np.int64)
+        self.ended = np.zeros(n, bool)
+        self.num_ended = 0
+        self.sent = np.zeros(n, bool)
+        self.rows = {name: np.full(n, np.nan) for name in ("first_token", "finish", "first_scheduled")}
+        self.rows.update({"max_gap": np.zeros(n), "num_gaps": np.zeros(n, np.int64),
+                          "preemptions": np.zeros(n, np.int64)})
+        self.slow = {slo.name: np.zeros(n, np.int64) for slo in SLOS.values() if slo.gap_kind == "p99"}
+        self.rejected = np.zeros(n, bool)
+        k = len(pool)
+        self.alive = np.ones(k, bool)
+        self.draining = np.zeros(k, bool)
+        self.busy = np.zeros(k, bool)
+        self.clock = np.zeros(k)
+        self.served = np.zeros(k, np.int64)
+        self.retry: list = []  # request ids to dispatch again
+        self.retried = 0
+        self.redispatched = 0
+        self.lost_instances: list = []
+        self.migrations: list = []
+        self.migration_stats = MigrationStats()
+        self._next_check = 0.0
+        self._recent_outputs = np.zeros(0, np.int64)
+        self._min_think = np.inf  # bounds a round only where another instance could run ahead
+        if trace.has_sessions and k > 1:
+            think = trace.think_s[trace.parent_index >= 0]
+            self._min_think = float(think.min()) if think.size else np.inf
+        self._block_bytes = engine.profile.kv_bytes_per_token * engine.block_size
+
+    # ---- the loop ----
+    def run(self) -> None:
+        while self.num_ended < self.n:
+            busy = self.busy & self.alive
+            now = float(self.clock[busy].min()) if busy.any() else min(self._next_arrival(), self._next_event())
+            if not np.isfinite(now):
+                raise RuntimeError("requests are left that will never arrive")
+            self._start_drains(now)
+            self._dispatch(now)
+            self._handle_migrations(now)
+            if self.hook is not None:
+                self.hook(now, self.pool)
+            if self.check_every_round:
+                self.check_conservation()
+            horizon = min(self._next_arrival(), self._next_event(), now + self._min_think)
+            until = horizon if horizon > now else np.nextafter(now, np.inf)
+            self._advance(until, min(self._next_arrival(), self._next_event()))
+
+    def _next_arrival(self) -> float:
+        return 0.0 if self.retry else self.arrivals.next_time()
+
+    def _next_event(self) -> float:
+        times = [m.event_s for m in self.migrations]
+        if self.migration is not None and self.busy[self.alive].any():
+            times.append(self._next_check)
+        times.extend(t for i, t in self.drains.items() if not self.draining[i])
+        return min(times, default=np.inf)
+
+    def _advance(self, until: float, next_event: float) -> None:
+        calls = [(i, "advance", (until, next_event))
+                 for i in np.flatnonzero(self.busy & self.alive & (self.clock < until)).tolist()]
+        for (i, _, _), events in zip(calls, self._call_many(calls)):
+            if events is None:
+                continue
+            self.clock[i], self.busy[i] = events.clock, events.busy
+            if events.finished.size:
+                ids = events.finished
+                for name in self._ROWS:
+                    self.rows[name][ids] = events.rows[name]
+                for name, counts in events.rows["slow"].items():
+                    self.slow[name][ids] = counts
+                self._end(ids)
+                self.served[i] += ids.size
+                self._recent_outputs = np.concatenate([self._recent_outputs, self.prepared.trace.output_tokens[ids]])[-1000:]
+                order = np.argsort(events.finish_s, kind="stable")
+                for t in np.unique(events.finish_s):
+                    self.arrivals.finished(ids[order][events.finish_s[order] == t], float(t))
+                if self.progress is not None:
+                    self.progress(int(ids.size))
+            if events.rejected.size:
+                lost = np.concatenate([events.rejected, self.arrivals.cancelled(events.rejected)])
+                self.rejected[lost] = True
+                self._end(lost)
+
+    def _end(self, ids: np.ndarray) -> None:
+        self.num_ended += int(np.count_nonzero(~self.ended[ids]))
+        self.ended[ids] = True
+        self.location[ids] = NOWHERE
+
+    # ---- calls that may find an instance gone ----
+    def _call(self, index: int, method: str, *args):
+        try:
+            return self.pool.call(index, method, *args)
+        except InstanceLost:
+            self._lose(index)
+            return None
+
+    def _call_many(self, calls: list) -> list:
+        results = self.pool.call_many(calls)
+        for k, result in enumerate(results):
+            if isinstance(result, InstanceLost):
+                self._lose(calls[k][0])
+                results[k] = None
+        return results
+
+    def _lose(self, index: int) -> None:
+        """An instance is gone with its requests' progress: they go back to dispatch."""
+        if not self.alive[index]:
+            return
+        self.alive[index] = False
+        self.busy[index] = False
+        self.lost_instances.append(index)
+        orphans = [np.flatnonzero(self.location == index)]
+        for m in list(self.migrations):
+            if m.src != index and m.dst != index:
+                continue
+            self.migrations.remove(m)
+            self.migration_stats.aborted += 1
+            if m.src == index and m.record is None and self.alive[m.dst]:
+                self._call(m.dst, "cancel_incoming", m.index)
+            if m.dst == index and m.record is not None:  # its KV was on the way to the lost one
+                orphans.append(np.array([m.index]))
+        ids = np.concatenate(orphans)
+        self.location[ids] = NOWHERE
+        self.retry.extend(ids.tolist())
+        self.retried += int(ids.size)
+
+    # ---- dispatch ----
+    def _loads(self) -> tuple:
+        calls = [(i, "load", ()) for i in np.flatnonzero(self.alive).tolist()]
+        reports: list = [None] * len(self.pool)
+        for (i, _, _), report in zip(calls, self._call_many(calls)):
+            reports[i] = report
+        loads = InstanceLoads.from_reports(reports, self.alive & ~self.draining, self.engine.block_size)
+        return loads, reports
+
+    def _dispatch(self, now: float) -> None:
+        ids = self.arrivals.due(now)
+        if self.retry:
+            ids = np.concatenate([np.array(self.retry, np.int64), ids])
+            self.retry = []
+        if ids.size == 0:
+            return
+        self.sent[ids] = True
+        if self.dispatcher is None:
+            target = np.zeros(ids.size, np.int64)
+        else:
+            target = self._place(ids)
+            if target is None:  # an instance went away while asked: ask again next round
+                self.retry.extend(ids.tolist())
+                return
+        arrival = self.arrivals.arrival_s
+        for i in np.unique(target).tolist():
+            mine = ids[target == i]
+            was_busy = self.busy[i]
+            if self._call(i, "add", mine, arrival[mine]) is None and not self.alive[i]:
+                self.retry.extend(mine.tolist())
+                continue
+            self.location[mine] = i
+            self.busy[i] = True
+            if not was_busy:
+                self.clock[i] = max(self.clock[i], float(arrival[mine].min()))
+
+    def _place(self, ids: np.ndarray) -> Optional[np.ndarray]:
+        if not (self.alive & ~self.draining).any():
+            raise RuntimeError("dispatch: no instance is left to take requests")
+        bs = self.engine.block_size
+        prompt = self.prepared.trace.prompt_tokens[ids]
+        # A new request's future KV: its prompt plus the typical output of recent ones.
+        expected = int(np.median(self._recent_outputs)) if self._recent_outputs.size else 0
+        blocks = -(-(prompt + expected) // bs)
+        if self.dispatcher.uses_loads:
+            loads, _ = self._loads()
+        else:
+            k = len(self.pool)
+            zeros = np.zeros(k, np.int64)
+            loads = InstanceLoads(self.alive & ~self.draining, zeros, zeros, zeros, zeros, bs)
+        hits = None
+        if self.dispatcher.uses_prefix_hits:
+            hits = np.zeros((ids.size, len(self.pool)), np.int64)
+            calls = [(i, "prefix_hits", (ids,)) for i in np.flatnonzero(loads.available).tolist()]
+            for (i, _, _), column in zip(calls, self._call_many(calls)):
+                if column is not None:
+                    hits[:, i] = column
+        if not (loads.available & self.alive).any():
+            return None
+        loads.available &= self.alive
+        return self.dispatcher.place(loads, prompt, blocks, hits).astype(np.int64)
+
+    # ---- draining ----
+    def _start_drains(self, now: float) -> None:
+        for i, t in self.drains.items():
+            if self.draining[i] or t > now or not self.alive[i]:
+                continue
+            self.draining[i] = True
+            queued = self._call(i, "take_queued")
+            if queued is not None and queued.size:
+                self.location[queued] = NOWHERE
+                self.retry.extend(queued.tolist())
+                self.redispatched += int(queued.size)
+
+    # ---- live migration ----
+    def _handle_migrations(self, now: float) -> None:
+        if self.migration is None:
+            return
+        for m in sorted((m for m in self.migrations if m.event_s <= now), key=lambda m: (m.event_s, m.index)):
+            if m in self.migrations:
+                self._stage_landed(m)
+        if now >= self._next_check:
+            self._next_check = now + self.migration.check_interval_s
+            self._start_migrations(now)
+
+    def _start_migrations(self, now: float) -> None:
+        loads, reports = self._loads()
+        present = [r is not None for r in reports]
+        waiting = np.array([r["num_waiting"] if ok else 0 for r, ok in zip(reports, present)])
+        running = np.array([r["num_running"] if ok else 0 for r, ok in zip(reports, present)])
+        in_flight = np.zeros(len(self.pool), np.int64)
+        for m in self.migrations:
+            in_flight[m.src] += 1
+            in_flight[m.dst] += 1
+        loads.available &= self.alive
+        for src, dst, reason in self.migration.pick(loads, waiting, running, self.draining, in_flight):
+            exclude = [m.index for m in self.migrations if m.src == src]
+            index = self._call(src, "migration_candidate", exclude)
+            state = None if index is None else self._call(src, "migration_state", index)
+            if state is None:
+                continue
+            computed, generated, preemptions = state
+            cached = self._call(dst, "reserve_incoming", index, float(self.arrivals.arrival_s[index]), generated, computed)
+            if cached is None:  # no room there after all (or it is gone): nothing changed
+                continue
+            nbytes = self._copy_bytes(cached, computed)
+            m = Migration(index, src, dst, reason, now, now + self.migration.link.seconds(nbytes), computed, preemptions,
+                          bytes=nbytes)
+            self.migrations.append(m)
+            self.migration_stats.started += 1
+            self.migration_stats.by_reason[reason] += 1
+            self.migration_stats.stages += 1
+            self.migration_stats.bytes += nbytes
+
+    def _copy_bytes(self, first_token: int, end_token: int) -> int:
+        """Bytes of the blocks holding tokens [first_token, end_token) (whole blocks move)."""
+        bs = self.engine.block_size
+        blocks = max(0, -(-end_token // bs) - first_token // bs)
+        return int(blocks * self._block_bytes)
+
+    def _abort(self, m: Migration) -> None:
+        self.migrations.remove(m)
+        self.migration_stats.aborted += 1
+        if self.alive[m.dst]:
+            self._call(m.dst, "cancel_incoming", m.index)
+
+    def _stage_landed(self, m: Migration) -> None:
+        policy = self.migration
+        if m.record is not None:  # the last stage: the request runs at the destination now
+            self.migrations.remove(m)
+            if self._call(m.dst, "commit_incoming", m.record, m.event_s) is None and not self.alive[m.dst]:
+                return  # _lose re-dispatched it
+            self.location[m.index] = m.dst
+            if not self.busy[m.dst]:  # as the instance does: an idle one wakes when the KV is there
+                self.clock[m.dst] = max(self.clock[m.dst], m.event_s)
+            self.busy[m.dst] = True
+            self.migration_stats.committed += 1
+            self.migration_stats.downtime_s.append(m.downtime_s)
+            return
+        state = self._call(m.src, "migration_state", m.index) if self.alive[m.src] else None
+        if state is None or state[2] != m.preemptions_at_start or self.location[m.index] != m.src:
+            if m in self.migrations:
+                self._abort(m)  # it finished, was preempted, or its source is gone
+            return
+        computed = state[0]
+        final = computed - m.copied_tokens <= policy.final_stage_tokens or m.stage >= policy.max_stages
+        if computed > m.copied_tokens and not self._call(m.dst, "extend_incoming", m.index, computed):
+            if m in self.migrations:
+                self._abort(m)
+            return
+        nbytes = self._copy_bytes(m.copied_tokens, computed)
+        seconds = policy.link.seconds(nbytes)
+        self.migration_stats.stages += 1
+        self.migration_stats.bytes += nbytes
+        m.bytes += nbytes
+        m.stage += 1
+        m.copied_tokens = computed
+        if final:
+            record = self._call(m.src, "migrate_out", m.index)
+            if record is None:
+                return
+            m.record = record
+            m.downtime_s = seconds
+            self.location[m.index] = IN_FLIGHT
+        m.event_s += seconds  # the next stage starts as this one lands
+
+    # ---- results ----
+    def check_conservation(self) -> None:
+        """Every request sent is ended, on a live instance, in flight or queued for dispatch."""
+        queued = np.zeros(self.n, bool)
+        queued[np.array(self.retry, np.int64)] = True
+        located = self.location >= 0
+        in_flight = self.location == IN_FLIGHT
+        if located.any() and not self.alive[self.location[located]].all():
+            raise AssertionError("a request is on a lost instance")
+        accounted = self.ended | located | in_flight | queued
+        if not np.array_equal(accounted & self.sent, self.sent) or (self.ended & (located | in_flight)).any():
+            missing = np.flatnonzero(self.sent & ~accounted)
+            raise AssertionError(f"requests were lost: {missing[:10].tolist()}")
+
+    def result(self, dispatch_name: str, run: str) -> FleetResult:
+        calls = [(i, "outcome", ()) for i in np.flatnonzero(self.alive).tolist()]
+        outcomes: list = [None] * len(self.pool)
+        for (i, _, _), outcome in zip(calls, self._call_many(calls)):
+            outcomes[i] = outcome
+        done = [o for o in outcomes if o is not None]
+        arrival = self.arrivals.arrival_s
+        end = max(o["clock"] for o in done)
+        makespan = max(end - float(np.nanmin(arrival)), 1e-9)
+        stats = [o["stats"] for o in done]
+        total = lambda key: int(sum(s[key] for s in stats))  # noqa: E731
+        bs = self.engine.block_size
+        trace = self.prepared.trace
+        log = RunLog(
+            self.admission, arrival, trace.prompt_tokens, trace.output_tokens, self.rows["first_token"],
+            self.rows["finish"], self.rows["first_scheduled"], self.rows["max_gap"], self.rows["num_gaps"], self.slow,
+            self.rows["preemptions"], self.rejected, self.prepared.rejected_too_long, self.prepared.clipped_outputs,
+            sum(o["cpu"] for o in done), sum(o["steps"] for o in done),
+            float(np.mean([o["util_time"] for o in done]) / makespan),
+            swap_bytes=total("swap_out_bytes") + total("swap_in_bytes"), swap_preemptions=total("swap_preemptions"),
+            swap_time_s=sum(o["swap_time"] for o in done),
+            prefix_hit_tokens=int(sum(s["kv"]["prefix_hit_blocks"] for s in stats)) * bs,
+            host_hit_tokens=total("host_hit_blocks") * bs, cache_write_bytes=total("cache_write_bytes"),
+            cache_load_bytes=total("cache_load_bytes"), computed_tokens=total("scheduled_tokens"),
+            step_cpu_us=np.concatenate([o["step_cpus"] for o in done]) * 1e6,
+            policy=done[0]["policy"] if done else (self.policy or "fcfs"), run=run,
+        )
+        utilization = np.array([o["util_time"] / makespan if o is not None else np.nan for o in outcomes])
+        return FleetResult(log, len(self.pool), dispatch_name,
+                           self.migration_stats.as_dict() if self.migration is not None else None, self.retried,
+                           self.redispatched, list(self.lost_instances), self.served, utilization)
+
+
+def simulate(
+    prepared: PreparedTrace,
+    engine: EngineConfig,
+    admission: str,
+    policy: Optional[str] = None,
+    progress: Optional[Callable[[int], None]] = None,
+    priorities: Optional[PriorityPlan] = None,
+) -> RunLog:
+    """Replays ``prepared`` through one fresh engine instance under ``admission`` and the ordering
+    ``policy`` (default fcfs, or priority with ``priorities``); deterministic. With ``priorities``
+    (built on the prepared trace) sessions carry priorities that change while they live, which
+    only the ``priority`` policy (it evicts for a more urgent request) acts on."""
+    instance = EngineInstance(prepared, engine, admission, policy, priorities)
+    driver = Driver(prepared, engine, LocalPool([instance]), admission=admission, policy=instance.policy,
+                    progress=progress)
+    driver.run()
+    return driver.result("single", admission).log
+
+
+def simulate_fleet(
+    prepared: PreparedTrace,
+    engine: EngineConfig,
+    admission: str,
+    fleet: FleetSpec,
+    policy: Optional[str] = None,
+    priorities: Optional[PriorityPlan] = None,
+    drains: Optional[dict] = None,
+    progress: Optional[Callable[[int], None]] = None,
+    check_every_round: bool = False,
+) -> FleetResult:
+    """Replays ``prepared`` over ``fleet.instances`` identical engine instances in this process,
+    each with its own scheduler (``engine``, ``admission``, ``policy``)."""
+    pool = LocalPool([EngineInstance(prepared, engine, admission, policy, priorities) for _ in range(fleet.instances)])
+    driver = Driver(prepared, engine, pool, admission=admission, policy=policy,
+                    dispatcher=Dispatcher(fleet.dispatch, fleet.imbalance_limit), migration=fleet.migration,
+                    drains=drains, progress=progress, check_every_round=check_every_round)
+    driver.run()
+    return driver.result(fleet.dispatch, f"{admission} {fleet.label}")
