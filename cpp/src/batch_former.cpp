@@ -427,7 +427,7 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     candidate_input_.clear();
     candidate_input_.push(r);
     bool fits = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0), capacity, 0) == 1;
-    if (!fits && !running_.empty()) return false;  // alone it always fits
+    if (!fits && !(running_.empty() && incoming_.empty())) return false;  // alone it always fits
     int64_t missing = r.total() - r.num_computed;
     int64_t n = missing == 1 ? 1 : prefill_tokens(r.num_computed, missing, budget);
     if (n <= 0 || n > budget) return false;
@@ -480,7 +480,7 @@ void BatchFormer::admit_waiting(int64_t& budget) {
   for (int tries = 0; tries <= kMaxBypassesPerStep && next < candidates_.size() && budget > 0; ++tries) {
     int64_t fit = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(next),
                                    capacity, 0);
-    if (fit == 0 && running_.empty()) fit = 1;  // alone it always fits (max_new_tokens is capped)
+    if (fit == 0 && running_.empty() && incoming_.empty()) fit = 1;  // alone it always fits (max_new_tokens is capped)
     for (int64_t k = 0; k < fit; ++k, ++next) {
       Request& r = *candidates_[next];
       if (!start(r, budget)) return;

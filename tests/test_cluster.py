@@ -1,0 +1,376 @@
+"""kvsched.cluster: the native migration API, dispatch, and fleets simulated in process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvsched
+from kvsched import _core
+from kvsched.cli import main
+from kvsched.cluster import DISPATCH_POLICIES, Dispatcher, InstanceLoads, MigrationPolicy
+from kvsched.sim.driver import FleetSpec, InstanceLost, LocalPool, Driver, simulate, simulate_fleet
+from kvsched.sim.engine import EngineConfig, EngineInstance, prepare
+from kvsched.sim.profiles import PROFILES
+from kvsched.sim.workloads import multi_turn_chat, synthetic
+
+A100 = PROFILES["llama3-8b-a100"]
+
+
+def decoding_source(prompt=40, steps=3, num_blocks=64):
+    """A scheduler with request 7 decoding after `steps` steps."""
+    source = kvsched.Scheduler(num_blocks=num_blocks, block_size=16)
+    source.add_request(7, prompt, 50)
+    for _ in range(steps):
+        plan = source.schedule()
+        source.update(plan.req_ids, np.ones(len(plan), np.int64))
+    return source
+
+
+def snapshot(s: kvsched.Scheduler) -> dict:
+    stats = s.stats()
+    return {"free": stats["kv"]["num_free"], "cached": stats["kv"]["num_cached"], "added": stats["added"], "running": s.running_ids().tolist(),
+            "waiting": s.waiting_ids().tolist(), "incoming": stats["num_incoming"],
+            "infos": {int(i): s.info(int(i)) for i in [*s.running_ids(), *s.waiting_ids()]}}
+
+
+# ---- the native migration API ----
+def test_a_migration_moves_a_decoding_request_and_it_decodes_on():
+    source = decoding_source()
+    info = source.info(7)
+    assert info["num_computed"] == 42 and info["num_generated"] == 3
+    dest = kvsched.Scheduler(num_blocks=64, block_size=16)
+    table, cached = dest.reserve_incoming(7, 40, 50, 3, info["num_computed"])
+    assert cached == 0 and table.size == 3  # 42 tokens in 16-token blocks
+    assert dest.info(7)["state"] == "incoming" and dest.load()["num_incoming"] == 1
+    dest.check_invariants()
+    # One more decode on the source while the first stage copies, then the last stage.
+    plan = source.schedule()
+    source.update(plan.req_ids, [1])
+    dest.extend_incoming(7, source.info(7)["num_computed"])
+    source.migrate_out([7])
+    dest.commit_incoming(7, 4)
+    source.check_invariants()
+    dest.check_invariants()
+    assert 7 not in source and source.stats()["migrated_out"] == 1 and source.stats()["aborted"] == 0
+    assert dest.stats()["migrated_in"] == 1 and dest.info(7)["state"] == "running"
+    plan = dest.schedule()  # the next decode: one token after the 43 copied
+    assert plan.req_ids.tolist() == [7] and plan.num_tokens.tolist() == [1]
+    assert plan.computed_offsets.tolist() == [43] and plan.num_generated.tolist() == [4]
+    dest.update(plan.req_ids, [1])
+    dest.check_invariants()
+
+
+def test_a_reservation_that_does_not_fit_changes_nothing():
+    dest = kvsched.Scheduler(num_blocks=8, block_size=16)
+    dest.add_request(1, 100, 10)
+    plan = dest.schedule()
+    dest.update(plan.req_ids, [1])
+    before = snapshot(dest)
+    with pytest.raises(kvsched.OutOfBlocks):
+        dest.reserve_incoming(7, 40, 20, 3, 42)
+    assert snapshot(dest) == before and 7 not in dest
+    table, _ = dest.reserve_incoming(7, 20, 20, 1, 16)
+    with pytest.raises(kvsched.OutOfBlocks):
+        dest.extend_incoming(7, 35)
+    assert dest.info(7)["num_computed"] == 16 and dest.block_table(7).tolist() == table.tolist()
+    dest.cancel_incoming([7])
+    assert snapshot(dest) == before
+    dest.check_invariants()
+
+
+def test_migration_calls_refuse_bad_input_naming_it_and_change_nothing():
+    source = decoding_source()
+    dest = kvsched.Scheduler(num_blocks=64, block_size=16)
+    cases = [
+        (lambda: dest.reserve_incoming(7, 40, 50, 3, 43), "num_tokens must be in"),  # the last token computes here
+        (lambda: dest.reserve_incoming(7, 40, 50, 50, 42), "num_generated"),
+        (lambda: dest.reserve_incoming(-1, 40, 50, 3, 42), "req_id"),
+        (lambda: dest.reserve_incoming(7, 40, 2000, 3, 42), "KV capacity"),
+        (lambda: dest.commit_incoming(7, 3), "unknown request"),
+        (lambda: dest.cancel_incoming([7]), "unknown request"),
+        (lambda: source.extend_incoming(7, 50), "not incoming"),
+        (lambda: source.cancel_incoming([7]), "not incoming"),
+    ]
+    before = snapshot(source), snapshot(dest)
+    for call, message in cases:
+        with pytest.raises((ValueError, KeyError), match=message):
+            call()
+    dest.reserve_incoming(7, 40, 50, 3, 42)
+    with pytest.raises(ValueError, match="leave a token"):
+        dest.commit_incoming(7, 2)
+    dest.cancel_incoming([7])
+    assert (snapshot(source), snapshot(dest)) == before
+    source.add_request(8, 20, 5)  # waiting: only running requests migrate
+    with pytest.raises(ValueError, match="only running requests migrate"):
+        source.migrate_out([8])
+    source.schedule()  # a plan outstanding: migrations happen between steps
+    with pytest.raises(ValueError, match="a plan is outstanding"):
+        source.migrate_out([7])
+    with pytest.raises(ValueError, match="a plan is outstanding"):
+        source.reserve_incoming(9, 40, 50, 3, 42)
+
+
+def test_a_migrated_prefix_is_shared_at_the_destination_only_once_it_arrived():
+    tokens = np.arange(64, dtype=np.int32)
+    dest = kvsched.Scheduler(num_blocks=64, block_size=16)
+    keys = dest.block_keys(tokens)
+    dest.add_request(1, 64, 4, block_keys=keys[:2])  # the destination holds the first 32 tokens
+    plan = dest.schedule()
+    dest.update(plan.req_ids, [1], [True])
+    _, cached = dest.reserve_incoming(7, 64, 10, 2, 65, block_keys=keys) if False else (None, None)
+    _, cached = dest.reserve_incoming(7, 60, 10, 2, 61, block_keys=keys[:3])
+    assert cached == 32  # the copy skips the blocks found here
+    dest.add_request(2, 64, 4, block_keys=keys)  # the third block is reserved, not filled: no hit yet
+    plan = dest.schedule()
+    assert plan.computed_offsets.tolist() == [32]
+    dest.update(plan.req_ids, [1], [True])
+    dest.commit_incoming(7, 2)
+    dest.add_request(3, 64, 4, block_keys=keys)
+    plan = dest.schedule()
+    assert dict(zip(plan.req_ids.tolist(), plan.computed_offsets.tolist()))[3] == 48
+    dest.check_invariants()
+
+
+def test_admission_leaves_room_for_an_incoming_request():
+    dest = kvsched.Scheduler(num_blocks=10, block_size=16, admission="conservative")
+    dest.reserve_incoming(7, 60, 40, 1, 60)  # 7 blocks at its end (100 tokens)
+    dest.add_request(1, 40, 40)  # 5 blocks at its end, after the incoming one's: 12 > 10 together
+    assert dest.schedule().req_ids.tolist() == []
+    assert dest.load()["peak_blocks"] == 7
+    alone = kvsched.Scheduler(num_blocks=10, block_size=16, admission="conservative")
+    alone.add_request(1, 40, 40)
+    assert alone.schedule().req_ids.tolist() == [1]
+
+
+def test_load_report_and_migration_candidate():
+    s = kvsched.Scheduler(num_blocks=64, block_size=16, admission="conservative")
+    s.add_requests([1, 2, 3], [100, 20, 30], [50, 50, 50])
+    plan = s.schedule()
+    s.update(plan.req_ids, np.ones(len(plan), np.int64))
+    report = s.load()
+    assert report["num_running"] == 3 and report["running_tokens"] == 153 and report["queued_tokens"] == 0
+    # Conservative: every request at its max_new_tokens, in blocks.
+    assert report["peak_blocks"] == sum(-(-(p + 50) // 16) for p in (100, 20, 30)) == report["demand_blocks"]
+    assert s.migration_candidate() == 2  # the least KV
+    assert s.migration_candidate([2]) == 3 and s.migration_candidate([1, 2, 3]) is None
+    assert s.prefix_hits([np.zeros((0, 2), np.uint64)]).tolist() == [0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["step", "add", "start", "stage", "finish", "abort", "cancel"]),
+                          st.integers(0, 1), st.integers(1, 200)), max_size=60))
+def test_random_migrations_between_two_schedulers_lose_nothing(actions):
+    """Any interleaving of steps, arrivals and migration stages (either way, aborted or not) keeps
+    both schedulers consistent, and every request added is on exactly one of them or ended."""
+    pair = [kvsched.Scheduler(num_blocks=24, block_size=16, max_num_seqs=8) for _ in range(2)]
+    added, ended, next_id = set(), set(), 0
+    moving: dict = {}  # request -> (source, destination)
+    for action, side, size in actions:
+        s, other = pair[side], pair[1 - side]
+        if action == "add":
+            s.add_request(next_id, size, 1 + size % 40)
+            added.add(next_id)
+            next_id += 1
+        elif action == "step":
+            plan = s.schedule()
+            ended.update(plan.rejected_ids.tolist())
+            done = s.update(plan.req_ids, plan.samples.astype(np.int64), np.zeros(len(plan), bool))
+            ended.update(done.tolist())
+            for r in done.tolist():
+                if r in moving:
+                    pair[moving.pop(r)[1]].cancel_incoming([r])
+        elif action == "start":
+            r = s.migration_candidate(list(moving))
+            if r is not None:
+                info = s.info(r)
+                try:
+                    other.reserve_incoming(r, info["prompt_len"], info["max_new_tokens"], info["num_generated"],
+                                           info["num_computed"])
+                    moving[r] = (side, 1 - side)
+                except kvsched.OutOfBlocks:
+                    pass
+        elif moving:
+            r = sorted(moving)[size % len(moving)]
+            src, dst = (pair[i] for i in moving[r])
+            info = src.info(r)
+            if action == "cancel" or info["state"] != "running":
+                dst.cancel_incoming([r])
+                del moving[r]
+            elif action == "abort":
+                src.abort([r])
+                dst.cancel_incoming([r])
+                del moving[r]
+                ended.add(r)
+            elif action in ("stage", "finish"):
+                try:
+                    dst.extend_incoming(r, info["num_computed"])
+                except kvsched.OutOfBlocks:
+                    dst.cancel_incoming([r])
+                    del moving[r]
+                    continue
+                if action == "finish":
+                    src.migrate_out([r])
+                    dst.commit_incoming(r, info["num_generated"])
+                    del moving[r]
+        for each in pair:
+            each.check_invariants()
+        live = [set(each.running_ids().tolist()) | set(each.waiting_ids().tolist()) for each in pair]
+        assert not live[0] & live[1]
+        assert live[0] | live[1] | ended == added
+
+
+# ---- dispatch ----
+def loads(available=(1, 1, 1), load=(0, 0, 0), headroom=(10, 10, 10), capacity=(100, 100, 100)):
+    return InstanceLoads(np.array(available, bool), np.array(load), np.array(headroom), np.zeros(3, np.int64),
+                         np.array(capacity), 16)
+
+
+def test_each_dispatch_policy_places_by_its_measure():
+    tokens, blocks = np.full(4, 100), np.full(4, 10)
+    assert Dispatcher("round_robin").place(loads(available=(1, 0, 1)), tokens, blocks).tolist() == [0, 2, 0, 2]
+    # Each placement adds to the load the next one sees.
+    assert Dispatcher("least_load").place(loads(load=(0, 150, 60)), tokens, blocks).tolist() == [0, 2, 0, 1]
+    assert Dispatcher("headroom").place(loads(headroom=(5, 30, 20)), tokens, blocks).tolist() == [1, 2, 1, 2]
+    hits = np.array([[0, 3, 0]] * 4)
+    affinity = Dispatcher("prefix_affinity", imbalance_limit=0.02).place(
+        loads(capacity=(625, 625, 625)), tokens, blocks, hits)  # 10000 tokens each
+    assert affinity.tolist() == [1, 1, 1, 0]  # the cached one until it is 200+ tokens (2%) more loaded
+    assert Dispatcher("prefix_affinity").place(loads(), tokens, blocks, np.zeros((4, 3))).tolist() == [0, 1, 2, 0]
+
+
+def test_dispatch_refuses_bad_input_naming_it():
+    with pytest.raises(ValueError, match="dispatch policy must be one of"):
+        Dispatcher("random")
+    with pytest.raises(ValueError, match="imbalance_limit"):
+        Dispatcher("least_load", imbalance_limit=-1)
+    with pytest.raises(ValueError, match="available: no instance"):
+        Dispatcher("least_load").place(loads(available=(0, 0, 0)), np.ones(1), np.ones(1))
+    with pytest.raises(ValueError, match="prefix_hits"):
+        Dispatcher("prefix_affinity").place(loads(), np.ones(1), np.ones(1))
+    with pytest.raises(ValueError, match="request_blocks has 2 entries, expected 1"):
+        i = np.ones(3, np.int64)
+        _core.dispatch(1, np.ones(3, bool), i, i, i, i[:1], i[:2], None, 0.1, 0)
+    with pytest.raises(TypeError, match="load_tokens must have an integer dtype"):
+        _core.dispatch(1, np.ones(3, bool), np.zeros(3), i, i, i[:1], i[:1], None, 0.1, 0)
+
+
+# ---- fleets in process ----
+def test_one_instance_fleet_is_the_single_engine():
+    trace = synthetic("chat", 300, 7.0, seed=1)
+    engine = EngineConfig(A100, 65536)
+    prepared = prepare(trace, engine)
+    single = simulate(prepared, engine, "past_future")
+    for dispatch in DISPATCH_POLICIES:
+        fleet = simulate_fleet(prepared, engine, "past_future", FleetSpec(1, dispatch)).log
+        for name in ("first_token_s", "finish_s", "max_gap_s", "preemptions"):
+            assert np.array_equal(getattr(single, name), getattr(fleet, name), equal_nan=True), (dispatch, name)
+
+
+def sessions(conversations=60, rate=6.0, seed=3):
+    trace = multi_turn_chat(conversations, rate, 2.0, seed=seed)
+    engine = EngineConfig(A100, 24576)
+    return prepare(trace, engine), engine
+
+
+def test_a_fleet_with_migration_and_a_drain_loses_nothing():
+    prepared, engine = sessions()
+    policy = MigrationPolicy(check_interval_s=0.02, rebalance_gap=0.1)
+    result = simulate_fleet(prepared, engine, "past_future", FleetSpec(3, "headroom", policy), drains={2: 20.0},
+                            check_every_round=True)
+    log = result.log
+    done = ~np.isnan(log.finish_s)
+    assert done.sum() + log.rejected.sum() == len(prepared.trace)
+    assert result.migration["committed"] > 0 and result.migration["by_reason"]["drain"] > 0
+    assert result.migration["bytes"] > 0 and result.migration["downtime_p50_ms"] > 0
+    # Every request's measurements carried over: first token before finish, gaps counted.
+    assert np.all(log.first_token_s[done] <= log.finish_s[done])
+    assert np.all(log.num_gaps[done] == np.maximum(log.output_tokens[done] - 1, 0))
+
+
+def test_migration_moves_requests_off_an_instance_that_would_preempt():
+    prepared, engine = sessions(conversations=120, rate=12.0)
+    spec = FleetSpec(2, "round_robin")
+    without = simulate_fleet(prepared, engine, "aggressive", spec)
+    with_migration = simulate_fleet(prepared, engine, "aggressive", FleetSpec(2, "round_robin", MigrationPolicy()))
+    assert with_migration.migration["committed"] > 0
+    assert with_migration.load_spread < without.load_spread
+
+
+class FailingPool(LocalPool):
+    """Instance `victim` stops answering once the fleet's time passes `at_s`."""
+
+    def __init__(self, instances, victim, at_s):
+        super().__init__(instances)
+        self.victim, self.at_s, self.failed = victim, at_s, False
+
+    def call(self, index, method, *args):
+        if index == self.victim and (self.failed or self.instances[index].clock > self.at_s):
+            self.failed = True
+            raise InstanceLost(index, "injected")
+        return super().call(index, method, *args)
+
+    def call_many(self, calls):
+        out = []
+        for i, method, args in calls:
+            try:
+                out.append(self.call(i, method, *args))
+            except InstanceLost as lost:
+                out.append(lost)
+        return out
+
+
+def test_a_lost_instance_requests_are_dispatched_again():
+    prepared, engine = sessions()
+    pool = FailingPool([EngineInstance(prepared, engine, "past_future") for _ in range(3)], victim=1, at_s=15.0)
+    driver = Driver(prepared, engine, pool, admission="past_future", dispatcher=Dispatcher("least_load"),
+                    migration=MigrationPolicy(), check_every_round=True)
+    driver.run()
+    result = driver.result("least_load", "past_future least_load+migration")
+    assert result.lost_instances == [1] and result.retried > 0
+    log = result.log
+    assert (~np.isnan(log.finish_s)).sum() + log.rejected.sum() == len(prepared.trace)
+
+
+# ---- the CLI ----
+def test_simulate_a_fleet_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "fleet.json"
+    per_request = tmp_path / "fleet.csv"
+    argv = ["simulate", "--instances", "2", "--dispatch", "least_load,headroom", "--migration", "both",
+            "--num-requests", "240", "--seeds", "1", "--json", str(out), "--per-request", str(per_request)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "fleet: 2 instances" in text and "migration over rdma" in text
+    for name in ("past_future least_load", "past_future headroom+migration"):
+        assert name in text
+    records = json.loads(out.read_text())
+    assert [r["run"] for r in records] == ["past_future least_load", "past_future least_load+migration",
+                                           "past_future headroom", "past_future headroom+migration"]
+    assert all(r["completed"] + r["rejected"] == 240 for r in records)
+    assert records[1]["fleet"]["migration"]["started"] >= records[1]["fleet"]["migration"]["committed"]
+    assert per_request.read_text().splitlines()[0].startswith("run,admission,seed")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dispatch", "least_load"], "--dispatch: only a fleet"),
+    (["--migration", "on"], "--migration: only a fleet"),
+    (["--instances", "2", "--link", "tcp"], "--link: only live migration uses the link"),
+    (["--instances", "2", "--dispatch", "headroom", "--imbalance-limit", "0.2"], "--imbalance-limit: only"),
+    (["--instances", "2", "--dispatch", "nearest"], "unknown dispatch policy"),
+])
+def test_fleet_options_that_would_not_act_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) if "unknown" in message else _no_exit():
+        assert main(["simulate", "--num-requests", "50", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

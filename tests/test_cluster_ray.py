@@ -1,0 +1,67 @@
+"""The fleet on Ray (kvsched.cluster.ray): a local Ray cluster, one actor per instance."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvsched.cluster import MigrationPolicy
+from kvsched.sim.driver import FleetSpec, simulate_fleet
+from kvsched.sim.engine import EngineConfig, prepare
+from kvsched.sim.profiles import PROFILES
+from kvsched.sim.workloads import synthetic
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'kvsched[ray]')")
+if "libasan" in os.environ.get("LD_PRELOAD", ""):
+    # Ray's own native processes inherit the sanitizer preload and are not built for it.
+    pytest.skip("Ray's processes do not run under the AddressSanitizer preload", allow_module_level=True)
+
+from kvsched.cluster.ray import simulate_on_ray  # noqa: E402
+
+A100 = PROFILES["llama3-8b-a100"]
+PER_REQUEST = ("arrival_s", "first_token_s", "finish_s", "first_scheduled_s", "max_gap_s", "num_gaps", "preemptions",
+               "rejected")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def workload():
+    trace = synthetic("chat", 320, 4 * 7.0, seed=5)
+    engine = EngineConfig(A100, 32768)
+    return prepare(trace, engine), engine
+
+
+def test_ray_gives_the_in_process_results(local_ray):
+    prepared, engine = workload()
+    spec = FleetSpec(4, "headroom", MigrationPolicy())
+    local = simulate_fleet(prepared, engine, "past_future", spec)
+    remote = simulate_on_ray(prepared, engine, "past_future", spec)
+    for name in PER_REQUEST:
+        assert np.array_equal(getattr(local.log, name), getattr(remote.log, name), equal_nan=True), name
+    assert remote.migration == local.migration and remote.migration["committed"] > 0
+    assert remote.served.tolist() == local.served.tolist()
+
+
+def test_a_killed_actor_requests_are_retried_and_none_is_lost(local_ray):
+    prepared, engine = workload()
+    killed = []
+
+    def kill_one(now, pool):
+        if now > 4.0 and not killed:
+            ray.kill(pool.actors[2])
+            killed.append(now)
+
+    result = simulate_on_ray(prepared, engine, "past_future", FleetSpec(4, "least_load", MigrationPolicy()),
+                             hook=kill_one, check_every_round=True)
+    log = result.log
+    assert killed and result.lost_instances == [2] and result.retried > 0
+    completed = ~np.isnan(log.finish_s)
+    assert completed.sum() + log.rejected.sum() == len(prepared.trace)
+    assert result.summary()["retried"] == result.retried
