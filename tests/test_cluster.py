@@ -243,6 +243,28 @@ def test_each_dispatch_policy_places_by_its_measure():
     assert Dispatcher("prefix_affinity").place(loads(), tokens, blocks, np.zeros((4, 3))).tolist() == [0, 1, 2, 0]
 
 
+def test_the_global_queue_holds_what_fits_nowhere_first_come_first_served():
+    tokens, blocks = np.full(4, 100), np.array([5, 30, 5, 5])
+    held = Dispatcher("headroom", global_queue=True).place(loads(load=(10, 10, 10), headroom=(12, 6, 8)), tokens,
+                                                           blocks)
+    assert held.tolist() == [0, -1, -1, -1]  # the second fits nowhere; the ones behind it wait too
+    idle = Dispatcher("least_load", global_queue=True).place(loads(load=(10, 0, 10), headroom=(0, 0, 0)), tokens,
+                                                             blocks)
+    assert idle.tolist() == [1, -1, -1, -1]  # an instance with nothing live takes anything
+
+
+def test_a_fleet_with_a_global_queue_serves_everything_and_preempts_less():
+    trace = synthetic("chat", 600, 4 * 9.0, seed=2)  # above what 4 instances serve
+    engine = EngineConfig(A100, 65536)
+    prepared = prepare(trace, engine)
+    queued = simulate_fleet(prepared, engine, "aggressive", FleetSpec(4, "least_load", global_queue=True),
+                            check_every_round=True)
+    plain = simulate_fleet(prepared, engine, "aggressive", FleetSpec(4, "least_load"))
+    assert (~np.isnan(queued.log.finish_s)).sum() + queued.log.rejected.sum() == len(prepared.trace)
+    assert queued.log.preemptions.sum() < plain.log.preemptions.sum()
+    assert FleetSpec(4, "headroom", MigrationPolicy(), global_queue=True).label == "headroom+queue+migration"
+
+
 def test_dispatch_refuses_bad_input_naming_it():
     with pytest.raises(ValueError, match="dispatch policy must be one of"):
         Dispatcher("random")

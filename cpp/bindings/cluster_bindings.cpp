@@ -15,7 +15,7 @@ void init_cluster(py::module_& m) {
       "dispatch",
       [](int policy, py::handle available, py::handle load_tokens, py::handle headroom_blocks,
          py::handle capacity_tokens, py::handle request_tokens, py::handle request_blocks, py::handle prefix_hits,
-         double imbalance_limit, int64_t round_robin_next) {
+         double imbalance_limit, int64_t round_robin_next, bool global_queue) {
         if (policy < 0 || policy > 3) throw py::value_error("policy must be in [0, 3], got " + std::to_string(policy));
         FlagArray up(available, "available");
         Int64Array load(load_tokens, "load_tokens"), headroom(headroom_blocks, "headroom_blocks"),
@@ -48,6 +48,7 @@ void init_cluster(py::module_& m) {
         in.request_blocks = blocks.data();
         in.prefix_hits = hits ? hits->data() : nullptr;
         in.imbalance_limit = imbalance_limit;
+        in.global_queue = global_queue;
         std::vector<int32_t> placed;
         {
           py::gil_scoped_release release;
@@ -57,8 +58,9 @@ void init_cluster(py::module_& m) {
       },
       py::arg("policy"), py::arg("available"), py::arg("load_tokens"), py::arg("headroom_blocks"),
       py::arg("capacity_tokens"), py::arg("request_tokens"), py::arg("request_blocks"), py::arg("prefix_hits"),
-      py::arg("imbalance_limit"), py::arg("round_robin_next"),
-      "Places requests on instances (kvsched/dispatch.h); returns (instance per request, next round-robin cursor).");
+      py::arg("imbalance_limit"), py::arg("round_robin_next"), py::arg("global_queue") = false,
+      "Places requests on instances (kvsched/dispatch.h); returns (instance per request, -1 for one held, and the "
+      "next round-robin cursor).");
 }
 
 }  // namespace kvsched::bindings

@@ -26,27 +26,35 @@ std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, in
   }
   std::vector<int64_t> load(in.load_tokens, in.load_tokens + n), headroom(in.headroom_blocks, in.headroom_blocks + n);
   std::vector<int32_t> placed(in.num_requests, -1);
+  std::vector<uint8_t> candidate(n);
   auto least_loaded = [&]() {
     size_t best = n;
     for (size_t i = 0; i < n; ++i) {
-      if (in.available[i] && (best == n || load[i] < load[best])) best = i;
+      if (candidate[i] && (best == n || load[i] < load[best])) best = i;
     }
     return best;
   };
   for (size_t r = 0; r < in.num_requests; ++r) {
+    bool any_candidate = false;
+    for (size_t i = 0; i < n; ++i) {
+      candidate[i] = in.available[i] &&
+                     (!in.global_queue || headroom[i] >= in.request_blocks[r] || load[i] == 0);
+      any_candidate = any_candidate || candidate[i];
+    }
+    if (!any_candidate) break;  // held: this one and the rest of the batch wait at the dispatcher
     size_t best = n;
     switch (policy) {
       case DispatchPolicy::kRoundRobin:
         for (size_t k = 0; k < n && best == n; ++k) {
           size_t i = static_cast<size_t>((round_robin_next + static_cast<int64_t>(k)) % static_cast<int64_t>(n));
-          if (in.available[i]) best = i;
+          if (candidate[i]) best = i;
         }
         round_robin_next = static_cast<int64_t>((best + 1) % n);
         break;
       case DispatchPolicy::kLeastLoad: best = least_loaded(); break;
       case DispatchPolicy::kHeadroom:
         for (size_t i = 0; i < n; ++i) {
-          if (!in.available[i]) continue;
+          if (!candidate[i]) continue;
           // Equal headroom (e.g. all idle): the lighter load, so that queues stay short too.
           if (best == n || headroom[i] > headroom[best] || (headroom[i] == headroom[best] && load[i] < load[best])) {
             best = i;
@@ -58,7 +66,7 @@ std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, in
         const int64_t* hits = in.prefix_hits + r * n;
         best = lightest;
         for (size_t i = 0; i < n; ++i) {
-          if (!in.available[i]) continue;
+          if (!candidate[i]) continue;
           const double excess = static_cast<double>(load[i] - load[lightest]);
           if (excess > in.imbalance_limit * static_cast<double>(in.capacity_tokens[i])) continue;
           if (hits[i] > hits[best] || (hits[i] == hits[best] && load[i] < load[best])) best = i;

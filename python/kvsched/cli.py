@@ -124,9 +124,10 @@ def _fleets(args: argparse.Namespace) -> list:
                     link.latency_s if args.link_latency_us is None else args.link_latency_us * 1e-6)
     migrations = {"off": [None], "on": [MigrationPolicy(link=link)],
                   "both": [None, MigrationPolicy(link=link)]}[args.migration or "off"]
+    queues = {"off": [False], "on": [True], "both": [False, True]}[args.global_queue or "off"]
     imbalance = 0.1 if args.imbalance_limit is None else args.imbalance_limit
-    return [FleetSpec(args.instances, dispatch, migration, imbalance)
-            for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for migration in migrations]
+    return [FleetSpec(args.instances, dispatch, migration, imbalance, queue)
+            for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for queue in queues for migration in migrations]
 
 
 def _ordering_policy(text: str) -> str:
@@ -159,7 +160,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.policy == "fcfs" and args.priorities != "none":
         raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
     if args.instances == 1:
-        for option, value in (("--dispatch", args.dispatch), ("--migration", args.migration), ("--link", args.link),
+        for option, value in (("--dispatch", args.dispatch), ("--migration", args.migration),
+                              ("--global-queue", args.global_queue), ("--link", args.link),
                               ("--link-bandwidth-gbps", args.link_bandwidth_gbps),
                               ("--link-latency-us", args.link_latency_us), ("--imbalance-limit", args.imbalance_limit)):
             if value is not None:
@@ -530,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--migration", choices=("off", "on", "both"), default=None,
                      help="with --instances: live migration of running requests between instances (Llumnix-style, "
                      "staged KV copies); both: a row with and one without (default off)")
+    sim.add_argument("--global-queue", choices=("off", "on", "both"), default=None,
+                     help="with --instances: a request goes only to an instance whose predicted peak leaves room "
+                     "for it, else waits at the dispatcher for the first that frees room (instead of in one "
+                     "instance's queue); both: a row with and one without (default off)")
     sim.add_argument("--link", choices=tuple(LINKS), default=None,
                      help="with --migration: the link KV moves over (default rdma: 50 GB/s, 10 us); "
                      + "; ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:g} GB/s" for k, v in LINKS.items()))

@@ -14,6 +14,10 @@
 // instances whose load is within `imbalance_limit` of capacity of the least loaded one; least load
 // when nothing is cached). Requests are placed in order, each seeing what the earlier ones of the
 // batch added (load += its tokens, headroom -= its predicted blocks). Ties go to the lower index.
+// With `global_queue`, only instances with room for a request are candidates (headroom at least
+// its predicted blocks, or nothing live at all): a request that fits nowhere, and every one after
+// it in the batch (first come, first served), is not placed (-1) and waits at the dispatcher for
+// the first instance that frees room, instead of in one instance's queue.
 // Errors: bad input throws std::invalid_argument naming the argument, before anything is decided.
 #pragma once
 
@@ -35,9 +39,11 @@ struct DispatchInput {
   const int64_t* request_blocks = nullptr;   // [request] blocks it adds to the predicted peak
   const int64_t* prefix_hits = nullptr;      // [request][instance], row-major; prefix affinity only
   double imbalance_limit = 0.1;
+  bool global_queue = false;
 };
 
-// The instance of each request; `round_robin_next` is the cursor, read and advanced.
+// The instance of each request (-1: held, with global_queue); `round_robin_next` is the cursor,
+// read and advanced.
 std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& input, int64_t& round_robin_next);
 
 }  // namespace kvsched

@@ -55,15 +55,19 @@ class InstanceLoads:
 class Dispatcher:
     """Places batches of requests by ``policy`` (one of DISPATCH_POLICIES). ``imbalance_limit``
     bounds prefix affinity: an instance whose load exceeds the least loaded one's by more than
-    this fraction of its KV capacity is not chosen for its cache."""
+    this fraction of its KV capacity is not chosen for its cache. With ``global_queue``, only an
+    instance with room for a request (headroom for its predicted blocks, or nothing live) takes
+    it; one that fits nowhere waits at the dispatcher (``place`` gives -1), first come first
+    served, for the first instance that frees room."""
 
-    def __init__(self, policy: str, imbalance_limit: float = 0.1):
+    def __init__(self, policy: str, imbalance_limit: float = 0.1, global_queue: bool = False):
         if policy not in DISPATCH_POLICIES:
             raise ValueError(f"dispatch policy must be one of {DISPATCH_POLICIES}, got {policy!r}")
         if not imbalance_limit >= 0:
             raise ValueError(f"imbalance_limit must be >= 0, got {imbalance_limit}")
         self.policy = policy
         self.imbalance_limit = float(imbalance_limit)
+        self.global_queue = bool(global_queue)
         self._next = 0
 
     @property
@@ -72,11 +76,12 @@ class Dispatcher:
 
     @property
     def uses_loads(self) -> bool:
-        return self.policy != "round_robin"
+        return self.policy != "round_robin" or self.global_queue
 
     def place(self, loads: InstanceLoads, request_tokens: np.ndarray, request_blocks: np.ndarray,
               prefix_hits: Optional[np.ndarray] = None) -> np.ndarray:
-        """The instance of each request (``prefix_hits``: requests x instances, for prefix affinity)."""
+        """The instance of each request, -1 for one held (``prefix_hits``: requests x instances, for
+        prefix affinity)."""
         hits = None
         if self.uses_prefix_hits:
             if prefix_hits is None:
@@ -87,5 +92,5 @@ class Dispatcher:
             np.ascontiguousarray(loads.load_tokens, np.int64), np.ascontiguousarray(loads.headroom_blocks, np.int64),
             np.ascontiguousarray(loads.capacity_blocks * loads.block_size, np.int64),
             np.ascontiguousarray(request_tokens, np.int64), np.ascontiguousarray(request_blocks, np.int64), hits,
-            self.imbalance_limit, self._next)
+            self.imbalance_limit, self._next, self.global_queue)
         return placed

@@ -17,7 +17,6 @@ from typing import Callable, Optional, Sequence
 
 from ..sim.driver import Driver, FleetResult, FleetSpec, InstanceLost
 from ..sim.engine import EngineConfig, EngineInstance, PreparedTrace
-from .dispatch import Dispatcher
 
 
 def _ray():
@@ -87,7 +86,7 @@ def simulate_on_ray(
     pool = RayPool(prepared, engine, admission, fleet.instances, policy, priorities)
     try:
         driver = Driver(prepared, engine, pool, admission=admission, policy=policy,
-                        dispatcher=Dispatcher(fleet.dispatch, fleet.imbalance_limit), migration=fleet.migration,
+                        dispatcher=fleet.dispatcher(), migration=fleet.migration,
                         drains=drains, hook=hook, check_every_round=check_every_round)
         driver.run()
         return driver.result(fleet.dispatch, f"{admission} {fleet.label}")

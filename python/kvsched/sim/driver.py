@@ -48,15 +48,20 @@ class FleetSpec:
     dispatch: str
     migration: Optional[MigrationPolicy] = None
     imbalance_limit: float = 0.1
+    global_queue: bool = False
 
     def __post_init__(self) -> None:
         if self.instances < 1:
             raise ValueError(f"instances must be >= 1, got {self.instances}")
-        Dispatcher(self.dispatch, self.imbalance_limit)  # checks both
+        self.dispatcher()  # checks the policy and the limit
+
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(self.dispatch, self.imbalance_limit, self.global_queue)
 
     @property
     def label(self) -> str:
-        return self.dispatch + ("+migration" if self.migration is not None else "")
+        return (self.dispatch + ("+queue" if self.global_queue else "")
+                + ("+migration" if self.migration is not None else ""))
 
 
 class InstanceLost(RuntimeError):
@@ -157,12 +162,14 @@ class Driver:
         self.clock = np.zeros(k)
         self.served = np.zeros(k, np.int64)
         self.retry: list = []  # request ids to dispatch again
+        self.held: list = []  # arrived, waiting at the dispatcher for room (global queue), in order
         self.retried = 0
         self.redispatched = 0
         self.lost_instances: list = []
         self.migrations: list = []
         self.migration_stats = MigrationStats()
         self._next_check = 0.0
+        self._now = 0.0
         self._recent_outputs = np.zeros(0, np.int64)
         self._min_think = np.inf  # bounds a round only where another instance could run ahead
         if trace.has_sessions and k > 1:
@@ -175,6 +182,7 @@ class Driver:
         while self.num_ended < self.n:
             busy = self.busy & self.alive
             now = float(self.clock[busy].min()) if busy.any() else min(self._next_arrival(), self._next_event())
+            now = self._now = max(self._now, now)  # requests waiting to be placed do not turn time back
             if not np.isfinite(now):
                 raise RuntimeError("requests are left that will never arrive")
             self._start_drains(now)
@@ -189,7 +197,8 @@ class Driver:
             self._advance(until, min(self._next_arrival(), self._next_event()))
 
     def _next_arrival(self) -> float:
-        return 0.0 if self.retry else self.arrivals.next_time()
+        """When dispatch next has something to place (now, while requests wait to be placed)."""
+        return 0.0 if self.retry or self.held else self.arrivals.next_time()
 
     def _next_event(self) -> float:
         times = [m.event_s for m in self.migrations]
@@ -278,9 +287,9 @@ class Driver:
 
     def _dispatch(self, now: float) -> None:
         ids = self.arrivals.due(now)
-        if self.retry:
-            ids = np.concatenate([np.array(self.retry, np.int64), ids])
-            self.retry = []
+        if self.retry or self.held:  # first come, first served: the ones waiting go first
+            ids = np.concatenate([np.array(self.retry + self.held, np.int64), ids])
+            self.retry, self.held = [], []
         if ids.size == 0:
             return
         self.sent[ids] = True
@@ -291,6 +300,10 @@ class Driver:
             if target is None:  # an instance went away while asked: ask again next round
                 self.retry.extend(ids.tolist())
                 return
+        held = target < 0
+        if held.any():
+            self.held = ids[held].tolist()
+            ids, target = ids[~held], target[~held]
         arrival = self.arrivals.arrival_s
         for i in np.unique(target).tolist():
             mine = ids[target == i]
@@ -437,7 +450,7 @@ class Driver:
     def check_conservation(self) -> None:
         """Every request sent is ended, on a live instance, in flight or queued for dispatch."""
         queued = np.zeros(self.n, bool)
-        queued[np.array(self.retry, np.int64)] = True
+        queued[np.array(self.retry + self.held, np.int64)] = True
         located = self.location >= 0
         in_flight = self.location == IN_FLIGHT
         if located.any() and not self.alive[self.location[located]].all():
@@ -514,7 +527,7 @@ def simulate_fleet(
     each with its own scheduler (``engine``, ``admission``, ``policy``)."""
     pool = LocalPool([EngineInstance(prepared, engine, admission, policy, priorities) for _ in range(fleet.instances)])
     driver = Driver(prepared, engine, pool, admission=admission, policy=policy,
-                    dispatcher=Dispatcher(fleet.dispatch, fleet.imbalance_limit), migration=fleet.migration,
+                    dispatcher=fleet.dispatcher(), migration=fleet.migration,
                     drains=drains, progress=progress, check_every_round=check_every_round)
     driver.run()
     return driver.result(fleet.dispatch, f"{admission} {fleet.label}")
