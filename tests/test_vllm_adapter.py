@@ -147,6 +147,22 @@ def test_admission_mode_comes_from_additional_config(admission):
     assert_drained(engine)
 
 
+def test_load_reports_headroom_for_a_cluster_dispatcher():
+    seen = []
+
+    def record(engine):
+        report = engine.scheduler.load()
+        seen.append(report)
+        assert report["num_running"] == engine.scheduler.core.num_running
+        assert report["peak_blocks"] <= report["demand_blocks"]
+        assert report["used_blocks"] <= report["capacity_blocks"]
+
+    engine = run("kvsched", script(40, seed=4), num_blocks=64, async_scheduling=False, max_num_seqs=16,
+                 max_num_batched_tokens=512, on_step=record)
+    assert seen and max(r["num_running"] for r in seen) > 0 and max(r["demand_blocks"] for r in seen) > 0
+    assert_drained(engine)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_prefix_caching_hits_and_keeps_kv_consistent(runner, async_scheduling):
     requests = script(30, seed=3, shared_prefix=64)

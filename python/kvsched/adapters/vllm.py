@@ -695,6 +695,15 @@ class Scheduler(SchedulerInterface):
         raise RuntimeError("speculative decoding is not supported by kvsched's vLLM adapter")
 
     # ---- state ----
+    def load(self) -> dict:
+        """This engine's load report for a kvsched.cluster dispatcher (``kvsched.Scheduler.load()``:
+        tokens running and queued, capacity, and the predicted peak KV of running and of all live
+        requests). Requests vLLM handed over but not yet added to the core count as queued."""
+        report = self.core.load()
+        report["num_waiting"] += len(self._to_add)
+        report["queued_tokens"] += sum(r.num_tokens for r in self._to_add)
+        return report
+
     def get_request_counts(self) -> tuple[int, int]:
         stats = self.core.stats()
         return int(stats["num_running"]), int(stats["num_waiting"]) + len(self._to_add)
