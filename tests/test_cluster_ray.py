@@ -11,7 +11,7 @@ from kvsched.cluster import MigrationPolicy
 from kvsched.sim.driver import FleetSpec, simulate_fleet
 from kvsched.sim.engine import EngineConfig, prepare
 from kvsched.sim.profiles import PROFILES
-from kvsched.sim.workloads import synthetic
+from kvsched.sim.traces import read_trace
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'kvsched[ray]')")
 if "libasan" in os.environ.get("LD_PRELOAD", ""):
@@ -32,14 +32,16 @@ def local_ray():
     ray.shutdown()
 
 
-def workload():
-    trace = synthetic("chat", 320, 4 * 7.0, seed=5)
+def workload(trace_dir):
+    """The Azure conversation trace's first 320 requests at 4x its rate (one instance's load each)."""
+    trace = read_trace(trace_dir / "AzureLLMInferenceTrace_conv.csv", "azure").head(320)
+    trace = trace.with_arrivals(trace.arrival_s / 4)
     engine = EngineConfig(A100, 32768)
     return prepare(trace, engine), engine
 
 
-def test_ray_gives_the_in_process_results(local_ray):
-    prepared, engine = workload()
+def test_ray_gives_the_in_process_results(local_ray, trace_dir):
+    prepared, engine = workload(trace_dir)
     spec = FleetSpec(4, "headroom", MigrationPolicy())
     local = simulate_fleet(prepared, engine, "past_future", spec)
     remote = simulate_on_ray(prepared, engine, "past_future", spec)
@@ -49,12 +51,12 @@ def test_ray_gives_the_in_process_results(local_ray):
     assert remote.served.tolist() == local.served.tolist()
 
 
-def test_a_killed_actor_requests_are_retried_and_none_is_lost(local_ray):
-    prepared, engine = workload()
+def test_a_killed_actor_requests_are_retried_and_none_is_lost(local_ray, trace_dir):
+    prepared, engine = workload(trace_dir)
     killed = []
 
     def kill_one(now, pool):
-        if now > 4.0 and not killed:
+        if now > 10.0 and not killed:  # mid-run: it holds requests then
             ray.kill(pool.actors[2])
             killed.append(now)
 
