@@ -28,7 +28,12 @@ fleet() {  # every workload for one fleet size
   run azure_conv "$n" --trace "$traces/AzureLLMInferenceTrace_conv.csv" --kv-capacity-tokens 65536 --rate-scale "$n" \
     --find-max-rate
 }
-fleet 4 & four=$!
+aggressive() {  # what fleets run today: vLLM's aggressive admission on each instance
+  ${KVSCHED:-kvsched} simulate --instances 4 --seeds 3 --num-requests $((per_instance * 4)) --admission aggressive \
+    --json "$out/chat-4-aggressive.json" --dispatch least_load,headroom --global-queue both --migration both \
+    --workload chat --find-max-rate > /dev/null
+}
+(fleet 4 && aggressive) & four=$!
 fleet 8 & eight=$!
 wait $four && wait $eight
 python "$(dirname "$0")/format_cluster_results.py" "$out"/*.json > "$(dirname "$0")/../docs/cluster_results.md"

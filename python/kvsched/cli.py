@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drives kvsched's Scheduler with a simulated engine (published iteration-time fits) and "
         "prints one row per admission mode: latency percentiles, SLO attainment, goodput, preemptions, the "
         "scheduler's cost per step. The scheduler never sees true output lengths except under oracle "
-        "admission.",
+        "admission. With --instances N it simulates a fleet of N instances behind a dispatcher, one row per "
+        "admission mode, dispatch policy, global queue and migration setting.",
     )
     sim.add_argument("--trace", help="trace file (default: a built-in synthetic workload)")
     sim.add_argument("--trace-format", choices=TRACE_FORMATS, help="format of --trace (default: guessed from the header)")
