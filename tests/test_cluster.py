@@ -281,6 +281,18 @@ def test_dispatch_refuses_bad_input_naming_it():
         _core.dispatch(1, np.ones(3, bool), np.zeros(3), i, i, i[:1], i[:1], None, 0.1, 0)
 
 
+def test_migration_triggers_read_what_moving_a_running_request_changes():
+    policy = MigrationPolicy(rebalance_gap=0.5)
+    waiting, running, draining = np.array([40, 5, 0]), np.array([1, 5, 3]), np.zeros(3, bool)
+    # Instance 0: a long queue whose own predicted demand exceeds its KV, but its one running request
+    # leaves room for the next: moving that request away would not admit the queue any sooner.
+    few = InstanceLoads(np.ones(3, bool), np.zeros(3), np.array([-5000, 100, 800]), np.array([100, 900, 200]),
+                        np.full(3, 1000), 16, head_blocks=np.array([150, 150, 0]))
+    assert policy.reasons(few, waiting, running, draining) == [None, "queue", None]  # 900 + 150 > 1000
+    assert policy.pick(few, waiting, running, draining, np.zeros(3, np.int64)) == [(1, 2, "queue")]
+    assert policy.reasons(few, waiting, running, np.array([False, False, True]))[2] == "drain"
+
+
 # ---- fleets in process ----
 def test_one_instance_fleet_is_the_single_engine():
     trace = synthetic("chat", 300, 7.0, seed=1)

@@ -351,6 +351,7 @@ void init_batch_former(py::module_& m) {
              d["used_blocks"] = load.used_blocks;
              d["peak_blocks"] = load.peak_blocks;
              d["demand_blocks"] = load.demand_blocks;
+             d["head_blocks"] = load.head_blocks;
              return d;
            })
       .def(

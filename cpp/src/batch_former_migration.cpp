@@ -46,6 +46,9 @@ InstanceLoad BatchFormer::load() {
   const int32_t bs = options_.allocator.block_size;
   load.peak_blocks = future_peak(running_input_.held.data(), remaining.data(), holders, bs);
   load.demand_blocks = future_peak(running_input_.held.data(), remaining.data(), remaining.size(), bs);
+  if (remaining.size() > holders) {  // queued in the order they come back: swapped, then waiting
+    load.head_blocks = (running_input_.held[holders] + remaining[holders] + bs - 1) / bs;
+  }
   return load;
 }
 

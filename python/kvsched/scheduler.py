@@ -451,7 +451,8 @@ class Scheduler:
         """What a dispatcher reads of this instance, in one native call: request counts, tokens of
         running (``running_tokens``) and queued (``queued_tokens``) requests, ``capacity_blocks``,
         ``used_blocks``, and the estimator's predicted future peak of the running requests
-        (``peak_blocks``) and of every live one (``demand_blocks``). Aggressive admission predicts
+        (``peak_blocks``) and of every live one (``demand_blocks``), and the predicted blocks of the
+        request it admits next (``head_blocks``). Aggressive admission predicts
         no growth, so under it the prediction is past_future's."""
         return self._former.load()
 

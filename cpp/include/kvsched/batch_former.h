@@ -195,6 +195,7 @@ struct InstanceLoad {
   int64_t used_blocks = 0;     // held by sequences now
   int64_t peak_blocks = 0;     // predicted future peak of running and incoming requests
   int64_t demand_blocks = 0;   // predicted future peak of every live request, queued ones included
+  int64_t head_blocks = 0;     // predicted blocks at the end of the next queued request (0: none queued)
 };
 
 struct RequestInfo {

@@ -22,7 +22,7 @@ class InstanceLoads:
     """One entry per instance: whether it takes new requests, its load in tokens (running and
     queued), its headroom (capacity minus the predicted peak of every live request, in blocks,
     negative when it will have to preempt or queue), its predicted peak of running requests alone,
-    and its capacity."""
+    its capacity, and the predicted blocks of the request it admits next."""
 
     available: np.ndarray
     load_tokens: np.ndarray
@@ -30,6 +30,7 @@ class InstanceLoads:
     peak_blocks: np.ndarray
     capacity_blocks: np.ndarray
     block_size: int
+    head_blocks: Optional[np.ndarray] = None  # the next queued request's predicted blocks (0: none)
 
     @classmethod
     def from_reports(cls, reports: Sequence[Optional[dict]], available: np.ndarray, block_size: int) -> "InstanceLoads":
@@ -44,6 +45,7 @@ class InstanceLoads:
             peak_blocks=column("peak_blocks"),
             capacity_blocks=capacity,
             block_size=block_size,
+            head_blocks=column("head_blocks"),
         )
 
     @property

@@ -13,12 +13,16 @@ plus its bytes over the link's bandwidth.
     drain      an instance being drained sends its running requests away;
     pressure   the predicted peak of an instance's running requests exceeds its capacity
                (it will preempt);
-    queue      requests wait on an instance whose predicted demand exceeds its capacity (room for
-               them, the urgent first under the priority policy);
-    rebalance  the free fractions of the least and most loaded instances differ by more than
-               ``rebalance_gap``.
-The source gives its cheapest running request to move (the least KV, decoding); the destination
-is the instance with the most headroom, which must be freer than the source by ``min_gain``.
+    queue      the predicted peak of an instance's running requests leaves no room for the next
+               queued one (moving a running request makes room for it; the urgent first under the
+               priority policy). Queued requests' own demand is no reason: moving a running request
+               would not admit them sooner;
+    rebalance  the room its running requests leave (1 - predicted peak / capacity) is the least
+               in the fleet and more than ``rebalance_gap`` below the most.
+Migration moves running requests, so it measures instances by their running requests' predicted
+peak: the source gives its cheapest running request to move (the least KV, decoding); the
+destination is the instance whose running requests and next queued one leave the most room, at
+least ``min_gain`` more than the source's running requests leave (a drain takes any with room).
 """
 
 from __future__ import annotations
@@ -119,10 +123,15 @@ class MigrationPolicy:
         if self.max_stages < 1 or self.final_stage_tokens < 0 or self.max_in_flight_per_instance < 1:
             raise ValueError("max_stages and max_in_flight_per_instance must be >= 1, final_stage_tokens >= 0")
 
+    @staticmethod
+    def running_room(loads: InstanceLoads) -> np.ndarray:
+        """The fraction of each instance's KV its running requests' predicted peak leaves free."""
+        return 1.0 - loads.peak_blocks / np.maximum(loads.capacity_blocks, 1)
+
     def reasons(self, loads: InstanceLoads, num_waiting: np.ndarray, num_running: np.ndarray,
                 draining: np.ndarray) -> list:
         """Each instance's reason to send a request away, or None."""
-        free = loads.free_fraction
+        free = self.running_room(loads)
         takers = loads.available & ~draining
         spread = (free[takers].max() - free.min()) if takers.any() else 0.0
         out: list = []
@@ -133,8 +142,9 @@ class MigrationPolicy:
                 out.append("drain")
             elif loads.peak_blocks[i] > loads.capacity_blocks[i]:
                 out.append("pressure")
-            elif num_waiting[i] > 0 and loads.headroom_blocks[i] < 0:
-                out.append("queue")
+            elif num_waiting[i] > 0 and loads.head_blocks is not None and \
+                    loads.peak_blocks[i] + loads.head_blocks[i] > loads.capacity_blocks[i]:
+                out.append("queue")  # its running requests keep the next queued one out
             elif spread > self.rebalance_gap and free[i] == free.min():
                 out.append("rebalance")
             else:
@@ -146,7 +156,11 @@ class MigrationPolicy:
         """(source, destination, reason) pairs to start now; ``in_flight`` counts each instance's
         migrations (either end)."""
         reasons = self.reasons(loads, num_waiting, num_running, draining)
-        free = loads.free_fraction
+        free = self.running_room(loads)
+        # A destination's room also leaves out the request it admits next: one moved in must not
+        # keep its own queue waiting.
+        head = loads.head_blocks if loads.head_blocks is not None else np.zeros_like(loads.peak_blocks)
+        room = free - head / np.maximum(loads.capacity_blocks, 1)
         order = sorted((i for i, r in enumerate(reasons) if r is not None),
                        key=lambda i: (REASONS.index(reasons[i]), free[i]))
         busy = in_flight >= self.max_in_flight_per_instance
@@ -154,11 +168,11 @@ class MigrationPolicy:
         for src in order:
             if busy[src]:
                 continue
-            candidates = [d for d in np.argsort(-free, kind="stable").tolist()
+            candidates = [d for d in np.argsort(-room, kind="stable").tolist()
                           if d != src and loads.available[d] and not draining[d] and not busy[d]]
             for dst in candidates:
-                gain = free[dst] - free[src]
-                if loads.headroom_blocks[dst] <= 0 or (reasons[src] != "drain" and gain < self.min_gain):
+                gain = room[dst] - free[src]
+                if room[dst] <= 0 or (reasons[src] != "drain" and gain < self.min_gain):
                     break  # the freest one is not free enough: neither is any other
                 pairs.append((src, dst, reasons[src]))
                 busy[src] = busy[dst] = True
