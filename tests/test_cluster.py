@@ -408,3 +408,12 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_seeds_without_a_migration_to_time_aggregate_with_the_others():
+    from kvsched.sim.metrics import aggregate
+
+    records = [{"seed": 0, "fleet": {"downtime_ms": None, "committed": 0}},
+               {"seed": 1, "fleet": {"downtime_ms": 0.05, "committed": 2}}]
+    merged = aggregate(records)["fleet"]
+    assert merged["downtime_ms"] == 0.05 and merged["committed"] == 1.0

@@ -108,15 +108,19 @@ def aggregate(records: list) -> dict:
     """One record from the records of several seeds: numbers become their means, each with a
     ``<name>_ci95`` half-width beside it (nested SLO records too); ``seeds`` and ``per_seed`` keep
     the runs. One record comes back as it is, with ``seeds`` added."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
     def merge(group: list) -> dict:
         out = {}
         for key, value in group[0].items():
+            present = [r[key] for r in group if r.get(key) is not None]
             if isinstance(value, dict):
                 out[key] = merge([r[key] for r in group])
-            elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
-                values = [r[key] for r in group]
-                out[key] = float(np.mean(values)) if len(group) > 1 else value
-                out[f"{key}_ci95"] = interval95(values)
+            elif present and all(number(v) for v in present):
+                # A figure some seeds lack (None: e.g. no migration to time) is the mean of the others.
+                out[key] = float(np.mean(present)) if len(group) > 1 else value
+                out[f"{key}_ci95"] = interval95(present)
             elif isinstance(value, bool):
                 out[key] = all(r[key] for r in group)
             else:
