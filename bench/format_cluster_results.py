@@ -36,8 +36,8 @@ def main(paths: list[str]) -> None:
         groups[(workload, int(instances))].extend(json.loads(Path(path).read_text()))
     print("# A fleet: dispatch and live migration (`bash bench/cluster_results.sh`)\n")
     print("`kvsched simulate --instances N` replays a workload over N identical simulated instances, each with the")
-    print("workload's KV cache and its own scheduler (past_future admission, preemption by recompute), behind a")
-    print("dispatcher. Rows: each dispatch policy (`round_robin`; `least_load`: tokens running and queued;")
+    print("workload's KV cache and its own scheduler (preemption by recompute; past_future admission, or aggressive,")
+    print("as vLLM admits, where a row starts with it), behind a dispatcher. Rows: each dispatch policy (`round_robin`; `least_load`: tokens running and queued;")
     print("`headroom`: the most KV left after the estimator's predicted peak of every live request;")
     print("`prefix_affinity`: the most cached prefix blocks within a 10% load-imbalance limit), without and with")
     print("live migration (`+migration`: staged KV copies over a 50 GB/s, 10 us RDMA link), and with the global")
@@ -50,7 +50,7 @@ def main(paths: list[str]) -> None:
     for (workload, instances), records in sorted(groups.items()):
         first = records[0]
         print(f"## {workload}, {instances} instances\n")
-        print(f"{first['workload']}; {first['num_requests']} requests; KV {first['kv_capacity_tokens']} tokens per "
+        print(f"{first['workload']}; {int(first['num_requests'])} requests; KV {first['kv_capacity_tokens']} tokens per "
               f"instance; seeds {first['seeds']}\n")
         print("| run | max rate at 90% lax (req/s) | lax attainment (%) | TTFT p99 (s) | worst gap p99 (s) "
               "| preemptions | cached (%) | migrations | migrated (GB) | spread (%) |")
