@@ -51,7 +51,10 @@ def test_a_migration_moves_a_decoding_request_and_it_decodes_on():
     # One more decode on the source while the first stage copies, then the last stage.
     plan = source.schedule()
     source.update(plan.req_ids, [1])
-    dest.extend_incoming(7, source.info(7)["num_computed"])
+    with pytest.raises(ValueError, match="num_tokens must be in"):  # the last token computes at the destination
+        dest.extend_incoming(7, 44, 4)
+    dest.extend_incoming(7, source.info(7)["num_computed"], source.info(7)["num_generated"])
+    assert dest.info(7)["num_generated"] == 4  # admission there counts what it holds by now
     source.migrate_out([7])
     dest.commit_incoming(7, 4)
     source.check_invariants()
@@ -76,7 +79,7 @@ def test_a_reservation_that_does_not_fit_changes_nothing():
     assert snapshot(dest) == before and 7 not in dest
     table, _ = dest.reserve_incoming(7, 20, 20, 1, 16)
     with pytest.raises(kvsched.OutOfBlocks):
-        dest.extend_incoming(7, 35)
+        dest.extend_incoming(7, 35, 19)
     assert dest.info(7)["num_computed"] == 16 and dest.block_table(7).tolist() == table.tolist()
     dest.cancel_incoming([7])
     assert snapshot(dest) == before
@@ -93,7 +96,7 @@ def test_migration_calls_refuse_bad_input_naming_it_and_change_nothing():
         (lambda: dest.reserve_incoming(7, 40, 2000, 3, 42), "KV capacity"),
         (lambda: dest.commit_incoming(7, 3), "unknown request"),
         (lambda: dest.cancel_incoming([7]), "unknown request"),
-        (lambda: source.extend_incoming(7, 50), "not incoming"),
+        (lambda: source.extend_incoming(7, 50, 12), "not incoming"),
         (lambda: source.cancel_incoming([7]), "not incoming"),
     ]
     before = snapshot(source), snapshot(dest)
@@ -208,7 +211,7 @@ def test_random_migrations_between_two_schedulers_lose_nothing(actions):
                 ended.add(r)
             elif action in ("stage", "finish"):
                 try:
-                    dst.extend_incoming(r, info["num_computed"])
+                    dst.extend_incoming(r, info["num_computed"], info["num_generated"])
                 except kvsched.OutOfBlocks:
                     dst.cancel_incoming([r])
                     del moving[r]

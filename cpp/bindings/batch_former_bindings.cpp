@@ -405,12 +405,13 @@ void init_batch_former(py::module_& m) {
           py::arg("true_output_len"), py::arg("block_keys"))
       .def(
           "extend_incoming",
-          [](BatchFormer& f, py::handle id, py::handle num_tokens) {
+          [](BatchFormer& f, py::handle id, py::handle num_tokens, py::handle num_generated) {
             std::vector<BlockId> added;
-            f.extend_incoming(to_int64(id, "req_id"), to_int64(num_tokens, "num_tokens"), added);
+            f.extend_incoming(to_int64(id, "req_id"), to_int64(num_tokens, "num_tokens"),
+                              to_int64(num_generated, "num_generated"), added);
             return to_numpy(std::move(added));
           },
-          py::arg("req_id"), py::arg("num_tokens"))
+          py::arg("req_id"), py::arg("num_tokens"), py::arg("num_generated"))
       .def(
           "commit_incoming",
           [](BatchFormer& f, py::handle id, py::handle num_generated) {

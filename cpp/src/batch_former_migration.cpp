@@ -133,20 +133,25 @@ int64_t BatchFormer::reserve_incoming(const NewRequest& n, int64_t num_generated
   return allocator_.num_cached_tokens(n.id);
 }
 
-void BatchFormer::extend_incoming(RequestId id, int64_t num_tokens, std::vector<BlockId>& added) {
+void BatchFormer::extend_incoming(RequestId id, int64_t num_tokens, int64_t num_generated,
+                                  std::vector<BlockId>& added) {
   std::lock_guard<std::mutex> lock(mutex_);
   expect_between_steps("extend_incoming");
   Request& r = lookup(id, "req_id", kNoIndex);
   KVSCHED_EXPECTS(r.state == RequestState::kIncoming, std::invalid_argument, "req_id: request ", id, " is ",
                   request_state_name(r.state), ", not incoming");
-  KVSCHED_EXPECTS(num_tokens >= r.num_computed && num_tokens <= r.prompt_len + r.max_new_tokens - 1,
-                  std::invalid_argument, "num_tokens must be in [", r.num_computed, ", ",
-                  r.prompt_len + r.max_new_tokens - 1, "], got ", num_tokens);
+  KVSCHED_EXPECTS(num_generated >= r.num_generated && num_generated < r.max_new_tokens, std::invalid_argument,
+                  "num_generated must be in [", r.num_generated, ", ", r.max_new_tokens, "), got ", num_generated);
+  // As at reservation: the last token's KV is computed where the request runs next.
+  KVSCHED_EXPECTS(num_tokens >= r.num_computed && num_tokens < r.prompt_len + num_generated, std::invalid_argument,
+                  "num_tokens must be in [", r.num_computed, ", ", r.prompt_len + num_generated - 1, "], got ",
+                  num_tokens);
   scratch_blocks_.clear();
   allocator_.allocate(id, num_tokens, nullptr, 0, scratch_blocks_);
   if (options_.host_prefix_cache) allocator_.pop_evictions(evictions_);
   evictions_.clear();
   r.num_computed = num_tokens;
+  r.num_generated = num_generated;  // the estimator counts what it holds by the end of this stage
   added.insert(added.end(), scratch_blocks_.begin(), scratch_blocks_.end());
 }
 

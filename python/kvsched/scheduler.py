@@ -487,9 +487,10 @@ class Scheduler:
             client_id, -1 if true_output_len is None else true_output_len, block_keys,
         )
 
-    def extend_incoming(self, req_id: int, num_tokens: int) -> np.ndarray:
-        """A later stage: grows the reservation to ``num_tokens`` (all or nothing); returns the blocks added."""
-        return self._former.extend_incoming(req_id, num_tokens)
+    def extend_incoming(self, req_id: int, num_tokens: int, num_generated: int) -> np.ndarray:
+        """A later stage: grows the reservation to ``num_tokens`` of a request that has generated
+        ``num_generated`` tokens at its source by now (all or nothing); returns the blocks added."""
+        return self._former.extend_incoming(req_id, num_tokens, num_generated)
 
     def commit_incoming(self, req_id: int, num_generated: int) -> None:
         """The last stage's KV arrived: the request runs here from its reserved tokens on."""

@@ -275,9 +275,9 @@ class BatchFormer {
   // not there.
   int64_t reserve_incoming(const NewRequest& request, int64_t num_generated, int64_t num_tokens,
                            const std::vector<Hash128>* keys, std::vector<BlockId>& table);
-  // Later stages: grows the reservation to `num_tokens` (all or nothing, OutOfBlocks) and
-  // appends the blocks added.
-  void extend_incoming(RequestId id, int64_t num_tokens, std::vector<BlockId>& added);
+  // Later stages: grows the reservation to `num_tokens` of a request that has generated
+  // `num_generated` tokens at its source by now (all or nothing, OutOfBlocks); appends the blocks added.
+  void extend_incoming(RequestId id, int64_t num_tokens, int64_t num_generated, std::vector<BlockId>& added);
   // The last stage arrived: the request runs here with its reserved tokens computed and
   // `num_generated` tokens generated (what the source had when it stopped it).
   void commit_incoming(RequestId id, int64_t num_generated);

@@ -424,9 +424,9 @@ class Driver:
             if m in self.migrations:
                 self._abort(m)  # it finished, was preempted, or its source is gone
             return
-        computed = state[0]
+        computed, generated = state[0], state[1]
         final = computed - m.copied_tokens <= policy.final_stage_tokens or m.stage >= policy.max_stages
-        if computed > m.copied_tokens and not self._call(m.dst, "extend_incoming", m.index, computed):
+        if computed > m.copied_tokens and not self._call(m.dst, "extend_incoming", m.index, computed, generated):
             if m in self.migrations:
                 self._abort(m)
             return

@@ -462,10 +462,10 @@ class EngineInstance:
         self.arrival[index] = arrival_s
         return int(cached)
 
-    def extend_incoming(self, index: int, num_tokens: int) -> bool:
+    def extend_incoming(self, index: int, num_tokens: int, num_generated: int) -> bool:
         """Grows the reservation; False when the room is not there (nothing changed)."""
         try:
-            self.scheduler.extend_incoming(index, num_tokens)
+            self.scheduler.extend_incoming(index, num_tokens, num_generated)
         except OutOfBlocks:
             return False
         return True
