@@ -5,16 +5,11 @@ dispatch policy, global queue and migration."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-
-def interval(record: dict, key: str, fmt: str, scale: float = 1.0) -> str:
-    value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
-    shown = format(half, fmt)
-    return format(value, fmt) + (f" ± {shown}" if float(shown) > 0 else "")
+from format_results import interval, shown_command  # bench/, beside this script
 
 
 def fleet_mean(record: dict, path: tuple) -> float:
@@ -37,7 +32,8 @@ def main(paths: list[str]) -> None:
     print("# A fleet: dispatch and live migration (`bash bench/cluster_results.sh`)\n")
     print("`kvsched simulate --instances N` replays a workload over N identical simulated instances, each with the")
     print("workload's KV cache and its own scheduler (preemption by recompute; past_future admission, or aggressive,")
-    print("as vLLM admits, where a row starts with it), behind a dispatcher. Rows: each dispatch policy (`round_robin`; `least_load`: tokens running and queued;")
+    print("as vLLM admits, where a row starts with it), behind a dispatcher. Rows: each dispatch policy")
+    print("(`round_robin`; `least_load`: tokens running and queued;")
     print("`headroom`: the most KV left after the estimator's predicted peak of every live request;")
     print("`prefix_affinity`: the most cached prefix blocks within a 10% load-imbalance limit), without and with")
     print("live migration (`+migration`: staged KV copies over a 50 GB/s, 10 us RDMA link), and with the global")
@@ -65,7 +61,7 @@ def main(paths: list[str]) -> None:
                   f"{fleet_mean(r, ('migration', 'committed')):.0f} | "
                   f"{fleet_mean(r, ('migration', 'bytes')) / 1e9:.1f} | {100 * fleet_mean(r, ('load_spread',)):.1f} |")
         print("\nCommands:\n")
-        for command in dict.fromkeys(re.sub(r" --json [^ ]+", "", r["command"]) for r in records):
+        for command in dict.fromkeys(shown_command(r) for r in records):
             print(f"- `{command}`")
         print()
 

@@ -4,21 +4,16 @@ into docs/host_tier_results.md: per workload, GPU-only, with the host tier, and 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from format_results import interval, shown_command  # bench/, beside this script
 
 CONFIGS = {"1gpu": "GPU prefix cache only", "2evict": "+ host tier: write on eviction, load inline",
            "3finish": "+ host tier: write through at finish, load inline",
            "4prefetch": "+ host tier: write through at finish, prefetch (the defaults)",
            "5large": "GPU cache that keeps everything"}
-
-
-def interval(record: dict, key: str, fmt: str, scale: float = 1.0) -> str:
-    value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
-    shown = format(half, fmt)
-    return format(value, fmt) + (f" ± {shown}" if float(shown) > 0 else "")
 
 
 def share(record: dict, key: str) -> str:
@@ -70,7 +65,7 @@ def main(paths: list[str]) -> None:
         print("\nCommands:\n")
         for config in CONFIGS:
             if config in configs:
-                print(f"- `{re.sub(r' --json [^ ]+', '', configs[config]['command'])}`")
+                print(f"- `{shown_command(configs[config])}`")
         print()
 
 

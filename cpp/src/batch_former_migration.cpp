@@ -178,31 +178,27 @@ void BatchFormer::commit_incoming(RequestId id, int64_t num_generated) {
   ++counters_.migrated_in;
 }
 
-void BatchFormer::cancel_incoming(const RequestId* ids, size_t count) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  expect_between_steps("cancel_incoming");
+void BatchFormer::expect_distinct_in_state(const RequestId* ids, size_t count, RequestState state,
+                                           const char* refusal) const {
   check_distinct_live(ids, count);
   for (size_t i = 0; i < count; ++i) {
     const Request& r = lookup(ids[i], "req_ids", i);
-    KVSCHED_EXPECTS(r.state == RequestState::kIncoming, std::invalid_argument, "req_ids[", i, "]: request ", ids[i],
-                    " is ", request_state_name(r.state), ", not incoming");
+    KVSCHED_EXPECTS(r.state == state, std::invalid_argument, "req_ids[", i, "]: request ", ids[i], " is ",
+                    request_state_name(r.state), refusal);
   }
-  for (size_t i = 0; i < count; ++i) {
-    Request& r = lookup(ids[i], "req_ids", i);
-    drop(r);
-    requests_.erase(r.id, reset_request);
-  }
+}
+
+void BatchFormer::cancel_incoming(const RequestId* ids, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  expect_between_steps("cancel_incoming");
+  expect_distinct_in_state(ids, count, RequestState::kIncoming, ", not incoming");
+  for (size_t i = 0; i < count; ++i) remove(lookup(ids[i], "req_ids", i));
 }
 
 void BatchFormer::migrate_out(const RequestId* ids, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
   expect_between_steps("migrate_out");
-  check_distinct_live(ids, count);
-  for (size_t i = 0; i < count; ++i) {
-    const Request& r = lookup(ids[i], "req_ids", i);
-    KVSCHED_EXPECTS(r.state == RequestState::kRunning, std::invalid_argument, "req_ids[", i, "]: request ", ids[i],
-                    " is ", request_state_name(r.state), "; only running requests migrate");
-  }
+  expect_distinct_in_state(ids, count, RequestState::kRunning, "; only running requests migrate");
   for (size_t i = 0; i < count; ++i) {
     remove(lookup(ids[i], "req_ids", i));
     ++counters_.migrated_out;

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import __version__
 from .scheduler import ADMISSION_MODES, SEEDED_ADMISSION_MODES
-from .cluster import DISPATCH_POLICIES, LINKS
+from .cluster import DISPATCH_POLICIES, LINKS, Link, MigrationPolicy
 from .sim.allocator_replay import replay_placement
 from .sim.report import plot_cdfs, table, write_per_request
 from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
@@ -93,27 +93,26 @@ def _allocator_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admissions(text: str) -> List[str]:
+def _names(text: str, choices: tuple, what: str) -> List[str]:
+    """A comma-separated list of `choices`; anything else is refused, naming it."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in ADMISSION_MODES]
+    unknown = [name for name in names if name not in choices]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown admission mode {','.join(unknown) or text!r}; "
-                                         f"choose from {','.join(ADMISSION_MODES)}")
+        raise argparse.ArgumentTypeError(f"unknown {what} {','.join(unknown) or text!r}; "
+                                         f"choose from {','.join(choices)}")
     return names
+
+
+def _admissions(text: str) -> List[str]:
+    return _names(text, ADMISSION_MODES, "admission mode")
 
 
 def _dispatch_policies(text: str) -> List[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in DISPATCH_POLICIES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown dispatch policy {','.join(unknown) or text!r}; "
-                                         f"choose from {','.join(DISPATCH_POLICIES)}")
-    return names
+    return _names(text, DISPATCH_POLICIES, "dispatch policy")
 
 
 def _fleets(args: argparse.Namespace) -> list:
     """The fleets to compare (FleetSpec each), or [None] for one instance."""
-    from .cluster import Link, MigrationPolicy
     from .sim.driver import FleetSpec
 
     if args.instances == 1:

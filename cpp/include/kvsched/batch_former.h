@@ -365,6 +365,8 @@ class BatchFormer {
   // Running and incoming requests into `input` (what the estimator counts as held).
   void push_holders(EstimatorInput& input) const;
   void expect_between_steps(const char* call) const;
+  // Throws unless every id is live, appears once and is in `state` (`refusal` ends the message).
+  void expect_distinct_in_state(const RequestId* ids, size_t count, RequestState state, const char* refusal) const;
 
   BatchFormerOptions options_;
   mutable std::mutex mutex_;

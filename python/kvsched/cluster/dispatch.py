@@ -48,11 +48,6 @@ class InstanceLoads:
             head_blocks=column("head_blocks"),
         )
 
-    @property
-    def free_fraction(self) -> np.ndarray:
-        """Headroom as a fraction of capacity (Llumnix's freeness, from predicted demand)."""
-        return self.headroom_blocks / np.maximum(self.capacity_blocks, 1)
-
 
 class Dispatcher:
     """Places batches of requests by ``policy`` (one of DISPATCH_POLICIES). ``imbalance_limit``

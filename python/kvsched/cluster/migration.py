@@ -79,7 +79,6 @@ class Migration:
     copied_tokens: int
     preemptions_at_start: int
     stage: int = 1
-    bytes: int = 0
     record: Optional[object] = None
     downtime_s: float = 0.0
 

@@ -24,7 +24,7 @@ scratch, and counted as retried.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -102,7 +102,6 @@ class FleetResult:
     lost_instances: list
     served: np.ndarray  # requests each instance finished
     kv_utilization: np.ndarray  # each instance's time-weighted mean fraction of KV in use
-    extra: dict = field(default_factory=dict)
 
     @property
     def load_spread(self) -> float:
@@ -222,7 +221,8 @@ class Driver:
                     self.slow[name][ids] = counts
                 self._end(ids)
                 self.served[i] += ids.size
-                self._recent_outputs = np.concatenate([self._recent_outputs, self.prepared.trace.output_tokens[ids]])[-1000:]
+                outputs = self.prepared.trace.output_tokens[ids]
+                self._recent_outputs = np.concatenate([self._recent_outputs, outputs])[-1000:]
                 order = np.argsort(events.finish_s, kind="stable")
                 for t in np.unique(events.finish_s):
                     self.arrivals.finished(ids[order][events.finish_s[order] == t], float(t))
@@ -382,12 +382,12 @@ class Driver:
             if state is None:
                 continue
             computed, generated, preemptions = state
-            cached = self._call(dst, "reserve_incoming", index, float(self.arrivals.arrival_s[index]), generated, computed)
+            arrival = float(self.arrivals.arrival_s[index])
+            cached = self._call(dst, "reserve_incoming", index, arrival, generated, computed)
             if cached is None:  # no room there after all (or it is gone): nothing changed
                 continue
             nbytes = self._copy_bytes(cached, computed)
-            m = Migration(index, src, dst, reason, now, now + self.migration.link.seconds(nbytes), computed, preemptions,
-                          bytes=nbytes)
+            m = Migration(index, src, dst, reason, now, now + self.migration.link.seconds(nbytes), computed, preemptions)
             self.migrations.append(m)
             self.migration_stats.started += 1
             self.migration_stats.by_reason[reason] += 1
@@ -434,7 +434,6 @@ class Driver:
         seconds = policy.link.seconds(nbytes)
         self.migration_stats.stages += 1
         self.migration_stats.bytes += nbytes
-        m.bytes += nbytes
         m.stage += 1
         m.copied_tokens = computed
         if final:

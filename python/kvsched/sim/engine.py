@@ -192,14 +192,13 @@ class RunLog:
 @dataclass
 class StepEvents:
     """What the steps of one :meth:`EngineInstance.advance` call ended: requests that finished (with
-    when) and requests the scheduler rejected; ``stalled`` when a step planned nothing."""
+    when) and requests the scheduler rejected."""
 
     finished: np.ndarray
     finish_s: np.ndarray
     rejected: np.ndarray
     clock: float
     busy: bool
-    stalled: bool = False
     rows: dict = field(default_factory=dict)  # per-request measurements of ``finished``
 
 
@@ -364,7 +363,7 @@ class EngineInstance:
                 "first_scheduled": self.first_scheduled[ids], "max_gap": self.max_gap[ids],
                 "num_gaps": self.num_gaps[ids], "preemptions": self.preemptions[ids],
                 "slow": {name: counts[ids] for name, counts in self.slow.items()}}
-        return StepEvents(ids, cat(finish_s, np.float64), cat(rejected, np.int64), self.clock, busy, stalled, rows)
+        return StepEvents(ids, cat(finish_s, np.float64), cat(rejected, np.int64), self.clock, busy, rows)
 
     def step(self, next_arrival_s: float) -> tuple:
         """One engine step at ``clock``: returns (finished ids, rejected ids, planned nothing)."""
