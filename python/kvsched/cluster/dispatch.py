@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import _core
+from . import _args
 
 DISPATCH_POLICIES = ("round_robin", "least_load", "headroom", "prefix_affinity")
 
@@ -58,13 +59,13 @@ class Dispatcher:
     served, for the first instance that frees room."""
 
     def __init__(self, policy: str, imbalance_limit: float = 0.1, global_queue: bool = False):
+        if not isinstance(policy, str):
+            raise TypeError(f"dispatch policy must be a str, one of {DISPATCH_POLICIES}, got {policy!r}")
         if policy not in DISPATCH_POLICIES:
             raise ValueError(f"dispatch policy must be one of {DISPATCH_POLICIES}, got {policy!r}")
-        if not imbalance_limit >= 0:
-            raise ValueError(f"imbalance_limit must be >= 0, got {imbalance_limit}")
         self.policy = policy
-        self.imbalance_limit = float(imbalance_limit)
-        self.global_queue = bool(global_queue)
+        self.imbalance_limit = _args.real("imbalance_limit", imbalance_limit, 0)
+        self.global_queue = _args.flag("global_queue", global_queue)
         self._next = 0
 
     @property

@@ -32,6 +32,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import _args
 from .dispatch import InstanceLoads
 
 
@@ -44,10 +45,12 @@ class Link:
     latency_s: float
 
     def __post_init__(self) -> None:
-        if not self.bandwidth_bytes_per_s > 0:
-            raise ValueError(f"link bandwidth must be > 0, got {self.bandwidth_bytes_per_s}")
-        if not self.latency_s >= 0:
-            raise ValueError(f"link latency must be >= 0, got {self.latency_s}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {self.name!r}")
+        # Frozen: the checked values are stored as plain floats.
+        object.__setattr__(self, "bandwidth_bytes_per_s",
+                           _args.real("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s, 0, strict=True))
+        object.__setattr__(self, "latency_s", _args.real("latency_s", self.latency_s, 0))
 
     def seconds(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
@@ -116,11 +119,13 @@ class MigrationPolicy:
     max_in_flight_per_instance: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.link, Link):
+            raise TypeError(f"link must be a kvsched.cluster.Link (e.g. LINKS['rdma']), got {self.link!r}")
+        # Frozen: the checked values are stored as plain floats and ints.
         for name in ("check_interval_s", "rebalance_gap", "min_gain"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_stages < 1 or self.final_stage_tokens < 0 or self.max_in_flight_per_instance < 1:
-            raise ValueError("max_stages and max_in_flight_per_instance must be >= 1, final_stage_tokens >= 0")
+            object.__setattr__(self, name, _args.real(name, getattr(self, name), 0))
+        for name, minimum in (("max_stages", 1), ("final_stage_tokens", 0), ("max_in_flight_per_instance", 1)):
+            object.__setattr__(self, name, _args.integer(name, getattr(self, name), minimum))
 
     @staticmethod
     def running_room(loads: InstanceLoads) -> np.ndarray:

@@ -24,11 +24,13 @@ scratch, and counted as retried.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..cluster import _args
 from ..cluster.dispatch import Dispatcher, InstanceLoads
 from ..cluster.migration import Migration, MigrationPolicy, MigrationStats
 from .arrivals import ArrivalQueue
@@ -37,6 +39,7 @@ from .workloads import PriorityPlan
 
 NOWHERE = -1
 IN_FLIGHT = -2
+MAX_INSTANCES = 4096  # a simulated fleet holds every instance's engine in memory
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,13 @@ class FleetSpec:
     global_queue: bool = False
 
     def __post_init__(self) -> None:
-        if self.instances < 1:
-            raise ValueError(f"instances must be >= 1, got {self.instances}")
-        self.dispatcher()  # checks the policy and the limit
+        # Frozen: the checked count is stored as a plain int. Each instance is a whole engine.
+        object.__setattr__(self, "instances", _args.integer("instances", self.instances, 1, MAX_INSTANCES))
+        if self.migration is not None and not isinstance(self.migration, MigrationPolicy):
+            raise TypeError(f"migration must be a kvsched.cluster.MigrationPolicy or None, got {self.migration!r}")
+        dispatcher = self.dispatcher()  # checks the policy, the limit and the queue flag
+        object.__setattr__(self, "imbalance_limit", dispatcher.imbalance_limit)
+        object.__setattr__(self, "global_queue", dispatcher.global_queue)
 
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self.dispatch, self.imbalance_limit, self.global_queue)
@@ -133,9 +140,12 @@ class Driver:
                  check_every_round: bool = False):
         if dispatcher is None and len(pool) != 1:
             raise ValueError("dispatcher: several instances need a dispatch policy")
-        for i in (drains or {}):
-            if not 0 <= i < len(pool):
-                raise ValueError(f"drains: no instance {i} among {len(pool)}")
+        for i, t in (drains or {}).items():
+            _args.integer("drains: an instance", i, 0, len(pool) - 1)
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Real):
+                raise TypeError(f"drains: instance {i}'s drain time must be a number of seconds, got {t!r}")
+            if np.isnan(t):
+                raise ValueError(f"drains: instance {i}'s drain time must be a number of seconds, got {t!r}")
         self.prepared, self.engine, self.pool = prepared, engine, pool
         self.admission, self.policy = admission, policy
         self.dispatcher, self.migration, self.progress, self.hook = dispatcher, migration, progress, hook
