@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from kvsched.cluster import MigrationPolicy
-from kvsched.sim.driver import FleetSpec, simulate_fleet
+from kvsched.cluster import Dispatcher, MigrationPolicy
+from kvsched.sim.driver import Driver, FleetSpec, simulate_fleet
 from kvsched.sim.engine import EngineConfig, prepare
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.traces import read_trace
@@ -18,7 +18,8 @@ if "libasan" in os.environ.get("LD_PRELOAD", ""):
     # Ray's own native processes inherit the sanitizer preload and are not built for it.
     pytest.skip("Ray's processes do not run under the AddressSanitizer preload", allow_module_level=True)
 
-from kvsched.cluster.ray import simulate_on_ray  # noqa: E402
+from kvsched.cluster.ray import RayPool, simulate_on_ray  # noqa: E402
+from test_cluster_faults import POLICY, conversations  # noqa: E402
 
 A100 = PROFILES["llama3-8b-a100"]
 PER_REQUEST = ("arrival_s", "first_token_s", "finish_s", "first_scheduled_s", "max_gap_s", "num_gaps", "preemptions",
@@ -67,3 +68,35 @@ def test_a_killed_actor_requests_are_retried_and_none_is_lost(local_ray, trace_d
     completed = ~np.isnan(log.finish_s)
     assert completed.sum() + log.rejected.sum() == len(prepared.trace)
     assert result.summary()["retried"] == result.retried
+
+
+def test_actors_killed_at_migration_stages_lose_no_request_and_leak_no_reservation(local_ray):
+    """The destination of a last stage in flight, then the source of a first stage: killed actors."""
+    engine = EngineConfig(A100, 8192)
+    prepared = prepare(conversations(), engine)
+    pool = RayPool(prepared, engine, "aggressive", 3)
+    killed: list = []
+
+    def hook(now, _pool):
+        for m in driver.migrations:
+            last = m.record is not None
+            if (not killed and last) or (len(killed) == 1 and not last and m.stage == 1 and m.src not in killed):
+                victim = m.dst if last else m.src
+                ray.kill(pool.actors[victim])
+                killed.append(victim)
+                return
+
+    try:
+        driver = Driver(prepared, engine, pool, admission="aggressive", dispatcher=Dispatcher("round_robin"),
+                        migration=POLICY, hook=hook, check_every_round=True)
+        driver.run()
+        result = driver.result("round_robin", "ray faults")
+        finished = ~np.isnan(result.log.finish_s)
+        assert len(killed) == 2 and sorted(result.lost_instances) == sorted(killed)
+        assert np.all(finished ^ result.log.rejected) and np.all(driver.times_ended == 1)
+        assert result.served.sum() == finished.sum() and not driver.migrations
+        for i in set(range(3)) - set(killed):
+            load = pool.call(i, "load")
+            assert load["num_incoming"] == 0 and load["num_running"] == 0 and load["num_waiting"] == 0
+    finally:
+        pool.shutdown()

@@ -16,16 +16,19 @@ Glossary
 With one instance every round is exactly the single-engine loop: add what arrived by the step
 start, step, repeat (an idle engine jumps to the next arrival).
 
-Nothing is lost: every request sent ends finished or rejected, and at any moment it is on one
-instance, in flight, or queued for re-dispatch (``check_conservation``). An instance that fails
-(``InstanceLost`` from a call) loses its requests' progress: they are dispatched again, from
-scratch, and counted as retried.
+Nothing is lost: every request sent ends exactly once, finished or rejected with a reason
+(``REJECT_REASONS``), and until then it is on one live instance, in flight with a migration that will
+land it, or queued for dispatch while some instance can still take it (``check_conservation``). An
+instance that fails (``InstanceLost`` from a call) loses its requests' progress, and the copies of
+migrations from or to it: those requests are dispatched again, from scratch, and counted as retried.
+When no live instance takes new requests any more (all lost or draining), what waits for dispatch
+and what arrives later is rejected ("no instance left").
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -39,6 +42,10 @@ from .workloads import PriorityPlan
 
 NOWHERE = -1
 IN_FLIGHT = -2
+
+# Why a request was rejected: its instance's scheduler can never hold its prompt; an earlier turn of
+# its conversation was rejected (so it never arrives); no live instance takes requests any more.
+REJECT_REASONS = ("does not fit", "earlier turn rejected", "no instance left")
 MAX_INSTANCES = 4096  # a simulated fleet holds every instance's engine in memory
 
 
@@ -109,6 +116,7 @@ class FleetResult:
     lost_instances: list
     served: np.ndarray  # requests each instance finished
     kv_utilization: np.ndarray  # each instance's time-weighted mean fraction of KV in use
+    rejected_by_reason: dict = field(default_factory=dict)  # REJECT_REASONS -> requests rejected for it
 
     @property
     def load_spread(self) -> float:
@@ -121,7 +129,7 @@ class FleetResult:
             "instances": self.instances, "dispatch": self.dispatch, "migration": self.migration,
             "retried": self.retried, "redispatched": self.redispatched, "lost_instances": self.lost_instances,
             "served": self.served.tolist(), "kv_utilization": [round(float(u), 4) for u in self.kv_utilization],
-            "load_spread": round(self.load_spread, 4),
+            "load_spread": round(self.load_spread, 4), "rejected_by_reason": dict(self.rejected_by_reason),
         }
 
 
@@ -164,6 +172,8 @@ class Driver:
                           "preemptions": np.zeros(n, np.int64)})
         self.slow = {slo.name: np.zeros(n, np.int64) for slo in SLOS.values() if slo.gap_kind == "p99"}
         self.rejected = np.zeros(n, bool)
+        self.reject_reason = np.full(n, -1, np.int8)  # index into REJECT_REASONS
+        self.times_ended = np.zeros(n, np.int64)  # more than 1: a request ended twice (a bug)
         k = len(pool)
         self.alive = np.ones(k, bool)
         self.draining = np.zeros(k, bool)
@@ -193,6 +203,7 @@ class Driver:
             now = float(self.clock[busy].min()) if busy.any() else min(self._next_arrival(), self._next_event())
             now = self._now = max(self._now, now)  # requests waiting to be placed do not turn time back
             if not np.isfinite(now):
+                self.check_conservation()  # names a lost request, if that is why
                 raise RuntimeError("requests are left that will never arrive")
             self._start_drains(now)
             self._dispatch(now)
@@ -204,6 +215,7 @@ class Driver:
             horizon = min(self._next_arrival(), self._next_event(), now + self._min_think)
             until = horizon if horizon > now else np.nextafter(now, np.inf)
             self._advance(until, min(self._next_arrival(), self._next_event()))
+        self.check_conservation()  # once per run: nothing in flight, queued or reserved is left
 
     def _next_arrival(self) -> float:
         """When dispatch next has something to place (now, while requests wait to be placed)."""
@@ -213,7 +225,7 @@ class Driver:
         times = [m.event_s for m in self.migrations]
         if self.migration is not None and self.busy[self.alive].any():
             times.append(self._next_check)
-        times.extend(t for i, t in self.drains.items() if not self.draining[i])
+        times.extend(t for i, t in self.drains.items() if not self.draining[i] and self.alive[i])
         return min(times, default=np.inf)
 
     def _advance(self, until: float, next_event: float) -> None:
@@ -239,14 +251,44 @@ class Driver:
                 if self.progress is not None:
                     self.progress(int(ids.size))
             if events.rejected.size:
-                lost = np.concatenate([events.rejected, self.arrivals.cancelled(events.rejected)])
-                self.rejected[lost] = True
-                self._end(lost)
+                self._reject(events.rejected, "does not fit")
+        self._settle_migrations()
 
     def _end(self, ids: np.ndarray) -> None:
         self.num_ended += int(np.count_nonzero(~self.ended[ids]))
         self.ended[ids] = True
+        self.times_ended[ids] += 1
         self.location[ids] = NOWHERE
+
+    def _reject(self, ids: np.ndarray, reason: str) -> None:
+        """``ids`` end rejected for ``reason``, and the later turns of their conversations with them
+        (they would have arrived only after these finished)."""
+        followers = self.arrivals.cancelled(ids)
+        self.reject_reason[ids] = REJECT_REASONS.index(reason)
+        self.reject_reason[followers] = REJECT_REASONS.index("earlier turn rejected")
+        ids = np.concatenate([ids, followers])
+        self.rejected[ids] = True
+        self._end(ids)
+
+    # ---- requests waiting for dispatch ----
+    def _takers(self) -> bool:
+        """Whether some live instance still takes new requests (lost and draining ones never will)."""
+        return bool((self.alive & ~self.draining).any())
+
+    def _requeue(self, ids) -> None:
+        """``ids`` wait for dispatch again, or end rejected when no instance is left to take them."""
+        if self._takers():
+            self.retry.extend(np.asarray(ids, np.int64).tolist())
+        elif len(ids):
+            self._reject(np.asarray(ids, np.int64), "no instance left")
+
+    def _reject_stranded(self) -> None:
+        """After an instance was lost or began draining: if it was the last to take requests, what
+        waits for dispatch can never be placed."""
+        if not self._takers() and (self.retry or self.held):
+            waiting = np.array(self.retry + self.held, np.int64)
+            self.retry, self.held = [], []
+            self._reject(waiting, "no instance left")
 
     # ---- calls that may find an instance gone ----
     def _call(self, index: int, method: str, *args):
@@ -264,27 +306,35 @@ class Driver:
                 results[k] = None
         return results
 
+    def instance_lost(self, index: int) -> None:
+        """Instance ``index`` is known to be gone (a failed health check, a lost node) before any
+        call to it failed: handled as an ``InstanceLost`` from a call."""
+        self._lose(_args.integer("index", index, 0, len(self.pool) - 1))
+
     def _lose(self, index: int) -> None:
-        """An instance is gone with its requests' progress: they go back to dispatch."""
+        """An instance is gone with its requests' progress: they go back to dispatch. So do the
+        requests of its migrations' last stages, to it or from it (that copy is lost with it); a
+        migration's reservation elsewhere is released."""
         if not self.alive[index]:
             return
         self.alive[index] = False
         self.busy[index] = False
         self.lost_instances.append(index)
         orphans = [np.flatnonzero(self.location == index)]
-        for m in list(self.migrations):
-            if m.src != index and m.dst != index:
-                continue
+        for m in [m for m in self.migrations if index in (m.src, m.dst)]:
+            if m not in self.migrations:
+                continue  # a loss found while releasing another reservation took it down
             self.migrations.remove(m)
             self.migration_stats.aborted += 1
-            if m.src == index and m.record is None and self.alive[m.dst]:
-                self._call(m.dst, "cancel_incoming", m.index)
-            if m.dst == index and m.record is not None:  # its KV was on the way to the lost one
+            if m.record is not None:  # stopped at its source: in flight, nowhere else to go on
                 orphans.append(np.array([m.index]))
+            if m.dst != index:
+                self._release(m)
         ids = np.concatenate(orphans)
         self.location[ids] = NOWHERE
-        self.retry.extend(ids.tolist())
-        self.retried += int(ids.size)
+        self.retried += int(ids.size) if self._takers() else 0
+        self._requeue(ids)
+        self._reject_stranded()
 
     # ---- dispatch ----
     def _loads(self) -> tuple:
@@ -303,12 +353,15 @@ class Driver:
         if ids.size == 0:
             return
         self.sent[ids] = True
+        if not self._takers():
+            self._reject(ids, "no instance left")
+            return
         if self.dispatcher is None:
             target = np.zeros(ids.size, np.int64)
         else:
             target = self._place(ids)
             if target is None:  # an instance went away while asked: ask again next round
-                self.retry.extend(ids.tolist())
+                self._requeue(ids)
                 return
         held = target < 0
         if held.any():
@@ -319,7 +372,7 @@ class Driver:
             mine = ids[target == i]
             was_busy = self.busy[i]
             if self._call(i, "add", mine, arrival[mine]) is None and not self.alive[i]:
-                self.retry.extend(mine.tolist())
+                self._requeue(mine)
                 continue
             self.location[mine] = i
             self.busy[i] = True
@@ -327,8 +380,6 @@ class Driver:
                 self.clock[i] = max(self.clock[i], float(arrival[mine].min()))
 
     def _place(self, ids: np.ndarray) -> Optional[np.ndarray]:
-        if not (self.alive & ~self.draining).any():
-            raise RuntimeError("dispatch: no instance is left to take requests")
         bs = self.engine.block_size
         prompt = self.prepared.trace.prompt_tokens[ids]
         # A new request's future KV: its prompt plus the typical output of recent ones.
@@ -358,11 +409,17 @@ class Driver:
             if self.draining[i] or t > now or not self.alive[i]:
                 continue
             self.draining[i] = True
+            # It takes no new requests: migrations to it stop, except one whose request already left
+            # its source (it lands, and the drain sends it on like the others running there).
+            for m in [m for m in self.migrations if m.dst == i and m.record is None]:
+                self._abort(m)
             queued = self._call(i, "take_queued")
             if queued is not None and queued.size:
                 self.location[queued] = NOWHERE
-                self.retry.extend(queued.tolist())
                 self.redispatched += int(queued.size)
+                self._requeue(queued)
+        self._settle_migrations()  # a request taken from a queue leaves its migration
+        self._reject_stranded()
 
     # ---- live migration ----
     def _handle_migrations(self, now: float) -> None:
@@ -386,6 +443,8 @@ class Driver:
             in_flight[m.dst] += 1
         loads.available &= self.alive
         for src, dst, reason in self.migration.pick(loads, waiting, running, self.draining, in_flight):
+            if not (self.alive[src] and self.alive[dst]):
+                continue  # lost while an earlier pair started
             exclude = [m.index for m in self.migrations if m.src == src]
             index = self._call(src, "migration_candidate", exclude)
             state = None if index is None else self._call(src, "migration_state", index)
@@ -411,17 +470,30 @@ class Driver:
         return int(blocks * self._block_bytes)
 
     def _abort(self, m: Migration) -> None:
+        """Ends a migration whose request is still at its source (or ended): nothing moves."""
         self.migrations.remove(m)
         self.migration_stats.aborted += 1
+        self._release(m)
+
+    def _release(self, m: Migration) -> None:
+        """Frees the destination's reservation (a lost destination freed it with its memory)."""
         if self.alive[m.dst]:
             self._call(m.dst, "cancel_incoming", m.index)
+
+    def _settle_migrations(self) -> None:
+        """Aborts each migration whose request left its source outside the migration (it finished,
+        was rejected, or was taken from a draining instance's queue), so that no reservation
+        outlives its request."""
+        for m in [m for m in self.migrations if m.record is None and self.location[m.index] != m.src]:
+            if m in self.migrations:
+                self._abort(m)
 
     def _stage_landed(self, m: Migration) -> None:
         policy = self.migration
         if m.record is not None:  # the last stage: the request runs at the destination now
-            self.migrations.remove(m)
             if self._call(m.dst, "commit_incoming", m.record, m.event_s) is None and not self.alive[m.dst]:
-                return  # _lose re-dispatched it
+                return  # _lose took the migration down and sent its request to dispatch again
+            self.migrations.remove(m)
             self.location[m.index] = m.dst
             if not self.busy[m.dst]:  # as the instance does: an idle one wakes when the KV is there
                 self.clock[m.dst] = max(self.clock[m.dst], m.event_s)
@@ -457,26 +529,55 @@ class Driver:
 
     # ---- results ----
     def check_conservation(self) -> None:
-        """Every request sent is ended, on a live instance, in flight or queued for dispatch."""
+        """Every request sent can still end, or has ended exactly once: it is on a live instance,
+        in flight with a migration that will land it on a live one, or queued for dispatch while a
+        live instance takes requests; a migration in progress holds a request that has not ended
+        (else its reservation would never be released). AssertionError names what is wrong."""
+        def fail(what: str, ids) -> None:
+            ids = np.asarray(ids, np.int64)
+            raise AssertionError(f"{what}: requests {ids[:10].tolist()}" + (" ..." if ids.size > 10 else ""))
+
+        waiting = np.array(self.retry + self.held, np.int64)
         queued = np.zeros(self.n, bool)
-        queued[np.array(self.retry + self.held, np.int64)] = True
+        queued[waiting] = True
+        values, counts = np.unique(waiting, return_counts=True)
+        if (counts > 1).any():
+            fail("queued for dispatch twice", values[counts > 1])
+        if waiting.size and not self._takers():
+            fail("queued for dispatch with no live instance left to take them", waiting)
         located = self.location >= 0
-        in_flight = self.location == IN_FLIGHT
-        if located.any() and not self.alive[self.location[located]].all():
-            raise AssertionError("a request is on a lost instance")
-        accounted = self.ended | located | in_flight | queued
-        if not np.array_equal(accounted & self.sent, self.sent) or (self.ended & (located | in_flight)).any():
-            missing = np.flatnonzero(self.sent & ~accounted)
-            raise AssertionError(f"requests were lost: {missing[:10].tolist()}")
+        if not self.alive[self.location[located]].all():
+            fail("on a lost instance", np.flatnonzero(located)[~self.alive[self.location[located]]])
+        landing = np.zeros(self.n, bool)  # in flight with a migration that will land it
+        for m in self.migrations:
+            if self.ended[m.index] or not (self.alive[m.src] and self.alive[m.dst]):
+                fail(f"migration {m.src}->{m.dst} of an ended request or a lost instance", [m.index])
+            at = IN_FLIGHT if m.record is not None else m.src
+            if self.location[m.index] != at or landing[m.index]:
+                fail(f"migration {m.src}->{m.dst} of a request not where it says", [m.index])
+            landing[m.index] = m.record is not None
+        stranded = (self.location == IN_FLIGHT) & ~landing
+        if stranded.any():
+            fail("in flight with no migration to land them", np.flatnonzero(stranded))
+        places = self.ended.astype(np.int64) + located + landing + queued
+        if (places > 1).any():
+            fail("in two places at once (ended, on an instance, in flight, queued)", np.flatnonzero(places > 1))
+        if (self.sent & (places == 0)).any():
+            fail("lost", np.flatnonzero(self.sent & (places == 0)))
+        if (self.times_ended > 1).any():
+            fail("ended more than once", np.flatnonzero(self.times_ended > 1))
+        no_reason = self.rejected & (self.reject_reason < 0)
+        if no_reason.any():
+            fail("rejected without a reason", np.flatnonzero(no_reason))
 
     def result(self, dispatch_name: str, run: str) -> FleetResult:
         calls = [(i, "outcome", ()) for i in np.flatnonzero(self.alive).tolist()]
         outcomes: list = [None] * len(self.pool)
         for (i, _, _), outcome in zip(calls, self._call_many(calls)):
             outcomes[i] = outcome
-        done = [o for o in outcomes if o is not None]
+        done = [o for o in outcomes if o is not None]  # none when every instance was lost
         arrival = self.arrivals.arrival_s
-        end = max(o["clock"] for o in done)
+        end = max((o["clock"] for o in done), default=self._now)
         makespan = max(end - float(np.nanmin(arrival)), 1e-9)
         stats = [o["stats"] for o in done]
         total = lambda key: int(sum(s[key] for s in stats))  # noqa: E731
@@ -487,19 +588,21 @@ class Driver:
             self.rows["finish"], self.rows["first_scheduled"], self.rows["max_gap"], self.rows["num_gaps"], self.slow,
             self.rows["preemptions"], self.rejected, self.prepared.rejected_too_long, self.prepared.clipped_outputs,
             sum(o["cpu"] for o in done), sum(o["steps"] for o in done),
-            float(np.mean([o["util_time"] for o in done]) / makespan),
+            float(np.mean([o["util_time"] for o in done]) / makespan) if done else 0.0,
             swap_bytes=total("swap_out_bytes") + total("swap_in_bytes"), swap_preemptions=total("swap_preemptions"),
             swap_time_s=sum(o["swap_time"] for o in done),
             prefix_hit_tokens=int(sum(s["kv"]["prefix_hit_blocks"] for s in stats)) * bs,
             host_hit_tokens=total("host_hit_blocks") * bs, cache_write_bytes=total("cache_write_bytes"),
             cache_load_bytes=total("cache_load_bytes"), computed_tokens=total("scheduled_tokens"),
-            step_cpu_us=np.concatenate([o["step_cpus"] for o in done]) * 1e6,
+            step_cpu_us=np.concatenate([np.zeros(0)] + [o["step_cpus"] for o in done]) * 1e6,
             policy=done[0]["policy"] if done else (self.policy or "fcfs"), run=run,
         )
         utilization = np.array([o["util_time"] / makespan if o is not None else np.nan for o in outcomes])
+        reasons = np.bincount(self.reject_reason[self.rejected], minlength=len(REJECT_REASONS))
         return FleetResult(log, len(self.pool), dispatch_name,
                            self.migration_stats.as_dict() if self.migration is not None else None, self.retried,
-                           self.redispatched, list(self.lost_instances), self.served, utilization)
+                           self.redispatched, list(self.lost_instances), self.served, utilization,
+                           dict(zip(REJECT_REASONS, reasons.tolist())))
 
 
 def simulate(
