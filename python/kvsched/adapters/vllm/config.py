@@ -1,0 +1,81 @@
+"""What the adapter runs with: kvsched's options from vLLM's config, and what it refuses."""
+
+from __future__ import annotations
+
+import kvsched
+from vllm.config import VllmConfig
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+
+from . import versions
+
+KVSCHED_OPTIONS = (
+    "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
+    "min_quantile", "max_quantile", "sampling", "num_scenarios", "keyed_draws", "seed", "prior", "max_bypass",
+    "placement", "hash_algorithm", "prefill_attention_budget",
+)
+POLICIES = ("fcfs", "priority")
+
+
+def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
+    """What in this configuration the adapter does not implement (empty when it can run)."""
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    sched = vllm_config.scheduler_config
+    found = []
+    if vllm_config.speculative_config is not None:
+        found.append("speculative decoding")
+    if vllm_config.kv_transfer_config is not None:
+        found.append("KV connectors (kv_transfer_config)")
+    if vllm_config.ec_transfer_config is not None:
+        found.append("encoder-cache connectors (ec_transfer_config)")
+    if model.is_encoder_decoder or model.supports_multimodal_inputs:
+        found.append("multimodal or encoder-decoder models")
+    if model.runner_type == "pooling":
+        found.append("pooling models")
+    if vllm_config.lora_config is not None:
+        found.append("LoRA (max_loras is not enforced by the batch former)")
+    if parallel.pipeline_parallel_size > 1:
+        found.append("pipeline parallelism")
+    if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
+        found.append("context parallelism")
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        found.append("KV cache groups other than one group of full attention (hybrid, sliding window, Mamba)")
+    if getattr(kv_cache_config, "needs_kv_cache_zeroing", False):
+        found.append("KV caches that need new blocks zeroed")
+    if not sched.enable_chunked_prefill:
+        found.append("disabled chunked prefill (kvsched always chunks at the step budget)")
+    if sched.prefill_schedule_interval > 1:
+        found.append("prefill_schedule_interval > 1")
+    found += versions.unsupported_options(vllm_config)
+    return found
+
+
+def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> tuple[kvsched.SchedulerConfig, str]:
+    """kvsched's SchedulerConfig and policy name from vLLM's config and ``additional_config['kvsched']``."""
+    extra = vllm_config.additional_config
+    options = dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
+    unknown = sorted(set(options) - set(KVSCHED_OPTIONS))
+    if unknown:
+        raise ValueError(f"additional_config['kvsched']: unknown option(s) {unknown}; known: {list(KVSCHED_OPTIONS)}")
+    sched = vllm_config.scheduler_config
+    policy = str(options.pop("policy", sched.policy))
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
+    max_seqs = sched.max_num_seqs
+    if sched.max_num_active_seqs is not None:
+        max_seqs = min(max_seqs, sched.max_num_active_seqs)
+    config = kvsched.SchedulerConfig(
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_batched_tokens=int(budget),
+        max_num_seqs=int(max_seqs),
+        max_prefill_chunk=int(sched.long_prefill_token_threshold or 0),
+        enable_prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
+        watermark_blocks=int(sched.watermark * num_blocks),
+        admission=options.pop("admission", "past_future"),
+        **options,
+    )
+    config.native_options()  # validates the choices now, naming the bad one
+    return config, policy

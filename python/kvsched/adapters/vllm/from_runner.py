@@ -1,0 +1,121 @@
+"""What comes back from the model runner: sampled tokens applied to vLLM's requests, and the
+``EngineCoreOutput`` each front end receives.
+
+Fast rows (see the glossary in ``scheduler.py``) are handled with array operations; the others one by
+one, the way vLLM's scheduler does (stop checks, logprobs, events, prefill stats).
+"""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from vllm.v1.core.sched.utils import check_stop
+from vllm.v1.engine import EngineCoreOutput
+from vllm.v1.request import Request, RequestStatus
+
+from . import versions
+from .state import Step, consume
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+
+def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, outputs: dict) -> None:
+    h = sched._handles
+    every_row = rows.size == len(step.req_ids)
+    hs = step.handles if every_row else step.handles[rows]
+    row_ids = step.req_ids if every_row else [step.req_ids[r] for r in rows.tolist()]
+    index = rows.tolist() if runner.req_ids == step.req_ids else versions.runner_index(runner, row_ids)
+    sampled = list(map(runner.sampled_token_ids.__getitem__, index))
+    single = np.fromiter(map(len, sampled), np.int64, len(sampled)) == 1
+    if single.all():
+        tokens = np.fromiter(chain.from_iterable(sampled), np.int64, len(sampled))
+    else:
+        tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
+    fast = (
+        single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~step.capped[rows]
+        & (tokens != h.eos[hs]) & ~(h.stop_ids[hs] == tokens[:, None]).any(axis=1)
+    )  # length stops (max_tokens, max_model_len) are the core's capped rows
+    if runner.num_nans_in_logits:
+        fast[:] = False
+    fast_rows = np.flatnonzero(fast)
+    all_fast = fast_rows.size == len(sampled)
+    fast_hs = hs if all_fast else hs[fast_rows]
+    fast_tokens = (tokens if all_fast else tokens[fast_rows]).tolist()
+    # Request.append_output_token_ids() without its block hasher (kvsched hashes natively), as
+    # C-level appends to the request's own lists.
+    consume(map(list.append, h.output_ids[fast_hs].tolist(), fast_tokens))
+    all_ids = h.all_ids[fast_hs].tolist()
+    if all_ids:  # a list, or from vLLM 0.34 a TokenBuffer (an int32 array.array)
+        consume(map(type(all_ids[0]).append, all_ids, fast_tokens))
+    h.num_output[fast_hs] += 1
+    fast_ids = row_ids if all_fast else [row_ids[k] for k in fast_rows.tolist()]
+    fast_sampled = sampled if all_fast else [sampled[k] for k in fast_rows.tolist()]
+    fast_outputs = list(map(EngineCoreOutput, fast_ids, fast_sampled))
+    clients = h.client[fast_hs]
+    if not clients.any():
+        outputs[0].extend(fast_outputs)
+    else:
+        for client, output in zip(clients.tolist(), fast_outputs):
+            outputs[client].append(output)
+
+    stopped_handles, stopped_lens = [], []
+    for k in np.flatnonzero(~fast).tolist():
+        request = h.request[hs[k]]
+        output, stopped = apply_row(sched, request, sampled[k], index[k], bool(step.capped[rows[k]]), runner)
+        if output is not None:
+            outputs[request.client_index].append(output)
+        if stopped:
+            if h.in_core[hs[k]]:
+                stopped_handles.append(int(hs[k]))
+                stopped_lens.append(request.num_output_tokens)
+            sched._retire(request)
+    if stopped_handles:
+        sched.core.stop(np.asarray(stopped_handles, np.int64), np.asarray(stopped_lens, np.int64))
+
+
+def apply_row(sched: Scheduler, request: Request, new_token_ids: list[int], index: int, capped: bool,
+               runner: Any) -> tuple[EngineCoreOutput | None, bool]:
+    """One row the way vLLM's scheduler does it: append, check stop, build the output."""
+    if not new_token_ids:
+        return None, False
+    stopped = False
+    for count, token in enumerate(new_token_ids, 1):
+        request._output_token_ids.append(token)
+        request._all_token_ids.append(token)
+        if check_stop(request, sched.max_model_len):
+            del new_token_ids[count:]
+            stopped = True
+            break
+    handle = sched._handle_of[request.request_id]
+    sched._handles.num_output[handle] = request.num_output_tokens
+    sched._handles.has_events[handle] = False
+    if capped and not stopped:  # the core cut max_tokens to what the KV cache can ever hold
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        stopped = True
+    nans = runner.num_nans_in_logits
+    if nans and request.request_id in nans:
+        request.num_nans_in_logits = nans[request.request_id]
+    new_logprobs = None
+    params = request.sampling_params
+    if params.logprobs is not None and runner.logprobs is not None and new_token_ids:
+        new_logprobs = runner.logprobs.slice_request(index, len(new_token_ids))
+    prefill_stats = request.take_prefill_stats()
+    if prefill_stats is not None:
+        cached = request.num_prompt_tokens if sched.kvsched_config.enable_prefix_caching else 0
+        prefill_stats.finalize(cached - cached % sched.block_size)
+    output = EngineCoreOutput(
+        request_id=request.request_id,
+        new_token_ids=new_token_ids,
+        finish_reason=request.get_finished_reason() if stopped else None,
+        new_logprobs=new_logprobs,
+        new_prompt_logprobs_tensors=runner.prompt_logprobs_dict.get(request.request_id),
+        stop_reason=request.stop_reason,
+        events=request.take_events(),
+        prefill_stats=prefill_stats,
+        trace_headers=request.trace_headers,
+        num_nans_in_logits=request.num_nans_in_logits,
+    )
+    return output, stopped

@@ -1,0 +1,113 @@
+"""The adapter's per-request and per-step state (see the glossary in ``scheduler.py``)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.request import Request
+
+MAX_FAST_STOP_IDS = 4
+
+# Handle states: where a live request stands with vLLM's workers.
+UNSENT, RUNNING, PREEMPTED = 0, 1, 2
+
+
+class Handles:
+    """Per-request columns indexed by handle, grown by doubling; freed handles are reused."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.generation = np.zeros(capacity, np.int64)
+        self.alive = np.zeros(capacity, bool)
+        self.state = np.zeros(capacity, np.int8)
+        self.prompt_len = np.zeros(capacity, np.int64)
+        self.num_output = np.zeros(capacity, np.int64)  # tokens appended to the vLLM Request
+        self.eos = np.full(capacity, -1, np.int64)
+        # Stop token ids (generation configs add several EOS ids); -1 pads; more than fit: not plain.
+        self.stop_ids = np.full((capacity, MAX_FAST_STOP_IDS), -1, np.int64)
+        self.plain = np.zeros(capacity, bool)  # needs no per-token work beyond the append
+        self.has_events = np.zeros(capacity, bool)  # events recorded, not yet sent
+        self.in_core = np.zeros(capacity, bool)  # the native core still holds it
+        self.last_step = np.full(capacity, -2, np.int64)  # last step that scheduled it
+        self.client = np.zeros(capacity, np.int64)
+        self.request = np.empty(capacity, object)
+        self.req_id = np.empty(capacity, object)
+        # The Request's own token lists (vLLM creates them once), for appends without attribute lookups.
+        self.output_ids = np.empty(capacity, object)
+        self.all_ids = np.empty(capacity, object)
+        self._free: list[int] = []
+        self._next = 0
+
+    def take(self, request: Request) -> int:
+        if self._free:
+            handle = self._free.pop()
+        else:
+            handle = self._next
+            self._next += 1
+            if handle == self.alive.size:
+                self._grow()
+        params = request.sampling_params
+        eos = params.eos_token_id
+        self.generation[handle] += 1
+        self.alive[handle] = True
+        self.state[handle] = UNSENT
+        self.prompt_len[handle] = request.num_prompt_tokens
+        self.num_output[handle] = 0
+        self.eos[handle] = -1 if eos is None else eos
+        stop_ids = params.stop_token_ids or ()
+        self.stop_ids[handle] = -1
+        self.stop_ids[handle, : len(stop_ids)] = stop_ids[:MAX_FAST_STOP_IDS]
+        self.plain[handle] = (
+            params.logprobs is None and params.prompt_logprobs is None and len(stop_ids) <= MAX_FAST_STOP_IDS
+            and getattr(params, "repetition_detection", None) is None and request.trace_headers is None
+        )
+        self.last_step[handle] = -2
+        self.has_events[handle] = False
+        self.in_core[handle] = False
+        self.client[handle] = request.client_index
+        self.request[handle] = request
+        self.req_id[handle] = request.request_id
+        self.output_ids[handle] = request._output_token_ids
+        self.all_ids[handle] = request._all_token_ids
+        return handle
+
+    def release(self, handle: int) -> None:
+        self.alive[handle] = False
+        self.in_core[handle] = False
+        self.request[handle] = None
+        self.output_ids[handle] = None
+        self.all_ids[handle] = None
+        self._free.append(handle)
+
+    def _grow(self) -> None:
+        for name, column in list(vars(self).items()):
+            if isinstance(column, np.ndarray):
+                size = column.shape[0]
+                grown = np.empty((size * 2,) + column.shape[1:], column.dtype)
+                grown[:size] = column
+                grown[size:] = None if column.dtype == object else -1 if name in ("eos", "stop_ids", "last_step") else 0
+                setattr(self, name, grown)
+
+
+@dataclass
+class Step:
+    """A scheduled step whose model output has not come back yet."""
+
+    output: SchedulerOutput
+    handles: np.ndarray
+    generations: np.ndarray
+    req_ids: list[str]
+    samples: np.ndarray  # the row's chunk reaches the end of its sequence: one token comes back
+    capped: np.ndarray  # the core finished the request at this row (max tokens, or what the cache holds)
+
+
+def consume(iterator) -> None:
+    """Runs an iterator of side effects at C speed."""
+    deque(iterator, maxlen=0)
+
+
+def monotonic() -> float:
+    return time.monotonic()
