@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,42 +97,121 @@ class Trace:
         return replace(self, arrival_s=np.asarray(arrival_s, dtype=np.float64))
 
 
+# Bounds on what a trace may hold. Token counts: far beyond any model's context (longer prompts are
+# then rejected as too long) yet summable in int64 with any other count. Arrivals: a span whose
+# float64 seconds still resolve a microsecond, so simulated steps of a few ms keep advancing the clock.
+MAX_TRACE_TOKENS = (1 << 31) - 1
+MAX_ARRIVAL_SPAN_S = 1e9  # about 31.7 years
+# Prefix ids below 2**63: the simulator tags session keys with the top bit (sim/engine.py).
+MAX_PREFIX_ID = (1 << 63) - 1
+_DIGITS = re.compile(r"\s*[+-]?\d+\s*")
+# ISO dates with an optional time, as the Azure traces write them ("2023-11-16 18:15:46.6805900");
+# numpy alone would also take "now", "today", "NaT" and an empty field.
+_TIMESTAMP = re.compile(r"(\d{4})-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?")
+_NS_YEARS = (1678, 2261)  # whole years a datetime64[ns] can hold
+
+
 def _count(path: Path, line: int, field: str, text: str, minimum: int) -> int:
+    """A token count written as decimal digits, in [minimum, MAX_TRACE_TOKENS]."""
+    if not _DIGITS.fullmatch(text):
+        raise TraceError(f"{path}:{line}: field {field!r} is not an integer: {text!r}")
     try:
         value = int(text)
-    except ValueError:
-        raise TraceError(f"{path}:{line}: field {field!r} is not an integer: {text!r}") from None
+    except ValueError:  # thousands of digits: Python refuses to convert them
+        raise TraceError(f"{path}:{line}: field {field!r} must be <= {MAX_TRACE_TOKENS}, got "
+                         f"{_short_number(text.strip())}") from None
+    return _in_range(path, line, field, value, minimum)
+
+
+def _in_range(path: Path, line: int, field: str, value: int, minimum: int) -> int:
     if value < minimum:
         raise TraceError(f"{path}:{line}: field {field!r} must be >= {minimum}, got {value}")
+    if value > MAX_TRACE_TOKENS:
+        raise TraceError(f"{path}:{line}: field {field!r} must be <= {MAX_TRACE_TOKENS}, "
+                         f"got {_short_number(value)}")
     return value
+
+
+def _short_number(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
+
+
+def _lines(path: Path, handle):
+    """(line number, text) of each line of a binary handle, decoded one line at a time so that a
+    byte that is not UTF-8 is reported on its own line."""
+    for line, raw in enumerate(handle, start=1):
+        try:
+            yield line, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TraceError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def _csv_rows(path: Path, handle):
+    """(line number, fields) of each non-empty CSV record; a record the csv module cannot read
+    (a field past its size limit, a stray quote) is a TraceError naming its line."""
+    reader = csv.reader(text for _, text in _lines(path, handle))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise TraceError(f"{path}:{reader.line_num}: not a valid CSV record: {error}") from None
+        if row:  # line_num: the record's last line (a quoted field may span several)
+            yield reader.line_num, row
+
+
+def _open_checked(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: no such file")
+    if not path.is_file():
+        raise TraceError(f"{path}: not a regular file")
+    return path
+
+
+def _timestamp(path: Path, line: int, text: str) -> np.datetime64:
+    """An Azure TIMESTAMP in nanoseconds; NaT, empty, 'now' and years a datetime64[ns] cannot
+    hold (it would wrap silently) are refused."""
+    text = text.strip()
+    match = _TIMESTAMP.fullmatch(text)
+    if match is None or not _NS_YEARS[0] <= int(match.group(1)) <= _NS_YEARS[1]:
+        raise TraceError(f"{path}:{line}: field 'TIMESTAMP' is not a timestamp (YYYY-MM-DD hh:mm:ss[.fraction], "
+                         f"years {_NS_YEARS[0]}-{_NS_YEARS[1]}): {text!r}")
+    try:
+        return np.datetime64(text.replace(" ", "T"), "ns")
+    except ValueError:
+        raise TraceError(f"{path}:{line}: field 'TIMESTAMP' is not a valid date and time: {text!r}") from None
+
+
+def _check_span(path: Path, span_s: float) -> None:
+    if not span_s <= MAX_ARRIVAL_SPAN_S:
+        raise TraceError(f"{path}: the arrivals span {span_s:.3g} s; must be <= {MAX_ARRIVAL_SPAN_S:g} s")
 
 
 def read_azure(path: Union[str, Path]) -> Trace:
     """Azure LLM inference trace CSV: ``TIMESTAMP,ContextTokens,GeneratedTokens``."""
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such file")
+    path = _open_checked(path)
     stamps, prompts, outputs = [], [], []
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+    expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+    with path.open("rb") as handle:
+        rows = _csv_rows(path, handle)
+        line, header = next(rows, (1, None))
         if header is None or [h.strip() for h in header] != expected:
-            raise TraceError(f"{path}:1: header must be {','.join(expected)}, got {header}")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
+            raise TraceError(f"{path}:{line}: header must be {','.join(expected)}, got {header}")
+        for line, row in rows:
             if len(row) != 3:
                 raise TraceError(f"{path}:{line}: expected 3 fields, got {len(row)}")
-            try:
-                stamps.append(np.datetime64(row[0].strip().replace(" ", "T"), "ns"))
-            except ValueError:
-                raise TraceError(f"{path}:{line}: field 'TIMESTAMP' is not a timestamp: {row[0]!r}") from None
+            stamps.append(_timestamp(path, line, row[0]))
             prompts.append(_count(path, line, "ContextTokens", row[1], 1))
             outputs.append(_count(path, line, "GeneratedTokens", row[2], 1))
     if not stamps:
         raise TraceError(f"{path}: the trace has no requests")
     times = np.array(stamps, dtype="datetime64[ns]")
+    # Checked in seconds first: 584 years of nanoseconds would wrap int64.
+    seconds = times.astype("datetime64[s]").astype(np.int64)
+    _check_span(path, float(seconds.max() - seconds.min()))
     arrival = (times - times.min()).astype(np.int64) / 1e9
     order = _arrival_order(path, arrival)
     return Trace(
@@ -139,13 +219,6 @@ def read_azure(path: Union[str, Path]) -> Trace:
         np.array(prompts, dtype=np.int64)[order],
         np.array(outputs, dtype=np.int64)[order],
     )
-
-
-def _open_checked(path: Union[str, Path]) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError(f"{path}: no such file")
-    return path
 
 
 def _float_field(path: Path, line: int, field_name: str, text: str) -> float:
@@ -164,24 +237,68 @@ def read_length_csv(path: Union[str, Path], require_arrivals: bool) -> Trace:
     give the trace arrivals with :func:`kvsched.sim.workloads.poisson_arrivals`."""
     path = _open_checked(path)
     arrivals, prompts, outputs = [], [], []
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
+    with path.open("rb") as handle:
+        rows = _csv_rows(path, handle)
+        _, header = next(rows, (1, []))
+        columns = [c.strip() for c in header]
         needed = ["num_prefill_tokens", "num_decode_tokens"] + (["arrived_at"] if require_arrivals else [])
         missing = [c for c in needed if c not in columns]
         if missing:
             raise TraceError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {','.join(columns)})")
         has_arrivals = "arrived_at" in columns
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            prompts.append(_count(path, line, "num_prefill_tokens", row["num_prefill_tokens"], 1))
-            outputs.append(_count(path, line, "num_decode_tokens", row["num_decode_tokens"], 1))
-            arrivals.append(_float_field(path, line, "arrived_at", row["arrived_at"]) if has_arrivals else 0.0)
+        where = {name: columns.index(name) for name in ("num_prefill_tokens", "num_decode_tokens", "arrived_at")
+                 if name in columns}
+        for line, row in rows:
+            if len(row) < len(columns):
+                missing = [name for name, at in where.items() if at >= len(row)]
+                if missing:
+                    raise TraceError(f"{path}:{line}: field {missing[0]!r} is missing "
+                                     f"({len(row)} fields, the header has {len(columns)})")
+            prompts.append(_count(path, line, "num_prefill_tokens", row[where["num_prefill_tokens"]], 1))
+            outputs.append(_count(path, line, "num_decode_tokens", row[where["num_decode_tokens"]], 1))
+            arrivals.append(_float_field(path, line, "arrived_at", row[where["arrived_at"]].strip())
+                            if has_arrivals else 0.0)
     if not prompts:
         raise TraceError(f"{path}: the trace has no requests")
     arrival = np.array(arrivals, dtype=np.float64)
+    _check_span(path, float(arrival.max() - arrival.min()))
     order = _arrival_order(path, arrival)
     return Trace((arrival - arrival.min())[order], np.array(prompts, np.int64)[order], np.array(outputs, np.int64)[order])
+
+
+def _json_count(path: Path, line: int, name: str, value) -> int:
+    # JSON's own integers only: "50" or 50.0 would be a silent conversion.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TraceError(f"{path}:{line}: field {name!r} must be an integer, got {_json_type(value)}")
+    return _in_range(path, line, name, value, 1)
+
+
+def _hash_ids(path: Path, line: int, ids) -> np.ndarray:
+    if not isinstance(ids, list):
+        raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list of integers, got {_json_type(ids)}")
+    for k, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PREFIX_ID:
+            raise TraceError(f"{path}:{line}: field 'hash_ids' item {k} must be an integer in [0, 2**63), "
+                             f"got {_json_type(value)}")
+    return np.array(ids, dtype=np.int64)
+
+
+def _json_milliseconds(path: Path, line: int, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TraceError(f"{path}:{line}: field 'timestamp' must be a number, got {_json_type(value)}")
+    try:
+        milliseconds = float(value)
+    except OverflowError:  # an integer past float's range
+        milliseconds = float("inf")
+    if not 0 <= milliseconds < float("inf"):
+        raise TraceError(f"{path}:{line}: field 'timestamp' must be finite and >= 0, got {_json_type(value)}")
+    return milliseconds
+
+
+def _json_type(value) -> str:
+    if isinstance(value, (bool, int, float)) or value is None:
+        return _short_number(json.dumps(value))
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
 
 
 def read_mooncake(path: Union[str, Path]) -> Trace:
@@ -189,29 +306,31 @@ def read_mooncake(path: Union[str, Path]) -> Trace:
     (512-token prefix blocks; equal ids are a shared prefix)."""
     path = _open_checked(path)
     arrivals, prompts, outputs, prefix = [], [], [], []
-    with path.open() as handle:
-        for line, text in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line, text in _lines(path, handle):
             if not text.strip():
                 continue
             try:
                 record = json.loads(text)
+            except RecursionError:
+                raise TraceError(f"{path}:{line}: not valid JSON: nested too deeply") from None
             except json.JSONDecodeError as error:
                 raise TraceError(f"{path}:{line}: not valid JSON: {error.msg}") from None
+            except ValueError:  # Python refuses to convert integers of thousands of digits
+                raise TraceError(f"{path}:{line}: not valid JSON: a number has too many digits") from None
             if not isinstance(record, dict):
                 raise TraceError(f"{path}:{line}: expected a JSON object")
             for name in ("timestamp", "input_length", "output_length"):
                 if name not in record:
                     raise TraceError(f"{path}:{line}: field {name!r} is missing")
-            arrivals.append(_float_field(path, line, "timestamp", str(record["timestamp"])) / 1000.0)
-            prompts.append(_count(path, line, "input_length", str(record["input_length"]), 1))
-            outputs.append(_count(path, line, "output_length", str(record["output_length"]), 1))
-            ids = record.get("hash_ids", [])
-            if not isinstance(ids, list) or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise TraceError(f"{path}:{line}: field 'hash_ids' must be a list of non-negative integers")
-            prefix.append(np.array(ids, dtype=np.int64))
+            arrivals.append(_json_milliseconds(path, line, record["timestamp"]) / 1000.0)
+            prompts.append(_json_count(path, line, "input_length", record["input_length"]))
+            outputs.append(_json_count(path, line, "output_length", record["output_length"]))
+            prefix.append(_hash_ids(path, line, record.get("hash_ids", [])))
     if not prompts:
         raise TraceError(f"{path}: the trace has no requests")
     arrival = np.array(arrivals, dtype=np.float64)
+    _check_span(path, float(arrival.max() - arrival.min()))
     order = _arrival_order(path, arrival)
     return Trace(
         (arrival - arrival.min())[order], np.array(prompts, np.int64)[order], np.array(outputs, np.int64)[order],
@@ -247,8 +366,8 @@ def read_trace(path: Union[str, Path], trace_format: str) -> Trace:
 def guess_format(path: Union[str, Path]) -> str:
     """The format of a trace file from its first line."""
     path = _open_checked(path)
-    with path.open() as handle:
-        first = handle.readline().strip()
+    with path.open("rb") as handle:
+        first = handle.readline(4096).decode("utf-8", "replace").strip()
     if first.startswith("{"):
         return "mooncake"
     if first.startswith("TIMESTAMP"):

@@ -25,8 +25,8 @@ def synthetic_chat(num_requests: int, rate_per_s: float = 5.5, seed: int = 0, ma
     """Chat requests with log-normal lengths fitted to the Azure conv statistics, Poisson arrivals."""
     if num_requests <= 0:
         raise ValueError(f"num_requests must be > 0, got {num_requests}")
-    if rate_per_s <= 0:
-        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
+    if not 0 < rate_per_s < np.inf:
+        raise ValueError(f"rate_per_s must be finite and > 0, got {rate_per_s}")
     rng = np.random.default_rng(seed)
     s = AZURE_CONV_STATS
     prompts = np.clip(_lognormal(rng, s["input_mean"], s["input_median"], num_requests), 1, max_tokens)
@@ -93,10 +93,10 @@ def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0, burstiness: f
     squared coefficient of variation (1: Poisson, > 1: burstier)."""
     if count <= 0:
         raise ValueError(f"count must be > 0, got {count}")
-    if not rate_per_s > 0:
-        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
-    if not burstiness > 0:
-        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    if not 0 < rate_per_s < np.inf:
+        raise ValueError(f"rate_per_s must be finite and > 0, got {rate_per_s}")
+    if not 0 < burstiness < np.inf:
+        raise ValueError(f"burstiness must be finite and > 0, got {burstiness}")
     rng = np.random.default_rng(seed)
     shape = 1.0 / burstiness
     gaps = rng.gamma(shape, 1.0 / (rate_per_s * shape), count)
@@ -148,10 +148,10 @@ def multi_turn_chat(num_conversations: int, rate_per_s: float, think_time_s: flo
     scale of the same load give the same run."""
     if num_conversations <= 0:
         raise ValueError(f"num_conversations must be > 0, got {num_conversations}")
-    if not rate_per_s > 0:
-        raise ValueError(f"rate_per_s must be > 0, got {rate_per_s}")
-    if not think_time_s >= 0:
-        raise ValueError(f"think_time_s must be >= 0, got {think_time_s}")
+    if not 0 < rate_per_s < np.inf:
+        raise ValueError(f"rate_per_s must be finite and > 0, got {rate_per_s}")
+    if not 0 <= think_time_s < np.inf:
+        raise ValueError(f"think_time_s must be finite and >= 0, got {think_time_s}")
     rng = np.random.default_rng(seed)
     s = SHAREGPT_TURN_STATS
     turns = np.minimum(rng.geometric(1.0 / s["turns_mean"], num_conversations), MAX_TURNS)
@@ -189,8 +189,8 @@ def closed_loop(trace: Trace, num_clients: int, think_time_s: float = 0.0, seed:
     clients, not by the trace's arrival times."""
     if num_clients <= 0:
         raise ValueError(f"num_clients must be > 0, got {num_clients}")
-    if not think_time_s >= 0:
-        raise ValueError(f"think_time_s must be >= 0, got {think_time_s}")
+    if not 0 <= think_time_s < np.inf:
+        raise ValueError(f"think_time_s must be finite and >= 0, got {think_time_s}")
     if trace.has_sessions:
         raise ValueError("closed_loop: the trace already has sessions")
     n = len(trace)
