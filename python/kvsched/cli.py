@@ -16,8 +16,10 @@ from . import __version__
 from .scheduler import ADMISSION_MODES, SEEDED_ADMISSION_MODES
 from .cluster import DISPATCH_POLICIES, LINKS, Link, MigrationPolicy
 from .sim.allocator_replay import replay_placement
-from .sim.report import plot_cdfs, table, write_per_request
-from .sim.traces import TRACE_FORMATS, Trace, TraceError, guess_format, read_azure, read_trace
+from .sim.driver import MAX_INSTANCES
+from .sim.report import OutputFiles, plot_cdfs, plot_formats, table, write_per_request
+from .sim.traces import (MAX_ARRIVAL_SPAN_S, TRACE_FORMATS, Trace, TraceError, guess_format, read_azure,
+                         read_trace)
 from .sim.workloads import (
     BUILT_IN_DEFAULTS,
     PRIORITY_KINDS,
@@ -37,47 +39,84 @@ DEFAULT_ADMISSIONS = "aggressive,conservative,past_future,oracle"
 ORDERING_POLICIES = ("fcfs", "priority")  # those the simulated workloads give inputs to
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+# Bounds on what one run may ask for, named in the errors: far beyond any published setup, yet
+# each keeps the run's memory and arithmetic in range (the scheduler holds ~50 bytes per KV block).
+MAX_REQUESTS = 1_000_000
+MAX_SEEDS = 100
+MAX_SEED = 1 << 62  # a seed, plus the seeds after it, stays in int64
+MAX_TOKENS = 1 << 24  # a context, max_new_tokens, a step's token budget, a prefill chunk
+MAX_NUM_SEQS = 1 << 20
+MAX_ATTENTION_BUDGET = 1 << 50  # token pairs: a MAX_TOKENS chunk deep in a MAX_TOKENS context
+MAX_BLOCK_SIZE = 1 << 16
+MAX_KV_BLOCKS = 1 << 22  # device KV blocks of one instance
+MAX_HOST_BLOCKS = 1 << 24  # host KV blocks of one instance
+MAX_FLEET_BLOCKS = 1 << 25  # device and host blocks of every instance together
+RATE_SCALE_RANGE = (1e-6, 1e6)
+RATE_RANGE = (1e-6, 1e6)  # requests (or conversations) per second
+MAX_THINK_S = 1e6
+LINK_GBPS_RANGE = (1e-3, 1e5)
+MAX_LINK_LATENCY_US = 1e6
+DEFAULT_REQUESTS_PER_INSTANCE = 1500
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _integer(low: int, high: Optional[int]):
+    """An argparse type: an integer in [low, high] (no upper bound for None; one that depends on
+    other options is checked later), refused with the bound it breaks."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {_shorten(repr(text), 60)}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {_shorten(str(value), 60)}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
+def _number(low: float, high: float):
+    """An argparse type: a finite number in [low, high], refused with the bound it breaks."""
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {_shorten(repr(text), 60)}") from None
+        if not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text.strip()}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {value:g}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {value:g}")
+        return value
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return value
+    parse.__name__ = "number"
+    return parse
 
 
 def _allocator_replay(args: argparse.Namespace) -> int:
-    if args.trace:
-        trace = read_azure(args.trace)
-        source = f"{args.trace} (Azure format)"
-    else:
-        trace = synthetic_chat(args.num_requests, seed=args.seed)
-        source = "built-in synthetic chat (Azure conv length statistics, 5.5 req/s Poisson)"
-    trace = trace.head(args.num_requests)
-    trace = Trace(trace.arrival_s / args.rate_scale, trace.prompt_tokens, trace.output_tokens)
-    reports = [
-        replay_placement(trace, placement, num_blocks=args.num_blocks, block_size=args.block_size)
-        for placement in PLACEMENTS
-    ]
+    with OutputFiles({"--json": args.json}, inputs={"--trace": args.trace}) as outputs:
+        if args.trace:
+            trace = read_azure(args.trace)
+            source = f"{args.trace} (Azure format)"
+        else:
+            trace = synthetic_chat(args.num_requests, seed=args.seed)
+            source = "built-in synthetic chat (Azure conv length statistics, 5.5 req/s Poisson)"
+        trace = trace.head(args.num_requests)
+        trace = Trace(trace.arrival_s / args.rate_scale, trace.prompt_tokens, trace.output_tokens)
+        _check_span(trace, args)
+        reports = [
+            replay_placement(trace, placement, num_blocks=args.num_blocks, block_size=args.block_size)
+            for placement in PLACEMENTS
+        ]
+        if args.json:
+            with open(outputs.temp("--json"), "w") as handle:
+                json.dump([r.__dict__ for r in reports], handle, indent=2)
+        outputs.commit()
     print(f"workload: {source}, {len(trace)} requests, rate x{args.rate_scale}")
     print(f"pool: {args.num_blocks} blocks of {args.block_size} tokens\n")
     header = f"{'placement':<12}{'blocks/extent':>15}{'vs fifo':>10}{'preemptions':>13}{'mean running':>14}"
@@ -88,9 +127,26 @@ def _allocator_replay(args: argparse.Namespace) -> int:
         ratio = r.mean_blocks_per_extent / fifo if fifo else float("nan")
         print(f"{r.placement:<12}{r.mean_blocks_per_extent:>15.2f}{ratio:>9.1f}x{r.preemptions:>13}{r.mean_running:>14.1f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump([r.__dict__ for r in reports], handle, indent=2)
+        print(f"wrote {args.json}")
     return 0
+
+
+def _check_span(trace: Trace, args: argparse.Namespace) -> None:
+    """Refuses a workload whose (scaled) arrivals span more than float seconds resolve finely
+    (a rate or rate scale so low that the run would never see its requests arrive)."""
+    span = float(trace.arrival_s.max() - trace.arrival_s.min()) if len(trace) else 0.0
+    if span <= MAX_ARRIVAL_SPAN_S:
+        return
+    if args.rate_scale != 1.0:
+        culprit = f"--rate-scale {args.rate_scale:g}"
+    elif getattr(args, "rate", None) is not None:
+        culprit = f"--rate {args.rate:g}"
+    elif getattr(args, "think_time", None) is not None:
+        culprit = f"--think-time {args.think_time:g}"
+    else:
+        culprit = "the workload"
+    raise ValueError(f"{culprit}: the arrivals would span {span:.3g} s; must be <= {MAX_ARRIVAL_SPAN_S:g} s "
+                     "(a higher rate or rate scale shortens them)")
 
 
 def _names(text: str, choices: tuple, what: str) -> List[str]:
@@ -172,15 +228,25 @@ def _check_options(args: argparse.Namespace) -> None:
                 raise ValueError(f"{option}: only live migration uses the link (--migration on or both)")
     if args.imbalance_limit is not None and "prefix_affinity" not in (args.dispatch or DISPATCH_POLICIES):
         raise ValueError("--imbalance-limit: only --dispatch prefix_affinity uses it")
-    for option, path in (("--json", args.json), ("--plot", args.plot), ("--per-request", args.per_request)):
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and not os.path.isdir(folder):
-            raise ValueError(f"{option}: folder {folder} does not exist")
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens: max_num_batched_tokens ({args.max_num_batched_tokens}) must be "
+                         f">= max_num_seqs ({args.max_num_seqs}) (--max-num-seqs): each running decode needs "
+                         "a token every step")
+    if not args.trace and not args.num_requests:
+        count = DEFAULT_REQUESTS_PER_INSTANCE * args.instances
+        if count > MAX_REQUESTS:
+            raise ValueError(f"--instances {args.instances}: the built-in workload's default of "
+                             f"{DEFAULT_REQUESTS_PER_INSTANCE} requests per instance makes {count}; must be <= "
+                             f"{MAX_REQUESTS}: give --num-requests")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib (pip install 'kvsched[plot]')") from None
+        extension = os.path.splitext(args.plot)[1][1:].lower()
+        if extension not in plot_formats():
+            raise ValueError(f"--plot: {args.plot} must end in an image format's extension: "
+                             f"{', '.join(plot_formats())}")
     if args.per_request:
         if not args.per_request.endswith((".csv", ".parquet")):
             raise ValueError(f"--per-request: {args.per_request} must end in .csv or .parquet")
@@ -189,6 +255,36 @@ def _check_options(args: argparse.Namespace) -> None:
                 import pyarrow  # noqa: F401
             except ImportError:
                 raise ValueError("--per-request: a .parquet file needs pyarrow (or write .csv)") from None
+
+
+def _check_memory(args: argparse.Namespace, capacity: int) -> None:
+    """Refuses KV pools the scheduler would need too much memory for, naming the option that sets
+    each (``capacity``: the run's device KV tokens, given or default)."""
+    block = args.block_size
+    given = "--kv-capacity-tokens" if args.kv_capacity_tokens else "the default KV capacity"
+    if block > capacity:
+        raise ValueError(f"--block-size {block}: larger than the KV cache of {capacity} tokens ({given}); "
+                         "at least one block must fit")
+    blocks = capacity // block
+    if blocks > MAX_KV_BLOCKS:
+        raise ValueError(f"--kv-capacity-tokens {capacity}: {blocks} blocks of {block} tokens; must be <= "
+                         f"{MAX_KV_BLOCKS} blocks ({MAX_KV_BLOCKS * block} tokens at --block-size {block})")
+    if args.host_kv_tokens and args.host_kv_tokens < block:
+        raise ValueError(f"--host-kv-tokens {args.host_kv_tokens}: less than one block of {block} tokens "
+                         "(--block-size)")
+    # Without a host tier, swap gets four times the device KV (EngineConfig.swap_options).
+    host_tokens = args.host_kv_tokens or (4 * capacity if args.preemption != "recompute" else 0)
+    host_blocks = host_tokens // block
+    if host_blocks > MAX_HOST_BLOCKS:
+        option = (f"--host-kv-tokens {args.host_kv_tokens}" if args.host_kv_tokens else
+                  f"--preemption {args.preemption}: its default host pool of 4 x {capacity} tokens")
+        raise ValueError(f"{option}: {host_blocks} blocks of {block} tokens; must be <= {MAX_HOST_BLOCKS} blocks "
+                         f"({MAX_HOST_BLOCKS * block} tokens at --block-size {block})")
+    total = args.instances * (blocks + host_blocks)
+    if total > MAX_FLEET_BLOCKS:
+        raise ValueError(f"--instances {args.instances}: {args.instances} instances of {blocks + host_blocks} KV "
+                         f"blocks (device and host) make {total}; must be <= {MAX_FLEET_BLOCKS}: fewer instances "
+                         "or a smaller --kv-capacity-tokens")
 
 
 def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[WorkloadDefaults]) -> tuple:
@@ -213,7 +309,7 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
             seeded = bool(args.clients)
     elif args.workload == "multi_turn":
         rate = defaults.rate * args.instances if args.rate is None else args.rate
-        count = args.num_requests or 1500 * args.instances
+        count = args.num_requests or DEFAULT_REQUESTS_PER_INSTANCE * args.instances
         conversations = int(np.ceil(count / SHAREGPT_TURN_STATS["turns_mean"] * 1.5)) + 8
         trace = multi_turn_chat(conversations, rate, think_time, seed=seed, max_requests=count)
         source = (f"built-in multi_turn workload (ShareGPT turn statistics, {rate:g} conversations/s Poisson, "
@@ -221,7 +317,8 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
     else:
         workload = args.workload or "chat"
         rate = defaults.rate * args.instances if args.rate is None else args.rate
-        trace = synthetic(workload, args.num_requests or 1500 * args.instances, rate, seed=seed)
+        count = args.num_requests or DEFAULT_REQUESTS_PER_INSTANCE * args.instances
+        trace = synthetic(workload, count, rate, seed=seed)
         source = f"built-in {workload} workload (published length statistics, Poisson {rate:g} req/s)"
         if args.clients:  # the lengths only: the clients set the arrivals
             source = f"built-in {workload} workload (published length statistics)"
@@ -237,18 +334,26 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    _check_options(args)
+    # Every output is reserved before the run and all are written, or none (OutputFiles).
+    with OutputFiles({"--json": args.json, "--per-request": args.per_request, "--plot": args.plot},
+                     inputs={"--trace": args.trace}) as outputs:
+        return _run_simulations(args, outputs)
+
+
+def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     from .sim.driver import simulate, simulate_fleet
     from .sim.engine import SLOS, EngineConfig, prepare
     from .sim.metrics import aggregate, summarize
     from .sim.profiles import PROFILES
     from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
 
-    _check_options(args)
     if args.admission is None:
         args.admission = ["past_future"] if args.instances > 1 else _admissions(DEFAULT_ADMISSIONS)
     profile = PROFILES[args.model_profile]
     defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
     capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
+    _check_memory(args, capacity)
     max_model_len = args.max_model_len or (defaults.max_model_len if defaults else 0)
     slo = SLOS[args.slo]
     priority_kind = None if args.priorities == "none" else args.priorities
@@ -266,6 +371,7 @@ def _simulate(args: argparse.Namespace) -> int:
         # For sessions, the request rate offered when each session's requests came at its start rate.
         base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
         trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
+        _check_span(trace, args)
         engine = EngineConfig(
             profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
@@ -282,8 +388,13 @@ def _simulate(args: argparse.Namespace) -> int:
         cache_tokens = capacity // args.block_size * args.block_size
         too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
         if too_big == len(prepared.trace):
+            shortest = int(prepared.trace.prompt_tokens.min())
+            if shortest < capacity:  # the capacity would hold it, but not in whole blocks of this size
+                raise ValueError(f"--block-size {args.block_size}: a KV cache of {capacity} tokens in blocks of "
+                                 f"{args.block_size} holds {cache_tokens} tokens, none of the prompts (the shortest "
+                                 f"has {shortest} tokens)")
             raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
-                             f"(the shortest has {int(prepared.trace.prompt_tokens.min())} tokens)")
+                             f"(the shortest has {shortest} tokens)")
         priorities = priority_plan(prepared.trace, priority_kind, seed=seed) if priority_kind else None
         progress.start(len(seeds) * len(configs) * len(prepared.trace))
         for config in configs:
@@ -329,6 +440,18 @@ def _simulate(args: argparse.Namespace) -> int:
                       options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
         records.append(record)
     _add_paired_differences(records, runs, slo.name)
+    # The files first, all or none; then the report on stdout (which a closed pipe may cut short).
+    rows = 0
+    if args.json:
+        with open(outputs.temp("--json"), "w") as handle:
+            json.dump(records, handle, indent=2)
+    if args.per_request:
+        rows = write_per_request(outputs.temp("--per-request"), runs, prepared_of_seed)
+    if args.plot:
+        plot_cdfs([runs[name][0][1] for name in runs], outputs.temp("--plot"),
+                  title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
+                  slo=slo, image_format=os.path.splitext(args.plot)[1][1:].lower())
+    outputs.commit()
     print(f"workload: {source}" + (f"; seeds {seeds[0]}-{seeds[-1]}: means and 95% intervals" if len(seeds) > 1 else ""))
     print(
         f"{len(prepared.trace)} requests at x{args.rate_scale:g} rate; model {profile.name}; KV {capacity} tokens "
@@ -367,16 +490,10 @@ def _simulate(args: argparse.Namespace) -> int:
               f"was not the bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). "
               "Admission matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(records, handle, indent=2)
         print(f"wrote {args.json}")
     if args.per_request:
-        count = write_per_request(args.per_request, runs, prepared_of_seed)
-        print(f"wrote {args.per_request} ({count} rows)")
+        print(f"wrote {args.per_request} ({rows} rows)")
     if args.plot:
-        plot_cdfs([runs[name][0][1] for name in runs], args.plot,
-                  title=f"{source}\nx{args.rate_scale:g} rate, KV {capacity} tokens, {profile.name}, seed {seeds[0]}",
-                  slo=slo)
         print(f"wrote {args.plot}")
     return 0
 
@@ -427,8 +544,15 @@ class _Progress:
             self.bar.close()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): the option, the problem, the bound."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_shorten(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsched", description="kvsched: a native scheduling core for LLM serving.")
+    parser = _Parser(prog="kvsched", description="kvsched: a native scheduling core for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvsched {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser(
@@ -439,11 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
         "contiguous extent of live block tables, which sets how many copies a swap needs.",
     )
     replay.add_argument("--trace", help="Azure LLM inference trace CSV (default: built-in synthetic chat)")
-    replay.add_argument("--num-requests", type=_positive_int, default=4000, help="requests to replay (default 4000)")
-    replay.add_argument("--rate-scale", type=_positive_float, default=1.0, help="multiply the arrival rate")
-    replay.add_argument("--num-blocks", type=_positive_int, default=8192)
-    replay.add_argument("--block-size", type=_positive_int, default=16)
-    replay.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
+    replay.add_argument("--num-requests", type=_integer(1, MAX_REQUESTS), default=4000,
+                        help="requests to replay (default 4000)")
+    replay.add_argument("--rate-scale", type=_number(*RATE_SCALE_RANGE), default=1.0,
+                        help="multiply the arrival rate")
+    replay.add_argument("--num-blocks", type=_integer(1, MAX_KV_BLOCKS), default=8192)
+    replay.add_argument("--block-size", type=_integer(1, MAX_BLOCK_SIZE), default=16)
+    replay.add_argument("--seed", type=_integer(0, MAX_SEED), default=0, help="seed of the synthetic workload")
     replay.add_argument("--json", help="also write the results to this JSON file")
     replay.set_defaults(run=_allocator_replay)
 
@@ -464,18 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "reuse the conversation's KV (prefix cache), --rate counting conversations. Each has its "
                      "own default rate, KV cache and context, where the KV cache limits the load "
                      "(WorkloadDefaults; bench/default_rates.py)")
-    sim.add_argument("--think-time", type=_non_negative_float, default=None,
+    sim.add_argument("--think-time", type=_number(0.0, MAX_THINK_S), default=None,
                      help="mean think time (s, exponential) between a multi_turn conversation's turns or a "
                      "--clients client's requests (default 10)")
-    sim.add_argument("--clients", type=_positive_int, default=0,
+    sim.add_argument("--clients", type=_integer(1, MAX_REQUESTS), default=0,
                      help="closed loop: N clients send the workload's requests, each waiting for its previous "
                      "answer and a think time (default: open loop, the trace's arrivals)")
-    sim.add_argument("--num-requests", type=_positive_int, default=0,
+    sim.add_argument("--num-requests", type=_integer(1, MAX_REQUESTS), default=0,
                      help="first N requests of the workload (default: 1500 built-in, all of a trace)")
-    sim.add_argument("--rate", type=_positive_float, default=None,
+    sim.add_argument("--rate", type=_number(*RATE_RANGE), default=None,
                      help=f"arrival rate (req/s) of a built-in workload (defaults: {defaults_text}) or of a "
                      "sharegpt length trace (default 2)")
-    sim.add_argument("--rate-scale", type=_positive_float, default=1.0,
+    sim.add_argument("--rate-scale", type=_number(*RATE_SCALE_RANGE), default=1.0,
                      help="multiply every arrival time's rate (a session's later turns keep their think times)")
     sim.add_argument("--admission", type=_admissions, default=None,
                      help=f"comma-separated admission modes to compare, one row each (default {DEFAULT_ADMISSIONS}; "
@@ -483,35 +609,36 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--policy", type=_ordering_policy, default=None,
                      help="ordering policy, as Scheduler(policy=...): fcfs, or priority with --priorities "
                      "(default: priority with --priorities, else fcfs)")
-    sim.add_argument("--kv-capacity-tokens", type=_positive_int, default=0,
+    sim.add_argument("--kv-capacity-tokens", type=_integer(1, None), default=0,
                      help="KV cache size in tokens (default: the built-in workload's, 65536 for most; the "
                      "model profile's with --trace)")
     sim.add_argument("--model-profile", choices=("llama3-8b-a100", "llama2-7b-h100"), default="llama3-8b-a100",
                      help="the simulated engine's iteration-time fit and KV size per token (default llama3-8b-a100)")
-    sim.add_argument("--max-model-len", type=_positive_int, default=0,
+    sim.add_argument("--max-model-len", type=_integer(1, MAX_TOKENS), default=0,
                      help="context limit in tokens; longer prompts are rejected and counted (default: the "
                      "built-in workload's, else the model profile's)")
-    sim.add_argument("--max-new-tokens", type=_positive_int, default=2048,
+    sim.add_argument("--max-new-tokens", type=_integer(1, MAX_TOKENS), default=2048,
                      help="max_new_tokens the scheduler sees per request (default 2048)")
-    sim.add_argument("--max-num-seqs", type=_positive_int, default=256,
+    sim.add_argument("--max-num-seqs", type=_integer(1, MAX_NUM_SEQS), default=256,
                      help="most requests running at once (default 256)")
-    sim.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+    sim.add_argument("--max-num-batched-tokens", type=_integer(1, MAX_TOKENS), default=2048,
                      help="tokens per engine step: every running decode first, then prefill chunks (default 2048)")
-    sim.add_argument("--max-prefill-chunk", type=_non_negative_int, default=2048,
+    sim.add_argument("--max-prefill-chunk", type=_integer(0, MAX_TOKENS), default=2048,
                      help="prefill tokens one request may compute per step; 0: no cap but the step's "
                      "(default 2048)")
-    sim.add_argument("--prefill-attention-budget", type=_non_negative_int, default=2048 * (8192 + 1024),
+    sim.add_argument("--prefill-attention-budget", type=_integer(0, MAX_ATTENTION_BUDGET), default=2048 * (8192 + 1024),
                      help="prefill attention per step in token pairs (n new tokens after c cost n*(c+n/2)); "
                      "chunks deep in long prompts shrink to it, bounding step time; 0: no limit "
                      "(default: a 2048-token chunk at 8k context)")
-    sim.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    sim.add_argument("--block-size", type=_integer(1, MAX_BLOCK_SIZE), default=16,
+                     help="tokens per KV block (default 16)")
     sim.add_argument("--preemption", choices=("recompute", "swap", "auto"), default="recompute",
                      help="what an eviction does: recompute the KV later, swap it to host memory, or choose by "
                      "the swap cost model (default recompute)")
     sim.add_argument("--priorities", choices=("none",) + PRIORITY_KINDS, default="none",
                      help="give requests 3 priority classes that change every 2 s (random, or a Markov walk), "
                      "scheduled by the priority policy, which evicts for a more urgent request (default none)")
-    sim.add_argument("--host-kv-tokens", type=_positive_int, default=0,
+    sim.add_argument("--host-kv-tokens", type=_integer(1, None), default=0,
                      help="host KV memory in tokens: adds the host tier of the prefix cache (blocks evicted from "
                      "the GPU prefix cache are written back and loaded on a later hit) in every preemption "
                      "mode, sharing the pool with swap (default: no host tier; swap gets 4x the device KV)")
@@ -523,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when the host tier loads a request's host hits: a step ahead of its prefill, "
                      "overlapping that step's forward pass, or in the step of its prefill, before the forward "
                      "pass (default prefetch)")
-    sim.add_argument("--instances", type=_positive_int, default=1,
+    sim.add_argument("--instances", type=_integer(1, MAX_INSTANCES), default=1,
                      help="simulate a fleet of N identical instances (each its own KV cache and scheduler) behind a "
                      "dispatcher; a built-in workload's default rate and request count scale with N (default 1)")
     sim.add_argument("--dispatch", type=_dispatch_policies, default=None,
@@ -539,11 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--link", choices=tuple(LINKS), default=None,
                      help="with --migration: the link KV moves over (default rdma: 50 GB/s, 10 us); "
                      + "; ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:g} GB/s" for k, v in LINKS.items()))
-    sim.add_argument("--link-bandwidth-gbps", type=_positive_float, default=None,
+    sim.add_argument("--link-bandwidth-gbps", type=_number(*LINK_GBPS_RANGE), default=None,
                      help="with --migration: the link's bandwidth in GB/s (overrides --link's)")
-    sim.add_argument("--link-latency-us", type=_non_negative_float, default=None,
+    sim.add_argument("--link-latency-us", type=_number(0.0, MAX_LINK_LATENCY_US), default=None,
                      help="with --migration: the link's latency per copy in microseconds (overrides --link's)")
-    sim.add_argument("--imbalance-limit", type=_non_negative_float, default=None,
+    sim.add_argument("--imbalance-limit", type=_number(0.0, 1.0), default=None,
                      help="with --dispatch prefix_affinity: an instance more loaded than the least loaded one by "
                      "this fraction of its KV capacity is not chosen for its cache (default 0.1)")
     sim.add_argument("--slo", choices=("lax", "strict"), default="lax",
@@ -551,10 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--find-max-rate", action="store_true",
                      help="also find each admission mode's highest rate meeting 90%% attainment (bisection, about "
                      "10 runs per mode and seed; the table gives its mean and 95%% interval over the seeds)")
-    sim.add_argument("--seed", type=_non_negative_int, default=0,
+    sim.add_argument("--seed", type=_integer(0, MAX_SEED), default=0,
                      help="first seed of the built-in workloads' draws, Poisson arrivals, priorities and the "
                      "scheduler's sampled lengths (default 0)")
-    sim.add_argument("--seeds", type=_positive_int, default=3,
+    sim.add_argument("--seeds", type=_integer(1, MAX_SEEDS), default=3,
                      help="run every admission mode with seeds --seed, --seed+1, ...: the table and JSON give "
                      "means and 95%% intervals, and each mode's paired difference from the first (default 3)")
     sim.add_argument("--wide", action="store_true",
@@ -586,9 +713,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _shorten(message: str, limit: int = 300) -> str:
-    """An error message with any over-long part (a whole trace line, say) cut to `limit` characters."""
-    return "\n".join(line if len(line) <= limit else line[:limit] + f"... ({len(line)} characters)"
-                     for line in message.splitlines())
+    """A message on one line, cut to `limit` characters (it may quote a whole trace line)."""
+    line = " ".join(message.split("\n"))
+    return line if len(line) <= limit else line[:limit] + f"... ({len(line)} characters)"
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ one (record, RunLog) pair of one seed.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import List
+import tempfile
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -137,7 +139,15 @@ def pad(name: str, fmt: str) -> str:
     return name.ljust(width) if spec.startswith("<") else name.rjust(width)
 
 
-def plot_cdfs(logs: list, path: str, title: str, slo) -> None:
+def plot_formats() -> List[str]:
+    """File extensions :func:`plot_cdfs` can write (matplotlib's, with the Agg backend)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def plot_cdfs(logs: list, path: str, title: str, slo, image_format: Optional[str] = None) -> None:
+    """Writes the CDFs to ``path`` as ``image_format`` (default: from the path's extension)."""
     import matplotlib  # present: _check_options refused --plot before the run otherwise
 
     matplotlib.use("Agg")
@@ -160,5 +170,89 @@ def plot_cdfs(logs: list, path: str, title: str, slo) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format=image_format or os.path.splitext(path)[1][1:].lower())
     plt.close(fig)
+
+
+class OutputFiles:
+    """The files one command writes, all or nothing.
+
+    Each target (``{option: path}``; None or "" for an option not given) is checked and reserved
+    before the run by creating a temporary file beside it, so that a directory, a missing folder
+    or a folder that cannot be written is refused before any work. Writers write to
+    :meth:`temp`; :meth:`commit` renames every temporary file over its target once all are written.
+    Leaving the ``with`` block without a commit (an error in the run or in any writer) removes the
+    temporary files and touches no target.
+    """
+
+    def __init__(self, targets: Dict[str, Optional[str]], inputs: Optional[Dict[str, Optional[str]]] = None):
+        self._targets: Dict[str, str] = {}  # option -> the real path it replaces
+        self._temps: Dict[str, str] = {}
+        given = {option: path for option, path in targets.items() if path is not None}
+        # An input named as an output would be replaced by the run's results.
+        seen = {os.path.realpath(path): option for option, path in (inputs or {}).items() if path}
+        for option, path in given.items():
+            real = _check_target(option, path)
+            if real in seen:
+                raise ValueError(f"{option}: {path} is also {seen[real]}'s file")
+            seen[real] = option
+            self._targets[option] = real
+        try:
+            for option, real in self._targets.items():
+                folder, name = os.path.split(real)
+                try:
+                    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=os.path.splitext(name)[1])
+                except OSError as error:
+                    raise ValueError(f"{option}: cannot write in {folder}: {error.strerror}") from None
+                os.close(handle)
+                self._temps[option] = temp
+        except BaseException:
+            self.discard()
+            raise
+
+    def __enter__(self) -> "OutputFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+    def temp(self, option: str) -> str:
+        """Where ``option``'s file is written until the commit."""
+        return self._temps[option]
+
+    def commit(self) -> None:
+        """Moves every written file into place (permissions as a plain ``open`` would give)."""
+        umask = os.umask(0)
+        os.umask(umask)
+        for option, temp in list(self._temps.items()):
+            target = self._targets[option]
+            mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~umask
+            os.chmod(temp, mode)
+            os.replace(temp, target)
+            del self._temps[option]
+
+    def discard(self) -> None:
+        for temp in self._temps.values():
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+        self._temps.clear()
+
+
+def _check_target(option: str, path: str) -> str:
+    """The real path ``option`` would replace, refused (ValueError naming the option) unless it
+    is, or can become, a regular file in an existing folder."""
+    if not path.strip():
+        raise ValueError(f"{option}: the file name is empty")
+    folder = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(path)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise ValueError(f"{option}: folder {folder} does not exist")
+    if os.path.isdir(real):
+        raise ValueError(f"{option}: {path} is a directory")
+    if os.path.lexists(real) and not os.path.isfile(real):
+        raise ValueError(f"{option}: {path} exists and is not a regular file")
+    if os.path.exists(real) and not os.access(real, os.W_OK):
+        raise ValueError(f"{option}: {path} is not writable")
+    return real
