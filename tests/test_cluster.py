@@ -243,7 +243,7 @@ def test_each_dispatch_policy_places_by_its_measure():
     affinity = Dispatcher("prefix_affinity", imbalance_limit=0.02).place(
         loads(capacity=(625, 625, 625)), tokens, blocks, hits)  # 10000 tokens each
     assert affinity.tolist() == [1, 1, 1, 0]  # the cached one until it is 200+ tokens (2%) more loaded
-    assert Dispatcher("prefix_affinity").place(loads(), tokens, blocks, np.zeros((4, 3))).tolist() == [0, 1, 2, 0]
+    assert Dispatcher("prefix_affinity").place(loads(), tokens, blocks, np.zeros((4, 3), np.int64)).tolist() == [0, 1, 2, 0]
 
 
 def test_the_global_queue_holds_what_fits_nowhere_first_come_first_served():
@@ -274,10 +274,10 @@ def test_dispatch_refuses_bad_input_naming_it():
     with pytest.raises(ValueError, match="imbalance_limit"):
         Dispatcher("least_load", imbalance_limit=-1)
     with pytest.raises(ValueError, match="available: no instance"):
-        Dispatcher("least_load").place(loads(available=(0, 0, 0)), np.ones(1), np.ones(1))
+        Dispatcher("least_load").place(loads(available=(0, 0, 0)), np.ones(1, np.int64), np.ones(1, np.int64))
     with pytest.raises(ValueError, match="prefix_hits"):
-        Dispatcher("prefix_affinity").place(loads(), np.ones(1), np.ones(1))
-    with pytest.raises(ValueError, match="request_blocks has 2 entries, expected 1"):
+        Dispatcher("prefix_affinity").place(loads(), np.ones(1, np.int64), np.ones(1, np.int64))
+    with pytest.raises(ValueError, match="request_blocks has 2 entries and request_tokens 1"):
         i = np.ones(3, np.int64)
         _core.dispatch(1, np.ones(3, bool), i, i, i, i[:1], i[:2], None, 0.1, 0)
     with pytest.raises(TypeError, match="load_tokens must have an integer dtype"):

@@ -148,7 +148,7 @@ void init_allocator(py::module_& m) {
           py::arg("seq_ids"), py::arg("ttl_steps") = 0)
       .def("fork",
            [](BlockAllocator& a, py::handle parent, py::handle child) {
-             a.fork(to_int64(parent, "parent"), to_int64(child, "child"));
+             a.fork(to_int64(parent, "parent_id"), to_int64(child, "child_id"));
            })
       .def(
           "match_prefix",

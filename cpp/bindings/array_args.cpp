@@ -31,7 +31,9 @@ py::array checked_array(py::handle value, const char* name, int ndim, const std:
   if (!(array.flags() & py::array::c_style)) {
     throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
   }
-  return array;
+  // A private copy: the native call validates and applies the same values (and releases the GIL
+  // meanwhile), so another thread rewriting the caller's array can change nothing it has checked.
+  return array.attr("copy")();
 }
 
 py::array checked_integer_array(py::handle value, const char* name, int ndim) {
@@ -52,7 +54,7 @@ py::array convert_checked(const py::array& array, const char* name) {
                             std::string(py::str(max)) + "]");
     }
   }
-  return array.attr("astype")(py::dtype::of<T>());
+  return array.attr("astype")(py::dtype::of<T>(), py::arg("copy") = false);
 }
 
 }  // namespace
@@ -67,6 +69,27 @@ int64_t to_int64(py::handle value, const char* name) {
   long long result = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
   if (overflow != 0) throw py::value_error(std::string(name) + " does not fit in int64: " + std::string(py::str(index)));
   return static_cast<int64_t>(result);
+}
+
+double to_double(py::handle value, const char* name) {
+  // Python and numpy ints and floats; bool and str are refused rather than read as 1.0 or parsed.
+  if (PyBool_Check(value.ptr()) || py::isinstance(value, py::module_::import("numpy").attr("bool_")) ||
+      !(PyFloat_Check(value.ptr()) || PyIndex_Check(value.ptr()) ||
+        py::isinstance(value, py::module_::import("numpy").attr("floating")))) {
+    throw py::type_error(std::string(name) + " must be a number, got " + describe_type(value));
+  }
+  double result = PyFloat_AsDouble(value.ptr());
+  if (result == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + " does not fit in a float: " + std::string(py::repr(value)));
+  }
+  return result;
+}
+
+bool to_bool(py::handle value, const char* name) {
+  if (PyBool_Check(value.ptr())) return value.ptr() == Py_True;
+  if (py::isinstance(value, py::module_::import("numpy").attr("bool_"))) return PyObject_IsTrue(value.ptr()) == 1;
+  throw py::type_error(std::string(name) + " must be a bool, got " + describe_type(value));
 }
 
 Int64Array::Int64Array(py::handle value, const char* name) {
@@ -85,7 +108,9 @@ Int32Array::Int32Array(py::handle value, const char* name) {
 
 Float64Array::Float64Array(py::handle value, const char* name) {
   owner_ = checked_array(value, name, 1, "fiu", "float");
-  if (!owner_.dtype().is(py::dtype::of<double>())) owner_ = owner_.attr("astype")(py::dtype::of<double>());
+  if (!owner_.dtype().is(py::dtype::of<double>())) {
+    owner_ = owner_.attr("astype")(py::dtype::of<double>(), py::arg("copy") = false);
+  }
   data_ = static_cast<const double*>(owner_.data());
   size_ = static_cast<size_t>(owner_.size());
 }
@@ -93,14 +118,27 @@ Float64Array::Float64Array(py::handle value, const char* name) {
 FlagArray::FlagArray(py::handle value, const char* name) {
   owner_ = checked_array(value, name, 1, "biu", "bool");
   if (owner_.dtype().kind() != 'b' && owner_.size() > 0) {
-    py::int_ min(owner_.attr("min")()), max(owner_.attr("max")());
-    if (py::cast<int64_t>(min) < 0 || py::cast<int64_t>(max) > 1) {
+    py::int_ min(owner_.attr("min")()), max(owner_.attr("max")()), zero(0), one(1);
+    if (PyObject_RichCompareBool(min.ptr(), zero.ptr(), Py_LT) == 1 ||
+        PyObject_RichCompareBool(max.ptr(), one.ptr(), Py_GT) == 1) {
       throw py::value_error(std::string(name) + " must hold only 0 and 1 (or be a bool array)");
     }
   }
-  if (!owner_.dtype().is(py::dtype::of<uint8_t>())) owner_ = owner_.attr("astype")(py::dtype::of<uint8_t>());
+  if (!owner_.dtype().is(py::dtype::of<uint8_t>())) {
+    owner_ = owner_.attr("astype")(py::dtype::of<uint8_t>(), py::arg("copy") = false);
+  }
   data_ = static_cast<const uint8_t*>(owner_.data());
   size_ = static_cast<size_t>(owner_.size());
+}
+
+py::array_t<int64_t> int64_rows(py::handle value, const char* name, py::ssize_t columns) {
+  py::array array = checked_integer_array(value, name, 2);
+  if (array.shape(1) != columns) {
+    throw py::value_error(std::string(name) + " must have shape (k, " + std::to_string(columns) + "), got " +
+                          std::string(py::str(py::tuple(array.attr("shape")))));
+  }
+  if (!array.dtype().is(py::dtype::of<int64_t>())) array = convert_checked<int64_t>(array, name);
+  return py::array_t<int64_t>(array);
 }
 
 KeyArray::KeyArray(py::handle value, const char* name) {

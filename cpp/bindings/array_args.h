@@ -1,7 +1,9 @@
 // Conversion of Python arguments for the bindings: scalars and numpy arrays are checked here so
 // that every error names the argument. Integer arrays of another width are converted (with a range
 // check); float, bool or object arrays are a TypeError; non-contiguous or wrongly shaped arrays are a
-// ValueError. Only bindings include this file.
+// ValueError. Every array is a private copy of the caller's: native calls release the GIL, and a
+// caller's thread that rewrites its array meanwhile must not change what was validated. Only
+// bindings include this file.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -20,7 +22,13 @@ namespace py = pybind11;
 // A Python int (or numpy integer); bools and floats are rejected.
 int64_t to_int64(py::handle value, const char* name);
 
-// A 1-D C-contiguous integer array viewed as int64 (zero-copy when it already is int64).
+// A Python or numpy int or float (not bool, not str) as a double; range checks are the caller's.
+double to_double(py::handle value, const char* name);
+
+// A Python or numpy bool; 0/1 and other truthy values are refused.
+bool to_bool(py::handle value, const char* name);
+
+// A 1-D C-contiguous integer array, copied as int64.
 class Int64Array {
  public:
   Int64Array(py::handle value, const char* name);
@@ -71,6 +79,9 @@ class FlagArray {
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
 };
+
+// A C-contiguous integer array of shape (k, columns), copied as int64 (copy descriptors).
+py::array_t<int64_t> int64_rows(py::handle value, const char* name, py::ssize_t columns);
 
 // Block keys: uint64 array of shape (n, 2) as (lo, hi) pairs, or shape (n,) of 64-bit keys (hi = 0).
 class KeyArray {

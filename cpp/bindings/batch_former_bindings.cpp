@@ -9,6 +9,7 @@
 #include "array_args.h"
 #include "bindings.h"
 #include "kvsched/batch_former.h"
+#include "kvsched/limits.h"
 
 namespace kvsched::bindings {
 namespace {
@@ -34,11 +35,13 @@ BatchFormerOptions options_from(const py::dict& given) {
       field = static_cast<std::remove_reference_t<decltype(field)>>(v);
     }
   };
+  // Ranges of float options are checked where they are used (BatchFormer, PeakEstimator), with
+  // their names; NaN and inf fail those checks.
   auto float_option = [&](const char* name, double& field) {
-    if (auto value = take(name)) field = py::cast<double>(*value);
+    if (auto value = take(name)) field = to_double(*value, name);
   };
   auto bool_option = [&](const char* name, bool& field) {
-    if (auto value = take(name)) field = py::cast<bool>(*value);
+    if (auto value = take(name)) field = to_bool(*value, name);
   };
   int_option("num_blocks", o.allocator.num_blocks, 1, INT32_MAX - 1);
   int_option("block_size", o.allocator.block_size, 1, INT32_MAX);
@@ -74,7 +77,7 @@ BatchFormerOptions options_from(const py::dict& given) {
     std::optional<py::handle> layout = take("swap_layout"), cost = take("swap_cost");
     read_swap_options(layout ? *layout : py::none(), cost ? *cost : py::none(), o.swap.layout, o.swap.cost);
   }
-  int_option("window", o.estimator.window, 1, INT32_MAX);
+  int_option("window", o.estimator.window, 1, kMaxWindow);
   float_option("quantile", o.estimator.quantile);
   bool_option("adaptive", o.estimator.adaptive);
   float_option("target_preemption_rate", o.estimator.target_preemption_rate);
@@ -82,7 +85,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   float_option("min_quantile", o.estimator.min_quantile);
   float_option("max_quantile", o.estimator.max_quantile);
   bool_option("sampling", o.estimator.sampling);
-  int_option("num_scenarios", o.estimator.num_scenarios, 1, INT32_MAX);
+  int_option("num_scenarios", o.estimator.num_scenarios, 1, kMaxScenarios);
   bool_option("keyed_draws", o.estimator.keyed_draws);
   int64_t seed = 0;
   int_option("seed", seed, 0, INT64_MAX);

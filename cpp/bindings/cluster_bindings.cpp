@@ -6,6 +6,7 @@
 #include "bindings.h"
 #include "kvsched/dispatch.h"
 
+#include <cmath>
 #include <optional>
 
 namespace kvsched::bindings {
@@ -31,11 +32,32 @@ void init_cluster(py::module_& m) {
         expect(load.size(), n, "load_tokens");
         expect(headroom.size(), n, "headroom_blocks");
         expect(capacity.size(), n, "capacity_tokens");
-        expect(blocks.size(), r, "request_blocks");
-        std::optional<Int64Array> hits;
+        if (blocks.size() != r) {
+          throw py::value_error("request_blocks has " + std::to_string(blocks.size()) + " entries and request_tokens " +
+                                std::to_string(r) + ": one each per request");
+        }
+        if (!(imbalance_limit >= 0.0) || !std::isfinite(imbalance_limit)) {
+          throw py::value_error("imbalance_limit must be finite and >= 0, got " + std::to_string(imbalance_limit));
+        }
+        auto non_negative = [](const int64_t* values, size_t count, const char* name) {
+          for (size_t i = 0; i < count; ++i) {
+            if (values[i] < 0) {
+              throw py::value_error(std::string(name) + "[" + std::to_string(i) + "] must be >= 0, got " +
+                                    std::to_string(values[i]));
+            }
+          }
+        };
+        non_negative(tokens.data(), r, "request_tokens");
+        non_negative(blocks.data(), r, "request_blocks");
+        std::optional<py::array_t<int64_t>> hits;
         if (!prefix_hits.is_none()) {
-          hits.emplace(prefix_hits, "prefix_hits");
-          expect(hits->size(), n * r, "prefix_hits (requests x instances, flattened)");
+          hits = int64_rows(prefix_hits, "prefix_hits", static_cast<py::ssize_t>(n));  // requests x instances
+          if (static_cast<size_t>(hits->shape(0)) != r) {
+            throw py::value_error("prefix_hits must have shape (requests, instances) = (" + std::to_string(r) + ", " +
+                                  std::to_string(n) + "), got (" + std::to_string(hits->shape(0)) + ", " +
+                                  std::to_string(n) + ")");
+          }
+          non_negative(hits->data(), n * r, "prefix_hits");
         }
         DispatchInput in;
         in.num_instances = n;

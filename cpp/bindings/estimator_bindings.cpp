@@ -17,10 +17,12 @@ struct RequestSet {
   std::optional<Int64Array> held, generated, max_new_tokens, known_lengths, ids;
   std::optional<Int32Array> class_ids;
   RequestArrays view;
+  std::string held_label;
 
   RequestSet(const std::string& prefix, py::handle held_in, const char* held_name, py::handle generated_in,
              py::handle max_new_in, py::handle class_ids_in, py::handle known_in, py::handle ids_in) {
-    std::string held_label = prefix + held_name, max_label = prefix + "max_new_tokens";
+    held_label = prefix + held_name;
+    std::string max_label = prefix + "max_new_tokens";
     held.emplace(held_in, held_label.c_str());
     max_new_tokens.emplace(max_new_in, max_label.c_str());
     view.count = held->size();
@@ -44,8 +46,8 @@ struct RequestSet {
 
   void check_length(const std::string& label, size_t size) const {
     if (size != view.count) {
-      throw py::value_error(label + " has " + std::to_string(size) + " entries, expected " +
-                            std::to_string(view.count));
+      throw py::value_error(label + " has " + std::to_string(size) + " entries, " + held_label + " has " +
+                            std::to_string(view.count) + ": one each per request");
     }
   }
 };
@@ -55,7 +57,9 @@ struct RequestSet {
 void init_estimator(py::module_& m) {
   m.def(
       "future_peak",
-      [](py::handle held, py::handle remaining, int32_t block_size) {
+      [](py::handle held, py::handle remaining, py::handle block_size_arg) {
+        const int64_t block_size = to_int64(block_size_arg, "block_size");
+        if (block_size > INT32_MAX) throw py::value_error("block_size must be < 2**31, got " + std::to_string(block_size));
         Int64Array held_array(held, "held"), remaining_array(remaining, "remaining");
         if (held_array.size() != remaining_array.size()) {
           throw py::value_error("held and remaining must have the same length");
@@ -67,27 +71,39 @@ void init_estimator(py::module_& m) {
         }
         if (block_size < 0) throw py::value_error("block_size must be >= 0");
         py::gil_scoped_release release;
-        return future_peak(held_array.data(), remaining_array.data(), held_array.size(), block_size);
+        return future_peak(held_array.data(), remaining_array.data(), held_array.size(),
+                           static_cast<int32_t>(block_size));
       },
       py::arg("held"), py::arg("remaining"), py::arg("block_size") = 0);
 
   py::class_<PeakEstimator>(m, "PeakEstimator")
-      .def(py::init([](int32_t window, int32_t block_size, double quantile, bool adaptive, double target_rate,
-                       double adapt_gain, double min_quantile, double max_quantile, bool sampling,
-                       int32_t num_scenarios, bool keyed_draws, uint64_t seed, py::handle prior) {
+      .def(py::init([](py::handle window, py::handle block_size, py::handle quantile, py::handle adaptive,
+                       py::handle target_rate, py::handle adapt_gain, py::handle min_quantile, py::handle max_quantile,
+                       py::handle sampling, py::handle num_scenarios, py::handle keyed_draws, py::handle seed,
+                       py::handle prior) {
+             // Ranges are the PeakEstimator constructor's checks; here only types, each by name.
+             auto int32_arg = [](py::handle value, const char* name) {
+               int64_t v = to_int64(value, name);
+               if (v < INT32_MIN || v > INT32_MAX) {
+                 throw py::value_error(std::string(name) + " does not fit in int32: " + std::to_string(v));
+               }
+               return static_cast<int32_t>(v);
+             };
              PeakEstimatorOptions options;
-             options.window = window;
-             options.block_size = block_size;
-             options.quantile = quantile;
-             options.adaptive = adaptive;
-             options.target_preemption_rate = target_rate;
-             options.adapt_gain = adapt_gain;
-             options.min_quantile = min_quantile;
-             options.max_quantile = max_quantile;
-             options.sampling = sampling;
-             options.num_scenarios = num_scenarios;
-             options.keyed_draws = keyed_draws;
-             options.seed = seed;
+             options.window = int32_arg(window, "window");
+             options.block_size = int32_arg(block_size, "block_size");
+             options.quantile = to_double(quantile, "quantile");
+             options.adaptive = to_bool(adaptive, "adaptive");
+             options.target_preemption_rate = to_double(target_rate, "target_preemption_rate");
+             options.adapt_gain = to_double(adapt_gain, "adapt_gain");
+             options.min_quantile = to_double(min_quantile, "min_quantile");
+             options.max_quantile = to_double(max_quantile, "max_quantile");
+             options.sampling = to_bool(sampling, "sampling");
+             options.num_scenarios = int32_arg(num_scenarios, "num_scenarios");
+             options.keyed_draws = to_bool(keyed_draws, "keyed_draws");
+             int64_t seed_value = to_int64(seed, "seed");
+             if (seed_value < 0) throw py::value_error("seed must be >= 0, got " + std::to_string(seed_value));
+             options.seed = static_cast<uint64_t>(seed_value);
              if (!prior.is_none()) {
                Int64Array values(prior, "prior");
                options.prior.assign(values.data(), values.data() + values.size());
@@ -99,7 +115,14 @@ void init_estimator(py::module_& m) {
            py::arg("sampling"), py::arg("num_scenarios"), py::arg("keyed_draws"), py::arg("seed"), py::arg("prior"))
       .def_property_readonly("quantile", &PeakEstimator::quantile)
       .def_property_readonly("block_size", [](const PeakEstimator& e) { return e.options().block_size; })
-      .def("history_size", &PeakEstimator::history_size, py::arg("class_id") = -1)
+      .def(
+          "history_size",
+          [](const PeakEstimator& e, py::handle class_id) {
+            int64_t id = to_int64(class_id, "class_id");
+            if (id < -1 || id > INT32_MAX) throw py::value_error("class_id must be in [-1, 2**31 - 1], got " + std::to_string(id));
+            return e.history_size(static_cast<int32_t>(id));
+          },
+          py::arg("class_id") = -1)
       .def(
           "record",
           [](PeakEstimator& e, py::handle lengths, py::handle class_ids) {
@@ -130,11 +153,12 @@ void init_estimator(py::module_& m) {
           py::arg("ids"))
       .def(
           "admit",
-          [](PeakEstimator& e, int mode, int64_t capacity, int64_t reserve, py::handle running_held,
+          [](PeakEstimator& e, int mode, py::handle capacity_arg, py::handle reserve_arg, py::handle running_held,
              py::handle running_generated, py::handle running_max_new, py::handle running_classes,
              py::handle running_lengths, py::handle running_ids, py::handle candidate_prompt,
              py::handle candidate_max_new, py::handle candidate_classes, py::handle candidate_lengths,
              py::handle candidate_ids) {
+            const int64_t capacity = to_int64(capacity_arg, "capacity"), reserve = to_int64(reserve_arg, "reserve");
             RequestSet running("running_", running_held, "held", running_generated, running_max_new, running_classes,
                                running_lengths, running_ids);
             RequestSet candidates("candidate_", candidate_prompt, "prompt", py::none(), candidate_max_new,
@@ -142,7 +166,12 @@ void init_estimator(py::module_& m) {
             py::gil_scoped_release release;
             return e.admit(static_cast<AdmissionMode>(mode), running.view, candidates.view, capacity, reserve);
           })
-      .def("observe", &PeakEstimator::observe, py::arg("preempted"), py::arg("admitted"));
+      .def(
+          "observe",
+          [](PeakEstimator& e, py::handle preempted, py::handle admitted) {
+            e.observe(to_int64(preempted, "preempted"), to_int64(admitted, "admitted"));
+          },
+          py::arg("preempted"), py::arg("admitted"));
 }
 
 }  // namespace kvsched::bindings

@@ -64,15 +64,8 @@ py::dict swap_stats_dict(const SwapPlannerStats& s) {
 
 namespace {
 
-// Descriptors as a (k, 4) C-contiguous int64 array.
-py::array_t<int64_t> descriptor_array(py::handle value) {
-  if (!py::isinstance<py::array>(value)) throw py::type_error("descriptors: expected a numpy array of shape (k, 4)");
-  auto array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(value);
-  if (!array || array.ndim() != 2 || array.shape(1) != 4) {
-    throw py::value_error("descriptors: expected shape (k, 4) of integers");
-  }
-  return array;
-}
+// Descriptors as a private (k, 4) int64 copy: the copy is checked, then executed without the GIL.
+py::array_t<int64_t> descriptor_array(py::handle value) { return int64_rows(value, "descriptors", 4); }
 
 // One span per tensor: a sequence of (pointer, nbytes) pairs (the Python layer turns arrays into these).
 std::vector<BufferSpan> spans(py::handle value, const char* name) {
@@ -118,10 +111,8 @@ SwapPlan plan_out_from_allocator(SwapPlanner& planner, const BlockAllocator& all
 
 void read_swap_options(py::handle layout, py::handle cost, KvLayout& layout_out, SwapCostModel& cost_out) {
   if (!layout.is_none()) {
-    auto rows = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(layout);
-    if (!rows || rows.ndim() != 2 || rows.shape(1) != 3) {
-      throw py::value_error("layout: expected rows of (block_bytes, device_block_stride, host_block_stride)");
-    }
+    // Rows of (block_bytes, device_block_stride, host_block_stride).
+    py::array_t<int64_t> rows = int64_rows(layout, "layout", 3);
     auto view = rows.unchecked<2>();
     layout_out.tensors.clear();
     for (py::ssize_t t = 0; t < rows.shape(0); ++t) {
@@ -129,6 +120,9 @@ void read_swap_options(py::handle layout, py::handle cost, KvLayout& layout_out,
     }
   }
   if (!cost.is_none()) {
+    if (!py::isinstance<py::array>(cost) || std::string("fiu").find(py::reinterpret_borrow<py::array>(cost).dtype().kind()) == std::string::npos) {
+      throw py::type_error("cost: expected a numpy float array of shape (2, 3, 3)");
+    }
     auto table = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(cost);
     if (!table || table.ndim() != 3 || table.shape(0) != 2 || table.shape(1) != kNumCopyStrategies ||
         table.shape(2) != 3) {
@@ -158,8 +152,13 @@ py::array_t<double> cost_model_array(const SwapCostModel& model) {
 
 void init_swap(py::module_& m) {
   py::class_<SwapPlanner>(m, "SwapPlanner")
-      .def(py::init([](int64_t num_host_blocks, int64_t block_size, py::handle layout, int64_t block_bytes,
-                       int64_t tensors_per_block, bool reuse_host_copies, py::handle cost) {
+      .def(py::init([](py::handle num_host_blocks_arg, py::handle block_size_arg, py::handle layout,
+                       py::handle block_bytes_arg, py::handle tensors_per_block_arg, py::handle reuse_host_copies,
+                       py::handle cost) {
+             const int64_t num_host_blocks = to_int64(num_host_blocks_arg, "num_host_blocks");
+             const int64_t block_size = to_int64(block_size_arg, "block_size");
+             const int64_t block_bytes = to_int64(block_bytes_arg, "block_bytes");
+             const int64_t tensors_per_block = to_int64(tensors_per_block_arg, "tensors_per_block");
              if (num_host_blocks <= 0 || num_host_blocks >= INT32_MAX) {
                throw py::value_error("num_host_blocks: must be in [1, 2^31 - 2], got " + std::to_string(num_host_blocks));
              }
@@ -174,7 +173,7 @@ void init_swap(py::module_& m) {
              o.block_size = static_cast<int32_t>(block_size);
              o.block_bytes = block_bytes;
              o.tensors_per_block = static_cast<int32_t>(tensors_per_block);
-             o.reuse_host_copies = reuse_host_copies;
+             o.reuse_host_copies = to_bool(reuse_host_copies, "reuse_host_copies");
              read_swap_options(layout, cost, o.layout, o.cost);
              return std::make_unique<SwapPlanner>(o);
            }),
@@ -220,13 +219,26 @@ void init_swap(py::module_& m) {
              Int64Array ids(seq_ids, "seq_ids");
              p.release(ids.data(), ids.size());
            })
-      .def("host_blocks_needed", &SwapPlanner::host_blocks_needed)
-      .def("can_swap_out", &SwapPlanner::can_swap_out)
-      .def("estimate_round_trip_seconds", &SwapPlanner::estimate_round_trip_seconds)
-      .def("is_swapped", &SwapPlanner::is_swapped)
-      .def("has_host_copy", &SwapPlanner::has_host_copy)
-      .def("num_swapped_tokens", &SwapPlanner::num_swapped_tokens)
-      .def("host_blocks", [](const SwapPlanner& p, int64_t id) { return to_numpy(p.host_blocks(id)); })
+      // Queries by (seq_id, num_tokens): arguments converted by name (a float or str is refused).
+      .def("host_blocks_needed",
+           [](const SwapPlanner& p, py::handle id, py::handle tokens) {
+             return p.host_blocks_needed(to_int64(id, "seq_id"), to_int64(tokens, "num_tokens"));
+           })
+      .def("can_swap_out",
+           [](const SwapPlanner& p, py::handle id, py::handle tokens) {
+             return p.can_swap_out(to_int64(id, "seq_id"), to_int64(tokens, "num_tokens"));
+           })
+      .def("estimate_round_trip_seconds",
+           [](const SwapPlanner& p, py::handle id, py::handle tokens) {
+             return p.estimate_round_trip_seconds(to_int64(id, "seq_id"), to_int64(tokens, "num_tokens"));
+           })
+      .def("is_swapped", [](const SwapPlanner& p, py::handle id) { return p.is_swapped(to_int64(id, "seq_id")); })
+      .def("has_host_copy",
+           [](const SwapPlanner& p, py::handle id) { return p.has_host_copy(to_int64(id, "seq_id")); })
+      .def("num_swapped_tokens",
+           [](const SwapPlanner& p, py::handle id) { return p.num_swapped_tokens(to_int64(id, "seq_id")); })
+      .def("host_blocks",
+           [](const SwapPlanner& p, py::handle id) { return to_numpy(p.host_blocks(to_int64(id, "seq_id"))); })
       .def("stats", [](const SwapPlanner& p) { return swap_stats_dict(p.stats()); })
       .def("cost_model", [](const SwapPlanner& p) { return cost_model_array(p.options().cost); })
       .def("check_invariants", &SwapPlanner::check_invariants);

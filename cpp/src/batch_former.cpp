@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "kvsched/errors.h"
+#include "kvsched/limits.h"
 
 namespace kvsched {
 
@@ -130,7 +131,7 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
                   options.recompute_seconds_per_token);
   if (options.host_prefix_cache) {
     KVSCHED_EXPECTS(options.swap.num_host_blocks > 0, std::invalid_argument,
-                    "num_host_blocks must be > 0 for the host prefix cache, got ", options.swap.num_host_blocks);
+                    "host_prefix_cache needs num_host_blocks > 0, got ", options.swap.num_host_blocks);
     KVSCHED_EXPECTS(options.allocator.enable_prefix_caching, std::invalid_argument,
                     "host_prefix_cache needs enable_prefix_caching");
   }
@@ -179,15 +180,17 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
     KVSCHED_EXPECTS(!requests_.find(n.id), std::invalid_argument, "req_ids[", i, "]: request ", n.id,
                     " already exists");
     KVSCHED_EXPECTS(seen.insert(n.id).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", n.id);
-    KVSCHED_EXPECTS(n.prompt_len > 0, std::invalid_argument, "prompt_lens[", i, "] must be > 0, got ", n.prompt_len);
-    KVSCHED_EXPECTS(n.max_new_tokens > 0, std::invalid_argument, "max_new_tokens[", i, "] must be > 0, got ",
-                    n.max_new_tokens);
+    KVSCHED_EXPECTS(n.prompt_len > 0 && n.prompt_len <= kMaxRequestTokens, std::invalid_argument, "prompt_lens[", i,
+                    "] must be in [1, ", kMaxRequestTokens, "], got ", n.prompt_len);
+    KVSCHED_EXPECTS(n.max_new_tokens > 0 && n.max_new_tokens <= kMaxRequestTokens, std::invalid_argument,
+                    "max_new_tokens[", i, "] must be in [1, ", kMaxRequestTokens, "], got ", n.max_new_tokens);
     KVSCHED_EXPECTS(std::isfinite(n.arrival_time), std::invalid_argument, "arrival_times[", i, "] must be finite");
     KVSCHED_EXPECTS(std::isfinite(n.key), std::invalid_argument, "keys[", i, "] must be finite");
     KVSCHED_EXPECTS(n.class_id >= 0, std::invalid_argument, "class_ids[", i, "] must be >= 0, got ", n.class_id);
     KVSCHED_EXPECTS(n.client_id >= 0, std::invalid_argument, "client_ids[", i, "] must be >= 0, got ", n.client_id);
-    KVSCHED_EXPECTS(n.true_output_len >= -1 && n.true_output_len != 0, std::invalid_argument, "true_output_lens[",
-                    i, "] must be > 0 or -1 (unknown), got ", n.true_output_len);
+    KVSCHED_EXPECTS(n.true_output_len == -1 || (n.true_output_len > 0 && n.true_output_len <= kMaxRequestTokens),
+                    std::invalid_argument, "true_output_lens[", i, "] must be in [1, ", kMaxRequestTokens,
+                    "] or -1 (unknown), got ", n.true_output_len);
   }
   for (size_t i = 0; i < count; ++i) {
     const NewRequest& n = requests[i];
@@ -218,7 +221,7 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
 
 void BatchFormer::abort(const RequestId* ids, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
-  check_distinct_live(ids, count);
+  check_distinct_settled(ids, count, "abort");
   for (size_t i = 0; i < count; ++i) {
     remove(lookup(ids[i], "req_ids", i));
     ++counters_.aborted;
@@ -230,6 +233,16 @@ void BatchFormer::check_distinct_live(const RequestId* ids, size_t count) const 
   for (size_t i = 0; i < count; ++i) {
     lookup(ids[i], "req_ids", i);
     KVSCHED_EXPECTS(seen.insert(ids[i]).second, std::invalid_argument, "req_ids[", i, "]: duplicate id ", ids[i]);
+  }
+}
+
+void BatchFormer::check_distinct_settled(const RequestId* ids, size_t count, const char* call) const {
+  check_distinct_live(ids, count);
+  for (size_t i = 0; i < count; ++i) {
+    // Its reservation belongs to a migration that is still copying; the migration ends it.
+    KVSCHED_EXPECTS(lookup(ids[i], "req_ids", i).state != RequestState::kIncoming, std::invalid_argument, call,
+                    ": req_ids[", i, "]: request ", ids[i],
+                    " is incoming (a migration in progress); end it with cancel_incoming() or commit_incoming()");
   }
 }
 
@@ -506,7 +519,8 @@ void BatchFormer::admit_waiting(int64_t& budget) {
 StepPlan BatchFormer::schedule() {
   std::lock_guard<std::mutex> lock(mutex_);
   KVSCHED_EXPECTS(!plan_outstanding_, std::invalid_argument,
-                  "schedule: the previous plan has not been reported with update()");
+                  "schedule: the previous plan has not been reported with update() (one plan at a time: two "
+                  "engine loops cannot share a Scheduler)");
   plan_.clear();
   plan_.rejected_ids.swap(pending_rejected_ids_);
   plan_.rejected_reasons.swap(pending_rejected_reasons_);
@@ -566,9 +580,10 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
     const int64_t n = num_new_tokens[i];
     const bool reached_end = r.num_computed + r.scheduled >= r.total();
     if (!reached_end) {
-      KVSCHED_EXPECTS(n == 0 && !finished[i], std::invalid_argument, "num_new_tokens[", i, "]: request ", r.id,
-                      " ran a prefill chunk that does not reach its end, so it generates nothing and cannot "
-                      "finish; got ", n, " tokens");
+      KVSCHED_EXPECTS(n == 0, std::invalid_argument, "num_new_tokens[", i, "]: request ", r.id,
+                      " ran a prefill chunk that does not reach its end, so it generates nothing; got ", n, " tokens");
+      KVSCHED_EXPECTS(!finished[i], std::invalid_argument, "finished[", i, "]: request ", r.id,
+                      " ran a prefill chunk that does not reach its end, so it cannot finish this step");
     } else {
       int64_t most = 1 + std::max<int64_t>(0, r.scheduled - (r.total() - r.num_computed));
       KVSCHED_EXPECTS(n >= 1 && n <= most, std::invalid_argument, "num_new_tokens[", i, "]: request ", r.id,
@@ -610,7 +625,7 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
 
 void BatchFormer::stop(const RequestId* ids, const int64_t* output_lens, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
-  check_distinct_live(ids, count);
+  check_distinct_settled(ids, count, "stop");
   for (size_t i = 0; output_lens != nullptr && i < count; ++i) {
     const Request& r = lookup(ids[i], "req_ids", i);
     KVSCHED_EXPECTS(output_lens[i] >= 0 && output_lens[i] <= r.num_generated, std::invalid_argument,

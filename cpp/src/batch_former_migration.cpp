@@ -6,6 +6,7 @@
 
 #include "kvsched/batch_former.h"
 #include "kvsched/errors.h"
+#include "kvsched/limits.h"
 
 namespace kvsched {
 namespace {
@@ -84,8 +85,13 @@ int64_t BatchFormer::reserve_incoming(const NewRequest& n, int64_t num_generated
   const int64_t capacity_tokens = int64_t{options_.allocator.num_blocks} * options_.allocator.block_size;
   KVSCHED_EXPECTS(n.id >= 0, std::invalid_argument, "req_id must be >= 0, got ", n.id);
   KVSCHED_EXPECTS(!requests_.find(n.id), std::invalid_argument, "req_id: request ", n.id, " already exists");
-  KVSCHED_EXPECTS(n.prompt_len > 0, std::invalid_argument, "prompt_len must be > 0, got ", n.prompt_len);
-  KVSCHED_EXPECTS(n.max_new_tokens > 0, std::invalid_argument, "max_new_tokens must be > 0, got ", n.max_new_tokens);
+  KVSCHED_EXPECTS(n.prompt_len > 0 && n.prompt_len <= kMaxRequestTokens, std::invalid_argument,
+                  "prompt_len must be in [1, ", kMaxRequestTokens, "], got ", n.prompt_len);
+  KVSCHED_EXPECTS(n.max_new_tokens > 0 && n.max_new_tokens <= kMaxRequestTokens, std::invalid_argument,
+                  "max_new_tokens must be in [1, ", kMaxRequestTokens, "], got ", n.max_new_tokens);
+  KVSCHED_EXPECTS(n.true_output_len == -1 || (n.true_output_len > 0 && n.true_output_len <= kMaxRequestTokens),
+                  std::invalid_argument, "true_output_len must be in [1, ", kMaxRequestTokens,
+                  "] or None, got ", n.true_output_len);
   KVSCHED_EXPECTS(num_generated >= 0 && num_generated < n.max_new_tokens, std::invalid_argument,
                   "num_generated must be in [0, max_new_tokens), got ", num_generated);
   // The last token's KV is computed where the request runs next (its decode needs the logits).

@@ -19,6 +19,7 @@
 
 #include "kvsched/batch_former.h"
 #include "kvsched/errors.h"
+#include "kvsched/limits.h"
 
 namespace kvsched {
 
@@ -26,10 +27,13 @@ int64_t BatchFormer::prefill_tokens(int64_t context, int64_t missing, int64_t bu
   const int64_t chunk = options_.max_prefill_chunk > 0 ? options_.max_prefill_chunk : budget;
   int64_t n = std::min({missing, chunk, budget});
   if (n <= 0 || step_attention_left_ == std::numeric_limits<int64_t>::max()) return n;
-  // The largest n with n * (2 * context + n) <= 2 * left.
+  // The largest n with n * (2 * context + n) <= 2 * left, in 128 bits: a budget near int64's
+  // limit doubled, or a long context times a large chunk, would wrap in 64.
+  using Wide = Int128;
   const double c = static_cast<double>(context), left = static_cast<double>(step_attention_left_);
-  auto fits = static_cast<int64_t>(std::floor(std::sqrt(c * c + 2.0 * left) - c));
-  while (fits > 0 && fits * (2 * context + fits) > 2 * step_attention_left_) --fits;
+  auto fits = static_cast<int64_t>(std::min(std::floor(std::sqrt(c * c + 2.0 * left) - c), static_cast<double>(n)));
+  auto cost = [context](int64_t k) { return Wide{k} * (Wide{2} * context + k); };
+  while (fits > 0 && cost(fits) > Wide{2} * step_attention_left_) --fits;
   n = std::min(n, fits);
   return step_has_prefill_ ? n : std::max<int64_t>(n, std::min<int64_t>(1, std::min(missing, budget)));
 }
@@ -37,7 +41,8 @@ int64_t BatchFormer::prefill_tokens(int64_t context, int64_t missing, int64_t bu
 void BatchFormer::charge_prefill(int64_t context, int64_t n) {
   step_has_prefill_ = true;
   if (step_attention_left_ == std::numeric_limits<int64_t>::max()) return;
-  step_attention_left_ = std::max<int64_t>(0, step_attention_left_ - (n * (2 * context + n)) / 2);
+  const Int128 pairs = Int128{n} * (Int128{2} * context + n) / 2;
+  step_attention_left_ = pairs >= step_attention_left_ ? 0 : static_cast<int64_t>(step_attention_left_ - pairs);
 }
 
 bool BatchFormer::place_running(Request& r, int64_t n, int64_t& budget, bool& preempted_for_memory) {

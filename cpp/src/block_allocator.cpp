@@ -379,7 +379,8 @@ void BlockAllocator::free_locked(SeqId seq_id, int64_t ttl_steps) {
   } else {
     for (BlockId block : seq.blocks) ++pin_ref_[block];
     for (BlockId block : seq.blocks) drop_seq_ref(block);  // never releases: the pin holds a ref
-    int64_t expires_at = clock_ + ttl_steps;
+    // A TTL past the end of the clock pins until unpinned (saturates, never wraps into the past).
+    int64_t expires_at = ttl_steps > INT64_MAX - clock_ ? INT64_MAX : clock_ + ttl_steps;
     pin_expiry_.emplace(expires_at, seq_id);
     pins_.emplace(seq_id, Pin{std::move(seq), expires_at});
   }
@@ -396,10 +397,10 @@ void BlockAllocator::reset_sequence(Sequence& seq) {
 
 void BlockAllocator::fork(SeqId parent, SeqId child) {
   std::lock_guard<std::mutex> lock(mutex_);
-  KVSCHED_FIND_SEQUENCE(source, parent, "parent");
-  check_seq_id(child, "child");
-  KVSCHED_EXPECTS(child != parent, std::invalid_argument, "child must differ from parent, both are ", child);
-  KVSCHED_EXPECTS(sequences_.find(child) == nullptr, std::invalid_argument, "child ", child, " already exists");
+  KVSCHED_FIND_SEQUENCE(source, parent, "parent_id");
+  check_seq_id(child, "child_id");
+  KVSCHED_EXPECTS(child != parent, std::invalid_argument, "child_id must differ from parent_id, both are ", child);
+  KVSCHED_EXPECTS(sequences_.find(child) == nullptr, std::invalid_argument, "child_id ", child, " already exists");
   Sequence& copy = *sequences_.try_emplace(child).first;  // records have stable addresses
   copy = *source;
   copy.batch_stamp = 0;
@@ -411,7 +412,7 @@ void BlockAllocator::fork(SeqId parent, SeqId child) {
 int64_t BlockAllocator::advance_steps(int64_t steps) {
   std::lock_guard<std::mutex> lock(mutex_);
   KVSCHED_EXPECTS(steps >= 0, std::invalid_argument, "steps must be >= 0, got ", steps);
-  clock_ += steps;
+  clock_ = steps > INT64_MAX - clock_ ? INT64_MAX : clock_ + steps;
   int64_t expired = 0;
   while (!pin_expiry_.empty() && pin_expiry_.top().first <= clock_) {
     auto [expires_at, seq_id] = pin_expiry_.top();

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "kvsched/errors.h"
+#include "kvsched/limits.h"
 
 namespace kvsched {
 namespace {
@@ -26,7 +27,8 @@ size_t first_greater(const std::vector<int64_t>& sorted, int64_t value) {
 
 OutputLengthHistory::OutputLengthHistory(int32_t capacity, const std::vector<int64_t>& prior)
     : capacity_(static_cast<size_t>(capacity)) {
-  KVSCHED_EXPECTS(capacity > 0, std::invalid_argument, "window must be > 0, got ", capacity);
+  KVSCHED_EXPECTS(capacity > 0 && capacity <= kMaxWindow, std::invalid_argument, "window must be in [1, ", kMaxWindow,
+                  "], got ", capacity);
   ring_.reserve(capacity_);
   sorted_.reserve(capacity_);
   for (int64_t length : prior) record(length);

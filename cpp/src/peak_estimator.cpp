@@ -110,6 +110,19 @@ void sort_by_remaining_descending(std::vector<detail::PeakItem>& items, std::vec
 }  // namespace
 
 int64_t future_peak(const int64_t* held, const int64_t* remaining, size_t count, int32_t block_size) {
+  // The peak is at most every token held plus count times the longest remainder: refuse what
+  // would not fit in int64 rather than wrap.
+  Int128 held_total = 0;
+  int64_t longest = 0;
+  for (size_t i = 0; i < count; ++i) {
+    KVSCHED_EXPECTS(held[i] >= 0 && remaining[i] >= 0, std::invalid_argument, "held[", i, "] and remaining[", i,
+                    "] must be >= 0, got ", held[i], " and ", remaining[i]);
+    held_total += held[i];
+    longest = std::max(longest, remaining[i]);
+  }
+  KVSCHED_EXPECTS(held_total + static_cast<Int128>(count) * longest <= INT64_MAX, std::overflow_error,
+                  "future_peak: held and remaining are too large: the peak of these ", count,
+                  " requests could exceed int64");
   std::vector<detail::PeakItem> items(count), buffer;
   for (size_t i = 0; i < count; ++i) items[i] = detail::PeakItem{remaining[i], held[i]};
   sort_by_remaining_descending(items, buffer);
@@ -134,9 +147,15 @@ PeakEstimator::PeakEstimator(PeakEstimatorOptions options)
                   "target_preemption_rate must be in [0, 1), got ", o.target_preemption_rate);
   KVSCHED_EXPECTS(o.adapt_gain >= 0.0 && std::isfinite(o.adapt_gain), std::invalid_argument,
                   "adapt_gain must be finite and >= 0, got ", o.adapt_gain);
-  KVSCHED_EXPECTS(o.num_scenarios >= 1, std::invalid_argument, "num_scenarios must be >= 1, got ", o.num_scenarios);
+  KVSCHED_EXPECTS(o.num_scenarios >= 1 && o.num_scenarios <= kMaxScenarios, std::invalid_argument,
+                  "num_scenarios must be in [1, ", kMaxScenarios, "], got ", o.num_scenarios);
+  KVSCHED_EXPECTS(o.window >= 1 && o.window <= kMaxWindow, std::invalid_argument, "window must be in [1, ", kMaxWindow,
+                  "], got ", o.window);
+  KVSCHED_EXPECTS(o.prior.size() <= static_cast<size_t>(kMaxWindow), std::invalid_argument, "prior has ",
+                  o.prior.size(), " lengths, at most ", kMaxWindow);
   for (int64_t length : o.prior) {
-    KVSCHED_EXPECTS(length >= 0, std::invalid_argument, "prior lengths must be >= 0, got ", length);
+    KVSCHED_EXPECTS(length >= 0 && length <= kMaxRequestTokens, std::invalid_argument, "prior lengths must be in [0, ",
+                    kMaxRequestTokens, "], got ", length);
   }
   quantile_logit_ = logit(o.quantile);
   if (o.block_size > 0 && (o.block_size & (o.block_size - 1)) == 0) block_shift_ = __builtin_ctz(static_cast<unsigned>(o.block_size));
@@ -151,21 +170,31 @@ size_t PeakEstimator::history_size(int32_t class_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   if (class_id == -1) return all_classes_.size();
   auto it = by_class_.find(class_id);
-  return it == by_class_.end() ? 0 : it->second.size();
+  return it == by_class_.end() ? 0 : it->second.lengths.size();
 }
 
 void PeakEstimator::record(const int64_t* lengths, const int32_t* class_ids, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
   for (size_t i = 0; i < count; ++i) {
-    KVSCHED_EXPECTS(lengths[i] >= 0, std::invalid_argument, "lengths[", i, "] must be >= 0, got ", lengths[i]);
+    KVSCHED_EXPECTS(lengths[i] >= 0 && lengths[i] <= kMaxRequestTokens, std::invalid_argument, "lengths[", i,
+                    "] must be in [0, ", kMaxRequestTokens, "], got ", lengths[i]);
     KVSCHED_EXPECTS(!class_ids || class_ids[i] >= 0, std::invalid_argument, "class_ids[", i, "] must be >= 0, got ",
                     class_ids[i]);
   }
   for (size_t i = 0; i < count; ++i) {
     int32_t class_id = class_ids ? class_ids[i] : 0;
     auto it = by_class_.find(class_id);
-    if (it == by_class_.end()) it = by_class_.emplace(class_id, OutputLengthHistory(options_.window, options_.prior)).first;
-    it->second.record(lengths[i]);
+    if (it == by_class_.end()) {
+      if (by_class_.size() >= kMaxClassHistories) {  // forget the class that finished least recently
+        auto oldest = std::min_element(by_class_.begin(), by_class_.end(), [](const auto& a, const auto& b) {
+          return a.second.last_record < b.second.last_record;
+        });
+        by_class_.erase(oldest);
+      }
+      it = by_class_.emplace(class_id, ClassHistory{OutputLengthHistory(options_.window, options_.prior), 0}).first;
+    }
+    it->second.lengths.record(lengths[i]);
+    it->second.last_record = ++record_clock_;
     all_classes_.record(lengths[i]);
   }
 }
@@ -184,7 +213,7 @@ void PeakEstimator::observe(int64_t preempted, int64_t admitted) {
 const OutputLengthHistory* PeakEstimator::history_for(int32_t class_id) const {
   auto it = by_class_.find(class_id);
   // A class with no history of its own borrows the pooled one.
-  if (it != by_class_.end() && it->second.size() > 0) return &it->second;
+  if (it != by_class_.end() && it->second.lengths.size() > 0) return &it->second.lengths;
   return all_classes_.size() > 0 ? &all_classes_ : nullptr;
 }
 

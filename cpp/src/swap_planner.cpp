@@ -1,10 +1,12 @@
 #include "kvsched/swap_planner.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "free_pool.h"
 #include "kvsched/errors.h"
+#include "kvsched/limits.h"
 
 namespace kvsched {
 namespace {
@@ -25,8 +27,11 @@ void check_layout(const KvLayout& layout) {
 void check_cost(const SwapCostModel& model) {
   for (const auto& direction : model.cost) {
     for (const CopyCost& cost : direction) {
-      KVSCHED_EXPECTS(cost.per_call_s >= 0 && cost.per_descriptor_s >= 0 && cost.bytes_per_s > 0,
-                      std::invalid_argument, "cost: per-call and per-descriptor costs must be >= 0 and bandwidth > 0");
+      KVSCHED_EXPECTS(cost.per_call_s >= 0 && cost.per_descriptor_s >= 0 && cost.bytes_per_s > 0 &&
+                          std::isfinite(cost.per_call_s) && std::isfinite(cost.per_descriptor_s) &&
+                          !std::isnan(cost.bytes_per_s),
+                      std::invalid_argument,
+                      "cost: per-call and per-descriptor costs must be finite and >= 0, bandwidth > 0");
     }
   }
 }
@@ -96,13 +101,22 @@ int64_t SwapPlanner::reusable_blocks(const HostCopy* copy, int64_t num_tokens) c
   return std::min<int64_t>(full, static_cast<int64_t>(copy->blocks.size()));
 }
 
+namespace {
+void check_token_count(int64_t num_tokens) {
+  KVSCHED_EXPECTS(num_tokens >= 0 && num_tokens <= kMaxRequestTokens, std::invalid_argument,
+                  "num_tokens must be in [0, ", kMaxRequestTokens, "], got ", num_tokens);
+}
+}  // namespace
+
 int64_t SwapPlanner::host_blocks_needed(SeqId seq_id, int64_t num_tokens) const {
+  check_token_count(num_tokens);
   const HostCopy* copy = copies_.find(seq_id);
   int64_t held = copy ? static_cast<int64_t>(copy->blocks.size()) : 0;
   return std::max<int64_t>(0, num_blocks_for(num_tokens) - held);
 }
 
 bool SwapPlanner::can_swap_out(SeqId seq_id, int64_t num_tokens) const {
+  check_token_count(num_tokens);
   const HostCopy* copy = copies_.find(seq_id);
   if (copy != nullptr && copy->swapped) return false;
   int64_t own = copy ? static_cast<int64_t>(copy->blocks.size()) : 0;  // its own resident copy is reused
@@ -111,6 +125,7 @@ bool SwapPlanner::can_swap_out(SeqId seq_id, int64_t num_tokens) const {
 }
 
 double SwapPlanner::estimate_round_trip_seconds(SeqId seq_id, int64_t num_tokens) const {
+  check_token_count(num_tokens);
   int64_t blocks = num_blocks_for(num_tokens);
   int64_t copied_out = blocks - reusable_blocks(copies_.find(seq_id), num_tokens);
   int64_t block_bytes = options_.layout.tensors.empty() ? options_.block_bytes : options_.layout.bytes_per_block();
@@ -281,7 +296,8 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
   for (size_t i = 0; i < count; ++i) {
     SeqId id = seq_ids[i];
     KVSCHED_EXPECTS(id >= 0, std::invalid_argument, "seq_ids[", i, "]: ids must be >= 0, got ", id);
-    KVSCHED_EXPECTS(num_tokens[i] > 0, std::invalid_argument, "num_tokens[", i, "]: must be > 0, got ", num_tokens[i]);
+    KVSCHED_EXPECTS(num_tokens[i] > 0 && num_tokens[i] <= kMaxRequestTokens, std::invalid_argument, "num_tokens[", i,
+                    "]: must be in [1, ", kMaxRequestTokens, "], got ", num_tokens[i]);
     check_table(i, id, indptr, device_blocks, num_blocks_for(num_tokens[i]));
     HostCopy* copy = copies_.find(id);
     KVSCHED_EXPECTS(copy == nullptr || !copy->swapped, std::invalid_argument, "seq_ids[", i, "]: sequence ", id,
@@ -349,6 +365,7 @@ SwapPlan SwapPlanner::plan_swap_out(const SeqId* seq_ids, const int64_t* num_tok
 SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, const BlockId* device_blocks,
                                    const int64_t* skip_blocks, size_t count) {
   ++batch_counter_;
+  scratch_targets_.clear();
   KVSCHED_EXPECTS(indptr[0] == 0, std::invalid_argument, "block_indptr: must start at 0, got ", indptr[0]);
   for (size_t i = 0; i < count; ++i) {
     SeqId id = seq_ids[i];
@@ -363,7 +380,13 @@ SwapPlan SwapPlanner::plan_swap_in(const SeqId* seq_ids, const int64_t* indptr, 
     int64_t skip = skip_blocks ? skip_blocks[i] : 0;
     KVSCHED_EXPECTS(skip >= 0 && skip <= blocks, std::invalid_argument, "skip_blocks[", i, "]: must be in [0, ", blocks,
                     "], got ", skip);
+    for (int64_t b = indptr[i] + skip; b < indptr[i] + blocks; ++b) scratch_targets_.push_back(device_blocks[b]);
   }
+  // Two host blocks copied into one device block would leave one request reading the other's KV.
+  std::sort(scratch_targets_.begin(), scratch_targets_.end());
+  auto repeated = std::adjacent_find(scratch_targets_.begin(), scratch_targets_.end());
+  KVSCHED_EXPECTS(repeated == scratch_targets_.end(), std::invalid_argument, "device_blocks: block ",
+                  repeated == scratch_targets_.end() ? 0 : *repeated, " is the destination of two host blocks");
   SwapPlan plan;
   plan.direction = SwapDirection::kIn;
   plan.clear();

@@ -96,9 +96,8 @@ class PeakEstimator:
         prior: Optional[IntArray] = None,
     ) -> None:
         self._core = _core.PeakEstimator(
-            window, block_size, float(quantile), bool(adaptive), float(target_preemption_rate),
-            float(adapt_gain), float(min_quantile), float(max_quantile), bool(sampling), num_scenarios,
-            bool(keyed_draws), seed, prior,
+            window, block_size, quantile, adaptive, target_preemption_rate, adapt_gain, min_quantile,
+            max_quantile, sampling, num_scenarios, keyed_draws, seed, prior,  # types checked natively, by name
         )
 
     @property

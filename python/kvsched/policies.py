@@ -105,42 +105,80 @@ class FairSharePolicy(Policy):
     Each client has a counter of the service it received (``input_weight`` per prefill token,
     ``output_weight`` per generated token); its requests are keyed by that counter, so the least
     served client goes first. A client that (re)appears is lifted to the smallest counter among the
-    clients served in the last step, so idling does not bank credit. Counters are a numpy array
-    indexed by client id.
+    clients served in the last step (the floor), so idling does not bank credit.
+
+    Memory grows with the clients that are ahead of the floor, not with client id values or every
+    client ever seen: counters live in a table sorted by client id, and clients at or below the
+    floor that were not served in the last step are dropped once the table doubles. A dropped
+    client that comes back starts at the floor, which is where the lift would put it anyway.
     """
 
     name = "vtc"
 
     def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0) -> None:
-        if input_weight < 0 or output_weight < 0:
-            raise ValueError("input_weight and output_weight must be >= 0")
+        for name, value in (("input_weight", input_weight), ("output_weight", output_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         self.input_weight = float(input_weight)
         self.output_weight = float(output_weight)
-        self.counters = np.zeros(0, dtype=np.float64)
+        self._clients = np.zeros(0, dtype=np.int64)  # sorted client ids
+        self._counters = np.zeros(0, dtype=np.float64)  # their counters
         self._floor = 0.0
+        self._prune_at = 1024  # table size that triggers the next prune
 
-    def _grow(self, num_clients: int) -> None:
-        if num_clients > self.counters.size:
-            grown = np.zeros(max(num_clients, 2 * self.counters.size), dtype=np.float64)
-            grown[: self.counters.size] = self.counters
-            self.counters = grown
+    def counter(self, client_ids: np.ndarray) -> np.ndarray:
+        """Current counters of clients (the floor for a client the table does not hold)."""
+        clients = np.atleast_1d(np.asarray(client_ids, dtype=np.int64))
+        pos, known = self._find(clients)
+        out = np.full(clients.shape, self._floor)
+        out[known] = self._counters[pos[known]]
+        return out
+
+    def _find(self, clients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self._clients, clients)
+        if self._clients.size == 0:
+            return pos, np.zeros(clients.shape, dtype=bool)
+        known = self._clients[np.minimum(pos, self._clients.size - 1)] == clients
+        return pos, known & (pos < self._clients.size)
+
+    def _positions(self, clients: np.ndarray) -> np.ndarray:
+        """Table positions of the clients, adding the new ones at the floor."""
+        pos, known = self._find(clients)
+        if not known.all():
+            new = np.unique(clients[~known])
+            merged = np.concatenate([self._clients, new])
+            order = np.argsort(merged, kind="stable")
+            self._clients = merged[order]
+            self._counters = np.concatenate([self._counters, np.full(new.size, self._floor)])[order]
+            pos, _ = self._find(clients)
+        return pos
 
     def keys(self, requests: NewRequests) -> np.ndarray:
-        if requests.client_ids.size:
-            self._grow(int(requests.client_ids.max()) + 1)
-            clients = requests.client_ids
-            self.counters[clients] = np.maximum(self.counters[clients], self._floor)
-        return self.counters[requests.client_ids]
+        if not requests.client_ids.size:
+            return np.zeros(0, dtype=np.float64)
+        pos = self._positions(np.asarray(requests.client_ids, dtype=np.int64))
+        self._counters[pos] = np.maximum(self._counters[pos], self._floor)
+        return self._counters[pos]
 
     def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
         if len(plan) == 0:
             return
         service = np.where(plan.is_prefill, self.input_weight * plan.num_tokens, 0.0)
         service += self.output_weight * num_new_tokens
-        served = np.unique(plan.client_ids)
-        np.add.at(self.counters, plan.client_ids, service)
-        self._floor = float(self.counters[served].min())
-        scheduler.set_client_keys(served, self.counters[served])
+        clients = np.asarray(plan.client_ids, dtype=np.int64)
+        pos = self._positions(clients)
+        np.add.at(self._counters, pos, service)
+        served = np.unique(clients)
+        served_pos = self._positions(served)
+        self._floor = float(self._counters[served_pos].min())
+        scheduler.set_client_keys(served, self._counters[served_pos])
+        if self._clients.size >= self._prune_at:
+            keep = self._counters > self._floor
+            keep[served_pos] = True
+            self._clients, self._counters = self._clients[keep], self._counters[keep]
+            self._prune_at = max(1024, 2 * self._clients.size)
 
 
 _BUILT_IN = {"fcfs": FCFS, "priority": PriorityPolicy, "deadline": DeadlinePolicy, "vtc": FairSharePolicy}

@@ -7,8 +7,10 @@ converts arguments, asks the policy for keys in bulk and wraps the plan's arrays
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -226,10 +228,65 @@ def _column(values: Any, name: str, count: int, dtype: Any, default: float | int
         return np.full(count, default, dtype=dtype)
     array = np.asarray(values)
     if array.ndim == 0:
-        return np.full(count, array, dtype=dtype)
+        return np.full(count, array)  # the value's own dtype: checked below, never cast here
     if array.shape != (count,):
-        raise ValueError(f"{name} must have shape ({count},), got {array.shape}")
+        raise ValueError(f"{name} must have one entry per req_id, shape ({count},), got {array.shape}")
     return array
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _checked_requests(requests: NewRequests) -> NewRequests:
+    """The columns a policy reads before the native checks: each refused by name (a float or str
+    id, NaN or inf times and priorities, an id past int32), never converted silently."""
+    columns = {}
+    for name in ("arrival_times", "priorities"):
+        array = getattr(requests, name)
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be numbers, got dtype {array.dtype}")
+        bad = np.flatnonzero(~np.isfinite(array.astype(np.float64)))
+        if bad.size:
+            raise ValueError(f"{name}[{bad[0]}] must be finite, got {array[bad[0]]}")
+        columns[name] = array.astype(np.float64)
+    for name in ("class_ids", "client_ids"):
+        array = getattr(requests, name)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+        bad = np.flatnonzero((array < 0) | (array > _INT32_MAX))
+        if bad.size:
+            raise ValueError(f"{name}[{bad[0]}] must be in [0, 2**31 - 1], got {array[bad[0]]}")
+        columns[name] = array.astype(np.int32)
+    return replace(requests, **columns)
+
+
+def _int_scalar(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _float_scalar(value: Any, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def _serialized(method: _Call) -> _Call:
+    """Runs a state-changing call under the scheduler's lock, so that the native call and the
+    Python state that goes with it (the last plan, the policy's counters) change together."""
+
+    @functools.wraps(method)
+    def locked(self: "Scheduler", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 class Scheduler:
@@ -244,8 +301,14 @@ class Scheduler:
 
     Every added request ends as finished (``update``), aborted (``abort``) or rejected (reported
     in a plan's ``rejected_ids``). Bad arguments raise ValueError/KeyError/TypeError naming the
-    argument and change nothing. Thread safety: native calls are serialized by an internal lock;
-    the policy's state is not locked, so drive one scheduler from one thread.
+    argument and change nothing.
+
+    Threads: every call is safe from any thread. Calls that change state (adding, aborting,
+    ``schedule``, ``update``, the migration calls) run one at a time under a lock, with the
+    policy's state; read-only ones (``stats``, ``load``, ``info``, the id lists) take only the
+    native lock. The step protocol stays one plan at a time: a ``schedule()`` while a plan is
+    outstanding (another engine thread's, say) raises ValueError before changing anything, and
+    ``update()`` always reports the plan that is outstanding.
     """
 
     def __init__(self, config: SchedulerConfig | None = None, *, policy: str | Policy = "fcfs", **overrides: Any):
@@ -262,6 +325,7 @@ class Scheduler:
         self._former = _core.BatchFormer(options)
         self._hasher: _core.BlockAllocator | None = None
         self._last_plan: StepPlan | None = None
+        self._lock = threading.RLock()  # re-entrant: a policy re-keys through set_client_keys in update()
 
     # ---- requests ----
     def add_request(
@@ -295,6 +359,7 @@ class Scheduler:
             true_output_lens=None if true_output_len is None else [true_output_len], block_keys=keys,
         )
 
+    @_serialized
     def add_requests(
         self,
         req_ids: Any,
@@ -323,47 +388,56 @@ class Scheduler:
             client_ids=_column(client_ids, "client_ids", n, np.int32, 0),
         )
         true_lens = _column(true_output_lens, "true_output_lens", n, np.int64, -1)
-        if requests.client_ids.size and np.issubdtype(requests.client_ids.dtype, np.integer):
-            if requests.client_ids.min() < 0:
-                raise ValueError("client_ids must be >= 0")
+        requests = _checked_requests(requests)
         keys = np.ascontiguousarray(self.policy.keys(requests), dtype=np.float64)
         self._former.add_requests(
             requests.req_ids, requests.prompt_lens, requests.max_new_tokens, requests.arrival_times, keys,
             requests.class_ids, requests.client_ids, true_lens, block_keys,
         )
 
+    @_serialized
     def abort(self, req_ids: Any) -> None:
         """Removes requests in any state (all or nothing); unknown ids raise KeyError."""
         self._former.abort(np.atleast_1d(_integers(req_ids)))
 
+    @_serialized
     def set_priority(self, req_ids: Any, priorities: Any) -> None:
         """Changes priorities between steps; under the priority policy this may preempt at the next step."""
         ids = np.atleast_1d(_integers(req_ids))
-        values = np.atleast_1d(np.asarray(priorities, dtype=np.float64))
+        values = np.atleast_1d(np.asarray(priorities))
+        if values.dtype.kind not in "iuf":
+            raise TypeError(f"priorities must be numbers, got dtype {values.dtype}")
         if values.shape != ids.shape:
             raise ValueError(f"priorities must have the shape of req_ids {ids.shape}, got {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError(f"priorities must be finite, got {values[~np.isfinite(values)][0]}")
+        values = values.astype(np.float64)
         keys = self.policy.on_priority_change(ids, values)
         if keys is None:
             raise ValueError(f"the {self.policy.name} policy does not use priorities")
         self._former.set_keys(ids, keys)
 
+    @_serialized
     def set_client_keys(self, client_ids: Any, keys: Any) -> None:
         """Sets the ordering key of every live request of each client (for per-client policies)."""
         self._former.set_client_keys(np.atleast_1d(_integers(client_ids, np.int32)), np.atleast_1d(keys))
 
     # ---- steps ----
+    @_serialized
     def schedule(self) -> StepPlan:
         """Plans one engine step. Call ``update()`` with its results before the next ``schedule()``."""
         plan = StepPlan(self._former.schedule())
         self._last_plan = plan
         return plan
 
+    @_serialized
     def update(self, req_ids: Any, num_new_tokens: Any, finished: Any = None) -> np.ndarray:
         """Reports the step: tokens generated per scheduled request (0 for a prefill chunk that did
         not reach the end of its prompt) and which requests finished (EOS or a stop condition; a
         request also finishes at ``max_new_tokens``). Returns the ids that finished."""
-        ids = _integers(req_ids)
-        new_tokens = _integers(num_new_tokens)
+        # Private copies: the policy reads them after the native call, whatever the caller does.
+        ids = np.array(_integers(req_ids), copy=True)
+        new_tokens = np.array(_integers(num_new_tokens), copy=True)
         done_flags = np.zeros(ids.shape, dtype=bool) if finished is None else _integers(finished, bool)
         done = self._former.update(ids, new_tokens, done_flags)
         if self._last_plan is not None and new_tokens.shape == self._last_plan.req_ids.shape:
@@ -375,6 +449,7 @@ class Scheduler:
             self.policy.after_update(self, self._last_plan, new_tokens)
         return done
 
+    @_serialized
     def stop(self, req_ids: Any, output_lens: Any = None) -> None:
         """Ends requests the engine stopped between steps (a stop string, or EOS seen after the plan
         that follows was committed), in any state. Unlike ``abort`` they count as finished and their
@@ -382,14 +457,17 @@ class Scheduler:
         ids = np.atleast_1d(_integers(req_ids))
         self._former.stop(ids, None if output_lens is None else np.atleast_1d(_integers(output_lens)))
 
+    @_serialized
     def preempt_running(self) -> np.ndarray:
         """Preempts every running request by recompute (e.g. after a weight update); returns their ids."""
         return self._former.preempt_running()
 
+    @_serialized
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix; returns how many cached blocks were dropped."""
         return int(self._former.reset_prefix_cache())
 
+    @_serialized
     def pause_admission(self, paused: bool = True) -> None:
         """While paused, waiting requests are not admitted; running and swapped ones go on."""
         self._former.pause_admission(bool(paused))
@@ -462,9 +540,10 @@ class Scheduler:
 
     def migration_candidate(self, exclude: Any = ()) -> int | None:
         """The running, decoding request with the least KV (the cheapest to move), or None."""
-        found = self._former.migration_candidate(np.atleast_1d(_integers(list(exclude))))
+        found = self._former.migration_candidate(np.atleast_1d(_integers(exclude)))
         return None if found < 0 else int(found)
 
+    @_serialized
     def reserve_incoming(
         self, req_id: int, prompt_len: int, max_new_tokens: int, num_generated: int, num_tokens: int, *,
         arrival_time: float = 0.0, priority: float = 0.0, class_id: int = 0, client_id: int = 0,
@@ -475,11 +554,20 @@ class Scheduler:
         block table here and how many of its tokens were found in this prefix cache (no copy needed).
         Raises :class:`kvsched.OutOfBlocks` with nothing changed when the blocks or a sequence slot
         are not there."""
+        scalars = {name: _int_scalar(value, name) for name, value in (
+            ("req_id", req_id), ("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens),
+            ("num_generated", num_generated), ("num_tokens", num_tokens), ("class_id", class_id),
+            ("client_id", client_id))}
+        for name, value in scalars.items():  # ranges are the native checks'; these keep numpy from wrapping
+            low, high = (0, _INT32_MAX) if name in ("class_id", "client_id") else (-(2**63), 2**63 - 1)
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+        arrival_time, priority = _float_scalar(arrival_time, "arrival_time"), _float_scalar(priority, "priority")
         requests = NewRequests(
-            req_ids=np.array([req_id], np.int64), prompt_lens=np.array([prompt_len], np.int64),
-            max_new_tokens=np.array([max_new_tokens], np.int64), arrival_times=np.array([arrival_time], np.float64),
-            priorities=np.array([priority], np.float64), class_ids=np.array([class_id], np.int32),
-            client_ids=np.array([client_id], np.int32),
+            req_ids=np.array([scalars["req_id"]], np.int64), prompt_lens=np.array([scalars["prompt_len"]], np.int64),
+            max_new_tokens=np.array([scalars["max_new_tokens"]], np.int64),
+            arrival_times=np.array([arrival_time], np.float64), priorities=np.array([priority], np.float64),
+            class_ids=np.array([scalars["class_id"]], np.int32), client_ids=np.array([scalars["client_id"]], np.int32),
         )
         key = float(np.asarray(self.policy.keys(requests), dtype=np.float64)[0])
         return self._former.reserve_incoming(
@@ -487,19 +575,23 @@ class Scheduler:
             client_id, -1 if true_output_len is None else true_output_len, block_keys,
         )
 
+    @_serialized
     def extend_incoming(self, req_id: int, num_tokens: int, num_generated: int) -> np.ndarray:
         """A later stage: grows the reservation to ``num_tokens`` of a request that has generated
         ``num_generated`` tokens at its source by now (all or nothing); returns the blocks added."""
         return self._former.extend_incoming(req_id, num_tokens, num_generated)
 
+    @_serialized
     def commit_incoming(self, req_id: int, num_generated: int) -> None:
         """The last stage's KV arrived: the request runs here from its reserved tokens on."""
         self._former.commit_incoming(req_id, num_generated)
 
+    @_serialized
     def cancel_incoming(self, req_ids: Any) -> None:
         """Aborts migrations in: frees their reservations; nothing else changes."""
         self._former.cancel_incoming(np.atleast_1d(_integers(req_ids)))
 
+    @_serialized
     def migrate_out(self, req_ids: Any) -> None:
         """Source of a live migration, last stage: running requests leave (their KV was copied);
         counted in ``stats()["migrated_out"]``, neither finished nor aborted."""

@@ -9,6 +9,8 @@ buffers (numpy arrays); ``kvsched.cuda.CopyEngine`` executes them between GPU an
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -93,6 +95,15 @@ class SwapPlan:
         return self.num_descriptors / self.blocks_copied if self.blocks_copied else 0.0
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class SwapPlanner:
     """Host block pool and swap plans for preempted sequences.
 
@@ -106,16 +117,20 @@ class SwapPlanner:
         cost: a (2, 3, 3) cost table (see ``default_cost_model``), e.g. from
             ``kvsched.cuda.calibrate_swap_cost``.
 
-    Running out of host blocks raises ``kvsched.OutOfBlocks`` with nothing changed.
+    Running out of host blocks raises ``kvsched.OutOfBlocks`` with nothing changed. Safe from any
+    thread: calls run one at a time under a lock (the native planner is not thread-safe, and the
+    planning calls release the GIL).
     """
 
     def __init__(self, num_host_blocks: int, block_size: int = 16, *, layout: KvLayout | None = None,
                  block_bytes: int = 2 * 1024 * 1024, tensors_per_block: int = 64,
                  reuse_host_copies: bool = True, cost: np.ndarray | None = None) -> None:
         self.layout = layout
+        self._lock = threading.Lock()
         self._core = _core.SwapPlanner(num_host_blocks, block_size, None if layout is None else layout.tensors,
                                        block_bytes, tensors_per_block, reuse_host_copies, cost)
 
+    @_locked
     def plan_swap_out(self, seq_ids: Sequence[int], num_tokens: Sequence[int], block_indptr: Sequence[int],
                       device_blocks: Sequence[int]) -> SwapPlan:
         """Plan moving sequences to host. Sequence i holds ``num_tokens[i]`` current tokens in
@@ -123,47 +138,60 @@ class SwapPlanner:
         its device blocks once the copy has run."""
         return SwapPlan(**self._core.plan_swap_out(seq_ids, num_tokens, block_indptr, device_blocks))
 
+    @_locked
     def plan_swap_out_from(self, allocator, seq_ids: Sequence[int]) -> SwapPlan:
         """plan_swap_out with block tables and token counts read from a ``kvsched.BlockAllocator``."""
         return SwapPlan(**self._core.plan_swap_out_from(allocator._core, seq_ids))
 
+    @_locked
     def plan_swap_in(self, seq_ids: Sequence[int], block_indptr: Sequence[int], device_blocks: Sequence[int],
                      skip_blocks: Sequence[int] | None = None) -> SwapPlan:
         """Plan moving swapped sequences back into freshly allocated device blocks. The first
         ``skip_blocks[i]`` blocks are already on the device (a prefix-cache hit) and are not copied."""
         return SwapPlan(**self._core.plan_swap_in(seq_ids, block_indptr, device_blocks, skip_blocks))
 
+    @_locked
     def release(self, seq_ids: Sequence[int]) -> None:
         """Drop host copies (finished or aborted sequences, or KV that was rewritten)."""
         self._core.release(seq_ids)
 
+    @_locked
     def host_blocks_needed(self, seq_id: int, num_tokens: int) -> int:
         return self._core.host_blocks_needed(seq_id, num_tokens)
 
+    @_locked
     def can_swap_out(self, seq_id: int, num_tokens: int) -> bool:
         return self._core.can_swap_out(seq_id, num_tokens)
 
+    @_locked
     def estimate_round_trip_seconds(self, seq_id: int, num_tokens: int) -> float:
         return self._core.estimate_round_trip_seconds(seq_id, num_tokens)
 
+    @_locked
     def is_swapped(self, seq_id: int) -> bool:
         return self._core.is_swapped(seq_id)
 
+    @_locked
     def has_host_copy(self, seq_id: int) -> bool:
         return self._core.has_host_copy(seq_id)
 
+    @_locked
     def num_swapped_tokens(self, seq_id: int) -> int:
         return self._core.num_swapped_tokens(seq_id)
 
+    @_locked
     def host_blocks(self, seq_id: int) -> np.ndarray:
         return self._core.host_blocks(seq_id)
 
+    @_locked
     def cost_model(self) -> np.ndarray:
         return self._core.cost_model()
 
+    @_locked
     def stats(self) -> dict:
         return self._core.stats()
 
+    @_locked
     def check_invariants(self) -> None:
         self._core.check_invariants()
 

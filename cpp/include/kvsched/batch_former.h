@@ -355,6 +355,8 @@ class BatchFormer {
   void remove(Request& r);  // drop() and forget it (it leaves the outstanding plan too)
   // Throws unless every id is live and appears once.
   void check_distinct_live(const RequestId* ids, size_t count) const;
+  // check_distinct_live, and none of them incoming (abort and stop cannot end a migration).
+  void check_distinct_settled(const RequestId* ids, size_t count, const char* call) const;
   void preempt_for_priority();
   void admit_waiting(int64_t& budget);
   // Allocates the first chunk of a waiting request; false when the cache or the budget cannot take it.

@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kvsched/limits.h"
 #include "kvsched/output_length_history.h"
 
 namespace kvsched {
@@ -120,7 +121,12 @@ class PeakEstimator {
   int block_shift_ = -1;  // log2(block_size) when it is a power of two, else -1
   mutable std::mutex mutex_;
   OutputLengthHistory all_classes_;
-  std::unordered_map<int32_t, OutputLengthHistory> by_class_;
+  struct ClassHistory {
+    OutputLengthHistory lengths;
+    uint64_t last_record = 0;  // record_clock_ when the class last finished a request
+  };
+  std::unordered_map<int32_t, ClassHistory> by_class_;  // at most kMaxClassHistories (limits.h)
+  uint64_t record_clock_ = 0;
   double quantile_logit_;
   std::mt19937_64 rng_;
   std::vector<int64_t> scratch_remaining_, scratch_totals_;

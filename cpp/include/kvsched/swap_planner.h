@@ -230,6 +230,7 @@ class SwapPlanner {
   int32_t resident_blocks_ = 0, swapped_blocks_ = 0;
   int64_t num_swapped_ = 0;
   uint64_t batch_counter_ = 0;
+  std::vector<BlockId> scratch_targets_;  // plan_swap_in: device blocks written, to find repeats
   SwapPlannerStats counters_;
   std::vector<BlockId> scratch_;
   // Host tier: key -> host block, and per host block its key, LRU links (head = least recently

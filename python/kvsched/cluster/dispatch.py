@@ -7,6 +7,7 @@ cpp/include/kvsched/dispatch.h for the policies).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -66,7 +67,8 @@ class Dispatcher:
         self.policy = policy
         self.imbalance_limit = _args.real("imbalance_limit", imbalance_limit, 0)
         self.global_queue = _args.flag("global_queue", global_queue)
-        self._next = 0
+        self._next = 0  # the round-robin cursor
+        self._lock = threading.Lock()  # place() from several router threads: one at a time
 
     @property
     def uses_prefix_hits(self) -> bool:
@@ -84,11 +86,12 @@ class Dispatcher:
         if self.uses_prefix_hits:
             if prefix_hits is None:
                 raise ValueError("prefix_hits: prefix_affinity needs each request's cached blocks per instance")
-            hits = np.ascontiguousarray(prefix_hits, np.int64).ravel()
-        placed, self._next = _core.dispatch(
-            DISPATCH_POLICIES.index(self.policy), np.ascontiguousarray(loads.available, bool),
-            np.ascontiguousarray(loads.load_tokens, np.int64), np.ascontiguousarray(loads.headroom_blocks, np.int64),
-            np.ascontiguousarray(loads.capacity_blocks * loads.block_size, np.int64),
-            np.ascontiguousarray(request_tokens, np.int64), np.ascontiguousarray(request_blocks, np.int64), hits,
-            self.imbalance_limit, self._next, self.global_queue)
+            hits = prefix_hits  # checked natively: shape (requests, instances), integers >= 0
+        with self._lock:
+            placed, self._next = _core.dispatch(
+                DISPATCH_POLICIES.index(self.policy), np.ascontiguousarray(loads.available, bool),
+                np.ascontiguousarray(loads.load_tokens, np.int64), np.ascontiguousarray(loads.headroom_blocks, np.int64),
+                np.ascontiguousarray(loads.capacity_blocks * loads.block_size, np.int64),
+                request_tokens, request_blocks, hits,  # the caller's: the native call checks dtype, shape and range
+                self.imbalance_limit, self._next, self.global_queue)
         return placed

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 #include <deque>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -24,6 +26,7 @@ class IdMap {
   size_t size() const { return size_; }
 
   Record* find(int64_t id) {
+    if (id < 0) return nullptr;  // negative keys mark empty buckets: they never name a record
     size_t bucket = locate(id);
     return keys_[bucket] == id ? &records_[slots_[bucket]] : nullptr;
   }
@@ -31,6 +34,7 @@ class IdMap {
 
   // Returns the record for `id` and whether it was created (a reset record).
   std::pair<Record*, bool> try_emplace(int64_t id) {
+    if (id < 0) throw std::invalid_argument("IdMap: ids must be >= 0, got " + std::to_string(id));
     size_t bucket = locate(id);
     if (keys_[bucket] == id) return {&records_[slots_[bucket]], false};
     if ((size_ + tombstones_ + 1) * 2 > keys_.size()) rebuild(size_ * 4 > keys_.size() ? keys_.size() * 2 : keys_.size());
@@ -55,7 +59,9 @@ class IdMap {
   // keeping reusable buffers.
   template <typename Reset>
   void erase(int64_t id, Reset&& reset) {
+    if (id < 0) return;
     size_t bucket = locate(id);
+    if (keys_[bucket] != id) return;  // not there: nothing to erase
     int32_t slot = slots_[bucket];
     reset(records_[slot]);
     free_slots_.push_back(slot);
