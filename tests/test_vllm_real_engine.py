@@ -186,10 +186,19 @@ def run_config(model: Path, kind: str, *, enable_prefix_caching: bool) -> dict:
         engine.close()
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["prefix_caching_off", "prefix_caching_on"])
-def runs(request, tiny_model) -> dict:
-    caching = request.param
-    return {kind: run_config(tiny_model, kind, enable_prefix_caching=caching) for kind in ("vllm", "kvsched")}
+@pytest.fixture(scope="module")
+def runs_caching_off(tiny_model) -> dict:
+    return {kind: run_config(tiny_model, kind, enable_prefix_caching=False) for kind in ("vllm", "kvsched")}
+
+
+@pytest.fixture(scope="module")
+def runs_caching_on(tiny_model) -> dict:
+    return {kind: run_config(tiny_model, kind, enable_prefix_caching=True) for kind in ("vllm", "kvsched")}
+
+
+@pytest.fixture(params=["off", "on"], ids=["prefix_caching_off", "prefix_caching_on"])
+def runs(request) -> dict:
+    return request.getfixturevalue(f"runs_caching_{request.param}")
 
 
 def test_without_memory_pressure_outputs_are_token_identical(runs):
@@ -217,9 +226,8 @@ def test_long_prompts_are_prefilled_in_chunks_with_identical_outputs(runs):
     assert ours == theirs
 
 
-def test_aborts_mid_generation_keep_the_others_identical(runs):
-    if "aborts" not in runs["kvsched"]:
-        pytest.skip("aborts run with prefix caching off")
+def test_aborts_mid_generation_keep_the_others_identical(runs_caching_off):
+    runs = runs_caching_off
     reference, _ = runs["vllm"]["pressure"]
     for kind in ("kvsched", "vllm"):
         tokens = runs[kind]["aborts"]
@@ -230,10 +238,9 @@ def test_aborts_mid_generation_keep_the_others_identical(runs):
                 assert tokens[i] == reference[i], (kind, i)
 
 
-def test_prefix_caching_hits_and_outputs_are_token_identical(runs):
-    if "shared" not in runs["kvsched"]:
-        pytest.skip("shared prefixes run with prefix caching on")
-    (ours, our_counts), (theirs, their_counts) = runs["kvsched"]["shared"], runs["vllm"]["shared"]
+def test_prefix_caching_hits_and_outputs_are_token_identical(runs_caching_on):
+    runs = runs_caching_on
+    (ours, our_counts), (theirs, _) = runs["kvsched"]["shared"], runs["vllm"]["shared"]
     assert ours == theirs
     assert runs["kvsched"]["prefix_hit_blocks"] >= 3 * (len(SHARED.prompts) // 2)  # most found their 3 blocks
     assert our_counts.tokens < sum(map(len, SHARED.prompts)) + sum(SHARED.max_tokens)  # hits saved prefill work

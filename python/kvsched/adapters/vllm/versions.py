@@ -24,7 +24,8 @@ version numbers). The scheduler interface is the same in all three (constructor,
   ``ec_manager_metadata`` and ``num_common_prefix_blocks``; the adapter leaves all four at their
   defaults, so nothing here handles them.
 - ``SchedulerConfig``: 0.34 adds ``cache_aware_admission_window`` (refused when set: kvsched orders
-  admission itself) and ``max_num_inflight_kv_loads`` (KV connectors, which are refused).
+  admission itself) and ``max_num_inflight_kv_loads`` (KV connectors, which are refused). Its
+  ``async_kv_waiting`` queue is internal to vLLM's scheduler: the engine core never reads it.
 
 Each difference is detected from vLLM's own classes (not from the version string), once, at import.
 """
