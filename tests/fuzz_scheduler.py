@@ -57,7 +57,7 @@ def test_one_input(data: bytes) -> None:
     options = dict(num_blocks=fdp.ConsumeIntInRange(2, 48), block_size=fdp.PickValueInList([1, 4, 16]),
                    max_num_batched_tokens=fdp.ConsumeIntInRange(8, 512), max_num_seqs=fdp.ConsumeIntInRange(1, 8),
                    admission=fdp.PickValueInList(list(ADMISSION_MODES)),
-                   max_prefill_chunk=fdp.ConsumeIntInRange(0, 64))
+                   max_prefill_chunk=fdp.ConsumeIntInRange(0, 64), max_loras=fdp.ConsumeIntInRange(0, 2))
     mode = fdp.ConsumeIntInRange(0, 2)
     if mode:
         options.update(preemption="swap", num_host_blocks=fdp.ConsumeIntInRange(1, 48), host_prefix_cache=mode == 2)
@@ -97,7 +97,8 @@ def test_one_input(data: bytes) -> None:
                 s.add_requests(ids, [any_int() for _ in ids], [any_int() for _ in ids],
                                priorities=[fdp.ConsumeRegularFloat() for _ in ids],
                                client_ids=[fdp.ConsumeIntInRange(-1, 2**31) for _ in ids],
-                               class_ids=[fdp.ConsumeIntInRange(-1, 5) for _ in ids])
+                               class_ids=[fdp.ConsumeIntInRange(-1, 5) for _ in ids],
+                               lora_ids=[fdp.ConsumeIntInRange(-1, 3) for _ in ids])
             elif op <= 5:
                 step()
             elif op == 6:

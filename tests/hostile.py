@@ -120,7 +120,7 @@ def scheduler_snapshot(s: kvsched.Scheduler) -> tuple:
 def run_scheduler(seed: int, calls: int) -> None:
     rng = random.Random(seed)
     variant = seed % 3
-    options: dict = dict(num_blocks=64, block_size=16, max_num_batched_tokens=256, max_num_seqs=8)
+    options: dict = dict(num_blocks=64, block_size=16, max_num_batched_tokens=256, max_num_seqs=8, max_loras=seed % 2)
     if variant == 1:
         options.update(preemption="swap", num_host_blocks=64)
     elif variant == 2:
@@ -173,12 +173,12 @@ def run_scheduler(seed: int, calls: int) -> None:
             args = dict(req_ids=np.array([fresh() for _ in range(n)]), prompt_lens=np.full(n, 30),
                         max_new_tokens=np.full(n, 10), arrival_times=np.zeros(n), priorities=np.zeros(n),
                         class_ids=np.zeros(n, np.int64), client_ids=np.zeros(n, np.int64),
-                        true_output_lens=None)
+                        true_output_lens=None, lora_ids=np.arange(n))
             name = rng.choice(list(args))
             value, refuse = hostile_arrays(rng, n)
             if name in ("arrival_times", "priorities"):  # float columns: only non-numbers must be refused
                 value, refuse = hostile_floats(rng) if rng.random() < 0.5 else (value, False)
-            if name == "true_output_lens" and value is None:
+            if name in ("true_output_lens", "lora_ids") and value is None:
                 refuse = False
             args[name] = value
             call_hostile(f"add_requests[{name}={value!r}]", s.add_requests, args, name, refuse,
@@ -275,7 +275,7 @@ class _Applied(Exception):
 CONFIG_FIELDS = {
     "num_blocks": "int", "block_size": "int", "max_num_batched_tokens": "int", "max_num_seqs": "int",
     "max_prefill_chunk": "int", "prefill_attention_budget": "int", "num_lookahead_tokens": "int",
-    "max_bypass": "int", "watermark_blocks": "int", "window": "int", "num_scenarios": "int", "seed": "int",
+    "max_bypass": "int", "watermark_blocks": "int", "max_loras": "int", "window": "int", "num_scenarios": "int", "seed": "int",
     "num_host_blocks": "int", "swap_block_bytes": "int", "swap_tensors_per_block": "int",
     "quantile": "float", "target_preemption_rate": "float", "adapt_gain": "float", "min_quantile": "float",
     "max_quantile": "float", "recompute_seconds_per_token": "float",

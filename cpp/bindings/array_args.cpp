@@ -71,6 +71,12 @@ int64_t to_int64(py::handle value, const char* name) {
   return static_cast<int64_t>(result);
 }
 
+int32_t to_int32(py::handle value, const char* name) {
+  const int64_t v = to_int64(value, name);
+  if (v < INT32_MIN || v > INT32_MAX) throw py::value_error(std::string(name) + " does not fit in int32: " + std::to_string(v));
+  return static_cast<int32_t>(v);
+}
+
 double to_double(py::handle value, const char* name) {
   // Python and numpy ints and floats; bool and str are refused rather than read as 1.0 or parsed.
   if (PyBool_Check(value.ptr()) || py::isinstance(value, py::module_::import("numpy").attr("bool_")) ||

@@ -22,6 +22,9 @@ namespace py = pybind11;
 // A Python int (or numpy integer); bools and floats are rejected.
 int64_t to_int64(py::handle value, const char* name);
 
+// to_int64, range-checked to int32 (class, client and LoRA ids).
+int32_t to_int32(py::handle value, const char* name);
+
 // A Python or numpy int or float (not bool, not str) as a double; range checks are the caller's.
 double to_double(py::handle value, const char* name);
 

@@ -56,6 +56,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   o.admission = static_cast<AdmissionMode>(admission);
   int_option("max_num_batched_tokens", o.max_num_batched_tokens, 1, INT64_MAX);
   int_option("max_num_seqs", o.max_num_seqs, 1, INT32_MAX);
+  int_option("max_loras", o.max_loras, 0, INT32_MAX);
   int_option("max_prefill_chunk", o.max_prefill_chunk, 0, INT64_MAX);
   int_option("prefill_attention_budget", o.prefill_attention_budget, 0, INT64_MAX);
   int_option("num_lookahead_tokens", o.num_lookahead_tokens, 0, 1 << 16);
@@ -164,11 +165,11 @@ void init_batch_former(py::module_& m) {
           "add_requests",
           [](BatchFormer& f, py::handle ids, py::handle prompt_lens, py::handle max_new_tokens,
              py::handle arrival_times, py::handle keys, py::handle class_ids, py::handle client_ids,
-             py::handle true_output_lens, py::handle block_keys) {
+             py::handle true_output_lens, py::handle block_keys, py::handle lora_ids) {
             Int64Array id_array(ids, "req_ids"), prompt(prompt_lens, "prompt_lens"),
                 max_new(max_new_tokens, "max_new_tokens"), true_len(true_output_lens, "true_output_lens");
             Float64Array arrival(arrival_times, "arrival_times"), key(keys, "keys");
-            Int32Array classes(class_ids, "class_ids"), clients(client_ids, "client_ids");
+            Int32Array classes(class_ids, "class_ids"), clients(client_ids, "client_ids"), loras(lora_ids, "lora_ids");
             const size_t n = id_array.size();
             auto same = [n](size_t size, const char* name) {
               if (size != n) {
@@ -183,20 +184,21 @@ void init_batch_former(py::module_& m) {
             same(classes.size(), "class_ids");
             same(clients.size(), "client_ids");
             same(true_len.size(), "true_output_lens");
+            same(loras.size(), "lora_ids");
             std::vector<std::vector<Hash128>> request_keys;
             if (!block_keys.is_none()) request_keys = key_lists(block_keys, n, "block_keys");
             std::vector<NewRequest> requests(n);
             for (size_t i = 0; i < n; ++i) {
               requests[i] = NewRequest{id_array.data()[i], prompt.data()[i],  max_new.data()[i],
                                        arrival.data()[i],  key.data()[i],     classes.data()[i],
-                                       clients.data()[i],  true_len.data()[i]};
+                                       clients.data()[i],  true_len.data()[i], loras.data()[i]};
             }
             GilRelease release;
             f.add_requests(requests.data(), n, request_keys.empty() ? nullptr : request_keys.data());
           },
           py::arg("req_ids"), py::arg("prompt_lens"), py::arg("max_new_tokens"), py::arg("arrival_times"),
           py::arg("keys"), py::arg("class_ids"), py::arg("client_ids"), py::arg("true_output_lens"),
-          py::arg("block_keys"))
+          py::arg("block_keys"), py::arg("lora_ids"))
       .def(
           "abort",
           [](BatchFormer& f, py::handle ids) {
@@ -380,15 +382,16 @@ void init_batch_former(py::module_& m) {
           "reserve_incoming",
           [](BatchFormer& f, py::handle id, py::handle prompt_len, py::handle max_new_tokens, py::handle num_generated,
              py::handle num_tokens, double arrival_time, double key, py::handle class_id, py::handle client_id,
-             py::handle true_output_len, py::handle block_keys) {
+             py::handle true_output_len, py::handle block_keys, py::handle lora_id) {
             NewRequest n{to_int64(id, "req_id"),
                          to_int64(prompt_len, "prompt_len"),
                          to_int64(max_new_tokens, "max_new_tokens"),
                          arrival_time,
                          key,
-                         static_cast<int32_t>(to_int64(class_id, "class_id")),
-                         static_cast<int32_t>(to_int64(client_id, "client_id")),
-                         to_int64(true_output_len, "true_output_len")};
+                         to_int32(class_id, "class_id"),
+                         to_int32(client_id, "client_id"),
+                         to_int64(true_output_len, "true_output_len"),
+                         to_int32(lora_id, "lora_id")};
             std::optional<std::vector<Hash128>> keys;
             if (!block_keys.is_none()) {
               KeyArray k(block_keys, "block_keys");
@@ -405,7 +408,7 @@ void init_batch_former(py::module_& m) {
           },
           py::arg("req_id"), py::arg("prompt_len"), py::arg("max_new_tokens"), py::arg("num_generated"),
           py::arg("num_tokens"), py::arg("arrival_time"), py::arg("key"), py::arg("class_id"), py::arg("client_id"),
-          py::arg("true_output_len"), py::arg("block_keys"))
+          py::arg("true_output_len"), py::arg("block_keys"), py::arg("lora_id") = 0)
       .def(
           "extend_incoming",
           [](BatchFormer& f, py::handle id, py::handle num_tokens, py::handle num_generated) {

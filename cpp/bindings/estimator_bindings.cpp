@@ -82,16 +82,9 @@ void init_estimator(py::module_& m) {
                        py::handle sampling, py::handle num_scenarios, py::handle keyed_draws, py::handle seed,
                        py::handle prior) {
              // Ranges are the PeakEstimator constructor's checks; here only types, each by name.
-             auto int32_arg = [](py::handle value, const char* name) {
-               int64_t v = to_int64(value, name);
-               if (v < INT32_MIN || v > INT32_MAX) {
-                 throw py::value_error(std::string(name) + " does not fit in int32: " + std::to_string(v));
-               }
-               return static_cast<int32_t>(v);
-             };
              PeakEstimatorOptions options;
-             options.window = int32_arg(window, "window");
-             options.block_size = int32_arg(block_size, "block_size");
+             options.window = to_int32(window, "window");
+             options.block_size = to_int32(block_size, "block_size");
              options.quantile = to_double(quantile, "quantile");
              options.adaptive = to_bool(adaptive, "adaptive");
              options.target_preemption_rate = to_double(target_rate, "target_preemption_rate");
@@ -99,7 +92,7 @@ void init_estimator(py::module_& m) {
              options.min_quantile = to_double(min_quantile, "min_quantile");
              options.max_quantile = to_double(max_quantile, "max_quantile");
              options.sampling = to_bool(sampling, "sampling");
-             options.num_scenarios = int32_arg(num_scenarios, "num_scenarios");
+             options.num_scenarios = to_int32(num_scenarios, "num_scenarios");
              options.keyed_draws = to_bool(keyed_draws, "keyed_draws");
              int64_t seed_value = to_int64(seed, "seed");
              if (seed_value < 0) throw py::value_error("seed must be >= 0, got " + std::to_string(seed_value));

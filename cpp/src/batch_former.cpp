@@ -109,6 +109,7 @@ BatchFormer::BatchFormer(const BatchFormerOptions& options)
     : options_(options), allocator_(allocator_options(options)), estimator_(estimator_options(options)) {
   KVSCHED_EXPECTS(options.max_num_batched_tokens > 0, std::invalid_argument,
                   "max_num_batched_tokens must be > 0, got ", options.max_num_batched_tokens);
+  KVSCHED_EXPECTS(options.max_loras >= 0, std::invalid_argument, "max_loras must be >= 0, got ", options.max_loras);
   KVSCHED_EXPECTS(options.max_num_seqs > 0, std::invalid_argument, "max_num_seqs must be > 0, got ",
                   options.max_num_seqs);
   // Every running decode gets a token every step: the budget must hold one per sequence.
@@ -188,6 +189,7 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
     KVSCHED_EXPECTS(std::isfinite(n.key), std::invalid_argument, "keys[", i, "] must be finite");
     KVSCHED_EXPECTS(n.class_id >= 0, std::invalid_argument, "class_ids[", i, "] must be >= 0, got ", n.class_id);
     KVSCHED_EXPECTS(n.client_id >= 0, std::invalid_argument, "client_ids[", i, "] must be >= 0, got ", n.client_id);
+    KVSCHED_EXPECTS(n.lora_id >= 0, std::invalid_argument, "lora_ids[", i, "] must be >= 0, got ", n.lora_id);
     KVSCHED_EXPECTS(n.true_output_len == -1 || (n.true_output_len > 0 && n.true_output_len <= kMaxRequestTokens),
                     std::invalid_argument, "true_output_lens[", i, "] must be in [1, ", kMaxRequestTokens,
                     "] or -1 (unknown), got ", n.true_output_len);
@@ -212,6 +214,7 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
     r.key = n.key;
     r.class_id = n.class_id;
     r.client_id = n.client_id;
+    r.lora_id = n.lora_id;
     r.add_order = next_add_order_++;
     r.state = RequestState::kWaiting;
     if (keys && options_.allocator.enable_prefix_caching) r.keys.assign(keys[i].begin(), keys[i].end());
@@ -424,12 +427,34 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   return true;
 }
 
+void BatchFormer::collect_active_loras() {
+  active_loras_.clear();
+  if (options_.max_loras <= 0) return;
+  for (const auto* list : {&running_, &incoming_}) {
+    for (const Request* r : *list) {
+      if (r->lora_id > 0) active_loras_.push_back(r->lora_id);
+    }
+  }
+  std::sort(active_loras_.begin(), active_loras_.end());
+  active_loras_.erase(std::unique(active_loras_.begin(), active_loras_.end()), active_loras_.end());
+}
+
+bool BatchFormer::lora_slot(int32_t lora_id) {
+  if (options_.max_loras <= 0 || lora_id == 0) return true;
+  auto at = std::lower_bound(active_loras_.begin(), active_loras_.end(), lora_id);
+  if (at != active_loras_.end() && *at == lora_id) return true;
+  if (static_cast<int64_t>(active_loras_.size()) >= options_.max_loras) return false;
+  active_loras_.insert(at, lora_id);
+  return true;
+}
+
 bool BatchFormer::swap_in_swapped(int64_t& budget) {
   if (swapped_.empty()) return true;
   const int64_t bs = options_.allocator.block_size;
   const int64_t capacity = estimator_capacity();
   running_input_.clear();
   push_holders(running_input_);
+  collect_active_loras();
   while (!swapped_.empty()) {
     Request& r = **swapped_.begin();
     // Swapped and waiting requests come back in one key order; one swapped out by a priority
@@ -437,6 +462,7 @@ bool BatchFormer::swap_in_swapped(int64_t& budget) {
     if (r.preempted_at_step == counters_.steps) return true;
     if (!waiting_.empty() && WaitingOrder()(*waiting_.begin(), &r)) return true;
     if (static_cast<int64_t>(running_.size() + incoming_.size()) >= options_.max_num_seqs || budget <= 0) return false;
+    if (!lora_slot(r.lora_id)) return false;  // it comes back first, once its adapter has a slot
     candidate_input_.clear();
     candidate_input_.push(r);
     bool fits = estimator_.admit(options_.admission, running_input_.view(0), candidate_input_.view(0), capacity, 0) == 1;
@@ -482,9 +508,13 @@ void BatchFormer::admit_waiting(int64_t& budget) {
   push_holders(running_input_);
   candidates_.clear();
   candidate_input_.clear();
+  collect_active_loras();
   for (Request* r : waiting_) {
     if (static_cast<int64_t>(candidates_.size()) == slots) break;
     if (r->preempted_at_step == counters_.steps) continue;  // its KV was just given up for a reason
+    // Its adapter has no slot: the ones behind it go first (a slot frees when an adapter's last
+    // running request ends). A candidate takes its slot even if the estimator then stops before it.
+    if (!lora_slot(r->lora_id)) continue;
     candidates_.push_back(r);
     candidate_input_.push(*r);
   }
@@ -755,6 +785,16 @@ void BatchFormer::check_invariants() const {
   KVSCHED_ASSERT(waiting_.size() + running_.size() + swapped_.size() + incoming_.size() == requests_.size(),
                  "waiting ", waiting_.size(), " + running ", running_.size(), " + swapped ", swapped_.size(),
                  " + incoming ", incoming_.size(), " != table ", requests_.size());
+  if (options_.max_loras > 0) {
+    std::set<int32_t> adapters;
+    for (const auto* list : {&running_, &incoming_}) {
+      for (const Request* r : *list) {
+        if (r->lora_id > 0) adapters.insert(r->lora_id);
+      }
+    }
+    KVSCHED_ASSERT(static_cast<int64_t>(adapters.size()) <= options_.max_loras, adapters.size(),
+                   " LoRA adapters hold requests, max_loras is ", options_.max_loras);
+  }
   if (swap_planner_) {
     swap_planner_->check_invariants();
     KVSCHED_ASSERT(swap_planner_->stats().num_swapped == static_cast<int64_t>(swapped_.size()), "the planner holds ",

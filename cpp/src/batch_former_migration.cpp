@@ -102,10 +102,16 @@ int64_t BatchFormer::reserve_incoming(const NewRequest& n, int64_t num_generated
                   ") exceed this instance's KV capacity (", capacity_tokens, " tokens)");
   KVSCHED_EXPECTS(std::isfinite(n.arrival_time) && std::isfinite(n.key), std::invalid_argument,
                   "arrival_time and key must be finite");
-  KVSCHED_EXPECTS(n.class_id >= 0 && n.client_id >= 0, std::invalid_argument, "class_id and client_id must be >= 0");
+  KVSCHED_EXPECTS(n.class_id >= 0 && n.client_id >= 0 && n.lora_id >= 0, std::invalid_argument,
+                  "class_id, client_id and lora_id must be >= 0");
   if (static_cast<int64_t>(running_.size() + incoming_.size()) >= options_.max_num_seqs) {
     throw OutOfBlocks(detail::concat("reserve_incoming: no sequence slot (max_num_seqs ", options_.max_num_seqs,
                                      ")"));
+  }
+  collect_active_loras();
+  if (!lora_slot(n.lora_id)) {
+    throw OutOfBlocks(detail::concat("reserve_incoming: no LoRA slot for lora_id ", n.lora_id, " (max_loras ",
+                                     options_.max_loras, ")"));
   }
   // Only the blocks already cached here are shared: the rest are registered at commit, once the
   // copy has filled them, so that no request here reads one before its KV arrives.
@@ -130,6 +136,7 @@ int64_t BatchFormer::reserve_incoming(const NewRequest& n, int64_t num_generated
   r.key = n.key;
   r.class_id = n.class_id;
   r.client_id = n.client_id;
+  r.lora_id = n.lora_id;
   r.add_order = next_add_order_++;
   r.state = RequestState::kIncoming;
   if (cache) r.keys.assign(keys->begin(), keys->end());

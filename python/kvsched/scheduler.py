@@ -61,6 +61,9 @@ class SchedulerConfig:
     block_size: int = 16
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
+    # Distinct LoRA adapters (``lora_ids`` > 0) among running requests; 0: no limit. A request of an
+    # adapter without a slot waits (the ones behind it go first) until one frees.
+    max_loras: int = 0
     # Prefill tokens one request may compute per step (decodes always go first); 0: no cap but the
     # step budget. The cap lets several prompts progress together behind a long one.
     max_prefill_chunk: int = 2048
@@ -338,6 +341,7 @@ class Scheduler:
         priority: float = 0.0,
         class_id: int = 0,
         client_id: int = 0,
+        lora_id: int = 0,
         prompt_tokens: Any = None,
         block_keys: Any = None,
         true_output_len: int | None = None,
@@ -355,7 +359,7 @@ class Scheduler:
             keys = [block_keys]
         self.add_requests(
             [req_id], [prompt_len], [max_new_tokens], arrival_times=[arrival_time], priorities=[priority],
-            class_ids=[class_id], client_ids=[client_id],
+            class_ids=[class_id], client_ids=[client_id], lora_ids=[lora_id],
             true_output_lens=None if true_output_len is None else [true_output_len], block_keys=keys,
         )
 
@@ -372,8 +376,10 @@ class Scheduler:
         client_ids: Any = None,
         true_output_lens: Any = None,
         block_keys: Sequence[Any] | None = None,
+        lora_ids: Any = None,
     ) -> None:
-        """Adds requests given as arrays (all or nothing). Scalars broadcast for the optional ones."""
+        """Adds requests given as arrays (all or nothing). Scalars broadcast for the optional ones.
+        ``lora_ids`` name each request's LoRA adapter (0: the base model) for ``max_loras``."""
         ids = _integers(req_ids)
         if ids.ndim != 1:
             raise ValueError(f"req_ids must be 1-D, got shape {ids.shape}")
@@ -388,11 +394,12 @@ class Scheduler:
             client_ids=_column(client_ids, "client_ids", n, np.int32, 0),
         )
         true_lens = _column(true_output_lens, "true_output_lens", n, np.int64, -1)
+        loras = _column(lora_ids, "lora_ids", n, np.int32, 0)
         requests = _checked_requests(requests)
         keys = np.ascontiguousarray(self.policy.keys(requests), dtype=np.float64)
         self._former.add_requests(
             requests.req_ids, requests.prompt_lens, requests.max_new_tokens, requests.arrival_times, keys,
-            requests.class_ids, requests.client_ids, true_lens, block_keys,
+            requests.class_ids, requests.client_ids, true_lens, block_keys, loras,
         )
 
     @_serialized
@@ -547,7 +554,7 @@ class Scheduler:
     def reserve_incoming(
         self, req_id: int, prompt_len: int, max_new_tokens: int, num_generated: int, num_tokens: int, *,
         arrival_time: float = 0.0, priority: float = 0.0, class_id: int = 0, client_id: int = 0,
-        block_keys: Any = None, true_output_len: int | None = None,
+        block_keys: Any = None, true_output_len: int | None = None, lora_id: int = 0,
     ) -> tuple[np.ndarray, int]:
         """Destination of a live migration, first stage: reserves blocks for the first ``num_tokens``
         tokens of a request that runs elsewhere with ``num_generated`` tokens generated. Returns its
@@ -572,7 +579,7 @@ class Scheduler:
         key = float(np.asarray(self.policy.keys(requests), dtype=np.float64)[0])
         return self._former.reserve_incoming(
             req_id, prompt_len, max_new_tokens, num_generated, num_tokens, float(arrival_time), key, class_id,
-            client_id, -1 if true_output_len is None else true_output_len, block_keys,
+            client_id, -1 if true_output_len is None else true_output_len, block_keys, lora_id,
         )
 
     @_serialized

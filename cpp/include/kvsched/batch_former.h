@@ -21,6 +21,10 @@
 //              on the device, then on the host: host hits are loaded into fresh device blocks
 //              (cache_load) when the cost model says the copy beats recomputing them, and its
 //              prefill starts after them.
+//   LoRA       a request's adapter (lora_id > 0; 0 is the base model). With max_loras > 0 the
+//              running and incoming requests use at most that many distinct adapters (what an
+//              engine can hold at once): a waiting or swapped request of another adapter waits for
+//              a slot, passed over by the requests behind it.
 //   incoming   a request migrating in from another instance (batch_former_migration.cpp): it
 //              holds blocks reserved for the KV being copied to it but is in no queue; commit
 //              makes it running with those tokens computed, cancel frees them. The estimator
@@ -103,6 +107,8 @@ struct BatchFormerOptions {
   // without a row; its prefill starts in the next plan, so the load overlaps this forward pass
   // instead of delaying it. Its first row then lists its whole block table as new blocks.
   bool host_cache_prefetch = false;
+  // Distinct LoRA adapters (lora_id > 0) among running and incoming requests; 0: no limit.
+  int32_t max_loras = 0;
 };
 
 // A request as add_requests() takes it; optional fields use -1 / empty.
@@ -115,6 +121,7 @@ struct NewRequest {
   int32_t class_id = 0;          // the estimator keeps one output-length history per class
   int32_t client_id = 0;         // for per-client policy keys (fair share)
   int64_t true_output_len = -1;  // read by the oracle admission mode only
+  int32_t lora_id = 0;           // 0: the base model (max_loras counts the others)
 };
 
 // Flat arrays an engine consumes without per-request work in Python.
@@ -298,7 +305,7 @@ class BatchFormer {
     int64_t update_stamp = -1;
     int64_t preempted_at_step = -1;
     double arrival = 0.0, key = 0.0;
-    int32_t class_id = 0, client_id = 0, bypassed = 0;
+    int32_t class_id = 0, client_id = 0, lora_id = 0, bypassed = 0;
     RequestState state = RequestState::kWaiting;
     bool finishing = false;  // reported finished in the update being applied
     bool announced = true;   // false while admitted by a host prefetch and not yet in a plan's rows
@@ -318,6 +325,10 @@ class BatchFormer {
   };
 
   static void reset_request(Request& r);
+  // max_loras: fills active_loras_ with the adapters of running and incoming requests; then
+  // lora_slot() says whether `lora_id` may run now, and takes a slot for it when it may.
+  void collect_active_loras();
+  bool lora_slot(int32_t lora_id);
   void change_key(Request& r, double key);
   Request& lookup(RequestId id, const char* name, size_t index);
   const Request& lookup(RequestId id, const char* name, size_t index) const;
@@ -383,6 +394,7 @@ class BatchFormer {
   bool running_sorted_ = true;
   StepPlan plan_;
   bool plan_outstanding_ = false;
+  std::vector<int32_t> active_loras_;  // max_loras: adapters holding a slot this step (sorted)
   bool admission_paused_ = false;
   int64_t plan_expected_ = 0;  // scheduled requests not yet aborted
   std::vector<int64_t> pending_rejected_ids_;
