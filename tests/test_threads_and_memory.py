@@ -6,6 +6,7 @@ test failure rather than the end of the test run.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -228,8 +229,13 @@ def scenario_memory_follows_live_state() -> None:
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
 
 
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_scenario(scenario: str) -> None:
+    if scenario == "memory_follows_live_state" and UNDER_ASAN:
+        pytest.skip("ASan's quarantine holds freed memory: RSS says nothing there")
     _run_child(scenario)
 
 
