@@ -16,9 +16,15 @@ _HASH_ALGORITHMS = {"fast128": 0, "sha256": 1}
 
 
 def _choice(name: str, value: str, choices: Dict[str, int]) -> int:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return choices[value]
+
+
+def _flag(name: str, value: bool) -> bool:
+    if not isinstance(value, (bool, np.bool_)):  # 1, "no" or None would read as a bool silently
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 class BlockAllocator:
@@ -68,7 +74,7 @@ class BlockAllocator:
         self._core = _core.BlockAllocator(
             num_blocks,
             block_size,
-            bool(enable_prefix_caching),
+            _flag("enable_prefix_caching", enable_prefix_caching),
             _choice("placement", placement, _PLACEMENTS),
             _choice("hash_algorithm", hash_algorithm, _HASH_ALGORITHMS),
         )
