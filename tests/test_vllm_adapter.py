@@ -139,6 +139,34 @@ def test_under_memory_pressure_the_adapter_preempts_less(runner, async_schedulin
     assert_drained(ours)
 
 
+def test_preempted_requests_come_back_the_way_this_vllm_expects(runner, monkeypatch):
+    """0.32/0.33's v1 runner resumes a preempted request in place (resumed_req_ids, its whole block
+    table); the v2 runner, and every runner from 0.34, gets it in full as a new request whose prefill
+    tokens include what it generated before."""
+    sent = []
+    original = harness.FakeWorker.execute
+
+    def recording(self, so):
+        cached = so.scheduled_cached_reqs
+        sent.extend(("resumed", req_id) for req_id in getattr(cached, "resumed_req_ids", ()))
+        sent.extend(("new", n.req_id, len(n.prefill_token_ids or ()) - len(n.prompt_token_ids))
+                    for n in so.scheduled_new_reqs)
+        return original(self, so)
+
+    monkeypatch.setattr(harness.FakeWorker, "execute", recording)
+    engine = run("kvsched", script(60, seed=2), num_blocks=48, async_scheduling=False, max_num_seqs=32,
+                 max_num_batched_tokens=512, additional_config={"kvsched": {"admission": "aggressive"}})
+    assert engine.preemptions > 0
+    resent_with_outputs = [e for e in sent if e[0] == "new" and e[2] > 0]
+    in_place = [e for e in sent if e[0] == "resumed"]
+    if versions.uses_v2_model_runner(engine.scheduler.vllm_config):
+        assert not in_place and len(resent_with_outputs) > 0
+        assert len([e for e in sent if e[0] == "new"]) == 60 + engine.preemptions
+    else:
+        assert not resent_with_outputs and len(in_place) == engine.preemptions
+    assert_drained(engine)
+
+
 @pytest.mark.parametrize("admission", ["aggressive", "conservative"])
 def test_admission_mode_comes_from_additional_config(admission):
     requests = script(60, seed=2)
