@@ -33,7 +33,9 @@ py::array checked_array(py::handle value, const char* name, int ndim, const std:
   }
   // A private copy: the native call validates and applies the same values (and releases the GIL
   // meanwhile), so another thread rewriting the caller's array can change nothing it has checked.
-  return array.attr("copy")();
+  // numpy.array(subok=False) copies in C: a subclass cannot override the copy (or astype, min and
+  // max, which the checks below call on the copy).
+  return py::module_::import("numpy").attr("array")(array, py::arg("copy") = true, py::arg("subok") = false);
 }
 
 py::array checked_integer_array(py::handle value, const char* name, int ndim) {

@@ -67,7 +67,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   int_option("preemption", preemption, 0, 2);
   o.preemption = static_cast<PreemptionMode>(preemption);
   int_option("num_host_blocks", o.swap.num_host_blocks, 0, INT32_MAX - 1);
-  int_option("swap_block_bytes", o.swap.block_bytes, 1, INT64_MAX);
+  int_option("swap_block_bytes", o.swap.block_bytes, 1, kMaxBlockBytes);
   int_option("swap_tensors_per_block", o.swap.tensors_per_block, 1, INT32_MAX);
   bool_option("reuse_host_copies", o.swap.reuse_host_copies);
   bool_option("host_prefix_cache", o.host_prefix_cache);

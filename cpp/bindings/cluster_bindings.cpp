@@ -5,6 +5,7 @@
 #include "array_args.h"
 #include "bindings.h"
 #include "kvsched/dispatch.h"
+#include "kvsched/limits.h"
 
 #include <cmath>
 #include <optional>
@@ -47,8 +48,26 @@ void init_cluster(py::module_& m) {
             }
           }
         };
-        non_negative(tokens.data(), r, "request_tokens");
-        non_negative(blocks.data(), r, "request_blocks");
+        // Bounds that keep the sums dispatch() forms (a load plus a batch's tokens) inside int64.
+        constexpr int64_t kMaxLoad = int64_t{1} << 60, kMaxBatch = int64_t{1} << 20;
+        auto within = [](const int64_t* values, size_t count, const char* name, int64_t low, int64_t high) {
+          for (size_t i = 0; i < count; ++i) {
+            if (values[i] < low || values[i] > high) {
+              throw py::value_error(std::string(name) + "[" + std::to_string(i) + "] must be in [" +
+                                    std::to_string(low) + ", " + std::to_string(high) + "], got " +
+                                    std::to_string(values[i]));
+            }
+          }
+        };
+        if (static_cast<int64_t>(r) > kMaxBatch) {
+          throw py::value_error("request_tokens: at most " + std::to_string(kMaxBatch) + " requests per call, got " +
+                                std::to_string(r));
+        }
+        within(tokens.data(), r, "request_tokens", 0, kMaxRequestTokens);
+        within(blocks.data(), r, "request_blocks", 0, kMaxRequestTokens);
+        within(load.data(), n, "load_tokens", 0, kMaxLoad);
+        within(headroom.data(), n, "headroom_blocks", -kMaxLoad, kMaxLoad);
+        within(capacity.data(), n, "capacity_tokens", 0, kMaxLoad);
         std::optional<py::array_t<int64_t>> hits;
         if (!prefix_hits.is_none()) {
           hits = int64_rows(prefix_hits, "prefix_hits", static_cast<py::ssize_t>(n));  // requests x instances

@@ -59,7 +59,8 @@ void init_estimator(py::module_& m) {
       "future_peak",
       [](py::handle held, py::handle remaining, py::handle block_size_arg) {
         const int64_t block_size = to_int64(block_size_arg, "block_size");
-        if (block_size > INT32_MAX) throw py::value_error("block_size must be < 2**31, got " + std::to_string(block_size));
+        // The block count's scratch grows with block_size: the PeakEstimator's bound.
+        if (block_size > 65536) throw py::value_error("block_size must be in [0, 65536], got " + std::to_string(block_size));
         Int64Array held_array(held, "held"), remaining_array(remaining, "remaining");
         if (held_array.size() != remaining_array.size()) {
           throw py::value_error("held and remaining must have the same length");

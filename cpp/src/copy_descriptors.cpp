@@ -33,7 +33,7 @@ void copy_descriptors_host(const int64_t* descriptors, size_t count, const Buffe
   check_descriptors(descriptors, count, src, dst, num_tensors);
   for (size_t i = 0; i < count; ++i) {
     const int64_t* d = descriptors + 4 * i;
-    std::memcpy(reinterpret_cast<void*>(dst[d[0]].ptr + static_cast<uintptr_t>(d[2])),
+    std::memmove(reinterpret_cast<void*>(dst[d[0]].ptr + static_cast<uintptr_t>(d[2])),
                 reinterpret_cast<const void*>(src[d[0]].ptr + static_cast<uintptr_t>(d[1])), static_cast<size_t>(d[3]));
   }
 }

@@ -29,8 +29,7 @@ OutputLengthHistory::OutputLengthHistory(int32_t capacity, const std::vector<int
     : capacity_(static_cast<size_t>(capacity)) {
   KVSCHED_EXPECTS(capacity > 0 && capacity <= kMaxWindow, std::invalid_argument, "window must be in [1, ", kMaxWindow,
                   "], got ", capacity);
-  ring_.reserve(capacity_);
-  sorted_.reserve(capacity_);
+  // No reservation: memory follows the lengths recorded, not the window (many classes, few each).
   for (int64_t length : prior) record(length);
 }
 

@@ -13,8 +13,16 @@ namespace {
 constexpr int64_t kNoSeq = -1;
 
 void check_layout(const KvLayout& layout) {
+  int64_t total = 0;
   for (size_t t = 0; t < layout.tensors.size(); ++t) {
     const KvTensorLayout& tensor = layout.tensors[t];
+    KVSCHED_EXPECTS(tensor.block_bytes <= kMaxBlockBytes && tensor.device_block_stride <= kMaxBlockBytes &&
+                        tensor.host_block_stride <= kMaxBlockBytes,
+                    std::invalid_argument, "layout: tensor ", t, " has a block size or stride past ", kMaxBlockBytes,
+                    " bytes");
+    total += tensor.block_bytes;
+    KVSCHED_EXPECTS(total <= kMaxBlockBytes, std::invalid_argument, "layout: a block's tensors hold more than ",
+                    kMaxBlockBytes, " bytes");
     KVSCHED_EXPECTS(tensor.block_bytes > 0, std::invalid_argument, "layout: tensor ", t, " has block_bytes ",
                     tensor.block_bytes, " (must be > 0)");
     KVSCHED_EXPECTS(tensor.device_block_stride >= tensor.block_bytes && tensor.host_block_stride >= tensor.block_bytes,
@@ -75,7 +83,8 @@ SwapPlanner::SwapPlanner(const SwapPlannerOptions& options) : options_(options) 
   KVSCHED_EXPECTS(options.num_host_blocks > 0, std::invalid_argument, "num_host_blocks: must be > 0, got ",
                   options.num_host_blocks);
   KVSCHED_EXPECTS(options.block_size > 0, std::invalid_argument, "block_size: must be > 0, got ", options.block_size);
-  KVSCHED_EXPECTS(options.block_bytes > 0, std::invalid_argument, "block_bytes: must be > 0, got ", options.block_bytes);
+  KVSCHED_EXPECTS(options.block_bytes > 0 && options.block_bytes <= kMaxBlockBytes, std::invalid_argument,
+                  "block_bytes: must be in [1, ", kMaxBlockBytes, "], got ", options.block_bytes);
   KVSCHED_EXPECTS(options.tensors_per_block > 0, std::invalid_argument, "tensors_per_block: must be > 0, got ",
                   options.tensors_per_block);
   check_layout(options.layout);

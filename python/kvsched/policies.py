@@ -99,6 +99,9 @@ class DeadlinePolicy(Policy):
         return requests.arrival_times + self.ttft_slo_s[requests.class_ids]
 
 
+_MAX_COUNTER = 1e300
+
+
 class FairSharePolicy(Policy):
     """Fair share across clients by virtual token counters (VTC, Sheng et al., OSDI'24).
 
@@ -158,18 +161,23 @@ class FairSharePolicy(Policy):
     def keys(self, requests: NewRequests) -> np.ndarray:
         if not requests.client_ids.size:
             return np.zeros(0, dtype=np.float64)
-        pos = self._positions(np.asarray(requests.client_ids, dtype=np.int64))
-        self._counters[pos] = np.maximum(self._counters[pos], self._floor)
-        return self._counters[pos]
+        # A lookup only: a client joins the table when it is first served (after_update), so adds
+        # that are refused, or aborted before they run, leave nothing behind.
+        clients = np.asarray(requests.client_ids, dtype=np.int64)
+        pos, known = self._find(clients)
+        self._counters[pos[known]] = np.maximum(self._counters[pos[known]], self._floor)  # the lift
+        return self.counter(clients)
 
     def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
         if len(plan) == 0:
             return
-        service = np.where(plan.is_prefill, self.input_weight * plan.num_tokens, 0.0)
-        service += self.output_weight * num_new_tokens
-        clients = np.asarray(plan.client_ids, dtype=np.int64)
-        pos = self._positions(clients)
-        np.add.at(self._counters, pos, service)
+        with np.errstate(over="ignore"):  # huge weights saturate below (inf is clipped to the max)
+            service = np.where(plan.is_prefill, self.input_weight * plan.num_tokens, 0.0)
+            service += self.output_weight * num_new_tokens
+            clients = np.asarray(plan.client_ids, dtype=np.int64)
+            pos = self._positions(clients)
+            np.add.at(self._counters, pos, service)
+        np.minimum(self._counters, _MAX_COUNTER, out=self._counters)  # huge weights saturate, never inf
         served = np.unique(clients)
         served_pos = self._positions(served)
         self._floor = float(self._counters[served_pos].min())

@@ -133,7 +133,7 @@ class SchedulerConfig:
         options["placement"] = _PLACEMENTS[self.placement]
         options["hash_algorithm"] = _HASHES[self.hash_algorithm]
         if self.prior is not None:
-            options["prior"] = np.asarray(self.prior, dtype=np.int64)
+            options["prior"] = np.asarray(self.prior)  # checked natively: integers, in range
         return options
 
 
@@ -175,6 +175,11 @@ class StepPlan:
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
+        # Read-only: update() and the policy read the plan after the engine had it, so an engine
+        # that reused its arrays as scratch would change what they read.
+        for value in arrays.values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
         self.req_ids = arrays["req_ids"]
         self.client_ids = arrays["client_ids"]
         self.num_tokens = arrays["num_tokens"]
@@ -230,6 +235,8 @@ def _column(values: Any, name: str, count: int, dtype: Any, default: float | int
     if values is None:
         return np.full(count, default, dtype=dtype)
     array = np.asarray(values)
+    if array.size == 0 and array.dtype == np.float64 and not isinstance(values, np.ndarray):
+        array = array.astype(dtype)  # [] is float64 to numpy; an empty column of any type is fine
     if array.ndim == 0:
         return np.full(count, array)  # the value's own dtype: checked below, never cast here
     if array.shape != (count,):
@@ -447,13 +454,17 @@ class Scheduler:
         new_tokens = np.array(_integers(num_new_tokens), copy=True)
         done_flags = np.zeros(ids.shape, dtype=bool) if finished is None else _integers(finished, bool)
         done = self._former.update(ids, new_tokens, done_flags)
-        if self._last_plan is not None and new_tokens.shape == self._last_plan.req_ids.shape:
-            # Policies see tokens in plan order; the engine may report in any order.
-            if not np.array_equal(ids, self._last_plan.req_ids):
+        plan = self._last_plan
+        if plan is not None and len(plan):
+            # Policies see tokens in plan order; the engine may report in any order, and requests
+            # aborted since the plan are not reported (they generated nothing the policy counts).
+            if not np.array_equal(ids, plan.req_ids):
                 order = np.argsort(ids, kind="stable")
-                position = np.searchsorted(ids[order], self._last_plan.req_ids)
-                new_tokens = new_tokens[order][position]
-            self.policy.after_update(self, self._last_plan, new_tokens)
+                sorted_ids = ids[order]
+                position = np.minimum(np.searchsorted(sorted_ids, plan.req_ids), max(ids.size - 1, 0))
+                reported = sorted_ids[position] == plan.req_ids if ids.size else np.zeros(len(plan), bool)
+                new_tokens = np.where(reported, new_tokens[order][position] if ids.size else 0, 0)
+            self.policy.after_update(self, plan, new_tokens)
         return done
 
     @_serialized
@@ -477,6 +488,8 @@ class Scheduler:
     @_serialized
     def pause_admission(self, paused: bool = True) -> None:
         """While paused, waiting requests are not admitted; running and swapped ones go on."""
+        if not isinstance(paused, (bool, np.bool_)):
+            raise TypeError(f"paused must be a bool, got {type(paused).__name__}")
         self._former.pause_admission(bool(paused))
 
     def block_keys(self, tokens: Any, salt: int = 0) -> np.ndarray:
@@ -543,6 +556,8 @@ class Scheduler:
 
     def prefix_hits(self, block_keys: Sequence[Any]) -> np.ndarray:
         """Leading blocks of each key list cached in this instance's device prefix cache."""
+        if isinstance(block_keys, np.ndarray) or not isinstance(block_keys, (list, tuple)):
+            raise TypeError(f"block_keys must be a list of key arrays (one per request), got {type(block_keys).__name__}")
         return self._former.prefix_hits(list(block_keys))
 
     def migration_candidate(self, exclude: Any = ()) -> int | None:

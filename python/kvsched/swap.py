@@ -200,6 +200,8 @@ def host_span(array: np.ndarray, name: str, writable: bool) -> tuple[int, int]:
     """(pointer, nbytes) of a C-contiguous numpy array; the argument name goes into errors."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array, got {type(array).__name__}")
+    if array.dtype.hasobject:  # its bytes are object pointers: copying them corrupts refcounts
+        raise TypeError(f"{name}: must hold plain numbers, got dtype {array.dtype}")
     if not array.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
     if writable and not array.flags.writeable:

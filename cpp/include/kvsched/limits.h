@@ -15,6 +15,9 @@ namespace kvsched {
 __extension__ using Int128 = __int128;
 
 inline constexpr int64_t kMaxRequestTokens = int64_t{1} << 40;
+// Bytes of one KV block (all its tensors together), and any tensor's block stride: block ids
+// (< 2^31) times this stay below 2^62, so offsets and the bytes of a plan fit in int64.
+inline constexpr int64_t kMaxBlockBytes = int64_t{1} << 31;
 // past_future's scenarios: each one costs a sort of the batch per admission.
 inline constexpr int32_t kMaxScenarios = 64;
 // Finished output lengths kept per history (its memory is proportional).

@@ -87,11 +87,19 @@ class Dispatcher:
             if prefix_hits is None:
                 raise ValueError("prefix_hits: prefix_affinity needs each request's cached blocks per instance")
             hits = prefix_hits  # checked natively: shape (requests, instances), integers >= 0
+        block_size = loads.block_size
+        if isinstance(block_size, (bool, np.bool_)) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"loads.block_size must be an int >= 1, got {block_size!r}")
+        capacity = np.asarray(loads.capacity_blocks)
+        if capacity.dtype.kind not in "iu":
+            raise TypeError(f"loads.capacity_blocks must be integers, got dtype {capacity.dtype}")
+        if capacity.size and (capacity.min() < 0 or capacity.max() > (1 << 60) // int(block_size)):
+            raise ValueError("loads.capacity_blocks times block_size must be in [0, 2**60]")
+        capacity_tokens = capacity.astype(np.int64) * int(block_size)
         with self._lock:
             placed, self._next = _core.dispatch(
-                DISPATCH_POLICIES.index(self.policy), np.ascontiguousarray(loads.available, bool),
-                np.ascontiguousarray(loads.load_tokens, np.int64), np.ascontiguousarray(loads.headroom_blocks, np.int64),
-                np.ascontiguousarray(loads.capacity_blocks * loads.block_size, np.int64),
+                DISPATCH_POLICIES.index(self.policy), loads.available, loads.load_tokens, loads.headroom_blocks,
+                capacity_tokens,  # the loads as given: dtypes, shapes and ranges are checked natively
                 request_tokens, request_blocks, hits,  # the caller's: the native call checks dtype, shape and range
                 self.imbalance_limit, self._next, self.global_queue)
         return placed
