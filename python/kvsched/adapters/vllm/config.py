@@ -33,7 +33,9 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     if model.runner_type == "pooling":
         found.append("pooling models")
     if vllm_config.lora_config is not None:
-        found.append("LoRA (max_loras is not enforced by the batch former)")
+        # The core enforces max_loras (SchedulerConfig.max_loras, lora_ids); passing each request's
+        # adapter through, and keying its prefix blocks by adapter, is not done here yet.
+        found.append("LoRA (kvsched's core limits adapters per batch, but this adapter does not pass them yet)")
     if parallel.pipeline_parallel_size > 1:
         found.append("pipeline parallelism")
     if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
