@@ -161,3 +161,17 @@ def test_empty_lists_are_an_empty_batch() -> None:
     s = kvsched.Scheduler(num_blocks=64)
     s.add_requests([], [], [])
     assert s.stats()["added"] == 0
+
+
+def test_a_scalar_argument_given_an_array_or_a_failing_index_is_named() -> None:
+    class RaisingIndex:
+        def __index__(self) -> int:
+            raise RuntimeError("boom")
+
+    s = kvsched.Scheduler(num_blocks=64)
+    a = kvsched.BlockAllocator(8, 16)
+    for call, name in ((lambda v: s.info(v), "req_id"), (lambda v: s.block_table(v), "req_id"),
+                       (lambda v: a.block_table(v), "seq_id"), (lambda v: a.advance_steps(v), "steps")):
+        for value in (np.array([1, 2]), RaisingIndex()):
+            with pytest.raises(TypeError, match=f"{name} must be an int"):
+                call(value)

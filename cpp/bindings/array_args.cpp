@@ -66,7 +66,10 @@ int64_t to_int64(py::handle value, const char* name) {
     throw py::type_error(std::string(name) + " must be an int, got " + describe_type(value));
   }
   py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
-  if (!index) throw py::error_already_set();
+  if (!index) {  // e.g. a numpy array of several values, or an __index__ that raises
+    PyErr_Clear();
+    throw py::type_error(std::string(name) + " must be an int, got " + describe_type(value));
+  }
   int overflow = 0;
   long long result = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
   if (overflow != 0) throw py::value_error(std::string(name) + " does not fit in int64: " + std::string(py::str(index)));
