@@ -58,7 +58,7 @@ def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stat
     for r in requests:
         made.append(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"], arrival_time=r["arrival_time"],
                                          priority=r.get("priority", 0), shared_prefix=r["shared_prefix"],
-                                         block_hasher=hasher))
+                                         block_hasher=hasher, extra_args=r.get("extra_args")))
         engine.add(made[-1])
     engine.run(on_step=on_step)
     engine.preemptions = sum(r.num_preemptions for r in made)
@@ -395,6 +395,61 @@ def test_version_differences_match_the_installed_vllm():
     cfg, kv = harness.make_vllm_config(num_blocks=64)
     if minor >= 34:
         assert versions.uses_v2_model_runner(cfg)
+
+
+def first_token_steps(policy: str, requests: list[dict], **config) -> dict[str, int]:
+    first = {}
+
+    def watch(engine):
+        for req_id, tokens in engine.tokens.items():
+            if tokens and req_id not in first:
+                first[req_id] = engine.steps
+
+    engine = run("kvsched", requests, num_blocks=100, async_scheduling=False, on_step=watch, max_num_seqs=2,
+                 max_num_batched_tokens=256, **config)
+    assert_drained(engine)
+    return first
+
+
+def test_vtc_policy_shares_the_engine_between_clients_named_in_extra_args():
+    """Client "a" floods the queue first; client "b" arrives behind it. Under fcfs b waits for
+    a's backlog; under vtc (additional_config) b is served as soon as a has had its share."""
+    requests = script(20, seed=8, max_prompt=60, max_out=20)
+    for i, r in enumerate(requests):
+        r["extra_args"] = {"kvsched_client": "a" if i < 16 else "b"}
+    late = [f"r{i}" for i in range(16, 20)]
+    fcfs = first_token_steps("fcfs", requests)
+    vtc = first_token_steps("vtc", requests, additional_config={"kvsched": {"policy": "vtc"}})
+    assert np.median([vtc[r] for r in late]) < np.median([fcfs[r] for r in late])
+    assert sorted(vtc) == sorted(fcfs)  # every request ran under both
+
+
+def test_deadline_policy_serves_the_class_with_the_tight_slo_first():
+    requests = script(16, seed=9, max_prompt=60, max_out=20)
+    for i, r in enumerate(requests):
+        r["extra_args"] = {"kvsched_class": 1 if i >= 12 else 0}  # the last four: a 0.1 s TTFT SLO
+    config = {"kvsched": {"policy": "deadline", "ttft_slo_s": [100.0, 0.1]}}
+    first = first_token_steps("deadline", requests, additional_config=config)
+    urgent = [first[f"r{i}"] for i in range(12, 16)]
+    others = [first[f"r{i}"] for i in range(2, 12)]
+    assert max(urgent) < np.median(others)
+
+
+def test_bad_policy_tags_and_options_are_refused_by_name():
+    cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"ttft_slo_s": 1.0}})
+    with pytest.raises(ValueError, match="ttft_slo_s"):
+        harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={
+        "kvsched": {"policy": "deadline", "ttft_slo_s": [1.0, 2.0]}})
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    worker = harness.FakeWorker(BLOCK, 64, {"ok": 2})
+    engine = harness.FakeEngine(s, worker)
+    for req_id, extra in (("c", {"kvsched_client": 1.5}), ("k", {"kvsched_class": 2}), ("ok", {"kvsched_class": 1})):
+        engine.add(harness.make_request(req_id, 10, 3, extra_args=extra))
+    engine.run()
+    assert engine.finish_reasons["c"].name == "ERROR" and engine.finish_reasons["k"].name == "ERROR"
+    assert engine.finish_reasons["ok"].name != "ERROR"
+    assert_drained(engine)
 
 
 def test_structured_output_request_is_refused_with_an_error_output():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import zlib
+
 import kvsched
+import kvsched.policies
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 
@@ -11,9 +14,28 @@ from . import versions
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
     "min_quantile", "max_quantile", "sampling", "num_scenarios", "keyed_draws", "seed", "prior", "max_bypass",
-    "placement", "hash_algorithm", "prefill_attention_budget",
+    "placement", "hash_algorithm", "prefill_attention_budget", "ttft_slo_s", "input_weight", "output_weight",
 )
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "vtc", "deadline")
+# The options of one policy each (refused with another).
+POLICY_OPTIONS = {"deadline": ("ttft_slo_s",), "vtc": ("input_weight", "output_weight")}
+# Per-request tags the policies read, from SamplingParams.extra_args (`vllm_xargs` in vLLM's
+# OpenAI server): the fair-share client (an int >= 0 or a string) and the request class (an int
+# >= 0: deadline's SLO index, and the estimator's output-length history).
+CLIENT_TAG, CLASS_TAG = "kvsched_client", "kvsched_class"
+
+
+def request_tags(request) -> tuple[int, int] | str:
+    """(client id, class id) of a request from its extra_args, or why they are refused."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    client, klass = extra.get(CLIENT_TAG, 0), extra.get(CLASS_TAG, 0)
+    if isinstance(client, str):  # a tenant or user name: a stable id below 2**31
+        client = zlib.crc32(client.encode()) & 0x7FFFFFFF
+    for name, value in ((CLIENT_TAG, client), (CLASS_TAG, klass)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            return f"extra_args[{name!r}] must be an int in [0, 2**31) or, for the client, a string; got {value!r}"
+    return client, klass
 
 
 def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
@@ -53,7 +75,8 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     return found
 
 
-def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) -> tuple[kvsched.SchedulerConfig, str]:
+def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
+                   block_size: int) -> tuple[kvsched.SchedulerConfig, str | kvsched.policies.Policy]:
     """kvsched's SchedulerConfig and policy name from vLLM's config and ``additional_config['kvsched']``."""
     extra = vllm_config.additional_config
     options = dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
@@ -64,6 +87,15 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int) ->
     policy = str(options.pop("policy", sched.policy))
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    policy_options = {name: options.pop(name) for owner, names in POLICY_OPTIONS.items() for name in names
+                      if name in options}
+    misplaced = sorted(n for n in policy_options if n not in POLICY_OPTIONS.get(policy, ()))
+    if misplaced:
+        raise ValueError(f"additional_config['kvsched']: {misplaced} only act with another policy, not {policy!r}")
+    if policy == "deadline":
+        policy = kvsched.policies.DeadlinePolicy(**policy_options)
+    elif policy == "vtc":
+        policy = kvsched.policies.FairSharePolicy(**policy_options)
     budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
     max_seqs = sched.max_num_seqs
     if sched.max_num_active_seqs is not None:

@@ -51,7 +51,7 @@ from vllm.v1.request import Request, RequestStatus
 import kvsched
 
 from . import from_runner, to_runner, versions
-from .config import kvsched_config, unsupported_features
+from .config import kvsched_config, request_tags, unsupported_features
 from .state import PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
 
@@ -125,14 +125,19 @@ class Scheduler(SchedulerInterface):
             request.record_event(event, timestamp)
             self._handles.has_events[handle] = True
 
-    @staticmethod
-    def _refusal(request: Request) -> str | None:
+    def _refusal(self, request: Request) -> str | None:
         if request.use_structured_output:
             return "structured output is not supported by kvsched's vLLM adapter"
         if request.resumable:
             return "streaming input sessions are not supported by kvsched's vLLM adapter"
         if request.pooling_params is not None:
             return "pooling requests are not supported by kvsched's vLLM adapter"
+        tags = request_tags(request)
+        if isinstance(tags, str):
+            return tags
+        slos = getattr(self.core.policy, "ttft_slo_s", None)
+        if slos is not None and slos.size > 1 and tags[1] >= slos.size:
+            return f"extra_args['kvsched_class'] is {tags[1]}, but ttft_slo_s has {slos.size} classes"
         return None
 
     def _flush_adds(self) -> None:
@@ -151,7 +156,8 @@ class Scheduler(SchedulerInterface):
             handles, prompt_lens, max_new,
             arrival_times=np.fromiter((r.arrival_time for r in adds), np.float64, len(adds)),
             priorities=np.fromiter((r.priority for r in adds), np.float64, len(adds)),
-            client_ids=self._handles.client[handles].astype(np.int32), block_keys=keys,
+            client_ids=np.fromiter((request_tags(r)[0] for r in adds), np.int64, len(adds)),
+            class_ids=np.fromiter((request_tags(r)[1] for r in adds), np.int64, len(adds)), block_keys=keys,
         )
 
     def _prefix_keys(self, request: Request) -> np.ndarray | None:
