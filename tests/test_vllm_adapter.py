@@ -58,7 +58,8 @@ def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stat
     for r in requests:
         made.append(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"], arrival_time=r["arrival_time"],
                                          priority=r.get("priority", 0), shared_prefix=r["shared_prefix"],
-                                         block_hasher=hasher, extra_args=r.get("extra_args")))
+                                         block_hasher=hasher, extra_args=r.get("extra_args"),
+                                         lora_id=r.get("lora_id", 0)))
         engine.add(made[-1])
     engine.run(on_step=on_step)
     engine.preemptions = sum(r.num_preemptions for r in made)
@@ -433,6 +434,30 @@ def test_deadline_policy_serves_the_class_with_the_tight_slo_first():
     urgent = [first[f"r{i}"] for i in range(12, 16)]
     others = [first[f"r{i}"] for i in range(2, 12)]
     assert max(urgent) < np.median(others)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_lora_adapters_per_step_stay_within_max_loras_and_outputs_match_vllm(caching):
+    """Four adapters, max_loras 2: the native batch former keeps the running requests' adapters
+    within the limit (check_invariants asserts it every step; vLLM asserts it on its side too)."""
+    requests = script(24, seed=10, max_prompt=80, max_out=30, shared_prefix=32 if caching else 0)
+    for i, r in enumerate(requests):
+        r["lora_id"] = i % 5  # 0: the base model
+    adapters_seen = []
+
+    def watch(engine):
+        core = engine.scheduler.core
+        core.check_invariants()
+        handles = core.running_ids()
+        running = {engine.scheduler._handles.request[h].lora_request.lora_int_id for h in handles.tolist()
+                   if engine.scheduler._handles.request[h].lora_request}
+        adapters_seen.append(len(running))
+
+    ours = run("kvsched", requests, num_blocks=60, async_scheduling=False, caching=caching, on_step=watch,
+               max_num_seqs=6, max_loras=2)
+    theirs = run("vllm", requests, num_blocks=60, async_scheduling=False, caching=caching, max_num_seqs=6, max_loras=2)
+    assert max(adapters_seen) == 2 and ours.tokens == theirs.tokens
+    assert_drained(ours)
 
 
 def test_bad_policy_tags_and_options_are_refused_by_name():

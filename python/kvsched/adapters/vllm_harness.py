@@ -37,6 +37,7 @@ def make_vllm_config(
     policy: str = "fcfs",
     long_prefill_token_threshold: int = 0,
     additional_config: dict | None = None,
+    max_loras: int = 0,
 ):
     """(VllmConfig, KVCacheConfig) for a two-layer mock Llama on CPU."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,8 +60,13 @@ def make_vllm_config(
     )
     cache = CacheConfig(block_size=block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
                         enable_prefix_caching=enable_prefix_caching)
+    lora = None
+    if max_loras:
+        from vllm.config import LoRAConfig
+        lora = LoRAConfig(max_loras=max_loras)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model, cache_config=cache,
-                             device_config=DeviceConfig("cpu"), additional_config=additional_config or {})
+                             device_config=DeviceConfig("cpu"), additional_config=additional_config or {},
+                             lora_config=lora)
     # The CPU platform turns asynchronous scheduling off while the config is built; the GPU path keeps
     # it. Turned back on here, so that "async" runs drive vLLM's real AsyncScheduler.
     vllm_config.scheduler_config.async_scheduling = async_scheduling
@@ -105,7 +111,7 @@ def prompt_for(req_id: str, length: int, shared_prefix: int = 0) -> list[int]:
 
 def make_request(req_id: str, prompt_len: int, max_tokens: int, *, arrival_time: float = 0.0, priority: int = 0,
                  shared_prefix: int = 0, block_hasher: Callable | None = None, ignore_eos: bool = False,
-                 stop_token_ids: list[int] | None = None, extra_args: dict | None = None):
+                 stop_token_ids: list[int] | None = None, extra_args: dict | None = None, lora_id: int = 0):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
@@ -113,8 +119,12 @@ def make_request(req_id: str, prompt_len: int, max_tokens: int, *, arrival_time:
                             extra_args=extra_args)
     if not ignore_eos:
         params.update_from_generation_config({}, eos_token_id=EOS)
+    lora_request = None
+    if lora_id:
+        from vllm.lora.request import LoRARequest
+        lora_request = LoRARequest(f"adapter-{lora_id}", lora_id, f"/nonexistent/adapter-{lora_id}")
     return Request(req_id, prompt_for(req_id, prompt_len, shared_prefix), params, None, arrival_time=arrival_time,
-                   priority=priority, block_hasher=block_hasher)
+                   priority=priority, block_hasher=block_hasher, lora_request=lora_request)
 
 
 def vllm_block_hasher(block_size: int):

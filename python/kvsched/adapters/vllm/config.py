@@ -54,10 +54,6 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
         found.append("multimodal or encoder-decoder models")
     if model.runner_type == "pooling":
         found.append("pooling models")
-    if vllm_config.lora_config is not None:
-        # The core enforces max_loras (SchedulerConfig.max_loras, lora_ids); passing each request's
-        # adapter through, and keying its prefix blocks by adapter, is not done here yet.
-        found.append("LoRA (kvsched's core limits adapters per batch, but this adapter does not pass them yet)")
     if parallel.pipeline_parallel_size > 1:
         found.append("pipeline parallelism")
     if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
@@ -109,6 +105,8 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         enable_prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
         watermark_blocks=int(sched.watermark * num_blocks),
         admission=options.pop("admission", "past_future"),
+        # LoRA: the batch former keeps the adapters of running requests within max_loras.
+        max_loras=int(vllm_config.lora_config.max_loras) if vllm_config.lora_config is not None else 0,
         **options,
     )
     config.native_options()  # validates the choices now, naming the bad one

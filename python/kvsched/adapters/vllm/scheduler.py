@@ -158,12 +158,16 @@ class Scheduler(SchedulerInterface):
             priorities=np.fromiter((r.priority for r in adds), np.float64, len(adds)),
             client_ids=np.fromiter((request_tags(r)[0] for r in adds), np.int64, len(adds)),
             class_ids=np.fromiter((request_tags(r)[1] for r in adds), np.int64, len(adds)), block_keys=keys,
+            lora_ids=np.fromiter((r.lora_request.lora_int_id if r.lora_request else 0 for r in adds), np.int64,
+                                 len(adds)),
         )
 
     def _prefix_keys(self, request: Request) -> np.ndarray | None:
         if request.prompt_token_ids is None or not versions.reads_prefix_cache(request):
             return None
-        salt = 0 if request.cache_salt is None else zlib.crc32(request.cache_salt.encode()) + 1
+        # Blocks computed under another cache salt or LoRA adapter hold other KV: other keys.
+        lora = request.lora_request.lora_int_id if request.lora_request else 0
+        salt = 0 if request.cache_salt is None and not lora else zlib.crc32(f"{request.cache_salt}|{lora}".encode()) + 1
         return self.core.block_keys(np.asarray(request.prompt_token_ids, np.int32), salt)
 
     def has_request(self, request_id: str) -> bool:
