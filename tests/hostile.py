@@ -161,6 +161,9 @@ def run_scheduler(seed: int, calls: int) -> None:
         if outcome is not None:
             raise _Applied()
 
+    def keep_incoming() -> None:  # forget migrations that ended (committed, cancelled, aborted)
+        incoming[:] = [i for i in incoming if i in s and s.info(i)["state"] == "incoming"]
+
     def live_id() -> int:
         ids = s.running_ids().tolist() + s.waiting_ids().tolist()
         return rng.choice(ids) if ids else 10**9
@@ -194,10 +197,9 @@ def run_scheduler(seed: int, calls: int) -> None:
         elif what in ("abort", "stop", "cancel", "migrate_out"):
             fn = {"abort": s.abort, "stop": s.stop, "cancel": s.cancel_incoming, "migrate_out": s.migrate_out}[what]
             value, refuse = hostile_arrays(rng, 1) if rng.random() < 0.7 else (incoming[:1] or [live_id()], False)
-            result = call_hostile(f"{what}[req_ids={value!r}]", fn, dict(req_ids=value), "req_ids", refuse,
-                                  lambda: scheduler_snapshot(s), check)
-            del result
-            incoming[:] = [i for i in incoming if i in s]
+            call_hostile(f"{what}[req_ids={value!r}]", fn, dict(req_ids=value), "req_ids", refuse,
+                         lambda: scheduler_snapshot(s), check)
+            keep_incoming()
         elif what == "set_priority":
             name = rng.choice(["req_ids", "priorities"])
             args = dict(req_ids=[live_id()], priorities=[0.5])
@@ -229,11 +231,9 @@ def run_scheduler(seed: int, calls: int) -> None:
             name = rng.choice(list(args))
             value, refuse = hostile_ints(rng)
             args[name] = value
-            result = call_hostile(f"{what}_incoming[{name}={value!r}]", fn, args, name, refuse,
-                                  lambda: scheduler_snapshot(s), check)
-            if what == "commit" and rid not in incoming or (result is not None and what == "commit"):
-                incoming.remove(rid)
-            incoming[:] = [i for i in incoming if i in s]
+            call_hostile(f"{what}_incoming[{name}={value!r}]", fn, args, name, refuse,
+                         lambda: scheduler_snapshot(s), check)
+            keep_incoming()
         elif what == "info":
             value, refuse = hostile_ints(rng)
             call_hostile(f"info[req_id={value!r}]", s.info, dict(req_id=value), "req_id", refuse,
@@ -369,9 +369,7 @@ def run_allocator(seed: int, calls: int) -> None:
                 name = rng.choice(list(args))
                 args[name], refuse = hostile_arrays(rng, 1) if name == "seq_ids" else hostile_ints(rng)
                 fn = a.free_batch
-            result = call_hostile(f"{what}[{name}={args[name]!r}]", fn, args, name, refuse, snapshot,
-                                  a.check_invariants)
-            del result
+            call_hostile(f"{what}[{name}={args[name]!r}]", fn, args, name, refuse, snapshot, a.check_invariants)
             live[:] = [i for i in live if i in a]
         elif what == "fork":
             next_id[0] += 1

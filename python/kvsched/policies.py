@@ -165,8 +165,11 @@ class FairSharePolicy(Policy):
         # that are refused, or aborted before they run, leave nothing behind.
         clients = np.asarray(requests.client_ids, dtype=np.int64)
         pos, known = self._find(clients)
-        self._counters[pos[known]] = np.maximum(self._counters[pos[known]], self._floor)  # the lift
-        return self.counter(clients)
+        keys = np.full(clients.shape, self._floor)
+        lifted = np.maximum(self._counters[pos[known]], self._floor)  # a returning client banks no credit
+        self._counters[pos[known]] = lifted
+        keys[known] = lifted
+        return keys
 
     def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
         if len(plan) == 0:
