@@ -8,11 +8,8 @@
 #include "kvsched/block_allocator.h"
 
 namespace kvsched::bindings {
-namespace {
 
-using GilRelease = py::gil_scoped_release;
-
-py::array_t<uint64_t> keys_to_numpy(std::vector<Hash128>&& keys) {
+py::array_t<uint64_t> keys_to_numpy(const std::vector<Hash128>& keys) {
   py::array_t<uint64_t> out({static_cast<py::ssize_t>(keys.size()), py::ssize_t{2}});
   auto view = out.mutable_unchecked<2>();
   for (size_t i = 0; i < keys.size(); ++i) {
@@ -21,6 +18,10 @@ py::array_t<uint64_t> keys_to_numpy(std::vector<Hash128>&& keys) {
   }
   return out;
 }
+
+namespace {
+
+using GilRelease = py::gil_scoped_release;
 
 // Keys for a call that accepts either token ids or precomputed keys (never both).
 std::vector<Hash128> keys_from(const BlockAllocator& allocator, py::handle tokens, py::handle block_keys,

@@ -46,6 +46,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   int_option("num_blocks", o.allocator.num_blocks, 1, INT32_MAX - 1);
   int_option("block_size", o.allocator.block_size, 1, INT32_MAX);
   bool_option("enable_prefix_caching", o.allocator.enable_prefix_caching);
+  bool_option("track_cache_events", o.allocator.track_cache_events);
   int placement = static_cast<int>(o.allocator.placement), hash = static_cast<int>(o.allocator.hash_algorithm);
   int admission = static_cast<int>(o.admission);
   int_option("placement", placement, 0, 2);
@@ -308,6 +309,35 @@ void init_batch_former(py::module_& m) {
           py::arg("req_ids"), py::arg("output_lens") = py::none())
       .def("preempt_running", [](BatchFormer& f) { return to_numpy(f.preempt_running()); })
       .def("reset_prefix_cache", &BatchFormer::reset_prefix_cache)
+      .def("pop_cache_events",
+           [](BatchFormer& f) {
+             std::vector<CacheEvent> events;
+             f.pop_cache_events(events);
+             std::vector<int8_t> kinds(events.size());
+             std::vector<int64_t> ids(events.size()), indices(events.size());
+             std::vector<Hash128> keys(events.size());
+             for (size_t i = 0; i < events.size(); ++i) {
+               kinds[i] = static_cast<int8_t>(events[i].kind);
+               ids[i] = events[i].seq_id;
+               indices[i] = events[i].block_index;
+               keys[i] = events[i].key;
+             }
+             py::dict d;
+             d["kinds"] = to_numpy(std::move(kinds));
+             d["req_ids"] = to_numpy(std::move(ids));
+             d["block_indices"] = to_numpy(std::move(indices));
+             d["keys"] = keys_to_numpy(keys);
+             return d;
+           })
+      .def("cached_keys",
+           [](const BatchFormer& f) {
+             std::vector<Hash128> keys;
+             {
+               GilRelease release;
+               f.cached_keys(keys);
+             }
+             return keys_to_numpy(keys);
+           })
       .def("pause_admission", &BatchFormer::pause_admission, py::arg("paused"))
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })

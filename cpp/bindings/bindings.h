@@ -23,5 +23,7 @@ pybind11::dict swap_stats_dict(const SwapPlannerStats& stats);
 
 // BlockAllocator::stats() as a dict; shared by the allocator and the batch former bindings.
 pybind11::dict allocator_stats_dict(const BlockAllocatorStats& stats);
+// Keys as an (n, 2) uint64 array of (lo, hi) words, the form KeyArray reads back.
+pybind11::array_t<uint64_t> keys_to_numpy(const std::vector<Hash128>& keys);
 
 }  // namespace kvsched::bindings

@@ -702,6 +702,16 @@ int64_t BatchFormer::reset_prefix_cache() {
   return dropped;
 }
 
+void BatchFormer::pop_cache_events(std::vector<CacheEvent>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  allocator_.pop_cache_events(out);
+}
+
+void BatchFormer::cached_keys(std::vector<Hash128>& out) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  allocator_.cached_keys(out);
+}
+
 void BatchFormer::pause_admission(bool paused) {
   std::lock_guard<std::mutex> lock(mutex_);
   admission_paused_ = paused;

@@ -164,7 +164,7 @@ void BlockAllocator::allocate(SeqId seq_id, int64_t num_tokens, const Hash128* k
     }
   }
   grow(seq_id, *seq, num_tokens, added);
-  if (use_keys) register_keys(*seq, keys, num_keys);
+  if (use_keys) register_keys(seq_id, *seq, keys, num_keys);
 }
 
 void BlockAllocator::allocate_batch(const SeqId* seq_ids, const int64_t* num_tokens, size_t count,
@@ -265,6 +265,7 @@ void BlockAllocator::take_blocks(BlockId after, int64_t count, std::vector<Block
     has_key_[block] = 0;
     ++counters_.cache_evictions;
     if (options_.track_evictions) evictions_.push_back({block, key_[block]});
+    if (options_.track_cache_events) cache_events_.push_back({CacheEventKind::kRemoved, -1, -1, key_[block]});
     out.push_back(block);
   }
 }
@@ -329,7 +330,7 @@ void BlockAllocator::release_blocks(const std::vector<BlockId>& blocks, bool pin
   free_pool_->give(plain.data(), plain.size());
 }
 
-void BlockAllocator::register_keys(Sequence& seq, const Hash128* keys, size_t num_keys) {
+void BlockAllocator::register_keys(SeqId seq_id, Sequence& seq, const Hash128* keys, size_t num_keys) {
   int64_t full = seq.num_tokens / options_.block_size;
   int64_t limit = std::min<int64_t>(full, static_cast<int64_t>(num_keys));
   for (int64_t i = seq.num_keyed_blocks; i < limit; ++i) {
@@ -339,6 +340,7 @@ void BlockAllocator::register_keys(Sequence& seq, const Hash128* keys, size_t nu
     has_key_[block] = 1;
     key_[block] = keys[i];
     cached_blocks_.emplace(keys[i], block);
+    if (options_.track_cache_events) cache_events_.push_back({CacheEventKind::kStored, seq_id, i, keys[i]});
   }
   if (limit > seq.num_keyed_blocks) {
     seq.num_keyed_blocks = limit;
@@ -481,6 +483,7 @@ int64_t BlockAllocator::reset_prefix_cache() {
   for (auto& entry : cached_blocks_) has_key_[entry.second] = 0;
   cached_blocks_.clear();
   free_pool_->give(plain.data(), plain.size());
+  if (options_.track_cache_events) cache_events_.push_back({CacheEventKind::kCleared, -1, -1, Hash128{}});
   return dropped;
 }
 
@@ -514,6 +517,18 @@ void BlockAllocator::pop_evictions(std::vector<Eviction>& out) {
   std::lock_guard<std::mutex> lock(mutex_);
   out.clear();
   out.swap(evictions_);
+}
+
+void BlockAllocator::pop_cache_events(std::vector<CacheEvent>& out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  out.clear();
+  out.swap(cache_events_);
+}
+
+void BlockAllocator::cached_keys(std::vector<Hash128>& out) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  out.reserve(out.size() + cached_blocks_.size());
+  for (const auto& entry : cached_blocks_) out.push_back(entry.first);
 }
 
 std::vector<CopyOnWrite> BlockAllocator::pop_copy_on_writes() {

@@ -13,7 +13,7 @@ from ._core import OutOfBlocks
 from .allocator import BlockAllocator
 from .estimator import PeakEstimator, future_peak
 from .policies import Policy
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .scheduler import CacheEvents, Scheduler, SchedulerConfig, StepPlan
 from .swap import KvLayout, SwapPlan, SwapPlanner
 
 OutOfBlocks.__module__ = __name__
@@ -36,7 +36,7 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
-    "BlockAllocator", "KvLayout", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler", "SchedulerConfig",
-    "StepPlan", "SwapPlan", "SwapPlanner",
+    "BlockAllocator", "CacheEvents", "KvLayout", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler",
+    "SchedulerConfig", "StepPlan", "SwapPlan", "SwapPlanner",
     "__version__", "cuda_compiled", "future_peak", "has_cuda",
 ]

@@ -74,6 +74,9 @@ class SchedulerConfig:
     num_lookahead_tokens: int = 0
     admission: str = "past_future"
     enable_prefix_caching: bool = True
+    # Log the prefix cache's changes for pop_cache_events() (an engine publishing KV events to
+    # routers); off, nothing is recorded and nothing is paid.
+    track_cache_events: bool = False
     placement: str = "contiguous"
     hash_algorithm: str = "fast128"
     max_bypass: int = 16
@@ -223,6 +226,35 @@ class StepPlan:
             f"{self.preempted_ids.size} preempted, {self.swapped_out_ids.size} swapped out, "
             f"{self.swapped_in_ids.size} swapped in, {self.rejected_ids.size} rejected)"
         )
+
+
+class CacheEvents:
+    """Changes to the device prefix cache, in the order they happened (``Scheduler.pop_cache_events``).
+
+    Event i is ``kinds[i]``: ``STORED`` (request ``req_ids[i]``'s block ``block_indices[i]``, counted
+    from the start of its prompt, got key ``keys[i]`` and can be matched from now on), ``REMOVED``
+    (the cached block with key ``keys[i]`` was evicted because an allocation reused it) or
+    ``CLEARED`` (``reset_prefix_cache`` dropped every key). Replaying them in order gives exactly the
+    keys ``cached_block_keys()`` returns. A block whose content is already cached elsewhere is not
+    stored again (the first copy wins), so a key is stored at most once until it is removed or cleared.
+    ``req_ids``/``block_indices`` are -1 and ``keys`` rows zero where an event has none.
+    """
+
+    STORED, REMOVED, CLEARED = 0, 1, 2
+    __slots__ = ("kinds", "req_ids", "block_indices", "keys")
+
+    def __init__(self, arrays: dict[str, Any]) -> None:
+        self.kinds: np.ndarray = arrays["kinds"]  # int8
+        self.req_ids: np.ndarray = arrays["req_ids"]  # int64
+        self.block_indices: np.ndarray = arrays["block_indices"]  # int64
+        self.keys: np.ndarray = arrays["keys"]  # (n, 2) uint64, as block_keys() returns them
+
+    def __len__(self) -> int:
+        return int(self.kinds.size)
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.kinds.astype(np.int64), minlength=3)
+        return f"CacheEvents({counts[0]} stored, {counts[1]} removed, {counts[2]} cleared)"
 
 
 def _integers(values: Any, empty_dtype: Any = np.int64) -> np.ndarray:
@@ -484,6 +516,21 @@ class Scheduler:
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix; returns how many cached blocks were dropped."""
         return int(self._former.reset_prefix_cache())
+
+    @_serialized
+    def pop_cache_events(self) -> CacheEvents:
+        """The prefix cache's changes since the last call, oldest first (see :class:`CacheEvents`):
+        what an engine publishes so that a router's index of this instance's cache is exact. Needs
+        ``track_cache_events=True`` (ValueError otherwise); the log grows until popped, so pop it every
+        step. Only blocks with keys (``prompt_tokens`` or ``block_keys`` at add time) are cached."""
+        if not self.config.track_cache_events:
+            raise ValueError("pop_cache_events needs SchedulerConfig(track_cache_events=True)")
+        return CacheEvents(self._former.pop_cache_events())
+
+    def cached_block_keys(self) -> np.ndarray:
+        """Keys of every block the device prefix cache can match now (held by running requests or
+        released and not yet evicted), as an (n, 2) uint64 array in no particular order."""
+        return self._former.cached_keys()
 
     @_serialized
     def pause_admission(self, paused: bool = True) -> None:

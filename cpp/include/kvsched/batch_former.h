@@ -252,6 +252,13 @@ class BatchFormer {
   // Forgets every cached prefix (after a weight update the cached KV is stale); returns how many
   // cached blocks were dropped. Blocks held by running requests stay theirs but are not matched again.
   int64_t reset_prefix_cache();
+  // The device prefix cache's events since the last call, oldest first (options.allocator.
+  // track_cache_events; block_allocator.h's glossary): a stored event names the request (its id is
+  // the sequence id) and the index of its block that got the key. Only blocks with keys given
+  // (add_requests' block keys: the prompt's full blocks; reserve_incoming's) are ever cached.
+  void pop_cache_events(std::vector<CacheEvent>& out);
+  // Appends the key of every block the device prefix cache can match now.
+  void cached_keys(std::vector<Hash128>& out) const;
   // While paused, waiting requests are not admitted; running and swapped ones go on.
   void pause_admission(bool paused);
 

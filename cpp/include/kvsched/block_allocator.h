@@ -8,6 +8,12 @@
 //              expected (Continuum). A pinned id is reserved until restore(), unpin() or expiry.
 //   key        a 128-bit content key of a full block, chained over the whole prefix (block_hash.h).
 //   seq_ref    per block: how many live block tables hold it.   pin_ref: how many pins hold it.
+//   cache event  a change to the set of cached keys, logged in order with `track_cache_events`:
+//              stored (a sequence's full block got its key: the block is findable from now on),
+//              removed (a cached block's key was dropped because an allocation reused the block),
+//              cleared (reset_prefix_cache dropped every key). An engine that publishes its prefix
+//              cache (vLLM's KV events) replays them; a block whose content is already cached
+//              elsewhere stays unkeyed and logs nothing.
 //
 // Every block is in exactly one state:
 //   free    seq_ref == 0, pin_ref == 0, no key     -> in the FreePool (reused first)
@@ -52,6 +58,8 @@ struct BlockAllocatorOptions {
   // Record every cached block evicted for reuse, with its key, for pop_evictions() (a host tier
   // writes them back). Off, nothing is recorded.
   bool track_evictions = false;
+  // Log every cache event for pop_cache_events() (see the glossary). Off, nothing is recorded.
+  bool track_cache_events = false;
 };
 
 struct BlockAllocatorStats {
@@ -82,6 +90,15 @@ struct CopyOnWrite {
 struct Eviction {
   BlockId block;
   Hash128 key;
+};
+
+enum class CacheEventKind : int32_t { kStored = 0, kRemoved = 1, kCleared = 2 };
+
+struct CacheEvent {
+  CacheEventKind kind;
+  SeqId seq_id;         // kStored: the sequence whose block got the key; -1 otherwise
+  int64_t block_index;  // kStored: that block's index in the sequence's table; -1 otherwise
+  Hash128 key;          // kStored, kRemoved: the block's key; zero for kCleared
 };
 
 class FreePool;
@@ -140,6 +157,11 @@ class BlockAllocator {
   std::vector<CopyOnWrite> pop_copy_on_writes();
   // The evictions since the last call, oldest first (needs options.track_evictions).
   void pop_evictions(std::vector<Eviction>& out);
+  // The cache events since the last call, oldest first (needs options.track_cache_events; the
+  // log grows until popped).
+  void pop_cache_events(std::vector<CacheEvent>& out);
+  // Appends the key of every block findable in the prefix cache now (cached, used or pinned).
+  void cached_keys(std::vector<Hash128>& out) const;
   BlockAllocatorStats stats() const;
   // Throws std::logic_error describing the first broken invariant.
   void check_invariants() const;
@@ -176,7 +198,7 @@ class BlockAllocator {
   bool drop_pin_ref(BlockId block);
   void release_block(BlockId block);
   void release_blocks(const std::vector<BlockId>& blocks, bool pinned);
-  void register_keys(Sequence& seq, const Hash128* keys, size_t num_keys);
+  void register_keys(SeqId seq_id, Sequence& seq, const Hash128* keys, size_t num_keys);
   void free_locked(SeqId seq_id, int64_t ttl_steps);
   static void reset_sequence(Sequence& seq);
   size_t match_prefix_locked(const Hash128* keys, size_t num_keys, size_t max_blocks) const;
@@ -211,6 +233,7 @@ class BlockAllocator {
   int32_t num_pinned_only_ = 0;
   std::vector<CopyOnWrite> pending_copies_;
   std::vector<Eviction> evictions_;
+  std::vector<CacheEvent> cache_events_;
   std::vector<BlockId> scratch_;
   std::vector<Sequence*> batch_targets_;  // reused across batched calls to avoid reallocation
   std::vector<SeqId> batch_inserted_;
