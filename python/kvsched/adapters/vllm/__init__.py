@@ -21,8 +21,13 @@ multimodal and encoder-decoder models, pooling models, LoRA, pipeline or context
 hybrid KV cache groups (sliding window, Mamba), disabled chunked prefill, prefill cadence, 0.34's
 cache-aware admission window. Refused per request (finished with reason ``error``): structured
 output, streaming input sessions.
-Not kept: ``Request.block_hashes`` (kvsched hashes prompts natively) and ``num_computed_tokens`` of
-requests after they were first sent to the workers (the core holds token counts).
+Not kept: ``num_computed_tokens`` of requests after they were first sent to the workers (the core
+holds token counts). ``Request.block_hashes`` are read only for KV events (kvsched hashes prompts
+natively for its own prefix cache).
+
+For routers: with ``--kv-events-config``, vLLM's KV events (BlockStored / BlockRemoved /
+AllBlocksCleared, vLLM's block hashes) for what kvsched's prefix cache stores and evicts; with stats
+on, Prometheus gauges of kvsched's predicted KV peak and headroom (``kvsched:*`` on ``/metrics``).
 
 Files, one job each:
   scheduler.py    the scheduler contract (``Scheduler``): request lifecycle, steps, stats, pause, reset
@@ -31,6 +36,8 @@ Files, one job each:
   state.py        per-request columns by handle, and the steps awaiting their output
   config.py       kvsched options from vLLM's config; what is refused
   versions.py     every difference between the supported vLLM releases
+  events.py       KV events for routers from the native prefix cache's log
+  metrics.py      kvsched's load report as Prometheus gauges for routers
 """
 
 from __future__ import annotations

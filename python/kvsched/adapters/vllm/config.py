@@ -9,7 +9,7 @@ import kvsched.policies
 from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 
-from . import versions
+from . import events, versions
 
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
@@ -107,6 +107,8 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         admission=options.pop("admission", "past_future"),
         # LoRA: the batch former keeps the adapters of running requests within max_loras.
         max_loras=int(vllm_config.lora_config.max_loras) if vllm_config.lora_config is not None else 0,
+        # KV events for routers (--kv-events-config): the core logs its prefix cache's changes.
+        track_cache_events=events.enabled(vllm_config),
         **options,
     )
     config.native_options()  # validates the choices now, naming the bad one

@@ -50,7 +50,7 @@ from vllm.v1.request import Request, RequestStatus
 
 import kvsched
 
-from . import from_runner, to_runner, versions
+from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, request_tags, unsupported_features
 from .state import PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
@@ -104,6 +104,8 @@ class Scheduler(SchedulerInterface):
         self._pause_state = PauseState.UNPAUSED
         self._prefix_stats_seen = (0, 0, 0)
         self._prefix_cache_reset = False
+        self.kv_events = events.KvEvents.create(self, hash_block_size)  # None without --kv-events-config
+        self.load_gauges = metrics.LoadGauges.create(self)  # None with stats off
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -236,6 +238,8 @@ class Scheduler(SchedulerInterface):
             return self._empty_output()
         h = self._handles
         plan = self.core.schedule()
+        if self.kv_events:
+            self.kv_events.collect(plan)
         hs = plan.req_ids
         samples = plan.samples
         done = self.core.update(hs, samples.astype(np.int64), None)
@@ -346,6 +350,10 @@ class Scheduler(SchedulerInterface):
             if not engine_outputs:
                 engine_outputs[0] = EngineCoreOutputs()
             next(iter(engine_outputs.values())).scheduler_stats = stats
+        if self.kv_events:
+            self.kv_events.publish()
+        if self.load_gauges:
+            self.load_gauges.update()
         return engine_outputs
 
     # ---- features kvsched's adapter refuses at construction ----
@@ -398,6 +406,8 @@ class Scheduler(SchedulerInterface):
             return False
         self.core.reset_prefix_cache()
         self._prefix_cache_reset = True
+        if self.kv_events:
+            self.kv_events.flush()
         return True
 
     def reset_encoder_cache(self) -> None:
@@ -425,5 +435,10 @@ class Scheduler(SchedulerInterface):
             prefix_cache_stats=prefix,
         )
 
+    def get_kv_event_publisher_config(self) -> Any:
+        return self.kv_events.publisher_config() if self.kv_events else None
+
     def shutdown(self) -> None:
         self._steps.clear()
+        if self.kv_events:
+            self.kv_events.shutdown()

@@ -26,6 +26,10 @@ version numbers). The scheduler interface is the same in all three (constructor,
 - ``SchedulerConfig``: 0.34 adds ``cache_aware_admission_window`` (refused when set: kvsched orders
   admission itself) and ``max_num_inflight_kv_loads`` (KV connectors, which are refused). Its
   ``async_kv_waiting`` queue is internal to vLLM's scheduler: the engine core never reads it.
+- KV events (``events.py``): the same classes and fields in all three; 0.33 adds
+  ``BlockStored.lookahead_token_ids`` and ``VllmConfig.num_hash_lookahead_tokens``: with EAGLE
+  drafters a block's hash may cover tokens after it. The adapter publishes hashes of the block alone
+  (``lookahead_token_ids`` left None), and refuses KV events where vLLM's hashes look ahead.
 
 Each difference is detected from vLLM's own classes (not from the version string), once, at import.
 """
@@ -129,3 +133,8 @@ def unsupported_options(vllm_config: Any) -> list[str]:
     if getattr(sched, "cache_aware_admission_window", 0):
         found.append("cache_aware_admission_window (kvsched orders admission by its policy)")
     return found
+
+
+def hash_lookahead_tokens(vllm_config: Any) -> int:
+    """Tokens after each block that vLLM's block hash covers (0.33+, EAGLE drafters); 0 before 0.33."""
+    return int(getattr(vllm_config, "num_hash_lookahead_tokens", 0) or 0)
