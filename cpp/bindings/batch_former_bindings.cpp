@@ -295,6 +295,21 @@ void init_batch_former(py::module_& m) {
           },
           py::arg("req_ids"), py::arg("num_new_tokens"), py::arg("finished"))
       .def(
+          "accept_drafts",
+          [](BatchFormer& f, py::handle ids, py::handle num_accepted) {
+            Int64Array id_array(ids, "req_ids"), accepted(num_accepted, "num_accepted");
+            if (accepted.size() != id_array.size()) {
+              throw py::value_error("num_accepted must have the same length as req_ids");
+            }
+            std::vector<RequestId> done;
+            {
+              GilRelease release;
+              done = f.accept_drafts(id_array.data(), accepted.data(), id_array.size());
+            }
+            return to_numpy(std::move(done));
+          },
+          py::arg("req_ids"), py::arg("num_accepted"))
+      .def(
           "stop",
           [](BatchFormer& f, py::handle ids, py::handle output_lens) {
             Int64Array id_array(ids, "req_ids");

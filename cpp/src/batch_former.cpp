@@ -653,6 +653,43 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
   return done;
 }
 
+std::vector<RequestId> BatchFormer::accept_drafts(const RequestId* ids, const int64_t* num_accepted,
+                                                  size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_distinct_live(ids, count);
+  for (size_t i = 0; i < count; ++i) {
+    const Request& r = lookup(ids[i], "req_ids", i);
+    const int64_t n = num_accepted[i];
+    KVSCHED_EXPECTS(r.state == RequestState::kRunning && r.scheduled < 0, std::invalid_argument, "req_ids[", i,
+                    "]: request ", r.id, " must be running and not in an outstanding plan to accept drafts");
+    KVSCHED_EXPECTS(n >= 0 && r.num_generated + n <= r.max_new_tokens, std::invalid_argument, "num_accepted[", i,
+                    "]: request ", r.id, " has generated ", r.num_generated, " of at most ", r.max_new_tokens,
+                    " tokens; got ", n);
+    KVSCHED_EXPECTS(r.num_computed + n <= allocator_.num_tokens(r.id) && r.num_computed + 1 == r.total(),
+                    std::invalid_argument, "num_accepted[", i, "]: request ", r.id, " holds KV for ",
+                    allocator_.num_tokens(r.id) - r.num_computed, " tokens past its computed ones; got ", n);
+  }
+  std::vector<RequestId> done;
+  finished_lengths_.clear();
+  finished_classes_.clear();
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = *requests_.find(ids[i]);
+    r.num_generated += num_accepted[i];
+    r.num_computed += num_accepted[i];
+    if (r.num_generated >= r.max_new_tokens) {
+      r.finishing = true;
+      done.push_back(r.id);
+    }
+  }
+  if (!done.empty()) {
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const Request* r) { return r->finishing; }),
+                   running_.end());
+    for (RequestId id : done) finish(*requests_.find(id));
+    estimator_.record(finished_lengths_.data(), finished_classes_.data(), finished_lengths_.size());
+  }
+  return done;
+}
+
 void BatchFormer::stop(const RequestId* ids, const int64_t* output_lens, size_t count) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_distinct_settled(ids, count, "stop");

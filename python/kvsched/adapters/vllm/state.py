@@ -29,6 +29,7 @@ class Handles:
         # Stop token ids (generation configs add several EOS ids); -1 pads; more than fit: not plain.
         self.stop_ids = np.full((capacity, MAX_FAST_STOP_IDS), -1, np.int64)
         self.plain = np.zeros(capacity, bool)  # needs no per-token work beyond the append
+        self.structured = np.zeros(capacity, bool)  # its tokens follow a grammar (structured output)
         self.has_events = np.zeros(capacity, bool)  # events recorded, not yet sent
         self.in_core = np.zeros(capacity, bool)  # the native core still holds it
         self.last_step = np.full(capacity, -2, np.int64)  # last step that scheduled it
@@ -63,7 +64,9 @@ class Handles:
         self.plain[handle] = (
             params.logprobs is None and params.prompt_logprobs is None and len(stop_ids) <= MAX_FAST_STOP_IDS
             and getattr(params, "repetition_detection", None) is None and request.trace_headers is None
+            and not request.use_structured_output
         )
+        self.structured[handle] = request.use_structured_output
         self.last_step[handle] = -2
         self.has_events[handle] = False
         self.in_core[handle] = False
@@ -102,6 +105,7 @@ class Step:
     req_ids: list[str]
     samples: np.ndarray  # the row's chunk reaches the end of its sequence: one token comes back
     capped: np.ndarray  # the core finished the request at this row (max tokens, or what the cache holds)
+    structured_ids: list[str]  # rows that sample under a grammar, in row order (the bitmask's rows)
 
 
 def consume(iterator) -> None:

@@ -23,6 +23,8 @@ version numbers). The scheduler interface is the same in all three (constructor,
 - ``SchedulerOutput``: 0.33 adds ``encoder_input_updates`` and ``skip_drafts``, 0.34 removes
   ``ec_manager_metadata`` and ``num_common_prefix_blocks``; the adapter leaves all four at their
   defaults, so nothing here handles them.
+- ``GrammarOutput`` (structured output's bitmask): 0.32 and 0.33 add ``num_acceptable_drafts`` (per
+  row, the leading drafts the bitmask constrained); 0.34 has only the ids and the bitmask.
 - ``SchedulerConfig``: 0.34 adds ``cache_aware_admission_window`` (refused when set: kvsched orders
   admission itself) and ``max_num_inflight_kv_loads`` (KV connectors, which are refused). Its
   ``async_kv_waiting`` queue is internal to vLLM's scheduler: the engine core never reads it.
@@ -41,7 +43,7 @@ from typing import Any
 
 try:
     import vllm
-    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData
+    from vllm.v1.core.sched.output import CachedRequestData, GrammarOutput, NewRequestData
     from vllm.v1.outputs import ModelRunnerOutput
 except ImportError as error:  # pragma: no cover - exercised only without vLLM
     raise ImportError(f"kvsched.adapters.vllm needs vLLM 0.32, 0.33 or 0.34 importable ({error})") from error
@@ -73,6 +75,7 @@ _CACHED_FIELDS = {f.name for f in fields(CachedRequestData)}
 RESUMES_IN_PLACE = "resumed_req_ids" in _CACHED_FIELDS and "all_token_ids" in _CACHED_FIELDS
 # 0.34 made prefill_token_ids required (no default).
 PREFILL_TOKENS_REQUIRED = next(f for f in fields(NewRequestData) if f.name == "prefill_token_ids").default is not None
+_GRAMMAR_COUNTS_DRAFTS = "num_acceptable_drafts" in {f.name for f in fields(GrammarOutput)}
 _RUNNER_HAS_INDEX = "req_id_to_index" in {f.name for f in fields(ModelRunnerOutput)}
 
 
@@ -107,6 +110,17 @@ def new_request_data(request: Any, block_ids: tuple[list[int], ...], v2_runner: 
     else:
         prefill = None
     return NewRequestData.from_request(request, block_ids, prefill, uses_mrope=uses_mrope)
+
+
+def grammar_output(req_ids: list[str], bitmask: Any, spec_tokens: dict[str, list[int]]) -> GrammarOutput:
+    """vLLM's GrammarOutput; where it counts them, each row's drafts up to the first -1 padding."""
+    if not _GRAMMAR_COUNTS_DRAFTS:
+        return GrammarOutput(req_ids, bitmask)
+    counts = []
+    for req_id in req_ids:
+        drafts = spec_tokens.get(req_id, ())
+        counts.append(next((i for i, token in enumerate(drafts) if token < 0), len(drafts)))
+    return GrammarOutput(req_ids, bitmask, counts)
 
 
 def runner_index(runner_output: Any, req_ids: list[str]) -> list[int]:
