@@ -30,6 +30,7 @@ import numpy as np
 
 import kvsched
 from kvsched.cluster import Dispatcher, InstanceLoads
+from kvsched.estimator import QUANTILE_DEFAULTS
 
 ALLOWED = (TypeError, ValueError, KeyError, OverflowError, kvsched.OutOfBlocks)
 NOT_AN_INT = object()  # marks a hostile value that no int argument may accept
@@ -170,7 +171,8 @@ def run_scheduler(seed: int, calls: int) -> None:
 
     def one_hostile_call() -> None:
         what = rng.choice(["add", "add_one", "abort", "stop", "set_priority", "reserve", "extend", "commit",
-                           "cancel", "migrate_out", "info", "block_keys", "prefix_hits", "candidate"])
+                           "cancel", "migrate_out", "info", "block_keys", "prefix_hits", "candidate",
+                           "accept_drafts"])
         if what == "add":
             n = rng.randint(1, 3)
             args = dict(req_ids=np.array([fresh() for _ in range(n)]), prompt_lens=np.full(n, 30),
@@ -200,6 +202,13 @@ def run_scheduler(seed: int, calls: int) -> None:
             call_hostile(f"{what}[req_ids={value!r}]", fn, dict(req_ids=value), "req_ids", refuse,
                          lambda: scheduler_snapshot(s), check)
             keep_incoming()
+        elif what == "accept_drafts":  # a valid id may still be refused (not running, no slots): unnamed
+            name = rng.choice(["req_ids", "num_accepted"])
+            args = dict(req_ids=[live_id()], num_accepted=[rng.randint(0, 2)])
+            value, refuse = hostile_arrays(rng, 1)
+            args[name] = value
+            call_hostile(f"accept_drafts[{name}={value!r}]", s.accept_drafts, args, None, False,
+                         lambda: scheduler_snapshot(s), check)
         elif what == "set_priority":
             name = rng.choice(["req_ids", "priorities"])
             args = dict(req_ids=[live_id()], priorities=[0.5])
@@ -302,6 +311,9 @@ def run_config(seed: int, calls: int) -> None:
         else:
             value, refuse = rng.choice([("", True), (None, True), (3, True), ("AGGRESSIVE", True)])
         options = dict(num_blocks=64, block_size=16, max_num_batched_tokens=256, max_num_seqs=8)
+        if name in QUANTILE_DEFAULTS:  # they act in quantile mode only (refused with sampled draws)
+            options["sampling"] = False
+            refuse = refuse and value is not None  # None: the default
         options[name] = value
         try:
             s = kvsched.Scheduler(**options)
@@ -417,6 +429,8 @@ def run_estimator(seed: int, calls: int) -> None:
             kind = ESTIMATOR_FIELDS[name]
             value, refuse = (hostile_ints(rng) if kind == "int" else hostile_floats(rng) if kind == "float"
                              else rng.choice([(1, True), ("x", True), (None, True)]))
+            if name in QUANTILE_DEFAULTS and value is None:
+                refuse = False  # None: the default
             call_hostile(f"PeakEstimator({name}={value!r})", kvsched.PeakEstimator, {name: value}, name, refuse,
                          snapshot, lambda: None)
         elif what == "record":

@@ -133,3 +133,18 @@ def test_set_priority_unknown_id_changes_nothing():
     assert s.info(0)["key"] == 1.0
     with pytest.raises(ValueError, match="shape"):
         s.set_priority([0, 1], [1])
+
+
+def test_safety_quantile_options_are_refused_with_sampled_draws_where_they_would_not_act():
+    for name, value in (("target_preemption_rate", 0.05), ("quantile", 0.8), ("adaptive", True),
+                        ("adapt_gain", 0.5), ("min_quantile", 0.2), ("max_quantile", 0.99)):
+        with pytest.raises(ValueError, match=name):
+            kvsched.Scheduler(num_blocks=8, **{name: value})  # sampling=True by default
+        with pytest.raises(ValueError, match=name):
+            kvsched.PeakEstimator(sampling=True, **{name: value})
+        kvsched.Scheduler(num_blocks=8, sampling=False, **{name: value})  # quantile mode: they act
+    kvsched.Scheduler(num_blocks=8, adaptive=False)  # says what sampling does anyway
+    estimator = kvsched.PeakEstimator(sampling=False, target_preemption_rate=0.5, adapt_gain=1.0)
+    before = estimator.quantile
+    estimator.observe(0, 10)  # admissions without preemptions relax the quantile toward the target
+    assert estimator.quantile < before

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -58,7 +58,7 @@ class PeakEstimator:
         request track ``target_preemption_rate``: each preemption raises it (in logit space by
         ``adapt_gain``), each admission relaxes it by ``adapt_gain * target_preemption_rate``.
         The quantile is what quantile mode predicts with; sampled draws (``sampling=True``) do
-        not use it, so there the controller has no effect.
+        not use it, so with sampling these options are refused when given (``None``: not given).
     min_quantile, max_quantile : float
         Bounds of the adaptive quantile, in (0, 1).
     sampling : bool, default False
@@ -83,22 +83,25 @@ class PeakEstimator:
         *,
         window: int = 1000,
         block_size: int = 0,
-        quantile: float = 0.9,
-        adaptive: bool = True,
-        target_preemption_rate: float = 0.01,
-        adapt_gain: float = 0.1,
-        min_quantile: float = 0.5,
-        max_quantile: float = 0.999,
+        quantile: Optional[float] = None,
+        adaptive: Optional[bool] = None,
+        target_preemption_rate: Optional[float] = None,
+        adapt_gain: Optional[float] = None,
+        min_quantile: Optional[float] = None,
+        max_quantile: Optional[float] = None,
         sampling: bool = False,
         num_scenarios: int = 1,
         keyed_draws: bool = True,
         seed: int = 0,
         prior: Optional[IntArray] = None,
     ) -> None:
+        q = quantile_options(sampling, quantile=quantile, adaptive=adaptive, adapt_gain=adapt_gain,
+                             target_preemption_rate=target_preemption_rate, min_quantile=min_quantile,
+                             max_quantile=max_quantile)
         self._core = _core.PeakEstimator(
-            window, block_size, quantile, adaptive, target_preemption_rate, adapt_gain, min_quantile,
-            max_quantile, sampling, num_scenarios, keyed_draws, seed, prior,  # types checked natively, by name
-        )
+            window, block_size, q["quantile"], q["adaptive"], q["target_preemption_rate"], q["adapt_gain"],
+            q["min_quantile"], q["max_quantile"], sampling, num_scenarios, keyed_draws, seed, prior,
+        )  # types checked natively, by name
 
     @property
     def quantile(self) -> float:
@@ -184,3 +187,26 @@ class PeakEstimator:
             running_class_ids, running_lengths, running_ids, candidate_prompt, candidate_max_new_tokens,
             candidate_class_ids, candidate_lengths, candidate_ids,
         )
+
+
+# The safety quantile's options and their defaults (``None`` in a signature: not given).
+QUANTILE_DEFAULTS = dict(quantile=0.9, adaptive=True, target_preemption_rate=0.01, adapt_gain=0.1,
+                         min_quantile=0.5, max_quantile=0.999)
+
+
+def quantile_options(sampling: bool, **given: Any) -> dict:
+    """The safety quantile's options, defaults filled in. With ``sampling`` each remaining length is
+    drawn from the history and no quantile is used, so a quantile option given there would not act:
+    it is refused, naming it; the controller is off."""
+    unknown = set(given) - set(QUANTILE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown quantile options {sorted(unknown)}")
+    # adaptive=False says what sampling does anyway; anything else would claim an effect.
+    set_ = sorted(name for name, value in given.items() if value is not None and (name, value) != ("adaptive", False))
+    if sampling and set_:
+        raise ValueError(f"{', '.join(set_)}: the safety quantile is used by quantile mode only (sampling=False); "
+                         "with sampling=True remaining lengths are drawn from the history")
+    options = {name: default if given.get(name) is None else given[name] for name, default in QUANTILE_DEFAULTS.items()}
+    if sampling:
+        options["adaptive"] = False  # nothing to steer
+    return options

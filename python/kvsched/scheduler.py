@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from . import _core
+from .estimator import QUANTILE_DEFAULTS, quantile_options
 from .swap import KvLayout
 from .policies import NewRequests, Policy, make_policy
 
@@ -81,14 +82,16 @@ class SchedulerConfig:
     hash_algorithm: str = "fast128"
     max_bypass: int = 16
     watermark_blocks: int = 0
-    # Peak estimator (past_future)
+    # Peak estimator (past_future). The safety quantile and its controller act in quantile mode
+    # (sampling=False) only; with sampling, giving one is refused. None: the estimator's default
+    # (kvsched.estimator.QUANTILE_DEFAULTS: 0.9, adaptive, 1% preemptions per admission).
     window: int = 1000
-    quantile: float = 0.9
-    adaptive: bool = True
-    target_preemption_rate: float = 0.01
-    adapt_gain: float = 0.1
-    min_quantile: float = 0.5
-    max_quantile: float = 0.999
+    quantile: float | None = None
+    adaptive: bool | None = None
+    target_preemption_rate: float | None = None
+    adapt_gain: float | None = None
+    min_quantile: float | None = None
+    max_quantile: float | None = None
     # past_future predicts by drawing each request's remaining length from the history of finished
     # lengths (conditioned on what it generated), as the Past-Future paper does, and admits what fits
     # in every one of num_scenarios draws. Sums of draws track the batch's real total; a per-request
@@ -126,6 +129,7 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be {choices[0]!r} or {choices[1]!r}, got {value!r}")
             options[native] = self.host_prefix_cache and value != choices[1]
         options["swap_layout"] = None if self.swap_layout is None else self.swap_layout.tensors
+        options.update(quantile_options(self.sampling, **{name: options[name] for name in QUANTILE_DEFAULTS}))
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
         if self.placement not in _PLACEMENTS:
