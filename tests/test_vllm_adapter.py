@@ -198,15 +198,34 @@ def test_load_reports_headroom_for_a_cluster_dispatcher():
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_prefix_caching_hits_and_keeps_kv_consistent(runner, async_scheduling):
+def test_prefix_caching_hits_and_keeps_kv_consistent(runner, async_scheduling, monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler as VllmScheduler
+
     requests = script(30, seed=3, shared_prefix=64)
+    lookups = {}
+    for cls in (Scheduler, VllmScheduler):  # the prefix-cache stats every step reports, summed (vLLM's metrics)
+        def counted(self, *args, _make_stats=cls.make_stats, **kwargs):
+            stats = _make_stats(self, *args, **kwargs)
+            totals = lookups.setdefault(type(self).__module__.split(".")[0], Counter())
+            if stats is not None and stats.prefix_cache_stats is not None:
+                p = stats.prefix_cache_stats
+                totals.update(requests=p.requests, queries=p.queries, hits=p.hits, preempted=p.preempted_requests)
+            return stats
+        monkeypatch.setattr(cls, "make_stats", counted)
+
     ours = run("kvsched", requests, num_blocks=120, async_scheduling=async_scheduling, caching=True,
                log_stats=True, max_num_seqs=16, max_num_batched_tokens=256)
     theirs = run("vllm", requests, num_blocks=120, async_scheduling=async_scheduling, caching=True,
-                 max_num_seqs=16, max_num_batched_tokens=256)
+                 log_stats=True, max_num_seqs=16, max_num_batched_tokens=256)
     assert ours.tokens == theirs.tokens and ours.finish_reasons == theirs.finish_reasons
     kv = ours.scheduler.core.stats()["kv"]
     assert kv["prefix_hit_blocks"] >= 4 * 20  # most requests found the 4 shared blocks
+    # Counted as vLLM counts: every new request's tokens queried once, hits in tokens (4 shared blocks).
+    mine, vllms = lookups["kvsched"], lookups["vllm"]
+    prompt_tokens = sum(r["prompt_len"] for r in requests)
+    assert mine["requests"] == vllms["requests"] == len(requests), lookups
+    assert mine["queries"] == vllms["queries"] == prompt_tokens, lookups
+    assert 4 * 20 * BLOCK <= mine["hits"] <= prompt_tokens and mine["hits"] % BLOCK == 0, lookups
     assert_drained(ours)
 
 

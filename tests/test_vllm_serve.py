@@ -384,10 +384,6 @@ def test_chat_plain_and_streamed_agree_with_exact_usage(server):
     assert content == choice["message"]["content"], "greedy float32: the stream says what the plain answer says"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the adapter's make_stats reports the core's prefix-cache counters: queries in full matchable blocks "
-    "(384 tokens here where vLLM counts the 464 prompt tokens) and resumed requests' lookups among new "
-    "ones (vLLM reports those apart, as preempted_*), so vllm:prefix_cache_queries and the hit rate differ"))
 def test_prefix_cache_metrics_count_as_vllms_do(server):
     """Four prompts sharing 3 blocks of prefix, one after another: vLLM counts every prompt token of a new
     request as queried and the 3 blocks of each later one as hits (these figures are vLLM's scheduler's

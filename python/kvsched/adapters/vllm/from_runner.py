@@ -17,7 +17,7 @@ from vllm.v1.engine import EngineCoreOutput
 from vllm.v1.request import Request, RequestStatus
 
 from . import versions
-from .state import Step, consume
+from .state import LOGGER_NAME, Step, consume
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -99,7 +99,7 @@ def apply_row(sched: Scheduler, request: Request, new_token_ids: list[int], inde
     if new_token_ids and not sched.structured_output_manager.accept_tokens(request, new_token_ids):
         # The bitmask allowed only what the grammar accepts: a rejection is a bug somewhere, not
         # something to go on from (vLLM ends the request the same way).
-        init_logger(__name__).error("grammar rejected tokens %s of request %s: finishing it with an error",
+        init_logger(LOGGER_NAME).error("grammar rejected tokens %s of request %s: finishing it with an error",
                                     new_token_ids, request.request_id)
         request.status = RequestStatus.FINISHED_ERROR
         stopped = True

@@ -58,7 +58,7 @@ import kvsched
 from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
 from .drafts import Drafts
-from .state import PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
+from .state import LOGGER_NAME, PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
 
 class Scheduler(SchedulerInterface):
@@ -108,8 +108,9 @@ class Scheduler(SchedulerInterface):
         # (client, output) of requests finished outside a step (rejected, refused)
         self._pending_outputs: list[tuple[int, EngineCoreOutput]] = []
         self._pause_state = PauseState.UNPAUSED
-        self._prefix_stats_seen = (0, 0, 0)
-        self._prefix_cache_reset = False
+        # Prefix-cache lookups since the last make_stats(), recorded at admission as vLLM does.
+        self._prefix_stats = PrefixCacheStats() if log_stats else None
+        self._reads_prefix_cache = bool(vllm_config.cache_config.enable_prefix_caching)
         self.kv_events = events.KvEvents.create(self, hash_block_size)  # None without --kv-events-config
         self.load_gauges = metrics.LoadGauges.create(self)  # None with stats off
         num_drafts = num_speculative_tokens(vllm_config)
@@ -252,7 +253,7 @@ class Scheduler(SchedulerInterface):
         if reason is not None:
             from vllm.logger import init_logger
 
-            init_logger(__name__).warning("request %s refused: %s", request.request_id, reason)
+            init_logger(LOGGER_NAME).warning("request %s refused: %s", request.request_id, reason)
         self._pending_outputs.append((request.client_index, EngineCoreOutput(
             request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
             events=request.take_events(), trace_headers=request.trace_headers,
@@ -300,6 +301,11 @@ class Scheduler(SchedulerInterface):
             if self.log_stats:
                 timestamp = timestamp or monotonic()
                 self._record(request, handle, EngineCoreEventType.SCHEDULED, timestamp)
+                if self._reads_prefix_cache and versions.reads_prefix_cache(request):
+                    # vLLM's accounting: all of its tokens queried, the cached ones hit; a resumed
+                    # request counts apart (preempted_*).
+                    self._prefix_stats.record(num_tokens=request.num_tokens, num_hits=computed,
+                                              preempted=request.num_preemptions > 0)
             if rows_state[row] == PREEMPTED and not self.use_v2_model_runner:
                 resumed_rows.append(row)
                 continue
@@ -474,7 +480,8 @@ class Scheduler(SchedulerInterface):
         elif self.core.num_running:
             return False
         self.core.reset_prefix_cache()
-        self._prefix_cache_reset = True
+        if self._prefix_stats is not None:
+            self._prefix_stats.reset = True
         if self.kv_events:
             self.kv_events.flush()
         return True
@@ -491,12 +498,7 @@ class Scheduler(SchedulerInterface):
             return None
         stats = self.core.stats()
         kv = stats["kv"]
-        seen = (kv["prefix_queries"], kv["prefix_query_blocks"], kv["prefix_hit_blocks"])
-        requests, queries, hits = (now - before for now, before in zip(seen, self._prefix_stats_seen))
-        self._prefix_stats_seen = seen
-        prefix = PrefixCacheStats(reset=self._prefix_cache_reset, requests=requests,
-                                  queries=queries * self.block_size, hits=hits * self.block_size)
-        self._prefix_cache_reset = False
+        prefix, self._prefix_stats = self._prefix_stats, PrefixCacheStats()
         return SchedulerStats(
             num_running_reqs=int(stats["num_running"]),
             num_waiting_reqs=int(stats["num_waiting"]) + len(self._to_add),

@@ -11,6 +11,8 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
 MAX_FAST_STOP_IDS = 4
+# Under vLLM's logger tree, so that its handlers and format (level, time, process) apply.
+LOGGER_NAME = "vllm.kvsched_adapter"
 
 # Handle states: where a live request stands with vLLM's workers.
 UNSENT, RUNNING, PREEMPTED = 0, 1, 2
