@@ -16,6 +16,7 @@ Prints the median of each part per scheduler and the ratios. Needs vLLM importab
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -76,12 +77,14 @@ def _decode_batch(kind: str, running: int, waiting: int, steps: int, shuffled: b
     for i in range(running + waiting):
         sched.add_request(Request(str(i), list(range(PROMPT_LEN)), params, None, arrival_time=float(i)))
 
+    has_index = "req_id_to_index" in {f.name for f in dataclasses.fields(ModelRunnerOutput)}
+
     def output_for(scheduler_output):
         ids = list(scheduler_output.num_scheduled_tokens)
         if shuffled:  # a model runner keeps its own batch order
             ids.reverse()
-        return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: k for k, r in enumerate(ids)},
-                                 sampled_token_ids=[[7] for _ in ids])
+        index = {"req_id_to_index": {r: k for k, r in enumerate(ids)}} if has_index else {}  # gone in 0.34
+        return ModelRunnerOutput(req_ids=ids, sampled_token_ids=[[7] for _ in ids], **index)
 
     while True:
         out = sched.schedule()
