@@ -596,6 +596,10 @@ class Driver:
             cache_load_bytes=total("cache_load_bytes"), computed_tokens=total("scheduled_tokens"),
             step_cpu_us=np.concatenate([np.zeros(0)] + [o["step_cpus"] for o in done]) * 1e6,
             policy=done[0]["policy"] if done else (self.policy or "fcfs"), run=run,
+            kv_peak=max((o.get("kv_peak", 0.0) for o in done), default=0.0),
+            busy_s=sum(o.get("busy_time", 0.0) for o in done), backlog_s=sum(o.get("backlog_time", 0.0) for o in done),
+            backlog_kv_s=sum(o.get("backlog_kv_time", 0.0) for o in done), instances=len(self.pool),
+            kv_capacity_tokens=self.engine.kv_capacity_tokens,
         )
         utilization = np.array([o["util_time"] / makespan if o is not None else np.nan for o in outcomes])
         reasons = np.bincount(self.reject_reason[self.rejected], minlength=len(REJECT_REASONS))

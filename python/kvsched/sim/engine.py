@@ -124,6 +124,10 @@ def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
                          np.flatnonzero(keep))
 
 
+# A step whose tokens reach this share of max_num_batched_tokens is full: a request left waiting
+# then waits for compute, not for KV (kvsched.sim.diagnosis).
+STEP_FULL_SHARE = 0.9
+
 # Session keys are tagged so that they never equal a (prefix id, position) key of a Mooncake trace.
 _SESSION_KEY_TAG = np.uint64(1 << 63)
 
@@ -186,6 +190,16 @@ class RunLog:
     computed_tokens: int = 0  # tokens the engine computed (prefill, recompute and decode)
     step_cpu_us: np.ndarray = field(default_factory=lambda: np.zeros(0))  # schedule() + update() per step
     policy: str = "fcfs"  # the ordering policy
+    # What bound the run (kvsched.sim.diagnosis), summed over instances: the peak fraction of KV
+    # blocks in use (the largest instance's), seconds of engine steps, and seconds with requests left
+    # waiting after a step's plan, all of them and those whose step had room (token budget and a
+    # sequence slot) for more, so that KV or admission held them back.
+    kv_peak: float = 0.0
+    busy_s: float = 0.0
+    backlog_s: float = 0.0
+    backlog_kv_s: float = 0.0
+    instances: int = 1
+    kv_capacity_tokens: int = 0  # of one instance
     run: str = ""  # the run's name in reports: its admission mode, and its fleet's dispatch over several instances
 
 
@@ -266,6 +280,14 @@ class EngineInstance:
         self.steps = 0
         self.step_cpus: list[float] = []  # schedule() + update() of each step, seconds
         self.util_time = 0.0
+        # What bound the run (kvsched.sim.diagnosis): the peak share of KV blocks in use, the time
+        # steps took, and of it the time with requests left waiting after schedule() (backlog),
+        # split by whether the step still had token budget and a sequence slot for them (then KV
+        # or admission held them back) or not (compute: the step was full).
+        self.kv_peak = 0.0
+        self.busy_time = 0.0
+        self.backlog_time = 0.0
+        self.backlog_kv_time = 0.0
         self.swap_time = 0.0
         self.first_arrival = np.inf
         self._unflushed_adds = False
@@ -387,12 +409,18 @@ class EngineInstance:
             self.preemptions[plan.swapped_out_ids] += 1
         self.swap_time += plan.swap_seconds
         ids = plan.req_ids
+        counts = scheduler._former.stats()
+        left_waiting = counts["num_waiting"] + counts["num_swapped"] > 0
         if ids.size == 0:
+            before = self.clock
             self.clock += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
             self.step_cpus.append(step_cpu)
             if np.isfinite(next_arrival_s):
                 self.clock = max(self.clock, next_arrival_s)
+            if left_waiting:  # nothing fits although requests wait: held back by KV until the next event
+                self.backlog_time += self.clock - before
+                self.backlog_kv_time += self.clock - before
             elif scheduler.has_unfinished_requests():
                 raise RuntimeError("the scheduler planned nothing while requests wait and none will arrive")
             return np.zeros(0, np.int64), lost, True
@@ -428,7 +456,16 @@ class EngineInstance:
         if finished.size:
             self.finish[finished] = t
             self._ended(finished)
-        self.util_time += dt * (scheduler._former.allocator_stats()["num_used"] / self.num_blocks)
+        used = scheduler._former.allocator_stats()["num_used"] / self.num_blocks
+        self.util_time += dt * used
+        self.kv_peak = max(self.kv_peak, used)
+        self.busy_time += dt
+        if left_waiting:
+            self.backlog_time += dt
+            full = (ids.size >= engine.max_num_seqs
+                    or int(plan.num_tokens.sum()) >= STEP_FULL_SHARE * engine.max_num_batched_tokens)
+            if not full:
+                self.backlog_kv_time += dt
         return finished, lost, False
 
     # ---- live migration (the driver copies; this instance is one end) ----
@@ -533,6 +570,8 @@ class EngineInstance:
             "first_token": self.first_token, "finish": self.finish, "first_scheduled": self.first_scheduled,
             "max_gap": self.max_gap, "num_gaps": self.num_gaps, "slow": self.slow, "preemptions": self.preemptions,
             "rejected": self.rejected, "cpu": self.cpu, "steps": self.steps, "util_time": self.util_time,
+            "kv_peak": self.kv_peak, "busy_time": self.busy_time, "backlog_time": self.backlog_time,
+            "backlog_kv_time": self.backlog_kv_time,
             "swap_time": self.swap_time, "step_cpus": np.asarray(self.step_cpus), "clock": self.clock,
             "stats": stats, "policy": self.policy,
         }

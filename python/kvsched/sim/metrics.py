@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .diagnosis import burstiness, queue_growth
 from .engine import SLO, SLOS, RunLog
 
 
@@ -53,6 +54,8 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "max_gap_p99_s": _percentile(gaps, 99),
         "e2e_p50_s": _percentile(e2e, 50),
         "e2e_p99_s": _percentile(e2e, 99),
+        "queueing_p50_s": _percentile(queueing, 50),
+        "queueing_p90_s": _percentile(queueing, 90),
         "queueing_p99_s": _percentile(queueing, 99),
         "preemptions": int(log.preemptions.sum()),
         "preempted_requests": int((log.preemptions > 0).sum()),
@@ -66,6 +69,14 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
         "cache_load_bytes": int(log.cache_load_bytes),
         "computed_tokens": int(log.computed_tokens),
         "kv_utilization": float(log.kv_utilization),
+        # What bound the run (kvsched.sim.diagnosis): shares of the span of every instance.
+        "kv_peak": float(log.kv_peak),
+        "kv_peak_tokens": int(round(log.kv_peak * (log.kv_capacity_tokens or 0))),
+        "busy_share": float(log.busy_s / (duration * log.instances)),
+        "backlog_share": float(log.backlog_s / (duration * log.instances)),
+        "backlog_kv_share": float(log.backlog_kv_s / (duration * log.instances)),
+        "arrival_burstiness": burstiness(log.arrival_s),
+        "queue_growth": queue_growth(log.arrival_s, queueing),
         "scheduler_cpu_s": float(log.scheduler_cpu_s),
         "steps": int(log.steps),
         # One step's scheduler cost (schedule() + update(), Python API included), microseconds.
