@@ -16,6 +16,8 @@ from . import __version__
 from .scheduler import ADMISSION_MODES, SEEDED_ADMISSION_MODES
 from .cluster import DISPATCH_POLICIES, LINKS, Link, MigrationPolicy
 from .sim.allocator_replay import replay_placement
+from .sim.diagnosis import (AUTO_MAX_SEEDS, AUTO_MIN_SEEDS, Knobs, advise, auto_seeds_done, clip_interval, decided, diagnose, overall,
+                            verdict)
 from .sim.driver import MAX_INSTANCES
 from .sim.report import OutputFiles, plot_cdfs, plot_formats, table, write_per_request
 from .sim.traces import (MAX_ARRIVAL_SPAN_S, TRACE_FORMATS, Trace, TraceError, guess_format, read_azure,
@@ -76,6 +78,19 @@ def _integer(low: int, high: Optional[int]):
 
     parse.__name__ = "integer"
     return parse
+
+
+def _seed_count(text: str):
+    """--seeds: ``auto`` or an integer in [1, MAX_SEEDS]."""
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        return _integer(1, MAX_SEEDS)(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
+
+
+_seed_count.__name__ = "seeds"
 
 
 def _number(low: float, high: float):
@@ -358,7 +373,9 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     slo = SLOS[args.slo]
     priority_kind = None if args.priorities == "none" else args.priorities
     policy = args.policy or ("priority" if priority_kind else "fcfs")
-    seeds = [args.seed + k for k in range(args.seeds)]
+    auto = args.seeds == "auto"
+    cap = AUTO_MAX_SEEDS if auto else args.seeds
+    seeds: List[int] = []
     fleets = _fleets(args)
     # One run per (admission mode, fleet); its label names it in the table, the JSON and the files.
     configs = [(admission, fleet) for admission in args.admission for fleet in fleets]
@@ -366,12 +383,18 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     runs = {label[c]: [] for c in configs}  # label -> [(record, log)], one per seed
     progress = _Progress()
     prepared_of_seed = {}
-    for seed in seeds:  # the same seeds for every run: differences are paired
+    header = {"requests": [], "too_big": [], "too_long": [], "clipped": []}  # per seed
+    largest_prompt, span = 0, 0.0
+    stopped = None  # why --seeds auto stopped
+    for seed in itertools.count(args.seed):  # the same seeds for every run: differences are paired
+        seeds.append(seed)
         trace, source, seeded = _load_workload(args, seed, defaults)
         # For sessions, the request rate offered when each session's requests came at its start rate.
         base_rate = len(trace) / max(float(trace.arrival_s.max() - trace.arrival_s.min()), 1e-9)
         trace = trace.with_arrivals(trace.arrival_s / args.rate_scale)
         _check_span(trace, args)
+        largest_prompt = max(largest_prompt, int(trace.prompt_tokens.max()) if len(trace) else 0)
+        span = max(span, float(trace.arrival_s.max() - trace.arrival_s.min()) if len(trace) else 0.0)
         engine = EngineConfig(
             profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
@@ -395,8 +418,14 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                                  f"has {shortest} tokens)")
             raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
                              f"(the shortest has {shortest} tokens)")
+        header["requests"].append(len(prepared.trace))
+        header["too_big"].append(too_big)
+        header["too_long"].append(prepared.rejected_too_long)
+        header["clipped"].append(prepared.clipped_outputs)
         priorities = priority_plan(prepared.trace, priority_kind, seed=seed) if priority_kind else None
-        progress.start(len(seeds) * len(configs) * len(prepared.trace))
+        # Whether a run depends on the seed: its workload, priorities or sampled lengths do.
+        depends = {label[c]: seeded or priorities is not None or c[0] in SEEDED_ADMISSION_MODES for c in configs}
+        progress.start(cap * len(configs) * len(prepared.trace))
         for config in configs:
             admission, fleet = config
             name = label[config]
@@ -429,6 +458,12 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                 record["max_rate_req_s_90"] = scale * args.rate_scale * base_rate
                 record["max_rate_capped"] = scale >= MAX_RATE_SCALE  # met even at the sweep's top
             runs[name].append((record, log))
+        if auto:
+            stopped = auto_seeds_done(_paired_diffs(runs, slo.name), len(seeds), any(depends.values()), cap)
+            if stopped:
+                break
+        elif len(seeds) >= args.seeds:
+            break
     progress.close()
     records = []
     for name in runs:
@@ -440,6 +475,39 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                       options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
         records.append(record)
     _add_paired_differences(records, runs, slo.name)
+    # What binds, per run and overall, and each run's verdict against the first.
+    diagnoses = [diagnose(r) for r in records]
+    for record, found in zip(records, diagnoses):
+        record["diagnosis"] = {"bottleneck": found.bottleneck, "facts": found.facts}
+        for name in ("lax", "strict"):
+            figure = record[f"slo_{name}"]
+            figure["attainment_ci95_range"] = list(clip_interval(figure["attainment"],
+                                                                 figure.get("attainment_ci95", 0.0), 0.0, 1.0))
+    first = records[0]["run"]
+    undecided = []
+    for record in records[1:]:
+        pd = record["paired_difference"]
+        exact = not depends[first] and not depends[record["run"]]
+        pd["attainment_ci95_range"] = list(clip_interval(pd["attainment"], pd["attainment_ci95"], -1.0, 1.0))
+        pd["exact"] = exact  # neither run depends on the seed: the difference is exact
+        pd["verdict"] = verdict(pd["attainment"], pd["attainment_ci95"], len(seeds), exact)
+        if not exact and not decided(_paired_diffs(runs, slo.name)[record["run"]]):
+            undecided.append(record["run"])
+    for record in records:
+        record["seeds_rule"] = {"seeds": "auto" if auto else args.seeds, "cap": cap, "used": len(seeds),
+                                "stopped": stopped}
+    knobs = Knobs(
+        clients=args.clients, timed=bool(args.trace) and (args.trace_format or guess_format(args.trace)) != "sharegpt",
+        rate=_rate(args, defaults), rate_scale=args.rate_scale, span_s=span, max_span_s=MAX_ARRIVAL_SPAN_S,
+        kv_capacity_tokens=capacity, block_size=args.block_size, context=engine.context_limit(),
+        largest_prompt=largest_prompt, kv_peak_tokens=max(int(r["kv_peak"] * capacity) for r in records),
+        max_tokens=MAX_TOKENS, seeds=len(seeds), auto=auto, max_seeds=MAX_SEEDS, undecided=undecided)
+    attainments = [r[f"slo_{slo.name}"]["attainment"] for r in records]
+    main_diagnosis = overall(diagnoses, attainments)
+    advice = advise(main_diagnosis, knobs)
+    for record in records:
+        record["bottleneck"] = main_diagnosis.bottleneck
+        record["advice"] = [{"text": a.text, "options": a.options} for a in advice]
     # The files first, all or none; then the report on stdout (which a closed pipe may cut short).
     rows = 0
     if args.json:
@@ -453,8 +521,9 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                   slo=slo, image_format=os.path.splitext(args.plot)[1][1:].lower())
     outputs.commit()
     print(f"workload: {source}" + (f"; seeds {seeds[0]}-{seeds[-1]}: means and 95% intervals" if len(seeds) > 1 else ""))
+    print(f"seeds: {_seeds_text(auto, stopped, len(seeds), cap, undecided)}")
     print(
-        f"{len(prepared.trace)} requests at x{args.rate_scale:g} rate; model {profile.name}; KV {capacity} tokens "
+        f"{_mean_range(header['requests'])} requests at x{args.rate_scale:g} rate; model {profile.name}; KV {capacity} tokens "
         f"({capacity * profile.kv_bytes_per_token / 2**30:.1f} GiB); context {engine.context_limit()} tokens"
     )
     print(f"SLO {slo.name}: TTFT <= {slo.ttft_s:g} s and {'worst' if slo.gap_kind == 'max' else 'p99'} token gap "
@@ -467,13 +536,14 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                  f"{moving.link.latency_s * 1e6:g} us)" if moving else ""))
     if defaults and defaults.note:
         print(f"note: {defaults.note}")
-    if too_big:
-        print(f"KV cache {capacity} tokens: {too_big} prompts do not fit in it and will be rejected")
-    if prepared.rejected_too_long:
-        print(f"context {engine.context_limit()} tokens: {prepared.rejected_too_long} prompts do not fit and are "
-              "rejected (a larger --max-model-len admits them)")
-    if prepared.clipped_outputs:
-        print(f"{prepared.clipped_outputs} outputs clipped to --max-new-tokens or the context")
+    if any(header["too_big"]):
+        print(f"KV cache {capacity} tokens: {_mean_range(header['too_big'])} prompts do not fit in it and will be "
+              "rejected")
+    if any(header["too_long"]):
+        print(f"context {engine.context_limit()} tokens: {_mean_range(header['too_long'])} prompts do not fit and "
+              "are rejected (a larger --max-model-len admits them)")
+    if any(header["clipped"]):
+        print(f"{_mean_range(header['clipped'])} outputs clipped to --max-new-tokens or the context")
     print()
     cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
     print(table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide,
@@ -481,14 +551,12 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if len(records) > 1 and len(seeds) > 1:
         print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['run']} over the same seeds, "
               "percentage points")
+    if len(seeds) > 1:
+        print("a ± interval that would pass 0 or 100% is shown clipped, as [low,high]")
     if any(r.get("max_rate_capped") for r in records):
         print(f">=: the SLO was met even at {MAX_RATE_SCALE:g}x the rate, the top of the search (a workload of "
               "sessions stops adding load once all have started)")
-    same = len({(round(r["slo_lax"]["attainment"], 6), round(r["slo_strict"]["attainment"], 6)) for r in records}) == 1
-    if len(records) > 1 and all(r["preemptions"] == 0 for r in records) and same:
-        print(f"\nEvery run gave the same attainment under both SLOs and none preempted: the KV cache "
-              f"was not the bottleneck at this load (KV use {max(r['kv_utilization'] for r in records):.0%}). "
-              "Admission matters when KV is scarce: raise --rate-scale or lower --kv-capacity-tokens.")
+    _print_conclusion(records, diagnoses, main_diagnosis, advice, args.argv, seeds, slo.name)
     if args.json:
         print(f"wrote {args.json}")
     if args.per_request:
@@ -496,6 +564,86 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def _mean_range(values: List[int]) -> str:
+    """A per-seed count: the value, or its mean and range when the seeds differ."""
+    if min(values) == max(values):
+        return f"{values[0]}"
+    return f"{float(np.mean(values)):.1f} (mean of the seeds; {min(values)}-{max(values)})"
+
+
+def _seeds_text(auto: bool, stopped: Optional[str], used: int, cap: int, undecided: List[str]) -> str:
+    if not auto:
+        return f"{used} (--seeds {used})" + (f"; {', '.join(undecided)} undecided" if undecided else "")
+    return f"{used} (auto: " + {
+        "unseeded": "no run depends on the seed, one decides",
+        "decided": "every paired difference excludes zero or is the same in every seed",
+        "cap": f"stopped at the cap of {cap}; {', '.join(undecided) or 'none'} undecided",
+    }[stopped] + ")"
+
+
+def _rate(args: argparse.Namespace, defaults: Optional[WorkloadDefaults]) -> Optional[float]:
+    """The arrival rate --rate sets in this run (None where --rate does not apply)."""
+    if args.clients:
+        return None
+    if args.trace:
+        if (args.trace_format or guess_format(args.trace)) != "sharegpt":
+            return None
+        return 2.0 if args.rate is None else args.rate
+    return defaults.rate * args.instances if args.rate is None else args.rate
+
+
+def _print_conclusion(records: List[dict], diagnoses: list, main, advice: list, argv: List[str],
+                      seeds: List[int], slo_name: str) -> None:
+    """The diagnosis (what binds, from which facts), the advice as commands, a verdict per run."""
+    from .sim.diagnosis import BOTTLENECK_TEXT, next_command
+
+    print()
+    _wrapped(f"bottleneck: {BOTTLENECK_TEXT[main.bottleneck]}; {records[diagnoses.index(main)]['run']}: "
+             f"{main.facts}")
+    others = [f"{r['run']}: {BOTTLENECK_TEXT[d.bottleneck]}" for r, d in zip(records, diagnoses)
+              if d.bottleneck != main.bottleneck]
+    if others:
+        _wrapped(f"  but {'; '.join(others)}")
+    for item in advice:  # the command on a line of its own, whole, to copy
+        _wrapped(f"advice: {item.text}" + (":" if item.options else ""))
+        if item.options:
+            print(f"  kvsched {shlex.join(next_command(argv, item.options))}")
+    if len(records) < 2:
+        return
+    first = records[0]["run"]
+    span = f"seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    print(f"verdict ({slo_name} attainment, paired over {span}, against {first}):")
+    width = max(len(r["run"]) for r in records)
+    for record in records[1:]:
+        pd = record["paired_difference"]
+        low, high = pd["attainment_ci95_range"]
+        words = {"better": f"better than {first}", "worse": f"worse than {first}",
+                 "indistinguishable": f"indistinguishable from {first}"}[pd["verdict"]]
+        if pd["attainment_ci95"] > 0:
+            figure = f"{pd['attainment'] * 100:+.1f} pp, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}]"
+        elif pd["exact"]:
+            figure = f"{pd['attainment'] * 100:+.1f} pp exactly (no seed changes these runs)"
+        elif len(seeds) > 1:
+            figure = f"{pd['attainment'] * 100:+.1f} pp in every seed"
+        else:
+            figure = f"{pd['attainment'] * 100:+.1f} pp from one seed, no interval"
+        print(f"  {record['run']:<{width}}  {words}: {figure}")
+
+
+def _wrapped(text: str, width: int = 100) -> None:
+    import textwrap
+
+    print(textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False))
+
+
+def _paired_diffs(runs: dict, slo_name: str) -> dict:
+    """Each run but the first: its attainment minus the first run's, seed by seed."""
+    names = list(runs)
+    base = [r[f"slo_{slo_name}"]["attainment"] for r, _ in runs[names[0]]]
+    return {name: [r[f"slo_{slo_name}"]["attainment"] - b for (r, _), b in zip(runs[name], base)]
+            for name in names[1:]}
 
 
 def _add_paired_differences(records: List[dict], runs: dict, slo_name: str) -> None:
@@ -681,9 +829,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=_integer(0, MAX_SEED), default=0,
                      help="first seed of the built-in workloads' draws, Poisson arrivals, priorities and the "
                      "scheduler's sampled lengths (default 0)")
-    sim.add_argument("--seeds", type=_integer(1, MAX_SEEDS), default=3,
+    sim.add_argument("--seeds", type=_seed_count, default="auto",
                      help="run every admission mode with seeds --seed, --seed+1, ...: the table and JSON give "
-                     "means and 95%% intervals, and each mode's paired difference from the first (default 3)")
+                     "means and 95%% intervals, and each mode's paired difference from the first; auto (the "
+                     f"default): from {AUTO_MIN_SEEDS} seeds, one more until every paired difference excludes "
+                     f"zero (or is the same in every seed), at most {AUTO_MAX_SEEDS}; one when no run depends on "
+                     "the seed")
     sim.add_argument("--wide", action="store_true",
                      help="every column: TPOT p50, the other SLO, token goodput, KV use, step p99")
     sim.add_argument("--json", help="write one record per admission mode to this JSON file")

@@ -85,10 +85,11 @@ def table(records: List[dict], with_max_rate: bool, with_swap: bool = False, wit
         ("TPOT50 s", lambda r: r["tpot_p50_s"], "{:>9.3f}", True),
         ("TPOT99 s", lambda r: r["tpot_p99_s"], "{:>9.3f}", False),
         ("gap99 s", lambda r: r["max_gap_p99_s"], "{:>8.2f}", False),
-        (f"{slo} %", lambda r: with_interval(r[f"slo_{slo}"], "attainment", 100), "{:>12}", False),
-        ("Δ pp", lambda r: with_interval(r["paired_difference"], "attainment", 100, signed=True), "{:>11}",
-         not paired),
-        (f"{other} %", lambda r: with_interval(r[f"slo_{other}"], "attainment", 100), "{:>12}", True),
+        (f"{slo} %", lambda r: with_interval(r[f"slo_{slo}"], "attainment", 100, bounds=(0, 100)), "{:>16}", False),
+        ("Δ pp", lambda r: with_interval(r["paired_difference"], "attainment", 100, signed=True,
+                                         bounds=(-100, 100)), "{:>12}", not paired),
+        (f"{other} %", lambda r: with_interval(r[f"slo_{other}"], "attainment", 100, bounds=(0, 100)), "{:>16}",
+         True),
         ("good r/s", lambda r: r["goodput_req_s"], "{:>9.2f}", False),
         ("good t/s", lambda r: r["goodput_tok_s"], "{:>9.0f}", True),
         ("preempt", lambda r: r["preemptions"], "{:>8.0f}", False),
@@ -119,16 +120,33 @@ def table(records: List[dict], with_max_rate: bool, with_swap: bool = False, wit
     return "\n".join(lines)
 
 
-def with_interval(record: dict, key: str, scale: float = 1.0, signed: bool = False) -> str:
-    """``mean±half-width`` of a figure (the mean alone for one seed)."""
+def with_interval(record: dict, key: str, scale: float = 1.0, signed: bool = False,
+                  bounds: Optional[tuple] = None) -> str:
+    """``mean±half-width`` of a figure (the mean alone for one seed); an interval that would pass
+    ``bounds`` (what the figure can take, e.g. 0-100%) is clipped there and shown as ``mean[low,high]``."""
     value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
-    return (f"{value:+.1f}" if signed else f"{value:.1f}") + (f"±{half:.1f}" if half > 0 else "")
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    if half <= 0:
+        return text
+    if bounds is not None and (value - half < bounds[0] or value + half > bounds[1]):
+        low, high = max(bounds[0], value - half), min(bounds[1], value + half)
+        return f"{text}[{_short(low, signed)},{_short(high, signed)}]"
+    return f"{text}±{half:.1f}"
+
+
+def _short(value: float, signed: bool) -> str:
+    """A bound in few characters: 100, 0, 97.3."""
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    return text[:-2] if text.endswith(".0") else text
 
 
 def max_rate_text(record: dict) -> str:
     text = f"{record['max_rate_req_s_90']:.2f}"
-    if record.get("max_rate_req_s_90_ci95"):
-        text += f"±{record['max_rate_req_s_90_ci95']:.2f}"
+    half = record.get("max_rate_req_s_90_ci95")
+    if half and half > record["max_rate_req_s_90"]:  # a rate is at least 0
+        text += f"[0,{record['max_rate_req_s_90'] + half:.2f}]"
+    elif half:
+        text += f"±{half:.2f}"
     return (">=" if record.get("max_rate_capped") else "") + text
 
 
