@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
 #include <set>
 
@@ -103,10 +104,22 @@ BatchFormerOptions options_from(const py::dict& given) {
   return o;
 }
 
+// A plan's array: a read-only copy with `columns` columns (1: one dimension). Plans are small
+// (a row per scheduled request): a copy costs less than handing the vector over in a capsule, and
+// freezing the array here spares the Python layer a call per array (update() and policies read the
+// plan after the engine had it, so an engine must not be able to change it).
+template <typename Out, typename In>
+py::array plan_array(const std::vector<In>& values, py::ssize_t columns = 1) {
+  static_assert(sizeof(Out) == sizeof(In), "plan_array copies bytes");
+  const auto count = static_cast<py::ssize_t>(values.size());
+  py::array_t<Out> array = columns == 1 ? py::array_t<Out>(count) : py::array_t<Out>({count / columns, columns});
+  if (count > 0) std::memcpy(array.mutable_data(), values.data(), values.size() * sizeof(In));
+  py::detail::array_proxy(array.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return std::move(array);
+}
 template <typename T>
-py::array_t<T> triples(std::vector<T>&& flat) {
-  py::array_t<T> array = to_numpy(std::move(flat));
-  return array.reshape({static_cast<py::ssize_t>(array.size() / 3), py::ssize_t{3}});
+py::array plan_array(const std::vector<T>& values, py::ssize_t columns = 1) {
+  return plan_array<T, T>(values, columns);
 }
 
 py::dict stats_dict(const BatchFormerStats& s) {
@@ -238,40 +251,40 @@ void init_batch_former(py::module_& m) {
                plan = f.schedule();
              }
              py::dict d;
-             d["req_ids"] = to_numpy(std::move(plan.req_ids));
-             d["client_ids"] = to_numpy(std::move(plan.client_ids));
-             d["num_tokens"] = to_numpy(std::move(plan.num_tokens));
-             d["computed_offsets"] = to_numpy(std::move(plan.computed_offsets));
-             d["num_generated"] = to_numpy(std::move(plan.num_generated));
-             d["is_prefill"] = to_numpy(std::move(plan.is_prefill)).view("bool");
-             d["prompt_lens"] = to_numpy(std::move(plan.prompt_lens));
-             d["samples"] = to_numpy(std::move(plan.samples)).view("bool");
-             d["block_indptr"] = to_numpy(std::move(plan.block_indptr));
-             d["new_blocks"] = to_numpy(std::move(plan.new_blocks));
-             d["copy_on_writes"] = triples(std::move(plan.copy_on_writes));
-             d["preempted_ids"] = to_numpy(std::move(plan.preempted_ids));
-             d["swapped_out_ids"] = to_numpy(std::move(plan.swapped_out_ids));
-             d["swap_out_indptr"] = to_numpy(std::move(plan.swap_out_indptr));
-             d["swap_out"] = triples(std::move(plan.swap_out));
-             d["swap_out_descriptors"] = to_numpy(std::move(plan.swap_out_descriptors)).reshape({-1, 4});
-             d["swapped_in_ids"] = to_numpy(std::move(plan.swapped_in_ids));
-             d["swap_in_indptr"] = to_numpy(std::move(plan.swap_in_indptr));
-             d["swap_in"] = triples(std::move(plan.swap_in));
-             d["swap_in_descriptors"] = to_numpy(std::move(plan.swap_in_descriptors)).reshape({-1, 4});
+             d["req_ids"] = plan_array(plan.req_ids);
+             d["client_ids"] = plan_array(plan.client_ids);
+             d["num_tokens"] = plan_array(plan.num_tokens);
+             d["computed_offsets"] = plan_array(plan.computed_offsets);
+             d["num_generated"] = plan_array(plan.num_generated);
+             d["is_prefill"] = plan_array<bool>(plan.is_prefill);
+             d["prompt_lens"] = plan_array(plan.prompt_lens);
+             d["samples"] = plan_array<bool>(plan.samples);
+             d["block_indptr"] = plan_array(plan.block_indptr);
+             d["new_blocks"] = plan_array(plan.new_blocks);
+             d["copy_on_writes"] = plan_array(plan.copy_on_writes, 3);
+             d["preempted_ids"] = plan_array(plan.preempted_ids);
+             d["swapped_out_ids"] = plan_array(plan.swapped_out_ids);
+             d["swap_out_indptr"] = plan_array(plan.swap_out_indptr);
+             d["swap_out"] = plan_array(plan.swap_out, 3);
+             d["swap_out_descriptors"] = plan_array(plan.swap_out_descriptors, 4);
+             d["swapped_in_ids"] = plan_array(plan.swapped_in_ids);
+             d["swap_in_indptr"] = plan_array(plan.swap_in_indptr);
+             d["swap_in"] = plan_array(plan.swap_in, 3);
+             d["swap_in_descriptors"] = plan_array(plan.swap_in_descriptors, 4);
              d["swap_out_bytes"] = plan.swap_out_bytes;
              d["swap_in_bytes"] = plan.swap_in_bytes;
-             d["cache_write"] = triples(std::move(plan.cache_write));
-             d["cache_write_descriptors"] = to_numpy(std::move(plan.cache_write_descriptors)).reshape({-1, 4});
-             d["cache_load_ids"] = to_numpy(std::move(plan.cache_load_ids));
-             d["cache_load_indptr"] = to_numpy(std::move(plan.cache_load_indptr));
-             d["cache_load"] = triples(std::move(plan.cache_load));
-             d["cache_load_descriptors"] = to_numpy(std::move(plan.cache_load_descriptors)).reshape({-1, 4});
+             d["cache_write"] = plan_array(plan.cache_write, 3);
+             d["cache_write_descriptors"] = plan_array(plan.cache_write_descriptors, 4);
+             d["cache_load_ids"] = plan_array(plan.cache_load_ids);
+             d["cache_load_indptr"] = plan_array(plan.cache_load_indptr);
+             d["cache_load"] = plan_array(plan.cache_load, 3);
+             d["cache_load_descriptors"] = plan_array(plan.cache_load_descriptors, 4);
              d["cache_write_bytes"] = plan.cache_write_bytes;
              d["cache_load_bytes"] = plan.cache_load_bytes;
              d["swap_seconds"] = plan.swap_seconds;
              d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
-             d["rejected_ids"] = to_numpy(std::move(plan.rejected_ids));
-             d["rejected_reasons"] = to_numpy(std::move(plan.rejected_reasons));
+             d["rejected_ids"] = plan_array(plan.rejected_ids);
+             d["rejected_reasons"] = plan_array(plan.rejected_reasons);
              d["num_admitted"] = plan.num_admitted;
              return d;
            })

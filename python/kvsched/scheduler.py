@@ -182,11 +182,8 @@ class StepPlan:
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
-        # Read-only: update() and the policy read the plan after the engine had it, so an engine
-        # that reused its arrays as scratch would change what they read.
-        for value in arrays.values():
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
+        # The arrays come read-only from the core: update() and the policy read the plan after the
+        # engine had it, so an engine that reused its arrays as scratch would change what they read.
         self.req_ids = arrays["req_ids"]
         self.client_ids = arrays["client_ids"]
         self.num_tokens = arrays["num_tokens"]
@@ -485,16 +482,19 @@ class Scheduler:
         """Reports the step: tokens generated per scheduled request (0 for a prefill chunk that did
         not reach the end of its prompt) and which requests finished (EOS or a stop condition; a
         request also finishes at ``max_new_tokens``). Returns the ids that finished."""
+        plan = self._last_plan
         # Private copies: the policy reads them after the native call, whatever the caller does.
-        ids = np.array(_integers(req_ids), copy=True)
+        # The plan's own ids (read-only) need none: an engine that reports in plan order, as
+        # kvsched's vLLM adapter does, pays for no copy and no comparison.
+        in_plan_order = plan is not None and req_ids is plan.req_ids
+        ids = req_ids if in_plan_order else np.array(_integers(req_ids), copy=True)
         new_tokens = np.array(_integers(num_new_tokens), copy=True)
         done_flags = np.zeros(ids.shape, dtype=bool) if finished is None else _integers(finished, bool)
         done = self._former.update(ids, new_tokens, done_flags)
-        plan = self._last_plan
         if plan is not None and len(plan):
             # Policies see tokens in plan order; the engine may report in any order, and requests
             # aborted since the plan are not reported (they generated nothing the policy counts).
-            if not np.array_equal(ids, plan.req_ids):
+            if not in_plan_order and not np.array_equal(ids, plan.req_ids):
                 order = np.argsort(ids, kind="stable")
                 sorted_ids = ids[order]
                 position = np.minimum(np.searchsorted(sorted_ids, plan.req_ids), max(ids.size - 1, 0))

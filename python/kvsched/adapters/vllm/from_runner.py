@@ -36,19 +36,21 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, ou
         done = sched.drafts.accept(sched, hs, row_ids, sampled, spec_tokens)
         if done.size:
             capped = capped | np.isin(hs, done)
-    single = np.fromiter(map(len, sampled), np.int64, len(sampled)) == 1
-    if single.all():
+    fast = h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~capped
+    if set(map(len, sampled)) == {1}:
         tokens = np.fromiter(chain.from_iterable(sampled), np.int64, len(sampled))
     else:
+        fast &= np.fromiter(map(len, sampled), np.int64, len(sampled)) == 1
         tokens = np.fromiter((s[0] if len(s) == 1 else -1 for s in sampled), np.int64, len(sampled))
-    fast = (
-        single & h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~capped
-        & (tokens != h.eos[hs]) & ~(h.stop_ids[hs] == tokens[:, None]).any(axis=1)
-    )  # length stops (max_tokens, max_model_len) are the core's capped rows
+    # EOS and stop ids in one gather; length stops (max_tokens, max_model_len) are the core's capped
+    # rows. Most steps stop nothing: one flat test, the per-row reduction only when a row stops.
+    stops = h.stop_ids[hs] == tokens[:, None]
+    if stops.any():
+        fast &= ~stops.any(axis=1)
     if runner.num_nans_in_logits:
         fast[:] = False
-    fast_rows = np.flatnonzero(fast)
-    all_fast = fast_rows.size == len(sampled)
+    all_fast = bool(fast.all())
+    fast_rows = None if all_fast else np.flatnonzero(fast)  # positions in this call's rows
     fast_hs = hs if all_fast else hs[fast_rows]
     fast_tokens = (tokens if all_fast else tokens[fast_rows]).tolist()
     # Request.append_output_token_ids() without its block hasher (kvsched hashes natively), as
@@ -69,7 +71,7 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, ou
             outputs[client].append(output)
 
     stopped_handles, stopped_lens = [], []
-    for k in np.flatnonzero(~fast).tolist():
+    for k in [] if all_fast else np.flatnonzero(~fast).tolist():
         request = h.request[hs[k]]
         output, stopped = apply_row(sched, request, sampled[k], index[k], bool(capped[k]), runner)
         if output is not None:

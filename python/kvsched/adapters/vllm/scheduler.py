@@ -60,6 +60,8 @@ from .config import kvsched_config, num_speculative_tokens, request_tags, unsupp
 from .drafts import Drafts
 from .state import LOGGER_NAME, PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
+_NO_ROWS = np.zeros(0, np.int64)
+
 
 class Scheduler(SchedulerInterface):
     """vLLM's ``SchedulerInterface`` over kvsched's native batch former (see the module docstring)."""
@@ -285,7 +287,8 @@ class Scheduler(SchedulerInterface):
         timestamp = None
         rows_state = h.state[hs]
         req_ids: list[str] = h.req_id[hs].tolist()
-        sent_rows = np.flatnonzero(rows_state != RUNNING)
+        sent = rows_state != RUNNING
+        sent_rows = np.flatnonzero(sent) if sent.any() else _NO_ROWS
         # The Request objects are needed for rows sent afresh and rows the v1 runner did not see last
         # step: at steady state, none.
         requests: list[Request] = h.request[hs].tolist() if sent_rows.size else []
@@ -344,6 +347,8 @@ class Scheduler(SchedulerInterface):
         """The step's rows that sample under a grammar, and vLLM's two flags for them: the step needs a
         bitmask, and (asynchronous scheduling) a row's previous token is still in flight, so the
         engine computes the bitmask only once that token has advanced the grammar."""
+        if not self._handles.num_structured:
+            return []
         rows = np.flatnonzero(self._handles.structured[hs] & samples)
         if not rows.size:
             return []
@@ -396,7 +401,7 @@ class Scheduler(SchedulerInterface):
 
         hs = step.handles
         live = h.alive[hs] & (h.generation[hs] == step.generations) & step.samples
-        rows = np.flatnonzero(live)
+        rows = np.arange(live.size) if live.all() else np.flatnonzero(live)
         if rows.size and model_runner_output.sampled_token_ids:
             from_runner.apply_tokens(self, step, rows, model_runner_output, outputs)
 

@@ -27,11 +27,12 @@ class Handles:
         self.state = np.zeros(capacity, np.int8)
         self.prompt_len = np.zeros(capacity, np.int64)
         self.num_output = np.zeros(capacity, np.int64)  # tokens appended to the vLLM Request
-        self.eos = np.full(capacity, -1, np.int64)
-        # Stop token ids (generation configs add several EOS ids); -1 pads; more than fit: not plain.
-        self.stop_ids = np.full((capacity, MAX_FAST_STOP_IDS), -1, np.int64)
+        # Column 0: the EOS id (-1 when ignored); then the stop token ids (generation configs add
+        # several EOS ids); -1 pads; more than fit: not plain. One gather checks every stop.
+        self.stop_ids = np.full((capacity, 1 + MAX_FAST_STOP_IDS), -1, np.int64)
         self.plain = np.zeros(capacity, bool)  # needs no per-token work beyond the append
         self.structured = np.zeros(capacity, bool)  # its tokens follow a grammar (structured output)
+        self.num_structured = 0  # live handles with structured set: steps without any skip the bitmask rows
         self.has_events = np.zeros(capacity, bool)  # events recorded, not yet sent
         self.in_core = np.zeros(capacity, bool)  # the native core still holds it
         self.last_step = np.full(capacity, -2, np.int64)  # last step that scheduled it
@@ -59,16 +60,18 @@ class Handles:
         self.state[handle] = UNSENT
         self.prompt_len[handle] = request.num_prompt_tokens
         self.num_output[handle] = 0
-        self.eos[handle] = -1 if eos is None else eos
         stop_ids = params.stop_token_ids or ()
+        fast_stops = list(stop_ids[:MAX_FAST_STOP_IDS])
         self.stop_ids[handle] = -1
-        self.stop_ids[handle, : len(stop_ids)] = stop_ids[:MAX_FAST_STOP_IDS]
+        self.stop_ids[handle, 0] = -1 if eos is None else eos
+        self.stop_ids[handle, 1 : 1 + len(fast_stops)] = fast_stops
         self.plain[handle] = (
             params.logprobs is None and params.prompt_logprobs is None and len(stop_ids) <= MAX_FAST_STOP_IDS
             and getattr(params, "repetition_detection", None) is None and request.trace_headers is None
             and not request.use_structured_output
         )
         self.structured[handle] = request.use_structured_output
+        self.num_structured += bool(request.use_structured_output)
         self.last_step[handle] = -2
         self.has_events[handle] = False
         self.in_core[handle] = False
@@ -82,6 +85,8 @@ class Handles:
     def release(self, handle: int) -> None:
         self.alive[handle] = False
         self.in_core[handle] = False
+        self.num_structured -= bool(self.structured[handle])
+        self.structured[handle] = False
         self.request[handle] = None
         self.output_ids[handle] = None
         self.all_ids[handle] = None
@@ -93,7 +98,7 @@ class Handles:
                 size = column.shape[0]
                 grown = np.empty((size * 2,) + column.shape[1:], column.dtype)
                 grown[:size] = column
-                grown[size:] = None if column.dtype == object else -1 if name in ("eos", "stop_ids", "last_step") else 0
+                grown[size:] = None if column.dtype == object else -1 if name in ("stop_ids", "last_step") else 0
                 setattr(self, name, grown)
 
 

@@ -35,25 +35,32 @@ def new_request_data(sched: Scheduler, request: Request, plan: kvsched.StepPlan,
 def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray, rows_state: np.ndarray,
                         req_ids: list[str], requests: list[Request], resumed_rows: list[int]) -> CachedRequestData:
     """The rows the runner holds (running last step, or resumed in place by the v1 runner)."""
-    running = np.flatnonzero(rows_state == RUNNING)
-    rows = np.concatenate([running, np.asarray(resumed_rows, np.int64)]) if resumed_rows else running
-    counts = np.diff(plan.block_indptr)[rows]
+    indptr = plan.block_indptr
+    every_row = bool(rows_state.size) and bool((rows_state == RUNNING).all())  # the steady state
+    if every_row:
+        rows = running = np.arange(rows_state.size)
+        counts = indptr[1:] - indptr[:-1]
+    else:
+        running = np.flatnonzero(rows_state == RUNNING)
+        rows = np.concatenate([running, np.asarray(resumed_rows, np.int64)]) if resumed_rows else running
+        counts = (indptr[1:] - indptr[:-1])[rows]
     new_block_ids: list[tuple[list[int], ...] | None] = [None] * rows.size
-    if counts.any():
-        starts = plan.block_indptr[rows]
+    if plan.new_blocks.size and counts.any():
+        starts = indptr[rows]
         blocks = plan.new_blocks + 1
         for k in np.flatnonzero(counts).tolist():
             new_block_ids[k] = (blocks[starts[k] : starts[k] + counts[k]].tolist(),)
     for k in range(running.size, rows.size):  # resumed: their whole table replaces the old one
         new_block_ids[k] = (row_blocks(plan, int(rows[k])),)
     row_list = rows.tolist()
-    every_row = not resumed_rows and rows.size == len(req_ids)  # then rows is 0..n-1
+    every_row = every_row or (not resumed_rows and rows.size == len(req_ids))  # then rows is 0..n-1
     cached_ids = list(req_ids) if every_row else [req_ids[r] for r in row_list]
     all_token_ids: dict[str, list[int]] = {}
     if not sched.use_v2_model_runner:
         # The v1 runner needs the tokens of a request it did not see in the previous step.
-        absent = np.flatnonzero(sched._handles.last_step[hs[rows]] != sched._step_index - 1)
-        if absent.size:
+        absent = sched._handles.last_step[hs if every_row else hs[rows]] != sched._step_index - 1
+        if absent.any():
+            absent = np.flatnonzero(absent)
             if not requests:
                 requests = sched._handles.request[hs].tolist()
             for k in absent.tolist():
@@ -64,6 +71,6 @@ def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray
         resumed_req_ids={req_ids[r] for r in resumed_rows},
         all_token_ids=all_token_ids,
         new_block_ids=new_block_ids,
-        num_computed_tokens=plan.computed_offsets[rows].tolist(),
-        num_output_tokens=plan.num_generated[rows].tolist(),
+        num_computed_tokens=(plan.computed_offsets if every_row else plan.computed_offsets[rows]).tolist(),
+        num_output_tokens=(plan.num_generated if every_row else plan.num_generated[rows]).tolist(),
     )
