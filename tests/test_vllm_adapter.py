@@ -538,7 +538,8 @@ def test_duplicate_request_id_is_refused():
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_stop_token_ids_stop_like_vllm(async_scheduling):
+@pytest.mark.parametrize("num_stop_ids", [3, 20, 70])  # 70: more than the array path checks
+def test_stop_token_ids_stop_like_vllm(async_scheduling, num_stop_ids):
     # Generation configs add extra EOS ids as stop tokens; a request stops at the first one sampled.
     requests = script(20, seed=10, max_out=60)
     results = {}
@@ -553,7 +554,8 @@ def test_stop_token_ids_stop_like_vllm(async_scheduling):
         engine = harness.FakeEngine(s, worker, async_scheduling)
         for r in requests:
             engine.add(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"],
-                                            stop_token_ids=[1, stops[r["req_id"]], 3]))
+                                            stop_token_ids=[1, stops[r["req_id"]], 3]
+                                            + list(range(10**6, 10**6 + num_stop_ids - 3))))
         engine.run()
         results[kind] = engine
     ours, theirs = results["kvsched"], results["vllm"]

@@ -10,7 +10,9 @@ import numpy as np
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request
 
-MAX_FAST_STOP_IDS = 4
+# Stop token ids checked by the array path; a request with more takes the per-row path. The
+# matrix is as wide as the most any request brought (a stop list of tens of ids is common).
+MAX_FAST_STOP_IDS = 64
 # Under vLLM's logger tree, so that its handlers and format (level, time, process) apply.
 LOGGER_NAME = "vllm.kvsched_adapter"
 
@@ -28,8 +30,9 @@ class Handles:
         self.prompt_len = np.zeros(capacity, np.int64)
         self.num_output = np.zeros(capacity, np.int64)  # tokens appended to the vLLM Request
         # Column 0: the EOS id (-1 when ignored); then the stop token ids (generation configs add
-        # several EOS ids); -1 pads; more than fit: not plain. One gather checks every stop.
-        self.stop_ids = np.full((capacity, 1 + MAX_FAST_STOP_IDS), -1, np.int64)
+        # several EOS ids); -1 pads; more than MAX_FAST_STOP_IDS: not plain. One gather checks
+        # every stop; columns are added when a request brings more stop ids than fit.
+        self.stop_ids = np.full((capacity, 1 + 4), -1, np.int64)
         self.plain = np.zeros(capacity, bool)  # needs no per-token work beyond the append
         self.structured = np.zeros(capacity, bool)  # its tokens follow a grammar (structured output)
         self.num_structured = 0  # live handles with structured set: steps without any skip the bitmask rows
@@ -62,6 +65,10 @@ class Handles:
         self.num_output[handle] = 0
         stop_ids = params.stop_token_ids or ()
         fast_stops = list(stop_ids[:MAX_FAST_STOP_IDS])
+        if 1 + len(fast_stops) > self.stop_ids.shape[1]:
+            wider = np.full((self.stop_ids.shape[0], 1 + len(fast_stops)), -1, np.int64)
+            wider[:, : self.stop_ids.shape[1]] = self.stop_ids
+            self.stop_ids = wider
         self.stop_ids[handle] = -1
         self.stop_ids[handle, 0] = -1 if eos is None else eos
         self.stop_ids[handle, 1 : 1 + len(fast_stops)] = fast_stops
