@@ -170,6 +170,52 @@ def test_keyed_admission_is_repeatable():
     assert len(unkeyed) > 1  # fresh draws: the answer varies from call to call
 
 
+def _loaded_admission_args(rng):
+    return dict(
+        running_held=rng.integers(100, 900, size=200), running_generated=rng.integers(0, 300, size=200),
+        running_max_new_tokens=np.full(200, 1000), candidate_prompt=rng.integers(100, 900, size=40),
+        candidate_max_new_tokens=np.full(40, 1000), running_ids=np.arange(200), candidate_ids=np.arange(200, 240),
+    )
+
+
+def test_overflow_scenarios_take_the_prefix_that_fits_all_scenarios_but_that_many():
+    rng = np.random.default_rng(3)
+    history = rng.integers(1, 400, size=1000)
+    args = _loaded_admission_args(rng)
+
+    def admitted(num_scenarios, overflow_scenarios=0):
+        e = PeakEstimator(sampling=True, num_scenarios=num_scenarios, overflow_scenarios=overflow_scenarios,
+                          block_size=16)
+        e.record(history)
+        return e.admit(7000, **args)
+
+    by_risk = [admitted(5, m) for m in range(5)]
+    assert by_risk[0] == admitted(5)  # 0: every scenario must fit, as before
+    assert by_risk == sorted(by_risk) and by_risk[0] < by_risk[-1]  # more risk, more admitted
+    # Scenario 0 alone (its draws are the same in any estimator with this seed) lies between the
+    # smallest and the largest of the five scenarios' answers.
+    assert by_risk[0] <= admitted(1) <= by_risk[-1]
+    # Prefixes of a 5-scenario answer: with 4 may overflow, the best scenario decides; scenarios 0-1
+    # of 2 are scenarios 0-1 of 5, so the larger of those two is at most the 5-scenario maximum.
+    assert admitted(2, 1) <= by_risk[-1] and admitted(2, 0) >= by_risk[0]
+
+
+def test_overflow_scenarios_is_refused_where_it_cannot_act():
+    with pytest.raises(ValueError, match="overflow_scenarios"):
+        PeakEstimator(sampling=False, overflow_scenarios=1)
+    with pytest.raises(ValueError, match=r"overflow_scenarios must be in \[0, num_scenarios\)"):
+        PeakEstimator(sampling=True, num_scenarios=3, overflow_scenarios=3)
+    with pytest.raises(ValueError, match="overflow_scenarios must be in"):
+        PeakEstimator(sampling=True, num_scenarios=3, overflow_scenarios=-1)
+    with pytest.raises(TypeError, match="overflow_scenarios"):
+        PeakEstimator(sampling=True, num_scenarios=3, overflow_scenarios=1.5)
+    for options in (dict(admission="aggressive"), dict(sampling=False)):
+        with pytest.raises(ValueError, match="overflow_scenarios"):
+            kvsched.Scheduler(num_blocks=64, block_size=16, overflow_scenarios=1, **options)
+    with pytest.raises(ValueError, match="overflow_scenarios must be in"):
+        kvsched.Scheduler(num_blocks=64, block_size=16, num_scenarios=2, overflow_scenarios=2)
+
+
 def test_modes_never_let_non_oracle_modes_see_true_lengths():
     e = PeakEstimator(adaptive=False)
     e.record([50] * 10)
@@ -326,3 +372,13 @@ def test_bad_constructor_arguments(kwargs, message):
 
 def test_exported_from_package():
     assert kvsched.PeakEstimator is PeakEstimator
+
+
+def test_scheduler_admits_more_as_it_takes_more_overflow_risk():
+    prior = np.random.default_rng(0).integers(1, 400, size=500)
+    admitted = []
+    for risk in range(5):
+        s = kvsched.Scheduler(num_blocks=120, block_size=16, num_scenarios=5, overflow_scenarios=risk, prior=prior)
+        s.add_requests(np.arange(60), 100, 400)
+        admitted.append(s.schedule().num_admitted)
+    assert admitted == sorted(admitted) and admitted[0] < admitted[-1]

@@ -89,6 +89,7 @@ BatchFormerOptions options_from(const py::dict& given) {
   float_option("max_quantile", o.estimator.max_quantile);
   bool_option("sampling", o.estimator.sampling);
   int_option("num_scenarios", o.estimator.num_scenarios, 1, kMaxScenarios);
+  int_option("overflow_scenarios", o.estimator.overflow_scenarios, 0, kMaxScenarios);
   bool_option("keyed_draws", o.estimator.keyed_draws);
   int64_t seed = 0;
   int_option("seed", seed, 0, INT64_MAX);

@@ -81,7 +81,7 @@ void init_estimator(py::module_& m) {
       .def(py::init([](py::handle window, py::handle block_size, py::handle quantile, py::handle adaptive,
                        py::handle target_rate, py::handle adapt_gain, py::handle min_quantile, py::handle max_quantile,
                        py::handle sampling, py::handle num_scenarios, py::handle keyed_draws, py::handle seed,
-                       py::handle prior) {
+                       py::handle prior, py::handle overflow_scenarios) {
              // Ranges are the PeakEstimator constructor's checks; here only types, each by name.
              PeakEstimatorOptions options;
              options.window = to_int32(window, "window");
@@ -94,6 +94,7 @@ void init_estimator(py::module_& m) {
              options.max_quantile = to_double(max_quantile, "max_quantile");
              options.sampling = to_bool(sampling, "sampling");
              options.num_scenarios = to_int32(num_scenarios, "num_scenarios");
+             options.overflow_scenarios = to_int32(overflow_scenarios, "overflow_scenarios");
              options.keyed_draws = to_bool(keyed_draws, "keyed_draws");
              int64_t seed_value = to_int64(seed, "seed");
              if (seed_value < 0) throw py::value_error("seed must be >= 0, got " + std::to_string(seed_value));
@@ -106,7 +107,8 @@ void init_estimator(py::module_& m) {
            }),
            py::arg("window"), py::arg("block_size"), py::arg("quantile"), py::arg("adaptive"),
            py::arg("target_preemption_rate"), py::arg("adapt_gain"), py::arg("min_quantile"), py::arg("max_quantile"),
-           py::arg("sampling"), py::arg("num_scenarios"), py::arg("keyed_draws"), py::arg("seed"), py::arg("prior"))
+           py::arg("sampling"), py::arg("num_scenarios"), py::arg("keyed_draws"), py::arg("seed"), py::arg("prior"),
+           py::arg("overflow_scenarios") = 0)
       .def_property_readonly("quantile", &PeakEstimator::quantile)
       .def_property_readonly("block_size", [](const PeakEstimator& e) { return e.options().block_size; })
       .def(

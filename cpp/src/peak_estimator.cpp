@@ -149,6 +149,9 @@ PeakEstimator::PeakEstimator(PeakEstimatorOptions options)
                   "adapt_gain must be finite and >= 0, got ", o.adapt_gain);
   KVSCHED_EXPECTS(o.num_scenarios >= 1 && o.num_scenarios <= kMaxScenarios, std::invalid_argument,
                   "num_scenarios must be in [1, ", kMaxScenarios, "], got ", o.num_scenarios);
+  KVSCHED_EXPECTS(o.overflow_scenarios >= 0 && o.overflow_scenarios < o.num_scenarios, std::invalid_argument,
+                  "overflow_scenarios must be in [0, num_scenarios) = [0, ", o.num_scenarios, "), got ",
+                  o.overflow_scenarios);
   KVSCHED_EXPECTS(o.window >= 1 && o.window <= kMaxWindow, std::invalid_argument, "window must be in [1, ", kMaxWindow,
                   "], got ", o.window);
   KVSCHED_EXPECTS(o.prior.size() <= static_cast<size_t>(kMaxWindow), std::invalid_argument, "prior has ",
@@ -489,9 +492,16 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
                   "running_held and candidate_prompt together must have < 2^31 requests, got ",
                   running.count + candidates.count);
   int64_t budget = capacity - reserve;
-  int scenarios = options_.sampling && mode == AdmissionMode::kPastFuture ? options_.num_scenarios : 1;
+  const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
+  const int scenarios = sampled ? options_.num_scenarios : 1;
+  const int may_overflow = sampled ? options_.overflow_scenarios : 0;
+  // A prefix fits a scenario iff it is no longer than that scenario's largest fitting prefix, so
+  // the answer is the (may_overflow + 1)-th smallest of those. Each scenario's scan is bounded by
+  // the smallest largest-prefix found so far only when every scenario must fit.
+  scenario_admits_.clear();
   int64_t admitted = static_cast<int64_t>(candidates.count);
-  for (int s = 0; s < scenarios && admitted > 0; ++s) {
+  for (int s = 0; s < scenarios && (admitted > 0 || may_overflow > 0); ++s) {
+    if (may_overflow > 0) admitted = static_cast<int64_t>(candidates.count);
     scratch_remaining_.resize(std::max(running.count, candidates.count));
     predict_locked(mode, running, scratch_remaining_.data(), s);
     running_items_.resize(running.count);
@@ -507,7 +517,11 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
     int64_t now = n > 0 ? held_prefix_[n - 1] + nonzero_prefix_[n - 1] : 0;  // running units held
     int64_t high = 0;
     while (high < admitted && (now += held_units(candidate_items_[static_cast<size_t>(high)].held)) <= budget) ++high;
-    if (!fits_with_prefix(0, budget)) return 0;
+    if (!fits_with_prefix(0, budget)) {
+      admitted = 0;
+      scenario_admits_.push_back(0);
+      continue;
+    }
     // Occupancy is additive over requests at every instant, so peak(R + C) <= peak(R) + sum of
     // each candidate's own peak: a prefix whose own peaks fit in the slack fits for sure.
     int64_t slack = budget - (n > 0 ? prefix_max_[n - 1] : 0);
@@ -524,8 +538,11 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
       else high = middle - 1;
     }
     admitted = low;
+    scenario_admits_.push_back(low);
   }
-  return admitted;
+  if (may_overflow == 0) return admitted;
+  std::nth_element(scenario_admits_.begin(), scenario_admits_.begin() + may_overflow, scenario_admits_.end());
+  return scenario_admits_[static_cast<size_t>(may_overflow)];
 }
 
 }  // namespace kvsched

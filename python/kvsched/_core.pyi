@@ -70,6 +70,7 @@ class PeakEstimator:
         keyed_draws: bool,
         seed: int,
         prior: Optional[Any],
+        overflow_scenarios: int = 0,
     ) -> None: ...
     @property
     def quantile(self) -> float: ...

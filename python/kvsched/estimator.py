@@ -63,7 +63,14 @@ class PeakEstimator:
         Bounds of the adaptive quantile, in (0, 1).
     sampling : bool, default False
         Draw each remaining length from the conditional history (the original algorithm) instead
-        of taking the quantile; with ``num_scenarios > 1`` admission must fit every scenario.
+        of taking the quantile; with ``num_scenarios > 1`` admission must fit every scenario
+        but ``overflow_scenarios``.
+    overflow_scenarios : int, default 0
+        With sampling: in how many of the ``num_scenarios`` scenarios the admitted batch may
+        overflow, in [0, num_scenarios). The risk admission takes: a batch overflows with a
+        probability of about (overflow_scenarios + 1) / (num_scenarios + 1). Worth taking where a
+        preemption costs the engine little beside the steps a fuller batch saves (bench/README.md,
+        "Admission on a real engine"). Refused without sampling, where it would not act.
     keyed_draws : bool, default True
         When request ids are passed (``ids``, ``running_ids``, ``candidate_ids``), a request's
         draw is a function of its id, the scenario and ``seed``: it keeps its place in the
@@ -94,13 +101,17 @@ class PeakEstimator:
         keyed_draws: bool = True,
         seed: int = 0,
         prior: Optional[IntArray] = None,
+        overflow_scenarios: int = 0,
     ) -> None:
+        if overflow_scenarios and not sampling:
+            raise ValueError("overflow_scenarios: only sampled scenarios (sampling=True) can overflow")
         q = quantile_options(sampling, quantile=quantile, adaptive=adaptive, adapt_gain=adapt_gain,
                              target_preemption_rate=target_preemption_rate, min_quantile=min_quantile,
                              max_quantile=max_quantile)
         self._core = _core.PeakEstimator(
             window, block_size, q["quantile"], q["adaptive"], q["target_preemption_rate"], q["adapt_gain"],
             q["min_quantile"], q["max_quantile"], sampling, num_scenarios, keyed_draws, seed, prior,
+            overflow_scenarios,
         )  # types checked natively, by name
 
     @property

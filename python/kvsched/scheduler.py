@@ -94,10 +94,12 @@ class SchedulerConfig:
     max_quantile: float | None = None
     # past_future predicts by drawing each request's remaining length from the history of finished
     # lengths (conditioned on what it generated), as the Past-Future paper does, and admits what fits
-    # in every one of num_scenarios draws. Sums of draws track the batch's real total; a per-request
+    # in every one of num_scenarios draws but overflow_scenarios (the risk it takes: see
+    # kvsched.PeakEstimator). Sums of draws track the batch's real total; a per-request
     # quantile (sampling=False) over-reserves on large batches (measured in bench/README.md).
     sampling: bool = True
     num_scenarios: int = 5
+    overflow_scenarios: int = 0
     keyed_draws: bool = True  # each request keeps its draws from step to step (PeakEstimator)
     seed: int = 0
     prior: Sequence[int] | None = field(default=None, repr=False)
@@ -132,6 +134,9 @@ class SchedulerConfig:
         options.update(quantile_options(self.sampling, **{name: options[name] for name in QUANTILE_DEFAULTS}))
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
+        if self.overflow_scenarios and not (self.sampling and self.admission == "past_future"):
+            raise ValueError("overflow_scenarios: only past_future admission with sampling=True draws scenarios "
+                             f"(admission={self.admission!r}, sampling={self.sampling})")
         if self.placement not in _PLACEMENTS:
             raise ValueError(f"placement must be one of {tuple(_PLACEMENTS)}, got {self.placement!r}")
         if self.hash_algorithm not in _HASHES:

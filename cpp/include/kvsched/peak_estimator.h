@@ -11,6 +11,9 @@
 //                  past_future (a quantile, or a random draw, of the history of finished output
 //                  lengths L conditioned on L > generated), oracle (true lengths, simulation only)
 //                  or predicted (lengths from the caller's own predictor).
+//   scenario       with sampling, one draw of every request's remaining length; admission
+//                  takes the largest prefix of candidates whose peak fits in all but
+//                  `overflow_scenarios` of the `num_scenarios` scenarios.
 //   keyed draw     with sampling, a request's draw u in [0, 1) is a hash of (seed, request id,
 //                  scenario); its remaining length is the u-quantile of L | L > generated, so the
 //                  request keeps its place in the distribution as it generates.
@@ -58,6 +61,11 @@ struct PeakEstimatorOptions {
   double max_quantile = 0.999;
   bool sampling = false;  // draw remaining lengths instead of taking the quantile
   int32_t num_scenarios = 1;
+  // Sampling: in how many of the num_scenarios draws an admitted batch may overflow (0: it must
+  // fit every one). The admission's risk: a batch overflows with a probability of about
+  // (overflow_scenarios + 1) / (num_scenarios + 1) at most; where a preemption is cheap beside the
+  // steps a fuller batch saves, taking that risk pays.
+  int32_t overflow_scenarios = 0;
   // Draws keyed by request (when the caller passes ids): each request keeps its draws from step
   // to step (common random numbers), where fresh draws at every call would admit a candidate at
   // the first step whose draws happen to be low, a lottery that erodes the scenarios' margin.
@@ -130,6 +138,7 @@ class PeakEstimator {
   double quantile_logit_;
   std::mt19937_64 rng_;
   std::vector<int64_t> scratch_remaining_, scratch_totals_;
+  std::vector<int64_t> scenario_admits_;  // admit(): each scenario's largest fitting prefix
   std::vector<Item> running_items_, candidate_items_, merge_scratch_;
   std::vector<int32_t> scan_counts_;
   // The profile (build_profile): per running position p, and per candidate c.

@@ -13,7 +13,8 @@ from . import events, versions
 
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
-    "min_quantile", "max_quantile", "sampling", "num_scenarios", "keyed_draws", "seed", "prior", "max_bypass",
+    "min_quantile", "max_quantile", "sampling", "num_scenarios", "overflow_scenarios", "keyed_draws", "seed", "prior",
+    "max_bypass",
     "placement", "hash_algorithm", "prefill_attention_budget", "ttft_slo_s", "input_weight", "output_weight",
 )
 POLICIES = ("fcfs", "priority", "vtc", "deadline")
