@@ -495,21 +495,33 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
   const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
   const int scenarios = sampled ? options_.num_scenarios : 1;
   const int may_overflow = sampled ? options_.overflow_scenarios : 0;
+  // The occupancy now is a lower bound of the peak in every scenario: candidates past the first
+  // that does not fit now can never be admitted, so none of them is predicted (a full cache with
+  // a long queue is the common case under load, and admission runs every step).
+  int64_t occupied = 0;
+  for (size_t i = 0; i < running.count; ++i) occupied += held_units(running.held[i]);
+  size_t fitting_now = 0;
+  while (fitting_now < candidates.count && (occupied += held_units(candidates.held[fitting_now])) <= budget) {
+    ++fitting_now;
+  }
+  if (fitting_now == 0) return 0;
+  RequestArrays considered = candidates;
+  considered.count = fitting_now;
   // A prefix fits a scenario iff it is no longer than that scenario's largest fitting prefix, so
   // the answer is the (may_overflow + 1)-th smallest of those. Each scenario's scan is bounded by
   // the smallest largest-prefix found so far only when every scenario must fit.
   scenario_admits_.clear();
-  int64_t admitted = static_cast<int64_t>(candidates.count);
+  int64_t admitted = static_cast<int64_t>(considered.count);
   for (int s = 0; s < scenarios && (admitted > 0 || may_overflow > 0); ++s) {
-    if (may_overflow > 0) admitted = static_cast<int64_t>(candidates.count);
-    scratch_remaining_.resize(std::max(running.count, candidates.count));
+    if (may_overflow > 0) admitted = static_cast<int64_t>(considered.count);
+    scratch_remaining_.resize(std::max(running.count, considered.count));
     predict_locked(mode, running, scratch_remaining_.data(), s);
     running_items_.resize(running.count);
     for (size_t i = 0; i < running.count; ++i) running_items_[i] = Item{scratch_remaining_[i], running.held[i]};
     sort_by_remaining_descending(running_items_, merge_scratch_);
-    predict_locked(mode, candidates, scratch_remaining_.data(), s);
-    candidate_items_.resize(candidates.count);
-    for (size_t i = 0; i < candidates.count; ++i) candidate_items_[i] = Item{scratch_remaining_[i], candidates.held[i]};
+    predict_locked(mode, considered, scratch_remaining_.data(), s);
+    candidate_items_.resize(considered.count);
+    for (size_t i = 0; i < considered.count; ++i) candidate_items_[i] = Item{scratch_remaining_[i], considered.held[i]};
     // The peak grows with every candidate added, so the admissible candidates form a prefix. The
     // occupancy now (t = 0) is a lower bound of the peak: it caps the prefix before any scan.
     build_profile();
