@@ -485,3 +485,20 @@ def test_block_keys_differ_by_salt_and_match_prompt_tokens():
     keys = s.block_keys(tokens)
     assert keys.shape[0] == 2 and np.array_equal(keys, s.block_keys(tokens))
     assert not np.array_equal(keys, s.block_keys(tokens, salt=7))
+
+
+def test_fair_share_charges_accepted_drafts_to_their_client():
+    # vtc counts output tokens: drafts accepted after a one-token report are output too, so the
+    # client whose drafts were accepted falls behind the other in the queue order.
+    s = make(num_blocks=64, num_lookahead_tokens=3, policy="vtc")
+    s.add_requests([0, 1], [20, 20], [40, 40], client_ids=[5, 6])
+    for _ in range(2):
+        plan = s.schedule()
+        s.update(plan.req_ids, np.ones(len(plan), np.int64), np.zeros(len(plan), bool))
+    before = s.policy.counter([5, 6])
+    assert before[0] == before[1]
+    s.accept_drafts([0], [3])
+    after = s.policy.counter([5, 6])
+    assert after[0] == before[0] + 3 * s.policy.output_weight and after[1] == before[1]
+    s.accept_drafts(np.zeros(0, np.int64), np.zeros(0, np.int64))  # nothing accepted: nothing charged
+    assert np.array_equal(s.policy.counter([5, 6]), after)

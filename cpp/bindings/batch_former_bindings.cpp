@@ -316,11 +316,12 @@ void init_batch_former(py::module_& m) {
               throw py::value_error("num_accepted must have the same length as req_ids");
             }
             std::vector<RequestId> done;
+            std::vector<int32_t> clients(id_array.size());
             {
               GilRelease release;
-              done = f.accept_drafts(id_array.data(), accepted.data(), id_array.size());
+              done = f.accept_drafts(id_array.data(), accepted.data(), id_array.size(), clients.data());
             }
-            return to_numpy(std::move(done));
+            return py::make_tuple(to_numpy(std::move(done)), to_numpy(std::move(clients)));
           },
           py::arg("req_ids"), py::arg("num_accepted"))
       .def(

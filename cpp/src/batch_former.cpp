@@ -654,7 +654,7 @@ std::vector<RequestId> BatchFormer::update(const RequestId* ids, const int64_t* 
 }
 
 std::vector<RequestId> BatchFormer::accept_drafts(const RequestId* ids, const int64_t* num_accepted,
-                                                  size_t count) {
+                                                  size_t count, int32_t* client_ids_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_distinct_live(ids, count);
   for (size_t i = 0; i < count; ++i) {
@@ -674,6 +674,7 @@ std::vector<RequestId> BatchFormer::accept_drafts(const RequestId* ids, const in
   finished_classes_.clear();
   for (size_t i = 0; i < count; ++i) {
     Request& r = *requests_.find(ids[i]);
+    if (client_ids_out != nullptr) client_ids_out[i] = r.client_id;
     r.num_generated += num_accepted[i];
     r.num_computed += num_accepted[i];
     if (r.num_generated >= r.max_new_tokens) {

@@ -54,6 +54,10 @@ class Policy:
     def after_update(self, scheduler: Scheduler, plan: StepPlan, num_new_tokens: np.ndarray) -> None:
         """Called after each ``update()``; may re-key requests through the scheduler."""
 
+    def after_drafts(self, scheduler: Scheduler, client_ids: np.ndarray, num_accepted: np.ndarray) -> None:
+        """Called after ``accept_drafts()`` with each request's client and its accepted draft tokens
+        (output tokens the step's report did not count); may re-key through the scheduler."""
+
 
 class FCFS(Policy):
     """First come, first served: key = arrival time."""
@@ -177,13 +181,25 @@ class FairSharePolicy(Policy):
         with np.errstate(over="ignore"):  # huge weights saturate below (inf is clipped to the max)
             service = np.where(plan.is_prefill, self.input_weight * plan.num_tokens, 0.0)
             service += self.output_weight * num_new_tokens
-            clients = np.asarray(plan.client_ids, dtype=np.int64)
+        self._charge(scheduler, np.asarray(plan.client_ids, dtype=np.int64), service)
+
+    def after_drafts(self, scheduler: Scheduler, client_ids: np.ndarray, num_accepted: np.ndarray) -> None:
+        with np.errstate(over="ignore"):
+            service = self.output_weight * np.asarray(num_accepted, dtype=np.float64)
+        # The floor stays: these clients are a subset of the step's, whose minimum set it.
+        self._charge(scheduler, np.asarray(client_ids, dtype=np.int64), service, move_floor=False)
+
+    def _charge(self, scheduler: Scheduler, clients: np.ndarray, service: np.ndarray, move_floor: bool = True) -> None:
+        """Adds each row's service to its client's counter and re-keys the clients served; the
+        floor (what a returning client starts from) becomes the least counter among them."""
+        with np.errstate(over="ignore"):
             pos = self._positions(clients)
             np.add.at(self._counters, pos, service)
         np.minimum(self._counters, _MAX_COUNTER, out=self._counters)  # huge weights saturate, never inf
         served = np.unique(clients)
         served_pos = self._positions(served)
-        self._floor = float(self._counters[served_pos].min())
+        if move_floor:
+            self._floor = float(self._counters[served_pos].min())
         scheduler.set_client_keys(served, self._counters[served_pos])
         if self._clients.size >= self._prune_at:
             keep = self._counters > self._floor

@@ -515,9 +515,13 @@ class Scheduler:
         tokens each request then accepted to its generated and computed tokens. The drafts ran in the
         step's lookahead slots (``num_lookahead_tokens``). Each request must be running, outside an
         outstanding plan, with that many slots; a request reaching ``max_new_tokens`` finishes, as in
-        ``update()``. Returns the ids that finished. Policies see only the tokens ``update()``
-        reported (a fair-share policy does not count accepted drafts yet)."""
-        return self._former.accept_drafts(np.atleast_1d(_integers(req_ids)), np.atleast_1d(_integers(num_accepted)))
+        ``update()``. Returns the ids that finished. The policy sees the accepted tokens with each
+        request's client (``Policy.after_drafts``): fair share charges them as output."""
+        accepted = np.array(np.atleast_1d(_integers(num_accepted)), copy=True)
+        done, client_ids = self._former.accept_drafts(np.atleast_1d(_integers(req_ids)), accepted)
+        if accepted.size:
+            self.policy.after_drafts(self, client_ids, accepted)
+        return done
 
     @_serialized
     def stop(self, req_ids: Any, output_lens: Any = None) -> None:

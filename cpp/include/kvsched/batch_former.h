@@ -243,8 +243,11 @@ class BatchFormer {
   // one token per sampling row): the draft tokens the engine then accepted, per request, are added
   // to its generated and computed tokens. Each request must be running and outside any outstanding
   // plan, and its lookahead slots must hold the accepted tokens' KV (num_lookahead_tokens covers
-  // them). A request that reaches max_new_tokens finishes, as in update(); returns those ids.
-  std::vector<RequestId> accept_drafts(const RequestId* ids, const int64_t* num_accepted, size_t count);
+  // them). A request that reaches max_new_tokens finishes, as in update(); returns those ids. With
+  // `client_ids_out` (count entries), each request's client id is written there (fair-share
+  // policies charge the accepted tokens to it).
+  std::vector<RequestId> accept_drafts(const RequestId* ids, const int64_t* num_accepted, size_t count,
+                                       int32_t* client_ids_out = nullptr);
   // The engine stopped requests between steps (a stop string, EOS seen late, a client limit): they
   // leave in any state, like abort(), but count as finished and their output lengths
   // (`output_lens`, or the tokens generated so far when null; at most that) feed the estimator's
