@@ -585,3 +585,19 @@ def test_long_prefill_token_threshold_caps_each_prefill_chunk(runner, async_sche
                                        async_scheduling=async_scheduling, max_num_batched_tokens=512)
     assert harness.make_scheduler("kvsched", cfg, kv).core.config.max_prefill_chunk == 0  # vLLM's 0: no cap
     assert_drained(engine)
+
+
+def test_runner_order_is_reused_only_while_both_orders_stay_the_same():
+    from types import SimpleNamespace
+
+    from kvsched.adapters.vllm.from_runner import RunnerOrder
+
+    order = RunnerOrder()
+    runner_ids = ["c", "a", "b"]
+    runner = SimpleNamespace(req_ids=runner_ids, req_id_to_index={r: i for i, r in enumerate(runner_ids)})
+    assert order.index(runner, ["a", "b", "c"]) == [1, 2, 0]
+    assert order.index(runner, ["a", "b", "c"]) == [1, 2, 0]
+    assert order.index(runner, ["b", "c"]) == [2, 0]  # fewer rows
+    runner_ids[:] = ["b", "c", "a"]  # the runner reordered its own list in place
+    runner.req_id_to_index = {r: i for i, r in enumerate(runner_ids)}
+    assert order.index(runner, ["b", "c"]) == [0, 1]

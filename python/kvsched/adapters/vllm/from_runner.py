@@ -23,12 +23,29 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 
+class RunnerOrder:
+    """Where each row sits in the model runner's output. A runner keeps its own batch order, which
+    at steady state is the same from step to step, as are the rows: the positions are then reused
+    (two list comparisons, C-level and mostly identity checks) instead of rebuilt from a dict."""
+
+    def __init__(self) -> None:
+        self._runner_ids: list[str] = []
+        self._row_ids: list[str] = []
+        self._index: list[int] = []
+
+    def index(self, runner: Any, row_ids: list[str]) -> list[int]:
+        if runner.req_ids != self._runner_ids or row_ids != self._row_ids:
+            self._index = versions.runner_index(runner, row_ids)
+            self._runner_ids, self._row_ids = list(runner.req_ids), list(row_ids)
+        return self._index
+
+
 def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, outputs: dict) -> None:
     h = sched._handles
     every_row = rows.size == len(step.req_ids)
     hs = step.handles if every_row else step.handles[rows]
     row_ids = step.req_ids if every_row else [step.req_ids[r] for r in rows.tolist()]
-    index = rows.tolist() if runner.req_ids == step.req_ids else versions.runner_index(runner, row_ids)
+    index = rows.tolist() if runner.req_ids == step.req_ids else sched._runner_order.index(runner, row_ids)
     sampled = list(map(runner.sampled_token_ids.__getitem__, index))
     capped = step.capped[rows]
     spec_tokens = step.output.scheduled_spec_decode_tokens

@@ -100,6 +100,7 @@ class Scheduler(SchedulerInterface):
 
         self.requests: dict[str, Request] = {}
         self._handles = Handles()
+        self._runner_order = from_runner.RunnerOrder()
         self._handle_of: dict[str, int] = {}
         self._to_add: list[Request] = []  # added since the last schedule(); passed to the core in one call
         self._steps: deque[Step] = deque()

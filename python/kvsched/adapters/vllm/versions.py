@@ -127,7 +127,7 @@ def runner_index(runner_output: Any, req_ids: list[str]) -> list[int]:
     """Where each of ``req_ids`` sits in the model runner's output."""
     if _RUNNER_HAS_INDEX:
         return list(map(runner_output.req_id_to_index.__getitem__, req_ids))
-    index = {req_id: i for i, req_id in enumerate(runner_output.req_ids)}
+    index = dict(zip(runner_output.req_ids, range(len(runner_output.req_ids))))
     return list(map(index.__getitem__, req_ids))
 
 
