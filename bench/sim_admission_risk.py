@@ -9,8 +9,9 @@ whatever it holds and a recomputed token 0.06 ms, taking that risk traded preemp
 ``kvsched simulate``'s engine (published A100 iteration-time fits, where a step's cost grows with
 its tokens and a recompute is priced by the prefill fit): each memory-bound built-in workload at its
 default rate and KV cache (the rate at which the KV cache binds), 1,500 requests, several seeds,
-each risk on the same seeds; the table gives means with 95% intervals and, per risk, the paired
-difference from risk 0.
+each risk on the same seeds (``auto``: priced from the simulated steps by kvsched.risk, as the vLLM
+adapter prices it from the engine's); the table gives means with 95% intervals and, per risk, the
+paired difference from risk 0.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def trace_for(workload: str, seed: int):
     return synthetic(workload, REQUESTS, rate, seed=seed)
 
 
-def run(workload: str, seed: int, risk: int, profile: str) -> dict:
+def _risk(text: str):
+    return text if text == "auto" else int(text)
+
+
+def run(workload: str, seed: int, risk, profile: str) -> dict:
     defaults = BUILT_IN_DEFAULTS[workload]
     engine = EngineConfig(PROFILES[profile], defaults.kv_capacity_tokens, max_model_len=defaults.max_model_len,
                           scheduler_overrides={"seed": seed, "overflow_scenarios": risk})
@@ -53,7 +58,8 @@ def run(workload: str, seed: int, risk: int, profile: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["chat", "decode_heavy", "multi_turn"])
-    parser.add_argument("--risks", type=int, nargs="+", default=[0, 2, 4], help="overflow_scenarios of 5")
+    parser.add_argument("--risks", type=_risk, nargs="+", default=[0, 2, 4],
+                        help="overflow_scenarios of 5, or auto (priced from the simulated steps)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--profile", choices=tuple(PROFILES), default="llama3-8b-a100")
     parser.add_argument("--out", type=Path)

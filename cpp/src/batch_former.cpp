@@ -755,6 +755,11 @@ void BatchFormer::pause_admission(bool paused) {
   admission_paused_ = paused;
 }
 
+void BatchFormer::set_overflow_scenarios(int32_t overflow_scenarios) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  estimator_.set_overflow_scenarios(overflow_scenarios);
+}
+
 bool BatchFormer::has_outstanding_plan() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return plan_outstanding_;

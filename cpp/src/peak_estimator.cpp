@@ -202,6 +202,14 @@ void PeakEstimator::record(const int64_t* lengths, const int32_t* class_ids, siz
   }
 }
 
+void PeakEstimator::set_overflow_scenarios(int32_t overflow_scenarios) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  KVSCHED_EXPECTS(overflow_scenarios >= 0 && overflow_scenarios < options_.num_scenarios, std::invalid_argument,
+                  "overflow_scenarios must be in [0, num_scenarios) = [0, ", options_.num_scenarios, "), got ",
+                  overflow_scenarios);
+  options_.overflow_scenarios = overflow_scenarios;
+}
+
 void PeakEstimator::observe(int64_t preempted, int64_t admitted) {
   std::lock_guard<std::mutex> lock(mutex_);
   KVSCHED_EXPECTS(preempted >= 0, std::invalid_argument, "preempted must be >= 0, got ", preempted);

@@ -563,6 +563,16 @@ class Scheduler:
             raise TypeError(f"paused must be a bool, got {type(paused).__name__}")
         self._former.pause_admission(bool(paused))
 
+    @_serialized
+    def set_overflow_scenarios(self, overflow_scenarios: int) -> None:
+        """Changes the risk admission takes (``SchedulerConfig.overflow_scenarios``) between steps,
+        e.g. as :class:`kvsched.risk.RiskPricer` prices it from the engine's step costs."""
+        if overflow_scenarios and not (self.config.sampling and self.config.admission == "past_future"):
+            raise ValueError("overflow_scenarios: only past_future admission with sampling=True draws scenarios "
+                             f"(admission={self.config.admission!r}, sampling={self.config.sampling})")
+        self._former.set_overflow_scenarios(overflow_scenarios)
+        self.config = replace(self.config, overflow_scenarios=int(overflow_scenarios))  # not the caller's object
+
     def block_keys(self, tokens: Any, salt: int = 0) -> np.ndarray:
         """Chained keys of the full blocks of ``tokens`` for prefix caching (as ``add_request``
         computes from ``prompt_tokens``); a different ``salt`` (e.g. per LoRA adapter or tenant)

@@ -270,6 +270,8 @@ class BatchFormer {
   void cached_keys(std::vector<Hash128>& out) const;
   // While paused, waiting requests are not admitted; running and swapped ones go on.
   void pause_admission(bool paused);
+  // The estimator's overflow_scenarios, changed between steps (PeakEstimator::set_overflow_scenarios).
+  void set_overflow_scenarios(int32_t overflow_scenarios);
 
   bool has_outstanding_plan() const;
   BatchFormerStats stats() const;

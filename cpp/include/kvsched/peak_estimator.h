@@ -103,6 +103,9 @@ class PeakEstimator {
   // Feedback for the adaptive quantile: requests preempted and admitted since the last call.
   void observe(int64_t preempted, int64_t admitted);
 
+  // Changes overflow_scenarios (same range as the option): a risk priced while the engine runs.
+  void set_overflow_scenarios(int32_t overflow_scenarios);
+
   double quantile() const;
   size_t history_size(int32_t class_id) const;  // -1: all classes together
 

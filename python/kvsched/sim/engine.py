@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .._core import OutOfBlocks
+from ..risk import PricedAdmission
 from ..scheduler import Scheduler, SchedulerConfig
 from .profiles import ModelProfile
 from .traces import Trace
@@ -246,13 +247,18 @@ class EngineInstance:
         trace = prepared.trace
         n = len(trace)
         self.num_blocks = max(1, engine.kv_capacity_tokens // engine.block_size)
+        overrides = {**engine.swap_options(), **engine.scheduler_overrides}
+        # "auto": the risk priced from this engine's simulated steps, as the vLLM adapter does.
+        priced = overrides.get("overflow_scenarios") == "auto"
+        if priced:
+            overrides["overflow_scenarios"] = 0
         config = SchedulerConfig(
             num_blocks=self.num_blocks, block_size=engine.block_size, max_num_seqs=engine.max_num_seqs,
             max_num_batched_tokens=engine.max_num_batched_tokens, max_prefill_chunk=engine.max_prefill_chunk,
-            prefill_attention_budget=engine.prefill_attention_budget, admission=admission,
-            **{**engine.swap_options(), **engine.scheduler_overrides},
+            prefill_attention_budget=engine.prefill_attention_budget, admission=admission, **overrides,
         )
         self.scheduler = Scheduler(config, policy=policy)
+        self.priced_admission = PricedAdmission(self.scheduler) if priced else None
         self._has_keys = trace.shared_context or (
             trace.prefix_ids is not None and trace.prefix_block_tokens % engine.block_size == 0)
         self._session = trace.sessions()
@@ -456,6 +462,10 @@ class EngineInstance:
         if finished.size:
             self.finish[finished] = t
             self._ended(finished)
+        if self.priced_admission is not None:
+            self.priced_admission.step(dt, int(ids.size), int(plan.num_tokens.sum()))
+            if finished.size:
+                self.priced_admission.finished(int(generated[finished].sum()), int(finished.size))
         used = scheduler._former.allocator_stats()["num_used"] / self.num_blocks
         self.util_time += dt * used
         self.kv_peak = max(self.kv_peak, used)

@@ -95,8 +95,9 @@ def _speculative_refusals(vllm_config: VllmConfig) -> list[str]:
 
 
 def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
-                   block_size: int) -> tuple[kvsched.SchedulerConfig, str | kvsched.policies.Policy]:
-    """kvsched's SchedulerConfig and policy name from vLLM's config and ``additional_config['kvsched']``."""
+                   block_size: int) -> tuple[kvsched.SchedulerConfig, str | kvsched.policies.Policy, bool]:
+    """kvsched's SchedulerConfig and policy from vLLM's config and ``additional_config['kvsched']``, and
+    whether the adapter prices overflow_scenarios itself ("auto")."""
     extra = vllm_config.additional_config
     options = dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
     unknown = sorted(set(options) - set(KVSCHED_OPTIONS))
@@ -115,6 +116,13 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         policy = kvsched.policies.DeadlinePolicy(**policy_options)
     elif policy == "vtc":
         policy = kvsched.policies.FairSharePolicy(**policy_options)
+    # "auto": admission's risk priced from this engine's measured steps (admission_risk.py); it
+    # starts at 0 and is changed by the adapter while the engine runs.
+    if options.get("overflow_scenarios") == "auto":
+        options["overflow_scenarios"] = 0
+        priced = True
+    else:
+        priced = False
     budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
     max_seqs = sched.max_num_seqs
     if sched.max_num_active_seqs is not None:
@@ -137,4 +145,7 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         **options,
     )
     config.native_options()  # validates the choices now, naming the bad one
-    return config, policy
+    if priced and not (config.sampling and config.admission == "past_future"):
+        raise ValueError("overflow_scenarios: 'auto' prices the risk of sampled past_future admission "
+                         f"(admission={config.admission!r}, sampling={config.sampling})")
+    return config, policy, priced

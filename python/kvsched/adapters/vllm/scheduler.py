@@ -57,10 +57,12 @@ import kvsched
 
 from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
+from .admission_risk import PricedRisk
 from .drafts import Drafts
 from .state import LOGGER_NAME, PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
 _NO_ROWS = np.zeros(0, np.int64)
+_NORMAL_FINISHES = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
 class Scheduler(SchedulerInterface):
@@ -94,9 +96,10 @@ class Scheduler(SchedulerInterface):
         self.connector = None
         self.ec_connector = None
 
-        config, policy = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size)
+        config, policy, priced = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size)
         self.kvsched_config = config
         self.core = kvsched.Scheduler(config, policy=policy)
+        self.priced_risk = PricedRisk(self.core) if priced else None  # overflow_scenarios: "auto"
 
         self.requests: dict[str, Request] = {}
         self._handles = Handles()
@@ -245,6 +248,8 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids.add(req_id)
         if self.finished_req_ids_dict is not None:
             self.finished_req_ids_dict[request.client_index].add(req_id)
+        if self.priced_risk is not None and request.status in _NORMAL_FINISHES:
+            self.priced_risk.finished(request.num_output_tokens)
         handle = self._handle_of.pop(req_id, None)
         if handle is not None:
             self._handles.release(handle)
@@ -394,6 +399,8 @@ class Scheduler(SchedulerInterface):
         step = self._steps.popleft()
         if step.output is not scheduler_output:
             raise RuntimeError("update_from_output: outputs must come back in the order their steps were scheduled")
+        if self.priced_risk is not None:
+            self.priced_risk.step_reported(scheduler_output)
         h = self._handles
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         for client, output in self._pending_outputs:
