@@ -127,3 +127,37 @@ def test_the_simulator_prices_the_risk_from_its_own_steps():
     assert pricers[0].risk(1250, 211) > 0 and pricers[0].overflow_scenarios(1250, 211) == 0
     assert np.array_equal(logs[0].preemptions, logs["auto"].preemptions)
     assert np.array_equal(logs[0].first_token_s, logs["auto"].first_token_s, equal_nan=True)
+
+
+def test_an_idle_gap_or_a_stall_does_not_enter_the_fit():
+    pricer = observed(RiskPricer(5), lambda r, p: 3e-3 + 0.055e-3 * (r + p), (3, 9), 0.3, steps=2000)
+    before = pricer.fit()
+    pricer.observe(5.0, 1, 1)  # the first step after five idle seconds, timed from the last one
+    assert pricer.outliers == 1 and pricer.fit() == before
+    pricer.observe(0.12, 1, 2000)  # a long prefill is a step, and is kept
+    assert pricer.outliers == 1 and pricer.steps == 2001
+
+
+def test_priced_admission_keeps_the_configured_risk_until_the_fit_prices_one():
+    from kvsched.risk import PricedAdmission
+
+    s = kvsched.Scheduler(num_blocks=64, block_size=16, overflow_scenarios=2)
+    s.add_requests(np.arange(4), 20, 100)
+    plan = s.schedule()
+    s.update(plan.req_ids, np.ones(len(plan), np.int64))
+    changes = []
+    priced = PricedAdmission(s, reprice_steps=8, on_change=lambda *change: changes.append(change))
+    priced.finished(100)
+    for _ in range(64):  # fewer steps than the fit needs
+        priced.step(3e-3, 4, 4)
+    assert priced.overflow_scenarios == 2 and s.config.overflow_scenarios == 2 and not changes
+
+
+def test_the_simulator_refuses_auto_where_admission_draws_no_scenarios():
+    from kvsched.sim.engine import EngineConfig, EngineInstance, prepare
+    from kvsched.sim.workloads import synthetic
+
+    engine = EngineConfig(PROFILES["llama3-8b-a100"], 16384, scheduler_overrides={"overflow_scenarios": "auto"})
+    prepared = prepare(synthetic("chat", 20, 5.0, seed=0), engine)
+    with pytest.raises(ValueError, match="overflow_scenarios"):
+        EngineInstance(prepared, engine, "aggressive")

@@ -631,3 +631,10 @@ def test_overflow_scenarios_auto_prices_the_risk_from_the_steps_it_times(monkeyp
         s.priced_risk.step_reported(SimpleNamespace(num_scheduled_tokens=dict.fromkeys(range(rows), 1),
                                                     total_num_scheduled_tokens=tokens))
     assert s.priced_risk.overflow_scenarios == 2 and s.core.config.overflow_scenarios == 2
+    # The engine ran out of requests (update_from_output() with none left calls idle()): the wait
+    # until the next step is not timed as a step.
+    steps = s.priced_risk.admission.pricer.steps
+    s.priced_risk.idle()
+    clock[0] += 100.0
+    s.priced_risk.step_reported(SimpleNamespace(num_scheduled_tokens={0: 1}, total_num_scheduled_tokens=1))
+    assert s.priced_risk.admission.pricer.steps == steps and s.priced_risk.admission.pricer.outliers == 0

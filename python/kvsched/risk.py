@@ -34,6 +34,9 @@ import numpy as np
 MIN_STEPS = 128
 # How far, in scenarios, the priced risk must move past a boundary to change overflow_scenarios.
 HYSTERESIS = 0.25
+# A step that took this many times what the last fit predicts is not a step (the engine sat idle,
+# or the process stalled): it would stay in the sums for good, so it is left out.
+OUTLIER_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,19 @@ class RiskPricer:
         # The sums behind the least-squares fit over (1, rows, tokens): plain floats, since one
         # step's observation must cost next to nothing beside the step.
         self.steps = 0
+        self.outliers = 0  # steps left out as far slower than the fit predicts
         self._rows = self._tokens = self._rr = self._rt = self._tt = 0.0
         self._y = self._ry = self._ty = 0.0
+        self._cost: Optional[StepCost] = None  # the last fit, refreshed by fit()
 
     def observe(self, seconds: float, rows: int, tokens: int) -> None:
-        """One engine step: how long it took and what it held (steps without rows are skipped)."""
+        """One engine step: how long it took and what it held (steps without rows are skipped, and
+        so are steps far slower than the last fit predicts: see OUTLIER_FACTOR)."""
         if rows <= 0 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        cost = self._cost
+        if cost is not None and seconds > OUTLIER_FACTOR * max(cost.a + cost.b * rows + cost.c * tokens, cost.a):
+            self.outliers += 1
             return
         self.steps += 1
         self._rows += rows
@@ -88,7 +98,8 @@ class RiskPricer:
             a, b, c = np.linalg.solve(xtx, np.array([self._y, self._ry, self._ty]))
         except np.linalg.LinAlgError:
             return None
-        return StepCost(float(a), float(b), float(c))
+        self._cost = StepCost(float(a), float(b), float(c))
+        return self._cost
 
     def risk(self, mean_context: float, mean_output: float) -> float:
         """The chance of an overflow worth taking for requests holding ``mean_context`` tokens on
@@ -144,6 +155,8 @@ class PricedAdmission:
             self._reprice()
 
     def _reprice(self) -> None:
+        if self.pricer.fit() is None:
+            return  # no evidence yet: the configured value stands
         load = self.scheduler.load()
         self._context_tokens += load["running_tokens"]
         self._context_requests += load["num_running"]

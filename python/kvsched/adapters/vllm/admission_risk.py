@@ -2,7 +2,8 @@
 
 The adapter times each step as the interval between consecutive ``update_from_output()`` calls (the
 engine's step period: forward pass plus scheduling, in synchronous and asynchronous scheduling
-alike) and reports it, with the step's rows and scheduled tokens, to
+alike; the clock restarts after the engine ran out of requests, and the pricer leaves out a step
+far slower than its fit) and reports it, with the step's rows and scheduled tokens, to
 :class:`kvsched.risk.PricedAdmission`, which sets the core's ``overflow_scenarios``; a change is
 logged with the fitted step cost.
 """
@@ -43,6 +44,10 @@ class PricedRisk:
 
     def finished(self, num_output_tokens: int) -> None:
         self.admission.finished(num_output_tokens)
+
+    def idle(self) -> None:
+        """No request is left: the engine stops stepping, and the wait until the next one is no step."""
+        self._last_update = None
 
     def step_reported(self, output: SchedulerOutput) -> None:
         """At the start of update_from_output() for ``output``."""

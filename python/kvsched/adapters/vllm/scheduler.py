@@ -427,6 +427,8 @@ class Scheduler(SchedulerInterface):
             self.kv_events.publish()
         if self.load_gauges:
             self.load_gauges.update()
+        if self.priced_risk is not None and not self.requests:
+            self.priced_risk.idle()
         return engine_outputs
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> Any:
