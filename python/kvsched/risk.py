@@ -135,6 +135,7 @@ class PricedAdmission:
     """
 
     def __init__(self, scheduler, reprice_steps: int = 64, on_change=None) -> None:
+        scheduler.config.check_overflow_scenarios("auto")  # refused up front where nothing can be priced
         self.scheduler = scheduler
         self.pricer = RiskPricer(scheduler.config.num_scenarios)
         self.overflow_scenarios = scheduler.config.overflow_scenarios

@@ -116,6 +116,12 @@ class SchedulerConfig:
     host_cache_write: str | None = None  # with host_prefix_cache: "finish" (default) or "evict"
     host_cache_load: str | None = None  # with host_prefix_cache: "prefetch" (default) or "inline"
 
+    def check_overflow_scenarios(self, overflow_scenarios: int | str) -> None:
+        """Refuses a risk (a number of scenarios, or "auto") where admission draws no scenarios."""
+        if overflow_scenarios and not (self.sampling and self.admission == "past_future"):
+            raise ValueError(f"overflow_scenarios={overflow_scenarios!r}: only past_future admission with "
+                             f"sampling=True draws scenarios (admission={self.admission!r}, sampling={self.sampling})")
+
     def native_options(self) -> dict[str, Any]:
         options = {f: getattr(self, f) for f in self.__dataclass_fields__}
         if self.preemption not in PREEMPTION_MODES:
@@ -134,9 +140,7 @@ class SchedulerConfig:
         options.update(quantile_options(self.sampling, **{name: options[name] for name in QUANTILE_DEFAULTS}))
         if self.admission not in ADMISSION_MODES:
             raise ValueError(f"admission must be one of {ADMISSION_MODES}, got {self.admission!r}")
-        if self.overflow_scenarios and not (self.sampling and self.admission == "past_future"):
-            raise ValueError("overflow_scenarios: only past_future admission with sampling=True draws scenarios "
-                             f"(admission={self.admission!r}, sampling={self.sampling})")
+        self.check_overflow_scenarios(self.overflow_scenarios)
         if self.placement not in _PLACEMENTS:
             raise ValueError(f"placement must be one of {tuple(_PLACEMENTS)}, got {self.placement!r}")
         if self.hash_algorithm not in _HASHES:
@@ -567,9 +571,7 @@ class Scheduler:
     def set_overflow_scenarios(self, overflow_scenarios: int) -> None:
         """Changes the risk admission takes (``SchedulerConfig.overflow_scenarios``) between steps,
         e.g. as :class:`kvsched.risk.RiskPricer` prices it from the engine's step costs."""
-        if overflow_scenarios and not (self.config.sampling and self.config.admission == "past_future"):
-            raise ValueError("overflow_scenarios: only past_future admission with sampling=True draws scenarios "
-                             f"(admission={self.config.admission!r}, sampling={self.config.sampling})")
+        self.config.check_overflow_scenarios(overflow_scenarios)
         self._former.set_overflow_scenarios(overflow_scenarios)
         self.config = replace(self.config, overflow_scenarios=int(overflow_scenarios))  # not the caller's object
 

@@ -257,9 +257,6 @@ class EngineInstance:
             max_num_batched_tokens=engine.max_num_batched_tokens, max_prefill_chunk=engine.max_prefill_chunk,
             prefill_attention_budget=engine.prefill_attention_budget, admission=admission, **overrides,
         )
-        if priced and not (config.sampling and admission == "past_future"):
-            raise ValueError("overflow_scenarios: 'auto' prices the risk of sampled past_future admission "
-                             f"(admission={admission!r}, sampling={config.sampling})")
         self.scheduler = Scheduler(config, policy=policy)
         self.priced_admission = PricedAdmission(self.scheduler) if priced else None
         self._has_keys = trace.shared_context or (

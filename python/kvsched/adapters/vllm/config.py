@@ -116,13 +116,11 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         policy = kvsched.policies.DeadlinePolicy(**policy_options)
     elif policy == "vtc":
         policy = kvsched.policies.FairSharePolicy(**policy_options)
-    # "auto": admission's risk priced from this engine's measured steps (admission_risk.py); it
-    # starts at 0 and is changed by the adapter while the engine runs.
-    if options.get("overflow_scenarios") == "auto":
+    # "auto": admission's risk priced from this engine's measured steps (admission_risk.py, which
+    # refuses it where admission draws no scenarios); it starts at 0.
+    priced = options.get("overflow_scenarios") == "auto"
+    if priced:
         options["overflow_scenarios"] = 0
-        priced = True
-    else:
-        priced = False
     budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
     max_seqs = sched.max_num_seqs
     if sched.max_num_active_seqs is not None:
@@ -145,7 +143,4 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
         **options,
     )
     config.native_options()  # validates the choices now, naming the bad one
-    if priced and not (config.sampling and config.admission == "past_future"):
-        raise ValueError("overflow_scenarios: 'auto' prices the risk of sampled past_future admission "
-                         f"(admission={config.admission!r}, sampling={config.sampling})")
     return config, policy, priced

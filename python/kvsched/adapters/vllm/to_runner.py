@@ -36,12 +36,13 @@ def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray
                         req_ids: list[str], requests: list[Request], resumed_rows: list[int]) -> CachedRequestData:
     """The rows the runner holds (running last step, or resumed in place by the v1 runner)."""
     indptr = plan.block_indptr
-    every_row = bool(rows_state.size) and bool((rows_state == RUNNING).all())  # the steady state
+    is_running = rows_state == RUNNING
+    every_row = bool(rows_state.size) and bool(is_running.all())  # the steady state: rows is 0..n-1
     if every_row:
         rows = running = np.arange(rows_state.size)
         counts = indptr[1:] - indptr[:-1]
     else:
-        running = np.flatnonzero(rows_state == RUNNING)
+        running = np.flatnonzero(is_running)
         rows = np.concatenate([running, np.asarray(resumed_rows, np.int64)]) if resumed_rows else running
         counts = (indptr[1:] - indptr[:-1])[rows]
     new_block_ids: list[tuple[list[int], ...] | None] = [None] * rows.size
@@ -53,7 +54,6 @@ def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray
     for k in range(running.size, rows.size):  # resumed: their whole table replaces the old one
         new_block_ids[k] = (row_blocks(plan, int(rows[k])),)
     row_list = rows.tolist()
-    every_row = every_row or (not resumed_rows and rows.size == len(req_ids))  # then rows is 0..n-1
     cached_ids = list(req_ids) if every_row else [req_ids[r] for r in row_list]
     all_token_ids: dict[str, list[int]] = {}
     if not sched.use_v2_model_runner:
