@@ -129,6 +129,7 @@ def run_engine(spec_path: str, out_path: str) -> None:
     step_tokens: list[int] = []
     step_sched: list[float] = []  # CPU seconds of each step's schedule() + update_from_output()
     preempted = [0] * n  # times each request was preempted
+    preemption_events: list[tuple[int, int, int]] = []  # (step, request, tokens generated before it)
     schedule, update = scheduler.schedule, scheduler.update_from_output
 
     def counted_schedule(*a, **k):
@@ -140,7 +141,9 @@ def run_engine(spec_path: str, out_path: str) -> None:
         step_tokens.append(output.total_num_scheduled_tokens)
         for req_id in output.preempted_req_ids or ():
             counts["preempted"] += 1
-            preempted[int(req_id.split("-")[0])] += 1  # the engine's id: ours and a suffix
+            i = int(req_id.split("-")[0])  # the engine's id: ours and a suffix
+            preempted[i] += 1
+            preemption_events.append((len(step_rows) - 1, i, got[i]))
         counts["chunked"] += sum(output.num_scheduled_tokens[new.req_id] < len(new.prompt_token_ids)
                                  - new.num_computed_tokens for new in output.scheduled_new_reqs)
         return output
@@ -191,6 +194,7 @@ def run_engine(spec_path: str, out_path: str) -> None:
         raise RuntimeError(f"{len(step_cpu)} engine steps but {len(step_rows)} schedule() calls")
     result = dict(start_s=start_s, wall_s=wall, cpu_s=cpu, **counts, step_rows=step_rows, step_tokens=step_tokens,
                   step_cpu=step_cpu, step_sched=step_sched, first_step=first_step, last_step=last_step, got=got, preempted_per_request=preempted,
+                  preemption_events=preemption_events,
                   tokens=tokens, finish_reasons=reasons)
     result["ttft_s"] = [f - t0 for f in first]
     result["tpot_s"] = [(l - f) / (g - 1) if g > 1 else None for f, l, g in zip(first, last, got)]
@@ -507,6 +511,7 @@ def main() -> None:
                 s = summarize(run, work)
                 s.update(pair=pair, mismatches=sum(a != b for a, b in zip(run["tokens"], reference)),
                          finish_reasons={r: run["finish_reasons"].count(r) for r in set(run["finish_reasons"])})
+                s["preemption_events"] = run["preemption_events"]  # [step, request, tokens generated before]
                 runs[name].append(s)
                 raw[name].append({k: run[k] for k in ("step_rows", "step_tokens", "step_cpu", "step_sched",
                                                       "first_step", "last_step", "got")})

