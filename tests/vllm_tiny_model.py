@@ -66,3 +66,28 @@ def build_tiny_llama(directory: str | Path, seed: int = 0, max_position_embeddin
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(directory)
     return directory
+
+
+def build_tiny_lora(directory: str | Path, seed: int, rank: int = 8) -> Path:
+    """A seeded random LoRA adapter (PEFT's format) for the tiny Llama: rank ``rank`` on every
+    attention projection of both layers, large enough that it changes what the model generates."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, layers, targets = 256, 2, ("q_proj", "k_proj", "v_proj", "o_proj")
+    weights = {}
+    for layer in range(layers):
+        for target in targets:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            weights[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.1
+            weights[f"{prefix}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.1
+    save_file(weights, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+        target_modules=list(targets), fan_in_fan_out=False, modules_to_save=None, base_model_name_or_path="tiny")))
+    return directory
