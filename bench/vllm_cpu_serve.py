@@ -43,7 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from vllm_cpu_admission import KVSCHED, cell, pct, provenance, workload  # noqa: E402
+from vllm_cpu_admission import (KVSCHED, add_workload_arguments, cell, config_names, pct,  # noqa: E402
+                                provenance, workload)
 
 # name -> additional_config["kvsched"] (None: vLLM's own scheduler)
 CONFIGS: dict[str, dict | None] = {
@@ -239,37 +240,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="repetitions of every configuration (alternated)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals, requests per second")
-    parser.add_argument("--seed", type=int, default=0, help="the workload's and the arrivals' seed")
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=(20, 300), metavar=("MIN", "MAX"))
-    parser.add_argument("--max-tokens", type=int, default=400)
-    parser.add_argument("--stop-ids", type=int, default=20, help="how many stop token ids end a request")
-    parser.add_argument("--num-blocks", type=int, default=60, help="KV cache blocks (--num-gpu-blocks-override)")
-    parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--budget", type=int, default=2048,
-                        help="max_num_batched_tokens; above the KV cache, so that no seeded prefill is chunked "
-                             "(vllm-cpu 0.32 cannot run one: see bench/vllm_cpu_admission.py)")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
-                        help=f"which configurations (default all: {', '.join(CONFIGS)})")
-    parser.add_argument("--add-config", action="append", default=[], metavar="NAME=JSON",
-                        help="another kvsched configuration (its additional_config['kvsched']); may be repeated")
+    add_workload_arguments(parser, CONFIGS)  # --seed (also the arrivals'), the engine's options, --configs
     parser.add_argument("--threads", type=int, default=1, help="the engine's torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--server-args", default="", help="more arguments for every server, e.g. '--no-async-scheduling'")
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
     args = parser.parse_args()
 
     began = time.monotonic()
-    names = list(args.configs)
-    for item in args.add_config:
-        name, sep, options = item.partition("={")
-        try:
-            CONFIGS[name] = json.loads("{" + options)
-        except json.JSONDecodeError as e:
-            parser.error(f"--add-config {item!r}: not NAME=JSON ({e})")
-        if not sep or name in names:
-            parser.error(f"--add-config {item!r}: want a new NAME=JSON object")
-        names.append(name)
+    names = config_names(parser, args, CONFIGS)
 
     tmp = Path(tempfile.mkdtemp(prefix="kvsched-vllm-serve-"))
     sys.path.insert(0, str(ROOT / "tests"))
