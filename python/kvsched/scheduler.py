@@ -81,8 +81,8 @@ class SchedulerConfig:
     placement: str = "contiguous"
     hash_algorithm: str = "fast128"
     # Steps a waiting request that does not fit may be passed over by ones behind it that do; a
-    # preempted request is never passed over (its cache is still full: what fits behind it would be
-    # the next victim).
+    # preempted one is not passed over (its cache is still full: what fits behind it would be the
+    # next victim; batch_former.h, "bypass").
     max_bypass: int = 16
     watermark_blocks: int = 0
     # Peak estimator (past_future). The safety quantile and its controller act in quantile mode

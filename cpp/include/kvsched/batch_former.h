@@ -12,8 +12,10 @@
 //              then admission order, so its back is the victim (lowest priority, then newest).
 //   bypass     a waiting request that does not fit may be passed over by ones behind it that do,
 //              at most `max_bypass` steps; after that admission waits for it (no starvation).
-//              A preempted request is never passed over: what fits behind it would be the next
-//              victim.
+//              A preempted request that the estimator does not admit ends admission for the step:
+//              the cache that evicted it is still full, and what fits behind it would be the next
+//              victim. (One that sits out this step, or whose LoRA adapter has no slot, is not
+//              a candidate and does not block; swapped requests come back by their own rule.)
 //   plan       what schedule() returns; update() then reports what the engine generated for every
 //              scheduled request. A plan is outstanding until update() consumes it.
 //   swapped    a preempted request whose computed KV was moved to host memory (SwapPlanner); it
