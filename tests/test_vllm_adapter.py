@@ -394,6 +394,40 @@ def test_refused_configurations_and_options_name_the_reason():
     with pytest.raises(ValueError, match="admission"):
         harness.make_scheduler("kvsched", cfg, kv)
 
+def test_swap_and_the_host_tier_need_kvsched_s_connector_and_a_host_pool():
+    # The copies themselves run on a real engine: tests/test_vllm_real_engine_swap.py.
+    from vllm.config import KVTransferConfig
+
+    from kvsched.adapters.vllm.connector import CONNECTOR_MODULE, CONNECTOR_NAME, KvschedConnectorMetadata
+
+    ours = dict(kv_connector=CONNECTOR_NAME, kv_role="kv_both", kv_connector_module_path=CONNECTOR_MODULE)
+    cases = [
+        ({"preemption": "swap", "host_kv_gib": 1}, None, "kv-transfer-config"),
+        ({"host_prefix_cache": True, "host_kv_gib": 1}, None, "kv-transfer-config"),
+        ({"preemption": "swap"}, ours, "host_kv_gib > 0"),
+        ({"host_kv_gib": 1}, ours, "host_kv_gib acts only"),
+        ({"preemption": "swap", "host_kv_gib": -1}, ours, "host_kv_gib must be"),
+        ({"preemption": "sometimes", "host_kv_gib": 1}, ours, "preemption must be one of"),
+        ({}, dict(kv_connector="ExampleConnector", kv_role="kv_both"), "other than kvsched's.*ExampleConnector"),
+    ]
+    for options, transfer, message in cases:
+        cfg, kv = harness.make_vllm_config(num_blocks=64, enable_prefix_caching=True,
+                                           additional_config={"kvsched": options})
+        cfg.kv_transfer_config = KVTransferConfig(**transfer) if transfer else None
+        with pytest.raises(ValueError, match=message):
+            harness.make_scheduler("kvsched", cfg, kv)
+    cfg, kv = harness.make_vllm_config(num_blocks=64, enable_prefix_caching=True, additional_config={
+        "kvsched": {"preemption": "swap", "host_kv_gib": 0.5, "host_prefix_cache": True}})
+    cfg.kv_transfer_config = KVTransferConfig(**ours)
+    s = harness.make_scheduler("kvsched", cfg, kv)
+    spec = kv.kv_cache_groups[0]
+    block_bytes = spec.kv_cache_spec.page_size_bytes * len(spec.layer_names)
+    assert s.kvsched_config.num_host_blocks == 2**29 // block_bytes
+    assert s.kvsched_config.swap_block_bytes == block_bytes
+    out = s.schedule()  # every step carries the connector's metadata, empty ones too
+    assert isinstance(out.kv_connector_metadata, KvschedConnectorMetadata) and out.kv_connector_metadata.empty
+
+
 def test_versions_outside_the_supported_range_are_refused_at_start_naming_the_range(monkeypatch):
     for version in ("0.32.0", "0.33.2", "0.34.0", "0.34.1+cpu", "0.34.0rc1"):
         check_vllm_version(version)

@@ -10,11 +10,15 @@ from vllm.config import VllmConfig
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 
 from . import events, versions
+from .connector import CONNECTOR_MODULE, CONNECTOR_NAME, is_kvsched_connector
 
 KVSCHED_OPTIONS = (
     "admission", "policy", "window", "quantile", "adaptive", "target_preemption_rate", "adapt_gain",
     "min_quantile", "max_quantile", "sampling", "num_scenarios", "overflow_scenarios", "keyed_draws", "seed", "prior",
     "max_bypass",
+    # Swap and the host tier: copies executed by kvsched's KV connector (connector.py).
+    "preemption", "host_kv_gib", "host_prefix_cache", "host_cache_write", "host_cache_load",
+    "recompute_seconds_per_token",
     "placement", "hash_algorithm", "prefill_attention_budget", "ttft_slo_s", "input_weight", "output_weight",
 )
 POLICIES = ("fcfs", "priority", "vtc", "deadline")
@@ -46,8 +50,11 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     sched = vllm_config.scheduler_config
     found = []
     found += _speculative_refusals(vllm_config)
-    if vllm_config.kv_transfer_config is not None:
-        found.append("KV connectors (kv_transfer_config)")
+    transfer = vllm_config.kv_transfer_config
+    if transfer is not None and not is_kvsched_connector(transfer):
+        found.append(f"KV connectors other than kvsched's (kv_transfer_config names {transfer.kv_connector!r}"
+                     f" from {transfer.kv_connector_module_path!r}; kvsched's is {CONNECTOR_NAME!r} from "
+                     f"{CONNECTOR_MODULE!r})")
     if vllm_config.ec_transfer_config is not None:
         found.append("encoder-cache connectors (ec_transfer_config)")
     if model.is_encoder_decoder or model.supports_multimodal_inputs:
@@ -94,10 +101,11 @@ def _speculative_refusals(vllm_config: VllmConfig) -> list[str]:
     return found
 
 
-def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
-                   block_size: int) -> tuple[kvsched.SchedulerConfig, str | kvsched.policies.Policy, bool]:
+def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int, block_bytes: int = 0,
+                   num_kv_tensors: int = 0) -> tuple[kvsched.SchedulerConfig, str | kvsched.policies.Policy, bool]:
     """kvsched's SchedulerConfig and policy from vLLM's config and ``additional_config['kvsched']``, and
-    whether the adapter prices overflow_scenarios itself ("auto")."""
+    whether the adapter prices overflow_scenarios itself ("auto"). ``block_bytes``: one block of
+    every layer's KV (sizes the host pool of ``host_kv_gib``), held in ``num_kv_tensors`` tensors."""
     extra = vllm_config.additional_config
     options = dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
     unknown = sorted(set(options) - set(KVSCHED_OPTIONS))
@@ -121,6 +129,7 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
     priced = options.get("overflow_scenarios") == "auto"
     if priced:
         options["overflow_scenarios"] = 0
+    _host_pool_options(vllm_config, options, block_bytes, num_kv_tensors)
     budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
     max_seqs = sched.max_num_seqs
     if sched.max_num_active_seqs is not None:
@@ -144,3 +153,33 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int,
     )
     config.native_options()  # validates the choices now, naming the bad one
     return config, policy, priced
+
+
+def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int, num_kv_tensors: int) -> None:
+    """Swap and the host tier in kvsched's options: ``host_kv_gib`` becomes the host pool's blocks,
+    and both are refused without kvsched's KV connector, which executes their copies."""
+    gib = options.pop("host_kv_gib", 0)
+    copies = options.get("preemption", "recompute") != "recompute" or bool(options.get("host_prefix_cache"))
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or gib < 0:
+        raise ValueError(f"additional_config['kvsched']: host_kv_gib must be a number of GiB >= 0, got {gib!r}")
+    if copies and not is_kvsched_connector(vllm_config.kv_transfer_config):
+        raise ValueError(
+            "additional_config['kvsched']: preemption 'swap'/'auto' and host_prefix_cache need kvsched's KV "
+            "connector to execute their copies: --kv-transfer-config '{\"kv_connector\": \"%s\", \"kv_role\": "
+            "\"kv_both\", \"kv_connector_module_path\": \"%s\"}'" % (CONNECTOR_NAME, CONNECTOR_MODULE))
+    if copies and not gib:
+        raise ValueError("additional_config['kvsched']: preemption 'swap'/'auto' and host_prefix_cache need a host "
+                         "pool: host_kv_gib > 0")
+    if gib and not copies:
+        raise ValueError("additional_config['kvsched']: host_kv_gib acts only with preemption 'swap' or 'auto' or "
+                         "host_prefix_cache")
+    if gib:
+        if block_bytes <= 0:
+            raise ValueError("host_kv_gib: the KV cache's bytes per block are unknown")
+        options["num_host_blocks"] = int(gib * 2**30) // block_bytes
+        if options["num_host_blocks"] < 1:
+            raise ValueError(f"host_kv_gib: {gib} GiB holds no block of {block_bytes} bytes")
+        options["swap_block_bytes"] = block_bytes
+        # For the cost model's descriptor count: a K and a V run per layer (the workers' real layout
+        # may coalesce them; BlockCopier reads it from the tensors).
+        options["swap_tensors_per_block"] = 2 * max(1, num_kv_tensors)

