@@ -76,6 +76,9 @@ CONFIGS: dict[str, dict | None] = {
     "kvsched q r=0.05": {"sampling": False, "target_preemption_rate": 0.05},
     "kvsched q r=0.2": {"sampling": False, "target_preemption_rate": 0.2},
     "kvsched aggressive": {"admission": "aggressive"},
+    # Preemption by swap: the KV goes to a host pool (kvsched's KV connector copies it) and comes back.
+    "kvsched swap": {"preemption": "swap", "host_kv_gib": 0.25},
+    "kvsched aggressive swap": {"admission": "aggressive", "preemption": "swap", "host_kv_gib": 0.25},
 }
 
 
@@ -96,6 +99,15 @@ def workload(args) -> dict:
 
 # ----------------------------------------------------------------------------------- one engine run
 
+def kv_transfer_config(kv: dict | None) -> dict | None:
+    """vLLM's kv_transfer_config for a kvsched configuration: kvsched's KV connector where swap or the
+    host tier needs it to run their copies on the worker, else None."""
+    if kv is None or (kv.get("preemption", "recompute") == "recompute" and not kv.get("host_prefix_cache")):
+        return None
+    return dict(kv_connector="KvschedConnector", kv_role="kv_both",
+                kv_connector_module_path="kvsched.adapters.vllm.connector")
+
+
 def set_env() -> None:
     for name, value in ENV.items():
         os.environ[name] = value
@@ -115,6 +127,8 @@ def run_engine(spec_path: str, out_path: str) -> None:
     if kv is not None:
         options["scheduler_cls"] = KVSCHED
         options["additional_config"] = {"kvsched": kv}
+        if kv_transfer_config(kv) is not None:
+            options["kv_transfer_config"] = kv_transfer_config(kv)
     started = time.monotonic()
     llm = LLM(**options)
     start_s = time.monotonic() - started

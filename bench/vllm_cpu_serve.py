@@ -44,8 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from vllm_cpu_admission import (KVSCHED, add_workload_arguments, cell, config_names, pct,  # noqa: E402
-                                provenance, workload)
+from vllm_cpu_admission import (KVSCHED, add_workload_arguments, cell, config_names, kv_transfer_config,  # noqa: E402
+                                pct, provenance, workload)
 
 # name -> additional_config["kvsched"] (None: vLLM's own scheduler)
 CONFIGS: dict[str, dict | None] = {
@@ -73,21 +73,23 @@ def server_env(threads: int) -> dict[str, str]:
 
 class Server:
     def __init__(self, model: Path, options: dict, kv: dict | None, log_path: Path, threads: int,
-                 extra: list[str]) -> None:
+                 extra: list[str], prefix_caching: bool = False, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.log_path = log_path
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                    "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(self.port),
                    "--dtype", "float32", "--enforce-eager", "--seed", "0", "--gpu-memory-utilization", "0.1",
-                   "--no-enable-prefix-caching"]
+                   "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching"]
         for name, value in options.items():
             command += [f"--{name.replace('_', '-')}", str(value)]
         command += extra
         if kv is not None:
             command += ["--scheduler-cls", KVSCHED, "--additional-config", json.dumps({"kvsched": kv})]
+            if kv_transfer_config(kv) is not None:  # swap or the host tier: kvsched's KV connector
+                command += ["--kv-transfer-config", json.dumps(kv_transfer_config(kv))]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=server_env(threads), start_new_session=True)
+                                            env={**server_env(threads), **(env or {})}, start_new_session=True)
 
     def call(self, method: str, path: str, body: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)

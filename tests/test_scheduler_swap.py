@@ -102,6 +102,28 @@ def test_auto_mode_follows_the_cost_model(seconds_per_token, expect_swap):
     assert (engine.preemptions > 0) == (not expect_swap)
 
 
+def test_the_recompute_price_set_between_steps_switches_auto_s_choice():
+    # An engine that measures its prefill cost as it runs (kvsched's vLLM adapter) sets it between steps.
+    scheduler, engine = pressured("auto", recompute_seconds_per_token=0.0)
+    for _ in range(3):
+        engine.step()
+    with pytest.raises(ValueError, match="recompute_seconds_per_token"):
+        scheduler.set_recompute_seconds_per_token(float("nan"))
+    assert scheduler.config.recompute_seconds_per_token == 0.0  # a refused value changes nothing
+    scheduler.set_recompute_seconds_per_token(1.0)
+    assert scheduler.config.recompute_seconds_per_token == 1.0
+    engine.run()
+    stats = scheduler.stats()
+    assert stats["swap_preemptions"] > 0 and engine.preemptions == 0
+
+
+def test_host_copy_cost_is_timed_on_this_machine():
+    table = kvsched.swap.host_copy_cost(nbytes=4 << 20, pieces=256)
+    assert table.shape == (2, 3, 3)
+    assert (table[..., 2] > 1e8).all() and (table[..., 1] >= 0).all()  # over 100 MB/s, whatever the machine
+    kvsched.Scheduler(num_blocks=8, preemption="auto", num_host_blocks=4, swap_cost=table)  # a table it takes
+
+
 def test_priority_preemption_by_swap():
     scheduler = kvsched.Scheduler(num_blocks=10, block_size=BLOCK, max_num_seqs=4, admission="conservative",
                                   policy="priority", preemption="swap", num_host_blocks=32,

@@ -80,6 +80,8 @@ def pressure_run(engine: Engine, witness: bool = False) -> dict:
         result = {"outputs": outputs, "counts": counts}
         if engine.kind == "kvsched":
             result["stats"] = engine.scheduler.core.stats()
+            result["prices"] = (engine.scheduler.core.config.recompute_seconds_per_token,
+                                engine.scheduler.kvsched_config.swap_cost)
         if watcher is not None:
             result["checked"], result["mismatched"] = watcher.checked, watcher.mismatched
         assert_drained(engine)
@@ -110,6 +112,13 @@ def test_swap_preemption_recomputes_nothing_and_changes_no_output(pressure):
     assert swap["counts"].tokens == exact
     assert recompute["counts"].tokens > exact and recompute["stats"]["preemptions"] > 0  # what swap saved
     assert swap["counts"].preempted == stats["swap_preemptions"]  # the runner was told of each
+
+
+def test_copies_and_recomputes_are_priced_on_this_machine(pressure):
+    recompute_s, swap_cost = pressure["swap"]["prices"]
+    assert swap_cost is not None and (swap_cost[..., 2] > 1e8).all()  # memmove timed at start (bytes/s)
+    assert recompute_s != 1e-4 and 0 < recompute_s < 1  # fitted from the engine's steps
+    assert pressure["recompute"]["prices"] == (1e-4, None)  # no host pool: nothing to price
 
 
 def test_swapped_blocks_come_back_byte_identical(pressure):

@@ -373,6 +373,12 @@ void init_batch_former(py::module_& m) {
           "set_overflow_scenarios",
           [](BatchFormer& f, py::handle value) { f.set_overflow_scenarios(to_int32(value, "overflow_scenarios")); },
           py::arg("overflow_scenarios"))
+      .def(
+          "set_recompute_seconds_per_token",
+          [](BatchFormer& f, py::handle value) {
+            f.set_recompute_seconds_per_token(to_double(value, "recompute_seconds_per_token"));
+          },
+          py::arg("recompute_seconds_per_token"))
       .def_property_readonly("has_outstanding_plan", &BatchFormer::has_outstanding_plan)
       .def("stats", [](const BatchFormer& f) { return stats_dict(f.stats()); })
       .def("allocator_stats", [](const BatchFormer& f) { return allocator_stats_dict(f.allocator_stats()); })

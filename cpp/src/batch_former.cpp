@@ -764,6 +764,13 @@ void BatchFormer::set_overflow_scenarios(int32_t overflow_scenarios) {
   estimator_.set_overflow_scenarios(overflow_scenarios);
 }
 
+void BatchFormer::set_recompute_seconds_per_token(double seconds) {
+  KVSCHED_EXPECTS(seconds >= 0 && std::isfinite(seconds), std::invalid_argument,
+                  "recompute_seconds_per_token must be >= 0, got ", seconds);
+  std::lock_guard<std::mutex> lock(mutex_);
+  options_.recompute_seconds_per_token = seconds;
+}
+
 bool BatchFormer::has_outstanding_plan() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return plan_outstanding_;

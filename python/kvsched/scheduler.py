@@ -578,6 +578,13 @@ class Scheduler:
         self._former.set_overflow_scenarios(overflow_scenarios)
         self.config = replace(self.config, overflow_scenarios=int(overflow_scenarios))  # not the caller's object
 
+    def set_recompute_seconds_per_token(self, seconds: float) -> None:
+        """Changes what recomputing a token costs (``SchedulerConfig.recompute_seconds_per_token``)
+        between steps: preemption ``auto`` and the host tier weigh copies against it. For an engine
+        that measures its prefill cost as it runs."""
+        self._former.set_recompute_seconds_per_token(seconds)
+        self.config = replace(self.config, recompute_seconds_per_token=float(seconds))
+
     def block_keys(self, tokens: Any, salt: int = 0) -> np.ndarray:
         """Chained keys of the full blocks of ``tokens`` for prefix caching (as ``add_request``
         computes from ``prompt_tokens``); a different ``salt`` (e.g. per LoRA adapter or tenant)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Sequence
 
 import numpy as np
@@ -71,6 +72,34 @@ def default_cost_model() -> np.ndarray:
     """The default cost table, shape (2, 3, 3): [direction (out, in)][strategy][per_call_s,
     per_descriptor_s, bytes_per_s]; published PCIe Gen5 figures, not a measurement."""
     return _core.default_swap_cost()
+
+
+def host_copy_cost(nbytes: int = 32 << 20, pieces: int = 4096, piece_bytes: int = 4096,
+                   repeats: int = 3) -> np.ndarray:
+    """The swap cost table (2, 3, 3) for copies within host memory, timed here: bandwidth from one
+    ``nbytes`` copy, the per-descriptor cost from ``pieces`` scattered copies of ``piece_bytes``
+    (medians of ``repeats``); the same for both directions and every strategy."""
+    if min(nbytes, pieces, piece_bytes, repeats) <= 0 or 2 * pieces * piece_bytes > nbytes:
+        raise ValueError("host_copy_cost: need positive sizes and nbytes >= 2 * pieces * piece_bytes")
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    spans = ([(src.ctypes.data, nbytes)], [(dst.ctypes.data, nbytes)])
+    whole = np.array([[0, 0, 0, nbytes]], np.int64)
+    offsets = np.arange(pieces, dtype=np.int64) * 2 * piece_bytes
+    scattered = np.stack([np.zeros(pieces, np.int64), offsets, offsets, np.full(pieces, piece_bytes)], axis=1)
+
+    def median_seconds(descriptors: np.ndarray) -> float:
+        times = []
+        for _ in range(repeats):
+            start = perf_counter()
+            _core.copy_descriptors_host(descriptors, *spans)
+            times.append(perf_counter() - start)
+        return float(np.median(times))
+
+    bandwidth = nbytes / max(median_seconds(whole), 1e-9)
+    per_descriptor = max(0.0, (median_seconds(scattered) - pieces * piece_bytes / bandwidth) / pieces)
+    table = np.zeros((2, 3, 3))
+    table[:, :, 1], table[:, :, 2] = per_descriptor, bandwidth
+    return table
 
 
 @dataclass(frozen=True)
@@ -219,4 +248,4 @@ def copy_host(descriptors: np.ndarray, src: Sequence[np.ndarray], dst: Sequence[
     _core.copy_descriptors_host(np.asarray(descriptors), src_spans, dst_spans)
 
 
-__all__ = ["KvLayout", "STRATEGIES", "SwapPlan", "SwapPlanner", "copy_host", "default_cost_model"]
+__all__ = ["KvLayout", "STRATEGIES", "SwapPlan", "SwapPlanner", "copy_host", "default_cost_model", "host_copy_cost"]

@@ -276,6 +276,9 @@ class BatchFormer {
   void pause_admission(bool paused);
   // The estimator's overflow_scenarios, changed between steps (PeakEstimator::set_overflow_scenarios).
   void set_overflow_scenarios(int32_t overflow_scenarios);
+  // options.recompute_seconds_per_token, changed between steps (an engine that measures its prefill
+  // cost as it runs: preemption kAuto and the host tier price recomputing with it).
+  void set_recompute_seconds_per_token(double seconds);
 
   bool has_outstanding_plan() const;
   BatchFormerStats stats() const;

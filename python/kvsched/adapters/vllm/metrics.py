@@ -42,6 +42,10 @@ _DOCS = {
     "kvsched:kv_headroom_blocks": "KV blocks left after the predicted demand (negative: over-committed).",
     "kvsched:kv_predicted_usage_perc": "Predicted peak KV usage of every live request; 1 means 100 percent "
                                        "(vllm:kv_cache_usage_perc with the decode growth to come).",
+    # Swap and the host tier (0 without a host pool); running totals since the engine started.
+    "kvsched:host_free_blocks": "Free blocks of the host KV pool (swap and the host tier of the prefix cache).",
+    "kvsched:swap_preemptions": "Requests preempted by swap so far (their KV copied to the host pool and back).",
+    "kvsched:host_hit_blocks": "Prefix-cache blocks found in the host tier and loaded by copy, so far.",
 }
 _gauges: dict[str, Gauge] = {}  # one per name in the process, shared by every engine (label `engine`)
 
@@ -86,5 +90,10 @@ class LoadGauges:
             "kvsched:kv_headroom_blocks": capacity - demand,
             "kvsched:kv_predicted_usage_perc": demand / capacity if capacity else 0.0,
         }
+        if self._scheduler.kvsched_config.num_host_blocks:
+            stats = self._scheduler.core.stats()
+            values["kvsched:host_free_blocks"] = stats["swap"]["num_free_host_blocks"]
+            values["kvsched:swap_preemptions"] = stats["swap_preemptions"]
+            values["kvsched:host_hit_blocks"] = stats["host_hit_blocks"]
         for name, value in values.items():
             self._gauges[name].set(value)

@@ -39,6 +39,7 @@ Glossary
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections import defaultdict, deque
 from typing import Any, Iterable
@@ -59,6 +60,7 @@ from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
 from .connector import is_kvsched_connector, metadata_from_plan
 from .admission_risk import PricedRisk
+from .preemption_costs import RecomputeCost
 from .drafts import Drafts
 from .state import LOGGER_NAME, PREEMPTED, RUNNING, UNSENT, Handles, Step, monotonic
 
@@ -101,9 +103,16 @@ class Scheduler(SchedulerInterface):
         config, policy, priced = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size,
                                                 group.kv_cache_spec.page_size_bytes * len(group.layer_names),
                                                 len(group.layer_names))
+        # Copies (swap, the host tier) against recomputes, at this engine's measured prices unless the
+        # user set them (preemption_costs.py).
+        user = vllm_config.additional_config.get("kvsched", {}) if isinstance(vllm_config.additional_config, dict) else {}
+        if config.num_host_blocks and vllm_config.device_config.device_type == "cpu":
+            config = dataclasses.replace(config, swap_cost=kvsched.swap.host_copy_cost())
         self.kvsched_config = config
         self.core = kvsched.Scheduler(config, policy=policy)
         self.priced_risk = PricedRisk(self.core) if priced else None  # overflow_scenarios: "auto"
+        measured = config.num_host_blocks and "recompute_seconds_per_token" not in user
+        self.recompute_cost = RecomputeCost(self.core) if measured else None
 
         self.requests: dict[str, Request] = {}
         self._handles = Handles()
@@ -416,6 +425,8 @@ class Scheduler(SchedulerInterface):
             raise RuntimeError("update_from_output: outputs must come back in the order their steps were scheduled")
         if self.priced_risk is not None:
             self.priced_risk.step_reported(scheduler_output)
+        if self.recompute_cost is not None:
+            self.recompute_cost.step_reported(scheduler_output)
         h = self._handles
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         for client, output in self._pending_outputs:
@@ -442,8 +453,10 @@ class Scheduler(SchedulerInterface):
             self.kv_events.publish()
         if self.load_gauges:
             self.load_gauges.update()
-        if self.priced_risk is not None and not self.requests:
-            self.priced_risk.idle()
+        if not self.requests:
+            for clock in (self.priced_risk, self.recompute_cost):
+                if clock is not None:
+                    clock.idle()
         return engine_outputs
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> Any:
