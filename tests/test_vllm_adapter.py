@@ -408,7 +408,8 @@ def test_swap_and_the_host_tier_need_kvsched_s_connector_and_a_host_pool():
         ({"host_kv_gib": 1}, ours, "host_kv_gib acts only"),
         ({"preemption": "swap", "host_kv_gib": -1}, ours, "host_kv_gib must be"),
         ({"preemption": "sometimes", "host_kv_gib": 1}, ours, "preemption must be one of"),
-        ({}, dict(kv_connector="ExampleConnector", kv_role="kv_both"), "other than kvsched's.*ExampleConnector"),
+        ({"preemption": "swap", "host_kv_gib": 1}, dict(kv_connector="ExampleConnector", kv_role="kv_both"),
+         "not another connector"),
     ]
     for options, transfer, message in cases:
         cfg, kv = harness.make_vllm_config(num_blocks=64, enable_prefix_caching=True,

@@ -40,7 +40,8 @@ trace_args=()
 step swap_bandwidth 120 python3 bench/gpu/swap_bandwidth.py "${trace_args[@]}" --out "$out/swap_bandwidth.json"
 # 3. Correctness on the GPU: round trips (production sizes too) and the scheduler end to end.
 export KVSCHED_GPU_REPORT="$out/scheduler_swap_gpu.jsonl"
-step gpu_tests 120 python3 -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py
+step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -s tests/test_swap_gpu.py tests/test_scheduler_swap_gpu.py \
+  tests/test_block_copier_gpu.py
 unset KVSCHED_GPU_REPORT
 # 4. The whole suite on this build (the vLLM adapter tests skip: no vLLM there).
 step full_suite 90 python3 -m pytest -q -p no:cacheprovider -x -n 8 tests

@@ -188,9 +188,10 @@ void init_batch_former(py::module_& m) {
           "add_requests",
           [](BatchFormer& f, py::handle ids, py::handle prompt_lens, py::handle max_new_tokens,
              py::handle arrival_times, py::handle keys, py::handle class_ids, py::handle client_ids,
-             py::handle true_output_lens, py::handle block_keys, py::handle lora_ids) {
+             py::handle true_output_lens, py::handle block_keys, py::handle lora_ids, py::handle external_tokens) {
             Int64Array id_array(ids, "req_ids"), prompt(prompt_lens, "prompt_lens"),
-                max_new(max_new_tokens, "max_new_tokens"), true_len(true_output_lens, "true_output_lens");
+                max_new(max_new_tokens, "max_new_tokens"), true_len(true_output_lens, "true_output_lens"),
+                external(external_tokens, "external_tokens");
             Float64Array arrival(arrival_times, "arrival_times"), key(keys, "keys");
             Int32Array classes(class_ids, "class_ids"), clients(client_ids, "client_ids"), loras(lora_ids, "lora_ids");
             const size_t n = id_array.size();
@@ -208,19 +209,21 @@ void init_batch_former(py::module_& m) {
             same(clients.size(), "client_ids");
             same(true_len.size(), "true_output_lens");
             same(loras.size(), "lora_ids");
+            same(external.size(), "external_tokens");
             std::vector<std::vector<Hash128>> request_keys;
             if (!block_keys.is_none()) request_keys = key_lists(block_keys, n, "block_keys");
             std::vector<NewRequest> requests(n);
             for (size_t i = 0; i < n; ++i) {
               requests[i] = NewRequest{id_array.data()[i], prompt.data()[i],  max_new.data()[i],
                                        arrival.data()[i],  key.data()[i],     classes.data()[i],
-                                       clients.data()[i],  true_len.data()[i], loras.data()[i]};
+                                       clients.data()[i],  true_len.data()[i], loras.data()[i],
+                                       external.data()[i]};
             }
             f.add_requests(requests.data(), n, request_keys.empty() ? nullptr : request_keys.data());
           },
           py::arg("req_ids"), py::arg("prompt_lens"), py::arg("max_new_tokens"), py::arg("arrival_times"),
           py::arg("keys"), py::arg("class_ids"), py::arg("client_ids"), py::arg("true_output_lens"),
-          py::arg("block_keys"), py::arg("lora_ids"))
+          py::arg("block_keys"), py::arg("lora_ids"), py::arg("external_tokens"))
       .def(
           "abort",
           [](BatchFormer& f, py::handle ids) {
@@ -287,6 +290,8 @@ void init_batch_former(py::module_& m) {
              d["cache_load_bytes"] = plan.cache_load_bytes;
              d["swap_seconds"] = plan.swap_seconds;
              d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
+             d["external_load_ids"] = plan_array(plan.external_load_ids);
+             d["external_load_tokens"] = plan_array(plan.external_load_tokens);
              d["rejected_ids"] = plan_array(plan.rejected_ids);
              d["rejected_reasons"] = plan_array(plan.rejected_reasons);
              d["num_admitted"] = plan.num_admitted;

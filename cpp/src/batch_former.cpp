@@ -58,7 +58,8 @@ void StepPlan::clear() {
   rejected_reasons.clear();
   num_admitted = 0;
   for (auto* v : {&swapped_out_ids, &swap_out, &swap_out_descriptors, &swapped_in_ids, &swap_in, &swap_in_descriptors,
-                  &cache_write, &cache_write_descriptors, &cache_load_ids, &cache_load, &cache_load_descriptors}) {
+                  &cache_write, &cache_write_descriptors, &cache_load_ids, &cache_load, &cache_load_descriptors,
+                  &external_load_ids, &external_load_tokens}) {
     v->clear();
   }
   swap_out_indptr.assign(1, 0);
@@ -190,6 +191,8 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
     KVSCHED_EXPECTS(n.class_id >= 0, std::invalid_argument, "class_ids[", i, "] must be >= 0, got ", n.class_id);
     KVSCHED_EXPECTS(n.client_id >= 0, std::invalid_argument, "client_ids[", i, "] must be >= 0, got ", n.client_id);
     KVSCHED_EXPECTS(n.lora_id >= 0, std::invalid_argument, "lora_ids[", i, "] must be >= 0, got ", n.lora_id);
+    KVSCHED_EXPECTS(n.external_tokens >= 0 && n.external_tokens < n.prompt_len, std::invalid_argument,
+                    "external_tokens[", i, "] must be in [0, prompt_lens[", i, "]), got ", n.external_tokens);
     KVSCHED_EXPECTS(n.true_output_len == -1 || (n.true_output_len > 0 && n.true_output_len <= kMaxRequestTokens),
                     std::invalid_argument, "true_output_lens[", i, "] must be in [1, ", kMaxRequestTokens,
                     "] or -1 (unknown), got ", n.true_output_len);
@@ -215,6 +218,7 @@ void BatchFormer::add_requests(const NewRequest* requests, size_t count, const s
     r.class_id = n.class_id;
     r.client_id = n.client_id;
     r.lora_id = n.lora_id;
+    r.external_tokens = n.external_tokens;
     r.add_order = next_add_order_++;
     r.state = RequestState::kWaiting;
     if (keys && options_.allocator.enable_prefix_caching) r.keys.assign(keys[i].begin(), keys[i].end());
@@ -392,13 +396,16 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   if (options_.host_prefix_cache && !r.keys.empty()) {
     loaded = host_hit_blocks(r, cached / bs, (r.total() - 1) / bs - cached / bs) * bs;
   }
+  // External: what the engine's KV connector loads past both, in whole blocks (glossary).
+  const int64_t external = std::max<int64_t>(0, r.external_tokens - r.external_tokens % bs - cached - loaded);
   // Prefetch: admitted with its load and no row; its prefill starts next step, after the copy.
-  const bool prefetch = loaded > 0 && options_.host_cache_prefetch;
-  int64_t n = prefetch ? 0 : prefill_tokens(cached + loaded, r.total() - cached - loaded, budget);
+  const bool prefetch = loaded > 0 && external == 0 && options_.host_cache_prefetch;
+  const int64_t ready = cached + loaded + external;
+  int64_t n = prefetch ? 0 : prefill_tokens(ready, r.total() - ready, budget);
   if (!prefetch && n <= 0) return false;
   scratch_blocks_.clear();
   try {
-    allocator_.allocate(r.id, cached + loaded + n, r.keys.data(), r.keys.size(), scratch_blocks_);
+    allocator_.allocate(r.id, ready + n, r.keys.data(), r.keys.size(), scratch_blocks_);
   } catch (const OutOfBlocks&) {
     return false;  // nothing changed; it waits for memory
   }
@@ -412,7 +419,14 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
     load_seconds = load_from_host(r, cached / bs, loaded / bs);
     r.num_computed += loaded;
   }
-  n = cached + loaded + n - r.num_computed;
+  if (external > 0) {
+    KVSCHED_ASSERT(r.num_computed == cached + loaded, "request ", r.id, ": computed ", r.num_computed,
+                   " tokens before its external load, expected ", cached + loaded);
+    r.num_computed += external;
+    plan_.external_load_ids.push_back(r.id);
+    plan_.external_load_tokens.push_back(external);
+  }
+  n = ready + n - r.num_computed;
   r.state = RequestState::kRunning;
   r.admit_order = next_admit_order_++;
   r.bypassed = 0;

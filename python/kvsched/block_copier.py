@@ -45,20 +45,30 @@ class Piece:
     block_bytes: int
 
 
-def _geometry(tensor: Any, name: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(data pointer, shape, strides in bytes) of a torch tensor or a numpy array."""
-    if hasattr(tensor, "data_ptr") and hasattr(tensor, "stride"):  # torch
+def _geometry(tensor: Any, name: str) -> tuple[int, tuple[int, ...], tuple[int, ...], int]:
+    """(data pointer, shape, strides in bytes, item size) of a torch tensor, a numpy array or any
+    device array with ``__cuda_array_interface__`` (CuPy)."""
+    if hasattr(tensor, "data_ptr") and hasattr(tensor, "stride"):  # torch, on any device
         itemsize = int(tensor.element_size())
-        return int(tensor.data_ptr()), tuple(tensor.shape), tuple(int(s) * itemsize for s in tensor.stride())
+        return int(tensor.data_ptr()), tuple(tensor.shape), tuple(int(s) * itemsize for s in tensor.stride()), itemsize
     if isinstance(tensor, np.ndarray):
-        return int(tensor.ctypes.data), tuple(tensor.shape), tuple(int(s) for s in tensor.strides)
-    raise TypeError(f"{name}: expected a torch tensor or a numpy array, got {type(tensor).__name__}")
+        return int(tensor.ctypes.data), tuple(tensor.shape), tuple(int(s) for s in tensor.strides), tensor.itemsize
+    interface = getattr(tensor, "__cuda_array_interface__", None)
+    if interface is not None:
+        shape, itemsize = tuple(interface["shape"]), np.dtype(interface["typestr"]).itemsize
+        strides = interface.get("strides")
+        if strides is None:  # C-contiguous
+            strides, step = [], itemsize
+            for extent in reversed(shape):
+                strides.insert(0, step)
+                step *= extent
+        return int(interface["data"][0]), shape, tuple(int(s) for s in strides), itemsize
+    raise TypeError(f"{name}: expected a torch tensor, a numpy array or a CUDA array, got {type(tensor).__name__}")
 
 
 def block_pieces(tensor: Any, num_blocks: int, name: str = "tensor") -> list[Piece]:
     """The pieces of one KV tensor of ``num_blocks`` blocks (see the glossary)."""
-    _, shape, strides = _geometry(tensor, name)
-    itemsize = (int(tensor.element_size()) if hasattr(tensor, "element_size") else tensor.itemsize)
+    _, shape, strides, itemsize = _geometry(tensor, name)
     candidates = [d for d, size in enumerate(shape) if size == num_blocks]
     if not candidates:
         raise ValueError(f"{name}: no dimension of shape {shape} has the {num_blocks} blocks of the KV cache")
@@ -86,7 +96,8 @@ class BlockCopier:
     """Executes block extents between KV tensors and a host pool it allocates.
 
     Args:
-        kv_tensors: name -> tensor (torch or numpy), each holding ``num_device_blocks`` blocks.
+        kv_tensors: name -> tensor (torch, numpy, or a CUDA array such as CuPy's), each holding
+            ``num_device_blocks`` blocks.
         num_device_blocks: blocks of the KV cache (each tensor's block dimension).
         num_host_blocks: blocks of the host pool.
         cuda: copy with ``kvsched.cuda.CopyEngine`` (the tensors are on a CUDA device, the pool
@@ -104,7 +115,7 @@ class BlockCopier:
         self.pieces: list[Piece] = []
         self._device_spans: list[tuple[int, int]] = []
         for name, tensor in self._tensors.items():
-            pointer, _, _ = _geometry(tensor, name)
+            pointer = _geometry(tensor, name)[0]
             for piece in block_pieces(tensor, self.num_device_blocks, name):
                 self.pieces.append(piece)
                 span = (self.num_device_blocks - 1) * piece.block_stride + piece.block_bytes

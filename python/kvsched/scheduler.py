@@ -177,7 +177,9 @@ class StepPlan:
     write evicted prefix blocks back to the host; ``cache_load`` rows ``(host_block, device_block,
     n_blocks)`` load host hits into new blocks of ``cache_load_ids`` (request i's rows
     ``cache_load[cache_load_indptr[i]:cache_load_indptr[i + 1]]``), with ``cache_*_descriptors``
-    as above. Execute, before the forward pass: swap-outs and cache writes (device -> host), then
+    as above. ``external_load_ids`` were admitted with ``external_load_tokens`` tokens their engine's
+    KV connector loads (``add_requests``' ``external_tokens``). Execute, before the forward pass:
+    swap-outs and cache writes (device -> host), then
     swap-ins and cache loads (host -> device), then copy-on-writes. ``swap_seconds`` estimates them all;
     ``cache_overlap_seconds`` of it may run during the forward pass (write-throughs of blocks the
     plan does not reuse, loads for requests without a row).
@@ -191,6 +193,7 @@ class StepPlan:
         "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
         "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr", "cache_load",
         "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes", "cache_overlap_seconds",
+        "external_load_ids", "external_load_tokens",
     )
 
     def __init__(self, arrays: dict[str, Any]) -> None:
@@ -212,7 +215,7 @@ class StepPlan:
                      "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
                      "swap_seconds", "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr",
                      "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
-                     "cache_overlap_seconds"):
+                     "cache_overlap_seconds", "external_load_ids", "external_load_tokens"):
             setattr(self, name, arrays[name])
         self.rejected_ids = arrays["rejected_ids"]
         self.rejected_reason_codes = arrays["rejected_reasons"]
@@ -429,9 +432,13 @@ class Scheduler:
         true_output_lens: Any = None,
         block_keys: Sequence[Any] | None = None,
         lora_ids: Any = None,
+        external_tokens: Any = None,
     ) -> None:
         """Adds requests given as arrays (all or nothing). Scalars broadcast for the optional ones.
-        ``lora_ids`` name each request's LoRA adapter (0: the base model) for ``max_loras``."""
+        ``lora_ids`` name each request's LoRA adapter (0: the base model) for ``max_loras``.
+        ``external_tokens``: prompt tokens whose KV the engine's KV connector can load (vLLM's
+        external prefix hits); a request is admitted with them computed, and the plan lists the load
+        (``external_load_ids``, ``external_load_tokens``)."""
         ids = _integers(req_ids)
         if ids.ndim != 1:
             raise ValueError(f"req_ids must be 1-D, got shape {ids.shape}")
@@ -447,11 +454,12 @@ class Scheduler:
         )
         true_lens = _column(true_output_lens, "true_output_lens", n, np.int64, -1)
         loras = _column(lora_ids, "lora_ids", n, np.int32, 0)
+        external = _column(external_tokens, "external_tokens", n, np.int64, 0)
         requests = _checked_requests(requests)
         keys = np.ascontiguousarray(self.policy.keys(requests), dtype=np.float64)
         self._former.add_requests(
             requests.req_ids, requests.prompt_lens, requests.max_new_tokens, requests.arrival_times, keys,
-            requests.class_ids, requests.client_ids, true_lens, block_keys, loras,
+            requests.class_ids, requests.client_ids, true_lens, block_keys, loras, external,
         )
 
     @_serialized

@@ -29,6 +29,12 @@
 //              running and incoming requests use at most that many distinct adapters (what an
 //              engine can hold at once): a waiting or swapped request of another adapter waits for
 //              a slot, passed over by the requests behind it.
+//   external   prompt tokens whose KV an engine's KV connector holds (vLLM's external prefix hits,
+//              `external_tokens` at add): a request admitted with fewer computed tokens than that
+//              (device hit, host tier) is admitted with them computed, in fresh blocks the engine's
+//              connector loads before the plan's forward pass (the plan's external_load_ids and
+//              external_load_tokens; rounded down to whole blocks; inline, never prefetched).
+//              Counted again if it is recomputed after a preemption.
 //   incoming   a request migrating in from another instance (batch_former_migration.cpp): it
 //              holds blocks reserved for the KV being copied to it but is in no queue; commit
 //              makes it running with those tokens computed, cancel frees them. The estimator
@@ -126,6 +132,7 @@ struct NewRequest {
   int32_t client_id = 0;         // for per-client policy keys (fair share)
   int64_t true_output_len = -1;  // read by the oracle admission mode only
   int32_t lora_id = 0;           // 0: the base model (max_loras counts the others)
+  int64_t external_tokens = 0;   // prompt tokens an engine's KV connector can load ("external")
 };
 
 // Flat arrays an engine consumes without per-request work in Python.
@@ -160,6 +167,9 @@ struct StepPlan {
   // The part of swap_seconds an engine may overlap with the forward pass: write-throughs of blocks
   // this plan does not hand to another request, and loads for requests without a row in it.
   double cache_overlap_seconds = 0.0;
+  // External loads: requests admitted with tokens the engine's KV connector loads, and how many
+  // (past what the device prefix cache and the host tier held). Run before the forward pass.
+  std::vector<int64_t> external_load_ids, external_load_tokens;
   std::vector<int64_t> rejected_ids;
   std::vector<int32_t> rejected_reasons;  // RejectReason
   int64_t num_admitted = 0;
@@ -324,6 +334,7 @@ class BatchFormer {
     RequestId id = -1;
     int64_t prompt_len = 0, max_new_tokens = 0, true_output_len = -1;
     int64_t num_computed = 0, num_generated = 0;
+    int64_t external_tokens = 0;
     int64_t scheduled = -1;  // tokens in the outstanding plan, -1 when not scheduled
     int64_t add_order = 0, admit_order = 0;
     int64_t num_preemptions = 0;

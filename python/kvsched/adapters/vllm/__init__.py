@@ -5,7 +5,8 @@ prefill), admits through the peak-memory estimator (Past-Future) instead of vLLM
 admission, allocates blocks with prefix caching, and chooses who is preempted: by recompute, or by
 swap to a host pool (``preemption``: ``swap`` or ``auto``), with a host tier of the prefix cache on
 request (``host_prefix_cache``); their copies run on vLLM's workers through kvsched's KV connector
-(connector.py says how to turn it on).
+(connector.py says how to turn it on). A KV connector vLLM ships runs under kvsched's scheduling
+on the contract hosted_connector.py states (synchronous loads, no delayed frees).
 vLLM's KVCacheManager and BlockPool are not built: the native allocator owns the block ids the
 workers see.
 
@@ -26,7 +27,7 @@ synchronous scheduling (drafts in the core's lookahead slots: drafts.py), LoRA (
 batch-forming constraint in the core).
 
 Refused at construction, with the reason: speculative decoding other than n-gram or with
-asynchronous scheduling, KV connectors other than kvsched's (connector.py), encoder-cache connectors, multimodal and encoder-decoder models,
+asynchronous scheduling, encoder-cache connectors, multimodal and encoder-decoder models,
 pooling models, pipeline or context parallelism, hybrid KV cache groups (sliding window, Mamba),
 disabled chunked prefill, prefill cadence, 0.34's cache-aware admission window. Refused per request
 (finished with reason ``error``): streaming input sessions.
@@ -49,6 +50,8 @@ Files, one job each:
   events.py       KV events for routers from the native prefix cache's log
   metrics.py      kvsched's load report as Prometheus gauges for routers
   connector.py    the KV connector whose worker side executes the plans' swap and host-tier copies
+  hosted_connector.py  vLLM's own KV connectors: their scheduler side called as vLLM's scheduler does
+  preemption_costs.py  copy and recompute prices measured on the engine (preemption "auto", host tier)
 """
 
 from __future__ import annotations

