@@ -44,6 +44,9 @@ CONFIGS: dict[str, dict | None] = {
     "kvsched": {},
     "kvsched host tier": {"host_prefix_cache": True, "host_kv_gib": 0.25},
     "kvsched host tier + swap": {"host_prefix_cache": True, "preemption": "swap", "host_kv_gib": 0.25},
+    # The prefill of a request whose prefix comes back by copy starts a step later (the copy would
+    # overlap that step's forward pass where copies run during it; here they run before it).
+    "kvsched host tier, prefetch": {"host_prefix_cache": True, "host_kv_gib": 0.25, "host_cache_load": "prefetch"},
 }
 
 

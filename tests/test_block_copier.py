@@ -38,6 +38,8 @@ def test_pieces_follow_the_tensors_strides():
 def test_a_tensor_without_the_block_dimension_is_refused_by_name():
     with pytest.raises(ValueError, match="layer.3: no dimension"):
         block_pieces(np.zeros((2, 5, 4), np.float32), NUM_BLOCKS, "layer.3")
+    with pytest.raises(ValueError, match="several dimensions"):  # K/V or the block dimension?
+        block_pieces(np.zeros((2, 2, 4), np.float32), 2, "layer.0")
 
 
 @settings(max_examples=40, deadline=None)

@@ -22,9 +22,9 @@ def test_external_tokens_count_as_computed_and_the_plan_lists_the_load():
     plan = first_plan(s)
     rows = {int(r): i for i, r in enumerate(plan.req_ids)}
     assert plan.computed_offsets[rows[1]] == 64 and plan.num_tokens[rows[1]] == 36
-    assert plan.computed_offsets[rows[2]] == 64  # rounded down to whole blocks
+    assert plan.computed_offsets[rows[2]] == 70  # a partial block too: the prefill goes on from there
     assert plan.computed_offsets[rows[3]] == 0 and plan.num_tokens[rows[3]] == 40
-    assert dict(zip(plan.external_load_ids.tolist(), plan.external_load_tokens.tolist())) == {1: 64, 2: 64}
+    assert dict(zip(plan.external_load_ids.tolist(), plan.external_load_tokens.tolist())) == {1: 64, 2: 70}
     assert plan.blocks_of(rows[1]).size == -(-100 // BLOCK)  # its whole table, the loaded blocks too
     s.check_invariants()
 

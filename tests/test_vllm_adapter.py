@@ -429,6 +429,59 @@ def test_swap_and_the_host_tier_need_kvsched_s_connector_and_a_host_pool():
     assert isinstance(out.kv_connector_metadata, KvschedConnectorMetadata) and out.kv_connector_metadata.empty
 
 
+class RecordingConnector:
+    """A vLLM connector's scheduler side that offers ``hit`` tokens of every prompt and records calls."""
+
+    def __init__(self, hit: int, load_async: bool = False, delay_free: bool = False) -> None:
+        self.hit, self.load_async, self.delay_free, self.calls = hit, load_async, delay_free, []
+
+    def on_new_request(self, request):
+        self.calls.append(("new", request.request_id))
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        self.calls.append(("matched", request.request_id, num_computed_tokens))
+        return max(0, self.hit - num_computed_tokens), self.load_async
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):
+        self.calls.append(("alloc", request.request_id, blocks.get_block_ids(), num_external_tokens))
+
+    def request_finished(self, request, block_ids):
+        self.calls.append(("finished", request.request_id))
+        return self.delay_free, None
+
+
+def test_a_hosted_connector_is_called_as_vllm_calls_it_and_its_limits_are_loud():
+    # The real connector (vLLM's ExampleConnector on a real engine): tests/test_vllm_real_engine_connectors.py.
+    from kvsched.adapters.vllm.hosted_connector import HostedConnector
+
+    fake = RecordingConnector(hit=32)
+    hosted = HostedConnector(fake)
+    request = harness.make_request("a", 40, 4)
+    assert hosted.added(request) == 32
+    hosted.admitted(request, [3, 4], num_external_tokens=16, num_local_tokens=16)  # 16 cached, 16 loaded
+    assert fake.calls[-2:] == [("matched", "a", 16), ("alloc", "a", ([3, 4],), 16)]
+    with pytest.raises(RuntimeError, match="RecordingConnector.*admitted to load 32 tokens.*offers 16"):
+        hosted.admitted(request, [3, 4], num_external_tokens=32, num_local_tokens=16)
+    hosted.finished(request)
+    hosted.finished(request)  # once only
+    assert [c for c in fake.calls if c[0] == "finished"] == [("finished", "a")]
+    hosted.finished(harness.make_request("never-added", 8, 2))  # refused before the connector heard of it
+    assert fake.calls[-1] == ("finished", "a")
+    # Asynchronous loads are computed instead; a connector that keeps finished blocks stops the engine.
+    assert HostedConnector(RecordingConnector(hit=32, load_async=True)).added(harness.make_request("b", 40, 4)) == 0
+    keeper = HostedConnector(RecordingConnector(hit=0, delay_free=True))
+    keeper.added(harness.make_request("c", 40, 4))
+    with pytest.raises(RuntimeError, match="keeps the blocks of finished request c"):
+        keeper.finished(harness.make_request("c", 40, 4))
+    # A request that must not read cached KV (prompt logprobs) is offered nothing.
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    logprobs = Request("d", list(range(1, 41)), SamplingParams(max_tokens=4, prompt_logprobs=1), None)
+    if not versions.reads_prefix_cache(logprobs):
+        assert HostedConnector(RecordingConnector(hit=32)).added(logprobs) == 0
+
+
 def test_versions_outside_the_supported_range_are_refused_at_start_naming_the_range(monkeypatch):
     for version in ("0.32.0", "0.33.2", "0.34.0", "0.34.1+cpu", "0.34.0rc1"):
         check_vllm_version(version)

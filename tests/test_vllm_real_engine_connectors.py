@@ -101,6 +101,7 @@ def pressure(tiny_model) -> dict:
         "vllm": pressure_run(Engine(tiny_model, "vllm", enable_prefix_caching=False)),
         "recompute": pressure_run(kvsched_engine(tiny_model, prefix_caching=False)),
         "swap": pressure_run(kvsched_engine(tiny_model, prefix_caching=False, preemption="swap"), witness=True),
+        "auto": pressure_run(kvsched_engine(tiny_model, prefix_caching=False, preemption="auto")),
     }
 
 
@@ -117,6 +118,14 @@ def test_swap_preemption_recomputes_nothing_and_changes_no_output(pressure):
     assert swap["counts"].tokens == exact
     assert recompute["counts"].tokens > exact and recompute["stats"]["preemptions"] > 0  # what swap saved
     assert swap["counts"].preempted == stats["swap_preemptions"]  # the runner was told of each
+
+
+def test_auto_swaps_where_a_copy_is_cheaper_than_a_recompute(pressure):
+    # On this engine a block's copy is a memmove of microseconds and a recomputed token costs a
+    # measurable share of a step: auto's cost model (both prices measured here) swaps every time.
+    auto = pressure["auto"]
+    assert auto["outputs"] == pressure["vllm"]["outputs"]
+    assert auto["stats"]["preemptions"] > 0 and auto["stats"]["swap_preemptions"] == auto["stats"]["preemptions"]
 
 
 def test_copies_and_recomputes_are_priced_on_this_machine(pressure):

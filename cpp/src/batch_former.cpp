@@ -396,8 +396,8 @@ bool BatchFormer::start(Request& r, int64_t& budget) {
   if (options_.host_prefix_cache && !r.keys.empty()) {
     loaded = host_hit_blocks(r, cached / bs, (r.total() - 1) / bs - cached / bs) * bs;
   }
-  // External: what the engine's KV connector loads past both, in whole blocks (glossary).
-  const int64_t external = std::max<int64_t>(0, r.external_tokens - r.external_tokens % bs - cached - loaded);
+  // External: what the engine's KV connector loads past both (glossary).
+  const int64_t external = std::max<int64_t>(0, r.external_tokens - cached - loaded);
   // Prefetch: admitted with its load and no row; its prefill starts next step, after the copy.
   const bool prefetch = loaded > 0 && external == 0 && options_.host_cache_prefetch;
   const int64_t ready = cached + loaded + external;

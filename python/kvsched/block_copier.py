@@ -6,7 +6,7 @@ engine's real tensors and executes them: natively with memmove where the KV cach
 
 Glossary
   block dim   the dimension of a KV tensor indexed by block id: the one whose size is the number of
-              blocks (the largest stride among such, should another dimension be as large).
+              blocks (a tensor where another dimension is as large is refused: ambiguous).
   piece       the bytes one block has in one tensor at one index of the tensor's other outer
               dimensions: a K/V dimension in front of the block dim, a layer dimension, or inner
               dimensions that are not dense. Each piece is a row of the KvLayout: one block of it
@@ -70,9 +70,10 @@ def block_pieces(tensor: Any, num_blocks: int, name: str = "tensor") -> list[Pie
     """The pieces of one KV tensor of ``num_blocks`` blocks (see the glossary)."""
     _, shape, strides, itemsize = _geometry(tensor, name)
     candidates = [d for d, size in enumerate(shape) if size == num_blocks]
-    if not candidates:
-        raise ValueError(f"{name}: no dimension of shape {shape} has the {num_blocks} blocks of the KV cache")
-    block_dim = max(candidates, key=lambda d: strides[d])
+    if len(candidates) != 1:
+        raise ValueError(f"{name}: {'no dimension' if not candidates else 'several dimensions'} of shape {shape} "
+                         f"{'has' if not candidates else 'have'} the {num_blocks} blocks of the KV cache")
+    block_dim = candidates[0]
     block_stride = strides[block_dim]
     others = [d for d in range(len(shape)) if d != block_dim and shape[d] > 1]
     # The dense core of a block: inner dimensions, smallest stride first, while each continues the last.

@@ -586,6 +586,7 @@ class Scheduler:
         self._former.set_overflow_scenarios(overflow_scenarios)
         self.config = replace(self.config, overflow_scenarios=int(overflow_scenarios))  # not the caller's object
 
+    @_serialized
     def set_recompute_seconds_per_token(self, seconds: float) -> None:
         """Changes what recomputing a token costs (``SchedulerConfig.recompute_seconds_per_token``)
         between steps: preemption ``auto`` and the host tier weigh copies against it. For an engine

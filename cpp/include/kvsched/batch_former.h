@@ -33,7 +33,7 @@
 //              `external_tokens` at add): a request admitted with fewer computed tokens than that
 //              (device hit, host tier) is admitted with them computed, in fresh blocks the engine's
 //              connector loads before the plan's forward pass (the plan's external_load_ids and
-//              external_load_tokens; rounded down to whole blocks; inline, never prefetched).
+//              external_load_tokens; inline, never prefetched).
 //              Counted again if it is recomputed after a preemption.
 //   incoming   a request migrating in from another instance (batch_former_migration.cpp): it
 //              holds blocks reserved for the KV being copied to it but is in no queue; commit

@@ -175,6 +175,10 @@ def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int,
         if options["num_host_blocks"] < 1:
             raise ValueError(f"host_kv_gib: {gib} GiB holds no block of {block_bytes} bytes")
         options["swap_block_bytes"] = block_bytes
+        if options.get("host_prefix_cache") and options.get("host_cache_load") is None:
+            # The connector copies before the step, never during the forward pass: a prefetch would
+            # only start the prefill a step later (bench/README.md, "Swap and the host tier in a real vLLM").
+            options["host_cache_load"] = "inline"
         # For the cost model's descriptor count: a K and a V run per layer (the workers' real layout
         # may coalesce them; BlockCopier reads it from the tensors).
         options["swap_tensors_per_block"] = 2 * max(1, num_kv_tensors)

@@ -36,7 +36,7 @@ import numpy as np
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
-from kvsched.block_copier import BlockCopier
+from kvsched.block_copier import BlockCopier, block_pieces
 
 CONNECTOR_NAME = "KvschedConnector"
 CONNECTOR_MODULE = __name__
@@ -80,12 +80,17 @@ class KvschedConnector(KVConnectorBase_V1):
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        # Layers that share one tensor (KV sharing) are copied once.
+        # Layers that share one tensor (KV sharing) are copied once. The layout is checked now, so
+        # that a cache the copier cannot read fails at start, not at the first preemption.
         unique = {}
         for name, tensor in kv_caches.items():
             if not hasattr(tensor, "data_ptr"):
                 raise TypeError(f"KvschedConnector: KV cache of layer {name!r} is a {type(tensor).__name__}, "
                                 "not a tensor (this attention backend's cache cannot be copied)")
+            if tensor.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"KvschedConnector: KV cache of layer {name!r} is on {tensor.device}; "
+                                 "it copies between host memory and CPU or CUDA KV caches only")
+            block_pieces(tensor, self._kv_cache_config.num_blocks, name)
             unique.setdefault((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())), (name, tensor))
         self._kv_caches = dict(unique.values())
 

@@ -332,6 +332,9 @@ class Scheduler(SchedulerInterface):
             computed = int(plan.computed_offsets[row])
             if rows_state[row] == UNSENT and request.prefill_stats is not None:
                 request.prefill_stats.set(request.num_prompt_tokens, min(computed, request.num_prompt_tokens), 0)
+            external = external_loads.get(handle, 0)
+            if self.hosted is not None:  # before num_computed_tokens changes, as vLLM calls it
+                self.hosted.admitted(request, to_runner.row_blocks(plan, row), external, computed - external)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = computed
             if self.log_stats:
@@ -340,10 +343,8 @@ class Scheduler(SchedulerInterface):
                 if self._reads_prefix_cache and versions.reads_prefix_cache(request):
                     # vLLM's accounting: all of its tokens queried, the cached ones hit; a resumed
                     # request counts apart (preempted_*).
-                    self._prefix_stats.record(num_tokens=request.num_tokens, num_hits=computed,
+                    self._prefix_stats.record(num_tokens=request.num_tokens, num_hits=computed - external,
                                               preempted=request.num_preemptions > 0)
-            if self.hosted is not None:
-                self.hosted.admitted(request, to_runner.row_blocks(plan, row), external_loads.get(handle, 0))
             if rows_state[row] == PREEMPTED and not self.use_v2_model_runner:
                 resumed_rows.append(row)
                 continue
