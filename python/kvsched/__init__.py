@@ -11,6 +11,7 @@ from importlib import metadata as _metadata
 from . import _core
 from ._core import OutOfBlocks
 from .allocator import BlockAllocator
+from .block_copier import BlockCopier
 from .estimator import PeakEstimator, future_peak
 from .policies import Policy
 from .scheduler import CacheEvents, Scheduler, SchedulerConfig, StepPlan
@@ -36,7 +37,7 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
-    "BlockAllocator", "CacheEvents", "KvLayout", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler",
+    "BlockAllocator", "BlockCopier", "CacheEvents", "KvLayout", "OutOfBlocks", "PeakEstimator", "Policy", "Scheduler",
     "SchedulerConfig", "StepPlan", "SwapPlan", "SwapPlanner",
     "__version__", "cuda_compiled", "future_peak", "has_cuda",
 ]
