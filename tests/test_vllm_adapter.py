@@ -395,7 +395,7 @@ def test_refused_configurations_and_options_name_the_reason():
         harness.make_scheduler("kvsched", cfg, kv)
 
 def test_swap_and_the_host_tier_need_kvsched_s_connector_and_a_host_pool():
-    # The copies themselves run on a real engine: tests/test_vllm_real_engine_swap.py.
+    # The copies themselves run on a real engine: tests/test_vllm_real_engine_connectors.py.
     from vllm.config import KVTransferConfig
 
     from kvsched.adapters.vllm.connector import CONNECTOR_MODULE, CONNECTOR_NAME, KvschedConnectorMetadata

@@ -97,9 +97,6 @@ class Scheduler(SchedulerInterface):
         self.max_model_len = vllm_config.model_config.max_model_len
         self.use_v2_model_runner = versions.uses_v2_model_runner(vllm_config)
         self.uses_mrope = bool(vllm_config.model_config.uses_mrope)
-        # A KV connector vLLM ships, its scheduler side called as vLLM's scheduler does (hosted_connector.py).
-        self.hosted = HostedConnector.create(vllm_config, kv_cache_config)
-        self.connector = self.hosted.connector if self.hosted else None
         self.ec_connector = None
 
         group = kv_cache_config.kv_cache_groups[0]
@@ -112,6 +109,10 @@ class Scheduler(SchedulerInterface):
         if config.num_host_blocks and vllm_config.device_config.device_type == "cpu":
             config = dataclasses.replace(config, swap_cost=kvsched.swap.host_copy_cost())
         self.kvsched_config = config
+        # A KV connector vLLM ships, its scheduler side called as vLLM's scheduler does
+        # (hosted_connector.py); built once kvsched's options were accepted.
+        self.hosted = HostedConnector.create(vllm_config, kv_cache_config)
+        self.connector = self.hosted.connector if self.hosted else None
         self.core = kvsched.Scheduler(config, policy=policy)
         self.priced_risk = PricedRisk(self.core) if priced else None  # overflow_scenarios: "auto"
         measured = config.num_host_blocks and "recompute_seconds_per_token" not in user
