@@ -33,17 +33,12 @@ def _log_change(old: int, new: int, cost: StepCost) -> None:
         old, new, cost.a * 1e3, cost.b * 1e3, cost.c * 1e3)
 
 
-class PricedRisk:
-    def __init__(self, core: kvsched.Scheduler) -> None:
-        self.admission = PricedAdmission(core, REPRICE_STEPS, on_change=_log_change)
-        self._last_update = None
+class StepClock:
+    """Times the engine's steps as the periods between update_from_output() calls and hands each
+    period, with the step's rows and scheduled tokens, to ``observe``."""
 
-    @property
-    def overflow_scenarios(self) -> int:
-        return self.admission.overflow_scenarios
-
-    def finished(self, num_output_tokens: int) -> None:
-        self.admission.finished(num_output_tokens)
+    def __init__(self) -> None:
+        self._last_update: float | None = None
 
     def idle(self) -> None:
         """No request is left: the engine stops stepping, and the wait until the next one is no step."""
@@ -53,6 +48,24 @@ class PricedRisk:
         """At the start of update_from_output() for ``output``."""
         now = perf_counter()
         if self._last_update is not None:
-            self.admission.step(now - self._last_update, len(output.num_scheduled_tokens),
-                                output.total_num_scheduled_tokens)
+            self.observe(now - self._last_update, len(output.num_scheduled_tokens), output.total_num_scheduled_tokens)
         self._last_update = now
+
+    def observe(self, seconds: float, rows: int, tokens: int) -> None:
+        raise NotImplementedError
+
+
+class PricedRisk(StepClock):
+    def __init__(self, core: kvsched.Scheduler) -> None:
+        super().__init__()
+        self.admission = PricedAdmission(core, REPRICE_STEPS, on_change=_log_change)
+
+    @property
+    def overflow_scenarios(self) -> int:
+        return self.admission.overflow_scenarios
+
+    def finished(self, num_output_tokens: int) -> None:
+        self.admission.finished(num_output_tokens)
+
+    def observe(self, seconds: float, rows: int, tokens: int) -> None:
+        self.admission.step(seconds, rows, tokens)

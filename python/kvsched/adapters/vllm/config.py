@@ -43,6 +43,12 @@ def request_tags(request) -> tuple[int, int] | str:
     return client, klass
 
 
+def user_options(vllm_config: VllmConfig) -> dict:
+    """A copy of ``additional_config['kvsched']`` (empty when absent)."""
+    extra = vllm_config.additional_config
+    return dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
+
+
 def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
     """What in this configuration the adapter does not implement (empty when it can run)."""
     model = vllm_config.model_config
@@ -101,8 +107,7 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int, bl
     """kvsched's SchedulerConfig and policy from vLLM's config and ``additional_config['kvsched']``, and
     whether the adapter prices overflow_scenarios itself ("auto"). ``block_bytes``: one block of
     every layer's KV (sizes the host pool of ``host_kv_gib``), held in ``num_kv_tensors`` tensors."""
-    extra = vllm_config.additional_config
-    options = dict(extra.get("kvsched", {})) if isinstance(extra, dict) else {}
+    options = user_options(vllm_config)
     unknown = sorted(set(options) - set(KVSCHED_OPTIONS))
     if unknown:
         raise ValueError(f"additional_config['kvsched']: unknown option(s) {unknown}; known: {list(KVSCHED_OPTIONS)}")
@@ -175,6 +180,8 @@ def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int,
         if options["num_host_blocks"] < 1:
             raise ValueError(f"host_kv_gib: {gib} GiB holds no block of {block_bytes} bytes")
         options["swap_block_bytes"] = block_bytes
+        if vllm_config.device_config.device_type == "cpu":  # copies are memmoves: timed here (preemption_costs.py)
+            options["swap_cost"] = kvsched.swap.host_copy_cost()
         if options.get("host_prefix_cache") and options.get("host_cache_load") is None:
             # The connector copies before the step, never during the forward pass: a prefetch would
             # only start the prefill a step later (bench/README.md, "Swap and the host tier in a real vLLM").

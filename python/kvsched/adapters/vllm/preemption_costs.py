@@ -6,7 +6,7 @@ tokens at ``recompute_seconds_per_token``. Both sides are measured here unless t
 
   copy       on an engine whose KV cache is in host memory (a CPU engine), the swap cost table is
              timed at start: memmove bandwidth, and the cost of one more descriptor, on this
-             machine (``kvsched.swap.host_copy_cost``). On CUDA the engine core has no GPU to time, and the table
+             machine (``kvsched.swap.host_copy_cost``, called by config.py). On CUDA the engine core has no GPU to time, and the table
              stays the default (published PCIe figures; ``kvsched.cuda.calibrate_swap_cost``
              measures one on a GPU).
   recompute  each step's period, rows and scheduled tokens are fitted (``kvsched.risk.RiskPricer``:
@@ -16,51 +16,41 @@ tokens at ``recompute_seconds_per_token``. Both sides are measured here unless t
 
 from __future__ import annotations
 
-from time import perf_counter
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
 from kvsched.risk import RiskPricer
 
+from .admission_risk import StepClock
 from .state import LOGGER_NAME
 
 if TYPE_CHECKING:
-    from vllm.v1.core.sched.output import SchedulerOutput
-
     import kvsched
 
 REFIT_STEPS = 64
 
 
-class RecomputeCost:
+class RecomputeCost(StepClock):
     """Sets the core's ``recompute_seconds_per_token`` from the engine's measured steps."""
 
     def __init__(self, core: kvsched.Scheduler) -> None:
+        super().__init__()
         self.core = core
         self.fitter = RiskPricer(num_scenarios=1)  # its step-cost fit only
-        self._last_update: float | None = None
         self._since_fit = 0
 
-    def idle(self) -> None:
-        """No request is left: the wait until the next one is no step."""
-        self._last_update = None
-
-    def step_reported(self, output: SchedulerOutput) -> None:
-        """At the start of update_from_output() for ``output``: the period since the last one."""
-        now = perf_counter()
-        if self._last_update is not None:
-            self.fitter.observe(now - self._last_update, len(output.num_scheduled_tokens),
-                                output.total_num_scheduled_tokens)
-            self._since_fit += 1
-            if self._since_fit >= REFIT_STEPS:
-                self._since_fit = 0
-                cost = self.fitter.fit()
-                if cost is not None and cost.c > 0:
-                    old = self.core.config.recompute_seconds_per_token
-                    self.core.set_recompute_seconds_per_token(cost.c)
-                    if abs(cost.c - old) > 0.25 * old:
-                        init_logger(LOGGER_NAME).info(
-                            "kvsched preemption costs: a recomputed token %.4f ms (was %.4f ms)", cost.c * 1e3,
-                            old * 1e3)
-        self._last_update = now
+    def observe(self, seconds: float, rows: int, tokens: int) -> None:
+        self.fitter.observe(seconds, rows, tokens)
+        self._since_fit += 1
+        if self._since_fit < REFIT_STEPS:
+            return
+        self._since_fit = 0
+        cost = self.fitter.fit()
+        if cost is None or cost.c <= 0:
+            return
+        old = self.core.config.recompute_seconds_per_token
+        self.core.set_recompute_seconds_per_token(cost.c)
+        if abs(cost.c - old) > 0.25 * old:
+            init_logger(LOGGER_NAME).info("kvsched preemption costs: a recomputed token %.4f ms (was %.4f ms)",
+                                          cost.c * 1e3, old * 1e3)

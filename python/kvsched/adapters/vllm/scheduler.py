@@ -39,7 +39,6 @@ Glossary
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections import defaultdict, deque
 from typing import Any, Iterable
@@ -57,7 +56,7 @@ from vllm.v1.request import Request, RequestStatus
 import kvsched
 
 from . import events, from_runner, metrics, to_runner, versions
-from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features
+from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features, user_options
 from .connector import is_kvsched_connector, metadata_from_plan
 from .hosted_connector import HostedConnector
 from .admission_risk import PricedRisk
@@ -103,11 +102,6 @@ class Scheduler(SchedulerInterface):
         config, policy, priced = kvsched_config(vllm_config, kv_cache_config.num_blocks - 1, block_size,
                                                 group.kv_cache_spec.page_size_bytes * len(group.layer_names),
                                                 len(group.layer_names))
-        # Copies (swap, the host tier) against recomputes, at this engine's measured prices unless the
-        # user set them (preemption_costs.py).
-        user = vllm_config.additional_config.get("kvsched", {}) if isinstance(vllm_config.additional_config, dict) else {}
-        if config.num_host_blocks and vllm_config.device_config.device_type == "cpu":
-            config = dataclasses.replace(config, swap_cost=kvsched.swap.host_copy_cost())
         self.kvsched_config = config
         # A KV connector vLLM ships, its scheduler side called as vLLM's scheduler does
         # (hosted_connector.py); built once kvsched's options were accepted.
@@ -115,7 +109,9 @@ class Scheduler(SchedulerInterface):
         self.connector = self.hosted.connector if self.hosted else None
         self.core = kvsched.Scheduler(config, policy=policy)
         self.priced_risk = PricedRisk(self.core) if priced else None  # overflow_scenarios: "auto"
-        measured = config.num_host_blocks and "recompute_seconds_per_token" not in user
+        # Copies (swap, the host tier) weighed against recomputes priced from this engine's steps,
+        # unless the user set the price (preemption_costs.py).
+        measured = config.num_host_blocks and "recompute_seconds_per_token" not in user_options(vllm_config)
         self.recompute_cost = RecomputeCost(self.core) if measured else None
 
         self.requests: dict[str, Request] = {}
@@ -373,10 +369,7 @@ class Scheduler(SchedulerInterface):
         )
         if self.drafts is not None:  # the runner's proposer drafts this many for the next step
             output.num_spec_tokens_to_schedule = self.drafts.num_speculative_tokens
-        if self._copies:
-            output.kv_connector_metadata = metadata_from_plan(plan, self.kvsched_config.num_host_blocks)
-        elif self.hosted is not None:
-            self.hosted.metadata(output, loads=bool(external_loads))
+        self._connector_metadata(output, plan, loads=bool(external_loads))
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
@@ -403,15 +396,20 @@ class Scheduler(SchedulerInterface):
         output = SchedulerOutput.make_empty()
         output.finished_req_ids = self.finished_req_ids
         output.preempted_req_ids = self._preempted_req_ids
-        if self._copies:
-            output.kv_connector_metadata = metadata_from_plan(None, self.kvsched_config.num_host_blocks)
-        elif self.hosted is not None:
-            self.hosted.metadata(output, loads=False)
+        self._connector_metadata(output, None, loads=False)
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         empty = np.zeros(0, np.int64)
         self._steps.append(Step(output, empty, empty, [], np.zeros(0, bool), np.zeros(0, bool), []))
         return output
+
+    def _connector_metadata(self, output: SchedulerOutput, plan: kvsched.StepPlan | None, loads: bool) -> None:
+        """Every step's metadata for the workers' KV connector (vLLM requires it on each step once
+        one is configured): kvsched's plan copies, or what a hosted connector builds."""
+        if self._copies:
+            output.kv_connector_metadata = metadata_from_plan(plan, self.kvsched_config.num_host_blocks)
+        elif self.hosted is not None:
+            self.hosted.metadata(output, loads)
 
     def _handle_rejected(self, rejected_ids: np.ndarray) -> None:
         # The core rejects a prompt its cache can never hold; vLLM calls that "ignored" (length).
