@@ -209,6 +209,10 @@ OPTION_CASES = [
     (["--instances", "2", "--dispatch", "prefix_affinity", "--imbalance-limit", "nan"], "--imbalance-limit: must be a"),
     (["--instances", "2", "--dispatch", "prefix_affinity", "--imbalance-limit", "5"],
      "--imbalance-limit: must be <= 1"),
+    (["--policy", "deadline"], "--policy deadline orders by arrival + each class's TTFT SLO"),
+    (["--policy", "vtc"], "--policy vtc shares the engine among clients, and this run's requests have none"),
+    (["--policy", "vtc", "--priorities", "markov"], "--priorities: only the priority policy uses priorities"),
+    (["--policy", "sjf"], "--policy: unknown ordering policy 'sjf'; choose from fcfs, priority, vtc, deadline"),
 ]
 
 
@@ -371,3 +375,19 @@ def test_child_process_gets_one_line_and_status_2(case, tmp_path):
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "r.json" not in files(tmp_path)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--polcy", "fcfs"], "--polcy: did you mean --policy?"),
+    (["--admision", "oracle"], "--admision: did you mean --admission?"),
+    (["--kv-capacty-tokens=4096"], "--kv-capacty-tokens: did you mean --kv-capacity-tokens?"),
+])
+def test_a_misspelt_option_is_named_by_simulate_with_the_closest_one(argv, hint, capsys, no_run):
+    line = refusal(["simulate", *TINY, *argv], capsys)
+    assert line.startswith("kvsched simulate: error: unrecognized arguments: ")  # simulate's, not the top level's
+    assert hint in line and "(see kvsched simulate --help)" in line
+
+
+def test_an_option_nothing_resembles_gets_no_guess(capsys, no_run):
+    line = refusal(["simulate", *TINY, "--zzzzzz"], capsys)
+    assert "unrecognized arguments: --zzzzzz" in line and "did you mean" not in line

@@ -254,10 +254,41 @@ def test_cli_per_request_export_has_every_request_of_every_run(tmp_path, capsys)
             assert outcomes.count("too_long") + outcomes.count("rejected") == seed_record["rejected"]
             assert outcomes.count("too_long") == seed_record["rejected_too_long"]
             assert all(r["ttft_s"] == "" for r in mine if r["outcome"] == "too_long")
+            # A prompt never sent still arrived: its row says when.
+            assert all(r["arrival_s"] != "" for r in mine)
             ttft = [float(r["ttft_s"]) for r in mine if r["outcome"] == "completed"]
             assert np.percentile(ttft, 99) == pytest.approx(seed_record["ttft_p99_s"], rel=1e-4)
             assert sum(int(r["preemptions"]) for r in mine) == seed_record["preemptions"]
     assert any(r["outcome"] == "too_long" for r in rows)
+    # Counts are integers in the JSON where the seeds' mean is whole (a request count always is).
+    assert all(isinstance(record["num_requests"], int) for record in records)
+    assert all(isinstance(s["completed"], int) for record in records for s in record["per_seed"])
+
+
+def test_cli_per_request_writes_a_run_reused_across_seeds_once(tmp_path, capsys):
+    import csv
+
+    # A timed trace under aggressive admission draws nothing from the seed: seed 1 reuses seed 0's run.
+    trace = tmp_path / "azure.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{10 + i // 10:02d}.{i % 10}000000,{200 + 37 * i},{5 + i}\n" for i in range(30)))
+    out = tmp_path / "requests.csv"
+    argv = ["simulate", "--trace", str(trace), "--seeds", "2", "--admission", "aggressive,past_future",
+            "--per-request", str(out), "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    runs = {(r["admission"], r["seed"]) for r in rows}
+    assert runs == {("aggressive", "0"), ("past_future", "0"), ("past_future", "1")}
+    assert len(rows) == 3 * 30
+    records = {r["admission"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert records["aggressive"]["per_seed"][1]["same_run_as_seed"] == 0
+
+
+def test_cli_vtc_runs_with_clients(capsys):
+    argv = ["simulate", "--clients", "4", "--num-requests", "40", "--seeds", "1", "--admission", "aggressive",
+            "--policy", "vtc"]
+    assert main(argv) == 0
+    assert "ordering policy vtc" in capsys.readouterr().out
 
 
 def test_cli_compact_table_and_wide(capsys):

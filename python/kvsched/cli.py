@@ -38,7 +38,10 @@ from .sim.workloads import (
 
 PLACEMENTS = ("contiguous", "lifo", "fifo")
 DEFAULT_ADMISSIONS = "aggressive,conservative,past_future,oracle"
-ORDERING_POLICIES = ("fcfs", "priority")  # those the simulated workloads give inputs to
+# Scheduler(policy=...)'s names. fcfs and priority run on every workload; vtc shares the engine among
+# clients, so it needs a run whose requests have them (--clients, or conversations); deadline is refused
+# (_check_options says why).
+ORDERING_POLICIES = ("fcfs", "priority", "vtc", "deadline")
 
 
 # Bounds on what one run may ask for, named in the errors: far beyond any published setup, yet
@@ -227,8 +230,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--host-cache-load: the host tier needs --host-kv-tokens")
     if args.policy == "priority" and args.priorities == "none":
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
-    if args.policy == "fcfs" and args.priorities != "none":
+    if args.policy in ("fcfs", "vtc") and args.priorities != "none":
         raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
+    if args.policy == "deadline":
+        raise ValueError("--policy deadline orders by arrival + each class's TTFT SLO; a simulated run has one "
+                         "class and one SLO (--slo), so its order would be fcfs's: use --policy fcfs")
     if args.instances == 1:
         for option, value in (("--dispatch", args.dispatch), ("--migration", args.migration),
                               ("--global-queue", args.global_queue), ("--link", args.link),
@@ -345,6 +351,9 @@ def _load_workload(args: argparse.Namespace, seed: int, defaults: Optional[Workl
                              "--rate-scale or --find-max-rate")
         trace = closed_loop(trace, args.clients, think_time, seed=seed)
         source += f", closed loop: {args.clients} clients, think time {think_time:g} s"
+    if args.policy == "vtc" and not trace.has_sessions:
+        raise ValueError("--policy vtc shares the engine among clients, and this run's requests have none: "
+                         "add --clients N, or use a workload with conversations (multi_turn)")
     return trace, source, seeded
 
 
@@ -551,6 +560,9 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if len(records) > 1 and len(seeds) > 1:
         print(f"Δ pp: paired difference in {slo.name} attainment from {records[0]['run']} over the same seeds, "
               "percentage points")
+    if args.instances > 1:
+        print("migr: running requests moved live between instances; spread: the largest minus the smallest "
+              "instance's time-weighted mean KV use (0% is perfectly even)")
     if len(seeds) > 1:
         print("a ± interval that would pass 0 or 100% is shown clipped, as [low,high]")
     if any(r.get("max_rate_capped") for r in records):
@@ -693,14 +705,37 @@ class _Progress:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block): the option, the problem, the bound."""
+    """argparse with its errors on one line (no usage block): the option, the problem, the bound.
+    Unknown options are reported by the command they were given to, with the closest option it has."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {_shorten(message)} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            command.error(_unrecognized(unknown, command))
+        return parsed
+
+
+def _unrecognized(tokens: List[str], parser: argparse.ArgumentParser) -> str:
+    import difflib
+
+    known = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if name.startswith("-"):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(tokens)}" + (f" ({'; '.join(hints)})" if hints else "")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvsched", description="kvsched: a native scheduling core for LLM serving.")
+    parser.commands = {}  # name -> its parser, which reports the unknown options given to it
     parser.add_argument("--version", action="version", version=f"kvsched {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser(
@@ -755,8 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated admission modes to compare, one row each (default {DEFAULT_ADMISSIONS}; "
                      "past_future with --instances)")
     sim.add_argument("--policy", type=_ordering_policy, default=None,
-                     help="ordering policy, as Scheduler(policy=...): fcfs, or priority with --priorities "
-                     "(default: priority with --priorities, else fcfs)")
+                     help="ordering policy, as Scheduler(policy=...): fcfs; priority with --priorities; vtc (fair share "
+                     "among clients: each --clients client or multi_turn conversation is one) "
+                     "(default: priority with --priorities, else fcfs; deadline is refused: one SLO class)")
     sim.add_argument("--kv-capacity-tokens", type=_integer(1, None), default=0,
                      help="KV cache size in tokens (default: the built-in workload's, 65536 for most; the "
                      "model profile's with --trace)")
@@ -800,7 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "pass (default prefetch)")
     sim.add_argument("--instances", type=_integer(1, MAX_INSTANCES), default=1,
                      help="simulate a fleet of N identical instances (each its own KV cache and scheduler) behind a "
-                     "dispatcher; a built-in workload's default rate and request count scale with N (default 1)")
+                     "dispatcher; a built-in workload's default rate and request count scale with N (default 1). "
+                     "The table adds migr (running requests moved live between instances) and spread (the "
+                     "largest minus the smallest instance's time-weighted mean KV use)")
     sim.add_argument("--dispatch", type=_dispatch_policies, default=None,
                      help="with --instances: comma-separated dispatch policies to compare, one row each: "
                      f"{', '.join(DISPATCH_POLICIES)} (default all)")
@@ -843,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "outcome) to FILE: .csv, or .parquet with pyarrow")
     sim.add_argument("--plot", help="write TTFT and worst-gap CDFs of the first seed to this PNG (needs matplotlib)")
     sim.set_defaults(run=_simulate)
+    parser.commands.update({"allocator-replay": replay, "simulate": sim})
     return parser
 
 

@@ -325,6 +325,7 @@ class EngineInstance:
             ids, prompt[ids], self.prepared.max_new_tokens[ids], arrival_times=arrival_s,
             true_output_lens=output[ids] if self.admission == "oracle" else None, block_keys=keys,
             priorities=None if self._priorities is None else self._session_priority[self._session[ids]],
+            client_ids=self._session[ids],  # a session (closed-loop client, conversation) is a client to vtc
         )
         self.cpu += time.perf_counter() - start
         self._live_of_session[self._session[ids]] = ids

@@ -131,6 +131,8 @@ def aggregate(records: list) -> dict:
             elif present and all(number(v) for v in present):
                 # A figure some seeds lack (None: e.g. no migration to time) is the mean of the others.
                 out[key] = float(np.mean(present)) if len(group) > 1 else value
+                if all(isinstance(v, (int, np.integer)) for v in present) and float(out[key]).is_integer():
+                    out[key] = int(out[key])  # a count stays a count where every seed agrees on a whole mean
                 out[f"{key}_ci95"] = interval95(present)
             elif isinstance(value, bool):
                 out[key] = all(r[key] for r in group)

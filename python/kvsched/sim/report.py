@@ -30,6 +30,7 @@ def per_request_rows(log, seed: int, prepared) -> dict:
     out["preemptions"][at] = log.preemptions
     completed = ~np.isnan(log.finish_s)
     multi = completed & (log.output_tokens > 1)
+    out["arrival_s"] = workload.arrival_s.astype(np.float64)  # when a too_long prompt came, though never sent
     out["arrival_s"][at] = log.arrival_s
     out["ttft_s"][at] = log.first_token_s - log.arrival_s
     out["tpot_s"][at] = np.where(multi, (log.finish_s - log.first_token_s) / np.maximum(log.output_tokens - 1, 1),
@@ -48,9 +49,10 @@ def per_request_rows(log, seed: int, prepared) -> dict:
 
 
 def write_per_request(path: str, runs: dict, prepared_of_seed: dict) -> int:
-    """Every request of every run (admission mode or fleet, x seed) to a CSV or Parquet file; the row count."""
+    """Every request of every run (admission mode or fleet, x seed) to a CSV or Parquet file; the row count.
+    A run that a later seed reused unchanged (``same_run_as_seed``) is written once, under the seed it ran."""
     parts = [per_request_rows(log, record["seed"], prepared_of_seed[record["seed"]])
-             for name in runs for record, log in runs[name]]
+             for name in runs for record, log in runs[name] if "same_run_as_seed" not in record]
     columns = {name: np.concatenate([part[name] for part in parts]) for name in PER_REQUEST_COLUMNS}
     rows = columns["request"].size
     if path.endswith(".parquet"):
@@ -183,6 +185,7 @@ def plot_cdfs(logs: list, path: str, title: str, slo, image_format: Optional[str
         ax.axvline(bound, color="black", linestyle="--", linewidth=1, label=label)
         ax.set_xlabel(xlabel)
         ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0)  # times are never negative: no margin, and no tick, below zero
         ax.set_ylabel("fraction of completed requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
