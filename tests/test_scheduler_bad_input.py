@@ -148,3 +148,30 @@ def test_safety_quantile_options_are_refused_with_sampled_draws_where_they_would
     before = estimator.quantile
     estimator.observe(0, 10)  # admissions without preemptions relax the quantile toward the target
     assert estimator.quantile < before
+
+
+@pytest.mark.parametrize("keywords, named", [
+    ({"num_blokcs": 64}, "'num_blokcs' (did you mean 'num_blocks'?)"),
+    ({"num_blocks": 64, "admision": "aggressive"}, "'admision' (did you mean 'admission'?)"),
+    ({"num_blocks": 64, "zzzz": 1}, "'zzzz';"),
+])
+def test_an_unknown_scheduler_keyword_is_named_not_mistaken_for_a_missing_one(keywords, named):
+    with pytest.raises(TypeError, match="unknown keyword argument") as error:
+        kvsched.Scheduler(**keywords)
+    assert named in str(error.value)
+    # With a config too: the misspelt override is named, not silently dropped or a dataclass error.
+    with pytest.raises(TypeError, match="unknown keyword argument"):
+        kvsched.Scheduler(kvsched.SchedulerConfig(num_blocks=64), **{k: v for k, v in keywords.items()
+                                                                     if k != "num_blocks"})
+
+
+def test_help_of_the_scheduler_lists_every_keyword_with_a_line():
+    import dataclasses
+    import pydoc
+
+    text = pydoc.render_doc(kvsched.Scheduler, renderer=pydoc.plaintext)
+    lines = [line.strip(" |") for line in text.splitlines()]  # help() draws a class's text behind " |  "
+    for field in dataclasses.fields(kvsched.SchedulerConfig):
+        at = next((i for i, line in enumerate(lines) if line.startswith(f"{field.name} :")), None)
+        assert at is not None, f"{field.name} is not listed in help(kvsched.Scheduler)"
+        assert lines[at + 1], f"{field.name} has no line saying what it is"

@@ -7,6 +7,8 @@ converts arguments, asks the policy for keys in bulk and wraps the plan's arrays
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import threading
 from dataclasses import dataclass, field, replace
@@ -56,6 +58,87 @@ class SchedulerConfig:
     request's host hits are loaded: ``"prefetch"`` (the default with the tier: it is admitted with
     its load but without a row, and its prefill starts in the next plan, so the copy overlaps this
     step's forward pass) or ``"inline"`` (load and prefill in the same plan, the copy first).
+
+    Parameters
+    ----------
+    num_blocks : int
+        KV blocks on the device (required).
+    block_size : int, default 16
+        Tokens per KV block.
+    max_num_batched_tokens : int, default 8192
+        Tokens one step may compute (decodes first, prefill chunks share the rest).
+    max_num_seqs : int, default 256
+        Requests one step may run.
+    max_loras : int, default 0
+        Distinct LoRA adapters among running requests (0: no limit).
+    max_prefill_chunk : int, default 2048
+        Prefill tokens one request may compute per step (0: no cap but the step budget).
+    prefill_attention_budget : int, default 2048 * (8192 + 1024)
+        Prefill attention token pairs per step; chunks shrink deep in long prompts (0: no limit).
+    num_lookahead_tokens : int, default 0
+        Extra slots per running request for speculative draft tokens.
+    admission : str, default "past_future"
+        How output lengths are predicted: aggressive, conservative, past_future or oracle.
+    enable_prefix_caching : bool, default True
+        Reuse the KV blocks of prompts' shared prefixes.
+    track_cache_events : bool, default False
+        Record the prefix cache's changes for ``pop_cache_events()``.
+    placement : str, default "contiguous"
+        Where new blocks go: contiguous, lifo or fifo.
+    hash_algorithm : str, default "fast128"
+        Prefix-cache block keys: fast128 or sha256.
+    max_bypass : int, default 16
+        Steps a waiting request that does not fit may be passed over by ones behind it.
+    watermark_blocks : int, default 0
+        Blocks admission leaves free.
+    window : int, default 1000
+        Finished output lengths the peak estimator remembers per request class.
+    quantile : float, optional
+        Safety quantile of the remaining length (quantile mode, ``sampling=False``; default 0.9).
+    adaptive : bool, optional
+        Adapt the quantile to observed preemptions (quantile mode; default True).
+    target_preemption_rate : float, optional
+        Preemptions per admission the adaptive quantile aims at (default 0.01).
+    adapt_gain : float, optional
+        Step of the adaptive quantile's controller (quantile mode).
+    min_quantile : float, optional
+        Lower bound of the adaptive quantile.
+    max_quantile : float, optional
+        Upper bound of the adaptive quantile.
+    sampling : bool, default True
+        Predict by drawing remaining lengths from the history (the Past-Future method).
+    num_scenarios : int, default 5
+        Draws per request; a batch is admitted when it fits every scenario but ``overflow_scenarios``.
+    overflow_scenarios : int, default 0
+        Scenarios in which the admitted batch may overflow: the risk admission takes.
+    keyed_draws : bool, default True
+        Each request keeps its draws from step to step (a function of its id and ``seed``).
+    seed : int, default 0
+        Seed of the draws.
+    prior : sequence of int, optional
+        Output lengths that fill the history until real ones push them out.
+    preemption : str, default "recompute"
+        What eviction does: recompute, swap or auto (whichever the swap cost model says is cheaper).
+    num_host_blocks : int, default 0
+        KV blocks of the host pool that swap and the host tier use.
+    swap_layout : KvLayout, optional
+        The engine's KV tensors, so that plans carry byte descriptors for them.
+    swap_block_bytes : int, default 2 MiB
+        Bytes per block the swap costs assume without ``swap_layout``.
+    swap_tensors_per_block : int, default 64
+        Pieces one block's bytes are split into without ``swap_layout`` (one copy each).
+    reuse_host_copies : bool, default True
+        Swap-out copies only the blocks that changed since a still-valid host copy.
+    swap_cost : numpy.ndarray, optional
+        The swap cost model, shape (2, 3, 3) (``kvsched.swap.default_cost_model()``).
+    recompute_seconds_per_token : float, default 1e-4
+        What recomputing a token costs, against which swap and host loads are priced.
+    host_prefix_cache : bool, default False
+        A host tier of the prefix cache (needs ``num_host_blocks``).
+    host_cache_write : str, optional
+        With the host tier, when blocks are copied to the host: finish (default) or evict.
+    host_cache_load : str, optional
+        With the host tier, when host hits are loaded: prefetch (default) or inline.
     """
 
     num_blocks: int
@@ -350,13 +433,6 @@ def _serialized(method: _Call) -> _Call:
 class Scheduler:
     """Continuous batching with chunked prefill, peak-memory admission and preemption.
 
-    Parameters
-    ----------
-    config : SchedulerConfig, optional
-        Capacity and budgets; keyword ``overrides`` set its fields (``Scheduler(num_blocks=4096)``).
-    policy : str or Policy
-        ``fcfs`` (default), ``priority``, ``deadline``, ``vtc`` or your own :class:`~kvsched.policies.Policy`.
-
     Every added request ends as finished (``update``), aborted (``abort``) or rejected (reported
     in a plan's ``rejected_ids``). Bad arguments raise ValueError/KeyError/TypeError naming the
     argument and change nothing.
@@ -367,9 +443,25 @@ class Scheduler:
     native lock. The step protocol stays one plan at a time: a ``schedule()`` while a plan is
     outstanding (another engine thread's, say) raises ValueError before changing anything, and
     ``update()`` always reports the plan that is outstanding.
+
+    Parameters
+    ----------
+    config : SchedulerConfig, optional
+        Capacity and budgets; keyword ``overrides`` set its fields (``Scheduler(num_blocks=4096)``).
+    policy : str or Policy
+        ``fcfs`` (default), ``priority``, ``deadline``, ``vtc`` or your own :class:`~kvsched.policies.Policy`.
+    **overrides
+        Any of SchedulerConfig's fields, listed with a line each below (from SchedulerConfig).
     """
 
     def __init__(self, config: SchedulerConfig | None = None, *, policy: str | Policy = "fcfs", **overrides: Any):
+        fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:  # named before anything else: a misspelt field must not read as a missing one
+            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            raise TypeError(f"Scheduler got an unknown keyword argument {unknown[0]!r}"
+                            + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + "; its keywords are policy and SchedulerConfig's fields")
         if config is None:
             if "num_blocks" not in overrides:
                 raise ValueError("num_blocks is required (pass a SchedulerConfig or num_blocks=...)")
@@ -720,6 +812,19 @@ class Scheduler:
         """Source of a live migration, last stage: running requests leave (their KV was copied);
         counted in ``stats()["migrated_out"]``, neither finished nor aborted."""
         self._former.migrate_out(np.atleast_1d(_integers(req_ids)))
+
+
+def _config_fields_doc() -> str:
+    """SchedulerConfig's Parameters section, for Scheduler's docstring: help(Scheduler) then lists
+    every keyword the constructor takes, from the one place each is described."""
+    marker = "Parameters\n    ----------\n"
+    doc = SchedulerConfig.__doc__ or ""
+    return ("\n    Keyword overrides (SchedulerConfig's fields)\n    --------------------------------------------\n"
+            + doc[doc.index(marker) + len(marker):]) if marker in doc else ""
+
+
+if Scheduler.__doc__:  # None under python -OO
+    Scheduler.__doc__ += _config_fields_doc()
 
 
 __all__ = ["ADMISSION_MODES", "REJECT_REASONS", "SEEDED_ADMISSION_MODES", "Scheduler", "SchedulerConfig", "StepPlan"]
