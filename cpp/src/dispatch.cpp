@@ -8,6 +8,10 @@ namespace kvsched {
 
 std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, int64_t& round_robin_next) {
   const size_t n = in.num_instances;
+  // A value outside the enum would match no policy below and place requests on instance n.
+  const int policy_value = static_cast<int>(policy);
+  KVSCHED_EXPECTS(policy_value >= 0 && policy_value <= 3, std::invalid_argument, "policy must be in [0, 3], got ",
+                  policy_value);
   KVSCHED_EXPECTS(n > 0, std::invalid_argument, "instances: at least one is needed");
   KVSCHED_EXPECTS(in.available && in.load_tokens && in.headroom_blocks && in.capacity_tokens, std::invalid_argument,
                   "available, load_tokens, headroom_blocks and capacity_tokens are required");

@@ -57,6 +57,11 @@
 // cache_write (device blocks they read may be handed to others in the same plan), then swap_in and
 // cache_load, then copy_on_writes.
 //
+// Prefix hits within a step: a block's key is registered when the block is allocated, not when its
+// KV is computed, so a request admitted in a step may hit blocks that another row of the same plan
+// computes in that forward pass. The engine must write every row's KV before any row's attention
+// reads it (vLLM does, layer by layer); an engine that cannot must not share such blocks.
+//
 // Errors: every call checks all of its input before changing anything (errors.h).
 // Thread safety: every public method takes an internal mutex.
 #pragma once
