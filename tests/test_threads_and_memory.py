@@ -1,4 +1,4 @@
-"""The threads contract (README, "Threads") hammered, and memory that follows live state.
+"""The threads contract (docs/design/threads.md, "Threads") hammered, and memory that follows live state.
 
 Each scenario runs in a child process (this file run as a script), so that a crash or a hang is a
 test failure rather than the end of the test run.

