@@ -19,6 +19,7 @@ from .sim.allocator_replay import replay_placement
 from .sim.diagnosis import (AUTO_MAX_SEEDS, AUTO_MIN_SEEDS, Knobs, advise, auto_seeds_done, clip_interval, decided, diagnose, overall,
                             verdict)
 from .sim.driver import MAX_INSTANCES
+from .sim.load_sweep import SWEEP_KINDS
 from .sim.report import OutputFiles, plot_cdfs, plot_formats, table, write_per_request
 from .sim.traces import (MAX_ARRIVAL_SPAN_S, TRACE_FORMATS, Trace, TraceError, guess_format, read_azure,
                          read_trace)
@@ -232,6 +233,18 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--policy priority: every request would have the same priority; give --priorities")
     if args.policy in ("fcfs", "vtc") and args.priorities != "none":
         raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
+    if args.sweep:
+        for option, given in (("--find-max-rate", args.find_max_rate), ("--per-request", args.per_request),
+                              ("--instances", args.instances > 1), ("--priorities", args.priorities != "none")):
+            if given:
+                raise ValueError(f"{option}: not with --sweep (a sweep reports each mode's max load itself, "
+                                 "for one instance and one priority)")
+        if args.sweep == "rate" and args.clients:
+            raise ValueError("--sweep rate: with --clients the clients set the load; sweep kv, or vary --clients")
+    elif args.sweep_points is not None:
+        raise ValueError("--sweep-points needs --sweep")
+    if args.sweep and args.sweep_points is None:
+        args.sweep_points = 6
     if args.policy == "deadline":
         raise ValueError("--policy deadline orders by arrival + each class's TTFT SLO; a simulated run has one "
                          "class and one SLO (--slo), so its order would be fcfs's: use --policy fcfs")
@@ -362,24 +375,106 @@ def _simulate(args: argparse.Namespace) -> int:
     # Every output is reserved before the run and all are written, or none (OutputFiles).
     with OutputFiles({"--json": args.json, "--per-request": args.per_request, "--plot": args.plot},
                      inputs={"--trace": args.trace}) as outputs:
-        return _run_simulations(args, outputs)
+        return _run_sweep(args, outputs) if args.sweep else _run_simulations(args, outputs)
 
 
-def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
-    from .sim.driver import simulate, simulate_fleet
-    from .sim.engine import SLOS, EngineConfig, prepare
-    from .sim.metrics import aggregate, summarize
+def _run_setting(args: argparse.Namespace) -> tuple:
+    """(model profile, built-in workload defaults or None, KV capacity, max model length, SLO) of a run."""
+    from .sim.engine import SLOS
     from .sim.profiles import PROFILES
-    from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
 
-    if args.admission is None:
-        args.admission = ["past_future"] if args.instances > 1 else _admissions(DEFAULT_ADMISSIONS)
     profile = PROFILES[args.model_profile]
     defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
     capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
     _check_memory(args, capacity)
     max_model_len = args.max_model_len or (defaults.max_model_len if defaults else 0)
-    slo = SLOS[args.slo]
+    return profile, defaults, capacity, max_model_len, SLOS[args.slo]
+
+
+def _engine_config(args: argparse.Namespace, profile, capacity: int, max_model_len: int, seed: int):
+    from .sim.engine import EngineConfig
+
+    return EngineConfig(
+        profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
+        prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
+        max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
+        host_cache_write=args.host_cache_write, host_cache_load=args.host_cache_load,
+        scheduler_overrides={"seed": seed},
+    )
+
+
+def _run_sweep(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    """--sweep: every admission mode over a grid of loads (kvsched.sim.load_sweep)."""
+    from .sim.driver import simulate
+    from .sim.engine import prepare
+    from .sim.load_sweep import describe, grid, plot, run_sweep, table
+
+    if args.admission is None:
+        args.admission = _admissions(DEFAULT_ADMISSIONS)
+    profile, defaults, capacity, max_model_len, slo = _run_setting(args)
+    policy = args.policy or "fcfs"
+    loads = grid(args.sweep, args.rate_scale if args.sweep == "rate" else capacity, args.sweep_points)
+    if args.sweep == "kv" and loads[-1] < args.block_size:
+        raise ValueError(f"--sweep-points {args.sweep_points}: the KV grid would go below one block "
+                         f"({describe('kv', loads[-1])}); take fewer points or a larger --kv-capacity-tokens")
+    workloads = {}  # seed -> (trace, source, seeded)
+
+    def workload(seed: int):
+        if seed not in workloads:
+            workloads[seed] = _load_workload(args, seed, defaults)
+        return workloads[seed]
+
+    def prepare_point(load: float, seed: int):
+        trace, _, _ = workload(seed)
+        scale = load if args.sweep == "rate" else args.rate_scale
+        trace = trace.with_arrivals(trace.arrival_s / scale)
+        _check_span(trace, args)
+        engine = _engine_config(args, profile, int(load) if args.sweep == "kv" else capacity, max_model_len, seed)
+        return prepare(trace, engine), engine
+
+    _, source, seeded = workload(args.seed)
+    progress = _Progress()
+    result = run_sweep(
+        args.sweep, loads, args.admission, prepare_point, slo,
+        simulate=lambda prepared, engine, mode: simulate(prepared, engine, mode, policy=policy),
+        first_seed=args.seed, seeds=None if args.seeds == "auto" else args.seeds,
+        depends_on_seed=lambda mode: seeded or mode in SEEDED_ADMISSION_MODES,
+        max_seeds=AUTO_MAX_SEEDS, on_run=progress.status)
+    summary = result.summary()
+    summary.update(workload=source, slo=slo.name, kv_capacity_tokens=capacity, rate_scale=args.rate_scale,
+                   model_profile=profile.name, policy=policy, preemption=args.preemption, kvsched_version=__version__,
+                   command=shlex.join(["kvsched", *args.argv]))
+    if args.json:
+        with open(outputs.temp("--json"), "w") as handle:
+            json.dump(summary, handle, indent=2)
+    if args.plot:
+        plot(result, outputs.temp("--plot"), title=f"{source}\n{profile.name}, SLO {slo.name}, seeds "
+             f"{result.seeds[0]}-{result.seeds[-1]}", image_format=os.path.splitext(args.plot)[1][1:].lower())
+    outputs.commit()
+    seeds_text = {"unseeded": "no run depends on the seed, one decides", "decided": "every gain decided",
+                  "cap": f"the cap of {AUTO_MAX_SEEDS} reached", "fixed": f"--seeds {args.seeds}"}[result.seeds_stopped]
+    print(f"workload: {source}; sweep of {args.sweep} over {len(loads)} points")
+    print(f"seeds: {len(result.seeds)} ({seeds_text}); means and 95% intervals over seeds")
+    print(f"model {profile.name}; KV {capacity} tokens; SLO {slo.name}; ordering policy {policy}; "
+          f"preemption by {args.preemption}")
+    print()
+    print(table(result))
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
+    from .sim.driver import simulate, simulate_fleet
+    from .sim.engine import prepare
+    from .sim.metrics import aggregate, summarize
+    from .sim.sweep import MAX_RATE_SCALE, max_rate_scale
+
+    if args.admission is None:
+        args.admission = ["past_future"] if args.instances > 1 else _admissions(DEFAULT_ADMISSIONS)
+    profile, defaults, capacity, max_model_len, slo = _run_setting(args)
     priority_kind = None if args.priorities == "none" else args.priorities
     policy = args.policy or ("priority" if priority_kind else "fcfs")
     auto = args.seeds == "auto"
@@ -404,14 +499,7 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
         _check_span(trace, args)
         largest_prompt = max(largest_prompt, int(trace.prompt_tokens.max()) if len(trace) else 0)
         span = max(span, float(trace.arrival_s.max() - trace.arrival_s.min()) if len(trace) else 0.0)
-        engine = EngineConfig(
-            profile, capacity, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_prefill_chunk=args.max_prefill_chunk,
-            prefill_attention_budget=args.prefill_attention_budget, max_new_tokens=args.max_new_tokens,
-            max_model_len=max_model_len, preemption=args.preemption, host_kv_tokens=args.host_kv_tokens,
-            host_cache_write=args.host_cache_write, host_cache_load=args.host_cache_load,
-            scheduler_overrides={"seed": seed},
-        )
+        engine = _engine_config(args, profile, capacity, max_model_len, seed)
         prepared = prepare(trace, engine)
         prepared_of_seed[seed] = prepared
         if len(prepared.trace) == 0:
@@ -552,7 +640,7 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
         print(f"context {engine.context_limit()} tokens: {_mean_range(header['too_long'])} prompts do not fit and "
               "are rejected (a larger --max-model-len admits them)")
     if any(header["clipped"]):
-        print(f"{_mean_range(header['clipped'])} outputs clipped to --max-new-tokens or the context")
+        print(f"{_mean_range(header['clipped'])} outputs clipped to --max-new-tokens, the context or the KV cache")
     print()
     cached = prepared.trace.shared_context or prepared.trace.prefix_ids is not None
     print(table(records, args.find_max_rate, args.preemption != "recompute", cached, args.wide,
@@ -875,6 +963,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "the seed")
     sim.add_argument("--wide", action="store_true",
                      help="every column: TPOT p50, the other SLO, token goodput, KV use, step p99")
+    sim.add_argument("--sweep", choices=SWEEP_KINDS, default=None,
+                     help="run the admission modes over a grid of loads instead of one: rate (rate scales from "
+                     "x1/4 of --rate-scale up by factors of two) or kv (KV capacities from --kv-capacity-tokens "
+                     "down by halves); reports attainment per load, where the KV cache binds and each mode's max "
+                     "load at 90%% attainment, with intervals (--json, --plot)")
+    sim.add_argument("--sweep-points", type=_integer(3, 12), default=None,
+                     help="with --sweep: load points in the grid (default 6)")
     sim.add_argument("--json", help="write one record per admission mode to this JSON file")
     sim.add_argument("--per-request", metavar="FILE",
                      help="write every request of every run (arrival, TTFT, TPOT, worst gap, preemptions, "

@@ -119,6 +119,12 @@ def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
             keep[dropped] = False
     kept = trace.select(np.flatnonzero(keep)) if not keep.all() else trace
     max_new = np.minimum(engine.max_new_tokens, limit - kept.prompt_tokens)
+    # The scheduler cuts max_new_tokens to what the whole KV cache holds beside the prompt (a request
+    # alone must be able to finish) and finishes the request there: the workload's output is cut the
+    # same way, so that the run counts what the scheduler does. A prompt the cache cannot hold at all
+    # keeps one token: the scheduler rejects it.
+    cache_tokens = max(1, engine.kv_capacity_tokens // engine.block_size) * engine.block_size
+    max_new = np.minimum(max_new, np.maximum(cache_tokens - kept.prompt_tokens, 1))
     clipped = kept.output_tokens > max_new
     kept = replace(kept, output_tokens=np.minimum(kept.output_tokens, max_new))
     return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()), trace,
@@ -454,8 +460,13 @@ class EngineInstance:
         generated[emitting] += 1
         done = reached & (generated[ids] >= output[ids])
         start = time.perf_counter()
-        scheduler.update(ids, reached.astype(np.int64), done)
+        ended = scheduler.update(ids, reached.astype(np.int64), done)
         elapsed = time.perf_counter() - start
+        if ended.size != np.count_nonzero(done):
+            # The scheduler finishes a request at its max_new_tokens, which prepare() cut the output to:
+            # any other disagreement would lose a request from the run, so it stops here instead.
+            raise RuntimeError(f"the scheduler finished {ended.size} requests where the simulated engine "
+                               f"finished {np.count_nonzero(done)}")
         step_cpu += elapsed
         self.cpu += elapsed
         self.step_cpus.append(step_cpu)

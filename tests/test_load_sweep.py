@@ -1,0 +1,76 @@
+"""`kvsched simulate --sweep`: the max-load rule, the sweep's report, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvsched.cli import main
+from kvsched.sim.load_sweep import TARGET, grid, max_load
+
+
+def test_grid_orders_points_by_increasing_load():
+    assert grid("rate", 1.0, 6) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert grid("kv", 65536, 4) == [65536, 32768, 16384, 8192]  # a smaller cache is more load
+
+
+def test_max_load_interpolates_where_attainment_crosses_the_target():
+    # Meets at 2 (0.95), misses at 4 (0.85): the crossing is halfway in attainment, so at 2 * sqrt(2).
+    assert max_load([1, 2, 4], [1.0, 0.95, 0.85], "rate") == pytest.approx(2 * math.sqrt(2))
+    # The first miss decides, even if a heavier load meets the target again (noise).
+    assert max_load([1, 2, 4, 8], [1.0, 0.5, 0.95, 0.95], "rate") < 2
+    assert max_load([1, 2], [TARGET, TARGET], "rate") == 2  # met everywhere: the grid's end
+    assert math.isnan(max_load([1, 2], [0.5, 0.1], "rate"))  # never met: no max load
+    # KV points go from large to small capacities; the max load is the smallest capacity that meets it.
+    assert max_load([4096, 2048, 1024], [1.0, 0.9, 0.5], "kv") == pytest.approx(2048)
+
+
+def test_sweep_reports_each_mode_and_where_kv_binds(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    argv = ["simulate", "--sweep", "kv", "--sweep-points", "4", "--num-requests", "80", "--seeds", "1",
+            "--admission", "aggressive,oracle", "--kv-capacity-tokens", "32768", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["loads"] == [32768, 16384, 8192, 4096]
+    assert set(summary["modes"]) == {"aggressive", "oracle"}
+    for mode in summary["modes"].values():
+        assert len(mode["attainment"]) == 4 and all(0 <= a <= 1 for a in mode["attainment"])
+    # Less KV never helps on this grid: the attainment of each mode at the smallest cache is no higher.
+    assert all(m["attainment"][-1] <= m["attainment"][0] for m in summary["modes"].values())
+    assert summary["kv_binds_from"] in summary["loads"]
+    assert summary["bottlenecks"][summary["loads"].index(summary["kv_binds_from"])] == "kv"
+    assert "max load at 90% attainment" in text and "KV binds from" in text
+    assert summary["modes"]["oracle"]["verdict"] in ("better", "worse", "indistinguishable")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "kv", "--find-max-rate"], "--find-max-rate: not with --sweep"),
+    (["--sweep", "kv", "--per-request", "r.csv"], "--per-request: not with --sweep"),
+    (["--sweep-points", "4"], "--sweep-points needs --sweep"),
+    (["--sweep", "rate", "--clients", "4"], "--sweep rate: with --clients the clients set the load"),
+    (["--sweep", "kv", "--sweep-points", "40"], "--sweep-points: must be <= 12"),
+    (["--sweep", "speed"], "--sweep: invalid choice"),
+    (["--sweep", "kv", "--kv-capacity-tokens", "256", "--sweep-points", "6"], "the KV grid would go below one block"),
+])
+def test_sweep_refuses_what_it_cannot_do_by_name(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = main(["simulate", "--num-requests", "20", "--seeds", "1", *argv])
+    except SystemExit as exit_info:
+        status = exit_info.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+
+
+def test_a_cache_smaller_than_prompt_and_output_loses_no_request(tmp_path, capsys):
+    # Once a crash ("requests are left that will never arrive"): the scheduler finished requests at
+    # the max_new_tokens it cut to the cache, and the simulated engine never counted them.
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--kv-capacity-tokens", "2048", "--num-requests", "150", "--seeds", "1",
+                 "--admission", "aggressive", "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["completed"] + record["rejected"] == record["num_requests"] == 150
+    assert record["clipped_outputs"] > 0
