@@ -44,6 +44,11 @@ def test_sweep_reports_each_mode_and_where_kv_binds(tmp_path, capsys):
     assert summary["bottlenecks"][summary["loads"].index(summary["kv_binds_from"])] == "kv"
     assert "max load at 90% attainment" in text and "KV binds from" in text
     assert summary["modes"]["oracle"]["verdict"] in ("better", "worse", "indistinguishable")
+    # Paired differences point by point: none for the first mode against itself.
+    assert summary["modes"]["aggressive"]["paired_difference"] == [0.0] * 4
+    oracle = summary["modes"]["oracle"]
+    assert oracle["paired_difference"] == pytest.approx(
+        [o - a for o, a in zip(oracle["attainment"], summary["modes"]["aggressive"]["attainment"])])
 
 
 @pytest.mark.parametrize("argv, message", [

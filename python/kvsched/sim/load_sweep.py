@@ -13,6 +13,9 @@ Glossary:
   for ``kv`` the smallest KV capacity in tokens. A mode that meets the target at every point is
   capped at the grid's end (``capped``); one that misses it even at the lightest load has none
   (NaN for that seed; ``never_met`` when no seed met it).
+- paired difference: at one point, a mode's attainment minus the first mode's, seed by seed, with
+  the interval of its mean and a verdict; the table names, for each mode, the KV-bound point where
+  it is largest.
 - gain: a mode's max load over the first mode's, seed by seed (for ``kv``, the first mode's capacity
   over this mode's: how many times less KV it needs); its verdict comes from the interval of the
   mean gain minus one, as a plain run's verdict comes from the paired difference.
@@ -91,21 +94,35 @@ class SweepResult:
             per_seed = self.max_loads(mode)
             gains = self.gains(mode)
             finite = [g for g in gains if math.isfinite(g)]
-            gain, half = (float(np.mean(finite)), interval95(finite)) if finite else (math.nan, 0.0)
+            gain, half = (float(np.mean(finite)), _interval(finite)) if finite else (math.nan, 0.0)
+            # Paired over seeds, point by point: this mode's attainment minus the first mode's.
+            diffs = [np.subtract(p.attainment[mode], p.attainment[self.modes[0]]) for p in self.points]
             met = [v for v in per_seed if math.isfinite(v)]
             out["modes"][mode] = {
                 "attainment": [float(np.mean(p.attainment[mode])) for p in self.points],
-                "attainment_ci95": [interval95(p.attainment[mode]) for p in self.points],
+                "attainment_ci95": [_interval(p.attainment[mode]) for p in self.points],
                 "max_load": float(np.mean(met)) if met else None,
-                "max_load_ci95": interval95(met),
+                "max_load_ci95": _interval(met),
                 "max_load_per_seed": [v if math.isfinite(v) else None for v in per_seed],
                 "capped": bool(met) and all(v == loads[-1] for v in met),
                 "never_met": not met,
                 "gain": gain if finite else None, "gain_ci95": half,
+                "paired_difference": [float(d.mean()) for d in diffs],
+                "paired_difference_ci95": [_interval(d) for d in diffs],
+                "paired_verdict": [verdict(float(d.mean()), _interval(d), len(d), exact) for d in diffs],
                 "verdict": "first" if mode == self.modes[0] else
                 verdict(gain - 1.0, half, len(finite), exact) if finite else "indistinguishable",
             }
         return out
+
+
+def _interval(values: Sequence[float]) -> float:
+    """interval95, with 0 for values equal but for rounding (a run reused across seeds gives the same
+    figure each time; its spread is no interval)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size and np.allclose(values, values[0], rtol=1e-9, atol=0.0):
+        return 0.0
+    return interval95(values)
 
 
 def max_load(loads: Sequence[float], attainments: Sequence[float], kind: str) -> float:
@@ -200,7 +217,8 @@ def table(result: SweepResult) -> str:
         lines.append(f"{describe(result.kind, load):>16} {result.points[i].bottleneck:>8} " + " ".join(cells))
     lines.append("")
     unit = "rate scale" if result.kind == "rate" else "KV tokens (fewer is better)"
-    lines.append(f"max load at {TARGET:.0%} attainment ({unit}), and gain over {modes[0]}:")
+    lines.append(f"max load at {TARGET:.0%} attainment ({unit}; interpolated between the grid's points), "
+                 f"and gain over {modes[0]}:")
     for m in modes:
         entry = summary["modes"][m]
         if entry["never_met"]:
@@ -217,6 +235,17 @@ def table(result: SweepResult) -> str:
             f"; x{entry['gain']:.2f}" + (f" ± {entry['gain_ci95']:.2f}" if entry["gain_ci95"] > 0 else "")
             + f": {entry['verdict']}")
         lines.append(f"  {m:<13} {value}{gain}")
+    kv_points = [i for i, b in enumerate(summary["bottlenecks"]) if b == "kv"]
+    if kv_points and len(modes) > 1:
+        lines.append(f"where KV binds, attainment against {modes[0]} (paired over seeds), at the point that "
+                     "separates them most:")
+        for m in modes[1:]:
+            entry = summary["modes"][m]
+            i = max(kv_points, key=lambda k: abs(entry["paired_difference"][k]))
+            half = entry["paired_difference_ci95"][i]
+            lines.append(f"  {m:<13} {100 * entry['paired_difference'][i]:+.1f}"
+                         + (f" ± {100 * half:.1f}" if half > 0 else "")
+                         + f" pp at {describe(result.kind, result.points[i].load)}: {entry['paired_verdict'][i]}")
     binds = summary["kv_binds_from"]
     lines.append("KV binds from " + describe(result.kind, binds) + " on" if binds is not None
                  else "KV binds at no point of this grid")
