@@ -42,7 +42,8 @@ def report(wheel: Path) -> list[tuple[str, str]]:
         match = re.search(r'platform tag: "([^"]+)"', shown)
         rows.append(("auditwheel policy", match.group(1) if match else shown[:120]))
     glibc = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    rows.append(("built on", f"{glibc[0] if glibc else 'unknown libc'}; Python {sys.version.split()[0]}"))
+    # The machine this report runs on (in .ci/run, also the one that built the wheel).
+    rows.append(("reported on", f"{glibc[0] if glibc else 'unknown libc'}; Python {sys.version.split()[0]}"))
     return rows
 
 

@@ -391,3 +391,14 @@ def test_a_misspelt_option_is_named_by_simulate_with_the_closest_one(argv, hint,
 def test_an_option_nothing_resembles_gets_no_guess(capsys, no_run):
     line = refusal(["simulate", *TINY, "--zzzzzz"], capsys)
     assert "unrecognized arguments: --zzzzzz" in line and "did you mean" not in line
+
+
+def test_an_unknown_option_before_the_command_is_the_top_levels(capsys):
+    line = refusal(["--bogus", "simulate", *TINY], capsys)
+    assert line.startswith("kvsched: error: unrecognized arguments: --bogus")
+
+
+def test_an_admission_mode_given_twice_is_refused(capsys, no_run):
+    line = refusal(["simulate", "--num-requests", "12", "--seeds", "1", "--admission", "aggressive,aggressive"],
+                   capsys)
+    assert "admission mode aggressive given more than once" in line

@@ -422,3 +422,27 @@ def test_aggregate_gives_means_and_student_intervals():
     assert out["slo_lax"]["attainment"] == pytest.approx(0.2) and out["capped"] is True
     assert out["seeds"] == [0, 1, 2] and "seed" not in out
     assert interval95([5.0]) == 0.0 and aggregate(records[:1])["x"] == 1.0
+
+
+def test_a_fleet_with_migration_and_a_global_queue_on_a_small_cache_ends(tmp_path, capsys):
+    # Once a livelock: a stalled instance was told "now" was the next event while requests waited
+    # to be placed, so its clock never moved and a migration due later never came.
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--kv-capacity-tokens", "2048", "--num-requests", "100", "--seeds", "1", "--instances", "2",
+            "--admission", "aggressive", "--dispatch", "round_robin", "--migration", "on", "--global-queue", "on",
+            "--json", str(out)]
+    assert main(argv) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["completed"] + record["rejected"] == record["num_requests"] == 100
+
+
+def test_a_host_prefetch_plan_without_rows_is_progress_not_a_stall(tmp_path, capsys):
+    # Once "the scheduler planned nothing while requests wait": a plan that only prefetches a
+    # request's host hits has no row yet; its prefill comes in the next plan.
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--workload", "multi_turn", "--kv-capacity-tokens", "16384", "--host-kv-tokens", "8192",
+            "--num-requests", "100", "--seeds", "1", "--admission", "aggressive", "--json", str(out)]
+    assert main(argv) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["completed"] == record["num_requests"] == 100
+    assert record["host_hit_tokens"] > 0

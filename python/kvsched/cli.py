@@ -175,6 +175,9 @@ def _names(text: str, choices: tuple, what: str) -> List[str]:
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown {what} {','.join(unknown) or text!r}; "
                                          f"choose from {','.join(choices)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # one row per name: a repeat would pair a run with itself under one label
+        raise argparse.ArgumentTypeError(f"{what} {','.join(repeated)} given more than once")
     return names
 
 
@@ -229,22 +232,23 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--host-cache-write: the host tier needs --host-kv-tokens")
     if args.host_cache_load and not args.host_kv_tokens:
         raise ValueError("--host-cache-load: the host tier needs --host-kv-tokens")
-    if args.policy == "priority" and args.priorities == "none":
-        raise ValueError("--policy priority: every request would have the same priority; give --priorities")
-    if args.policy in ("fcfs", "vtc") and args.priorities != "none":
-        raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
     if args.sweep:
         for option, given in (("--find-max-rate", args.find_max_rate), ("--per-request", args.per_request),
-                              ("--instances", args.instances > 1), ("--priorities", args.priorities != "none")):
+                              ("--instances", args.instances > 1), ("--priorities", args.priorities != "none"),
+                              ("--policy priority", args.policy == "priority"), ("--wide", args.wide)):
             if given:
                 raise ValueError(f"{option}: not with --sweep (a sweep reports each mode's max load itself, "
-                                 "for one instance and one priority)")
+                                 "for one instance, without priorities, in its own table)")
         if args.sweep == "rate" and args.clients:
             raise ValueError("--sweep rate: with --clients the clients set the load; sweep kv, or vary --clients")
     elif args.sweep_points is not None:
         raise ValueError("--sweep-points needs --sweep")
     if args.sweep and args.sweep_points is None:
         args.sweep_points = 6
+    if args.policy == "priority" and args.priorities == "none":
+        raise ValueError("--policy priority: every request would have the same priority; give --priorities")
+    if args.policy in ("fcfs", "vtc") and args.priorities != "none":
+        raise ValueError("--priorities: only the priority policy uses priorities (the default with --priorities)")
     if args.policy == "deadline":
         raise ValueError("--policy deadline orders by arrival + each class's TTFT SLO; a simulated run has one "
                          "class and one SLO (--slo), so its order would be fcfs's: use --policy fcfs")
@@ -378,6 +382,25 @@ def _simulate(args: argparse.Namespace) -> int:
         return _run_sweep(args, outputs) if args.sweep else _run_simulations(args, outputs)
 
 
+def _check_runnable(prepared, engine, args: argparse.Namespace, capacity: int) -> int:
+    """Refuses a run where no request could ever be served; returns how many prompts the whole KV
+    cache cannot hold (the scheduler rejects those)."""
+    if len(prepared.trace) == 0:
+        raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
+    # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
+    cache_tokens = capacity // args.block_size * args.block_size
+    too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
+    if too_big == len(prepared.trace):
+        shortest = int(prepared.trace.prompt_tokens.min())
+        if shortest < capacity:  # the capacity would hold it, but not in whole blocks of this size
+            raise ValueError(f"--block-size {args.block_size}: a KV cache of {capacity} tokens in blocks of "
+                             f"{args.block_size} holds {cache_tokens} tokens, none of the prompts (the shortest "
+                             f"has {shortest} tokens)")
+        raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
+                         f"(the shortest has {shortest} tokens)")
+    return too_big
+
+
 def _run_setting(args: argparse.Namespace) -> tuple:
     """(model profile, built-in workload defaults or None, KV capacity, max model length, SLO) of a run."""
     from .sim.engine import SLOS
@@ -430,8 +453,12 @@ def _run_sweep(args: argparse.Namespace, outputs: OutputFiles) -> int:
         scale = load if args.sweep == "rate" else args.rate_scale
         trace = trace.with_arrivals(trace.arrival_s / scale)
         _check_span(trace, args)
-        engine = _engine_config(args, profile, int(load) if args.sweep == "kv" else capacity, max_model_len, seed)
-        return prepare(trace, engine), engine
+        point_capacity = int(load) if args.sweep == "kv" else capacity
+        engine = _engine_config(args, profile, point_capacity, max_model_len, seed)
+        prepared = prepare(trace, engine)
+        if args.sweep == "rate" or load == loads[0]:  # smaller caches may reject everything: a finding then
+            _check_runnable(prepared, engine, args, point_capacity)
+        return prepared, engine
 
     _, source, seeded = workload(args.seed)
     progress = _Progress()
@@ -449,13 +476,16 @@ def _run_sweep(args: argparse.Namespace, outputs: OutputFiles) -> int:
         with open(outputs.temp("--json"), "w") as handle:
             json.dump(summary, handle, indent=2)
     if args.plot:
-        plot(result, outputs.temp("--plot"), title=f"{source}\n{profile.name}, SLO {slo.name}, seeds "
-             f"{result.seeds[0]}-{result.seeds[-1]}", image_format=os.path.splitext(args.plot)[1][1:].lower())
+        seeds_label = (f"seeds {result.seeds[0]}-{result.seeds[-1]}" if len(result.seeds) > 1
+                       else f"seed {result.seeds[0]}")
+        plot(result, outputs.temp("--plot"), title=f"{source}\n{profile.name}, SLO {slo.name}, {seeds_label}",
+             image_format=os.path.splitext(args.plot)[1][1:].lower())
     outputs.commit()
     seeds_text = {"unseeded": "no run depends on the seed, one decides", "decided": "every gain decided",
                   "cap": f"the cap of {AUTO_MAX_SEEDS} reached", "fixed": f"--seeds {args.seeds}"}[result.seeds_stopped]
     print(f"workload: {source}; sweep of {args.sweep} over {len(loads)} points")
-    print(f"seeds: {len(result.seeds)} ({seeds_text}); means and 95% intervals over seeds")
+    print(f"seeds: {len(result.seeds)} ({seeds_text})"
+          + ("; means and 95% intervals over seeds" if len(result.seeds) > 1 else ""))
     print(f"model {profile.name}; KV {capacity} tokens; SLO {slo.name}; ordering policy {policy}; "
           f"preemption by {args.preemption}")
     print()
@@ -502,19 +532,7 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
         engine = _engine_config(args, profile, capacity, max_model_len, seed)
         prepared = prepare(trace, engine)
         prepared_of_seed[seed] = prepared
-        if len(prepared.trace) == 0:
-            raise ValueError(f"every request's prompt exceeds the model context ({engine.context_limit()} tokens)")
-        # The scheduler rejects a prompt the whole cache cannot hold; a run where that is every prompt says nothing.
-        cache_tokens = capacity // args.block_size * args.block_size
-        too_big = int(np.count_nonzero(prepared.trace.prompt_tokens >= cache_tokens))
-        if too_big == len(prepared.trace):
-            shortest = int(prepared.trace.prompt_tokens.min())
-            if shortest < capacity:  # the capacity would hold it, but not in whole blocks of this size
-                raise ValueError(f"--block-size {args.block_size}: a KV cache of {capacity} tokens in blocks of "
-                                 f"{args.block_size} holds {cache_tokens} tokens, none of the prompts (the shortest "
-                                 f"has {shortest} tokens)")
-            raise ValueError(f"--kv-capacity-tokens: a KV cache of {capacity} tokens holds none of the prompts "
-                             f"(the shortest has {shortest} tokens)")
+        too_big = _check_runnable(prepared, engine, args, capacity)
         header["requests"].append(len(prepared.trace))
         header["too_big"].append(too_big)
         header["too_long"].append(prepared.rejected_too_long)
@@ -800,9 +818,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_shorten(message)} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
-        parsed, unknown = self.parse_known_args(args, namespace)
+        tokens = list(sys.argv[1:] if args is None else args)
+        parsed, unknown = self.parse_known_args(tokens, namespace)
         if unknown:
-            command = self.commands.get(getattr(parsed, "command", None), self)
+            name = getattr(parsed, "command", None)
+            # Given before the command's name, an option is the top level's to report.
+            before = tokens[:tokens.index(name)] if name in tokens else tokens
+            command = self if any(token in before for token in unknown) else self.commands.get(name, self)
             command.error(_unrecognized(unknown, command))
         return parsed
 
@@ -970,11 +992,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "load at 90%% attainment, with intervals (--json, --plot)")
     sim.add_argument("--sweep-points", type=_integer(3, 12), default=None,
                      help="with --sweep: load points in the grid (default 6)")
-    sim.add_argument("--json", help="write one record per admission mode to this JSON file")
+    sim.add_argument("--json", help="write one record per admission mode to this JSON file (with --sweep: the "
+                     "whole sweep in one object)")
     sim.add_argument("--per-request", metavar="FILE",
                      help="write every request of every run (arrival, TTFT, TPOT, worst gap, preemptions, "
-                     "outcome) to FILE: .csv, or .parquet with pyarrow")
-    sim.add_argument("--plot", help="write TTFT and worst-gap CDFs of the first seed to this PNG (needs matplotlib)")
+                     "outcome) to FILE: .csv, or .parquet with pyarrow; a run no seed changes is written once, "
+                     "under the seed it ran (the JSON's same_run_as_seed names the others)")
+    sim.add_argument("--plot", help="write TTFT and worst-gap CDFs of the first seed to this PNG (with --sweep: "
+                     "attainment against load per mode); needs matplotlib")
     sim.set_defaults(run=_simulate)
     parser.commands.update({"allocator-replay": replay, "simulate": sim})
     return parser

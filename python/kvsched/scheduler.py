@@ -451,15 +451,18 @@ class Scheduler:
     policy : str or Policy
         ``fcfs`` (default), ``priority``, ``deadline``, ``vtc`` or your own :class:`~kvsched.policies.Policy`.
     **overrides
-        Any of SchedulerConfig's fields, listed with a line each below (from SchedulerConfig).
+        Any of SchedulerConfig's fields (each with a line in SchedulerConfig's Parameters; ``help()``
+        shows them here too).
     """
 
     def __init__(self, config: SchedulerConfig | None = None, *, policy: str | Policy = "fcfs", **overrides: Any):
-        fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        # The given config's own fields (a subclass may add some), else SchedulerConfig's.
+        fields = {f.name for f in dataclasses.fields(SchedulerConfig if config is None else type(config))}
         unknown = sorted(set(overrides) - fields)
         if unknown:  # named before anything else: a misspelt field must not read as a missing one
-            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            raise TypeError(f"Scheduler got an unknown keyword argument {unknown[0]!r}"
+            close = difflib.get_close_matches(unknown[0], sorted(fields | {"policy"}), n=1)
+            raise TypeError(f"{type(self).__name__} got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+                            + ", ".join(repr(name) for name in unknown)
                             + (f" (did you mean {close[0]!r}?)" if close else "")
                             + "; its keywords are policy and SchedulerConfig's fields")
         if config is None:

@@ -133,6 +133,9 @@ class FleetResult:
         }
 
 
+MAX_IDLE_ROUNDS = 10_000  # rounds in a row that change nothing before run() reports a livelock
+
+
 class Driver:
     """One run over ``pool`` (see the module docstring). ``dispatcher`` places new requests
     (default: everything on instance 0, which must then be the only one); ``migration`` turns on
@@ -198,7 +201,17 @@ class Driver:
 
     # ---- the loop ----
     def run(self) -> None:
+        stuck_rounds, last_state = 0, None
         while self.num_ended < self.n:
+            # A round that moves no clock and ends nothing changes nothing: many in a row are a
+            # livelock (a bug), reported instead of spinning forever.
+            state = (self._now, self.num_ended, self.clock.tobytes(), len(self.retry), len(self.held))
+            stuck_rounds = stuck_rounds + 1 if state == last_state else 0
+            last_state = state
+            if stuck_rounds > MAX_IDLE_ROUNDS:
+                self.check_conservation()
+                raise RuntimeError(f"the simulation made no progress for {MAX_IDLE_ROUNDS} rounds at "
+                                   f"{self._now:.6f} s ({self.n - self.num_ended} requests not ended)")
             busy = self.busy & self.alive
             now = float(self.clock[busy].min()) if busy.any() else min(self._next_arrival(), self._next_event())
             now = self._now = max(self._now, now)  # requests waiting to be placed do not turn time back
@@ -214,7 +227,10 @@ class Driver:
                 self.check_conservation()
             horizon = min(self._next_arrival(), self._next_event(), now + self._min_think)
             until = horizon if horizon > now else np.nextafter(now, np.inf)
-            self._advance(until, min(self._next_arrival(), self._next_event()))
+            # A step that plans nothing jumps to the next event that can change it: an arrival or a
+            # migration or drain event. Requests waiting to be placed are no such event: dispatch
+            # tried them this round, and only an instance's step (or those events) makes room.
+            self._advance(until, min(self.arrivals.next_time(), self._next_event()))
         self.check_conservation()  # once per run: nothing in flight, queued or reserved is left
 
     def _next_arrival(self) -> float:

@@ -122,10 +122,11 @@ def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
     # The scheduler cuts max_new_tokens to what the whole KV cache holds beside the prompt (a request
     # alone must be able to finish) and finishes the request there: the workload's output is cut the
     # same way, so that the run counts what the scheduler does. A prompt the cache cannot hold at all
-    # keeps one token: the scheduler rejects it.
+    # keeps the context's cut: the scheduler rejects it, and it is not counted as clipped.
     cache_tokens = max(1, engine.kv_capacity_tokens // engine.block_size) * engine.block_size
-    max_new = np.minimum(max_new, np.maximum(cache_tokens - kept.prompt_tokens, 1))
-    clipped = kept.output_tokens > max_new
+    fits = kept.prompt_tokens < cache_tokens
+    max_new = np.where(fits, np.minimum(max_new, cache_tokens - kept.prompt_tokens), max_new)
+    clipped = fits & (kept.output_tokens > max_new)
     kept = replace(kept, output_tokens=np.minimum(kept.output_tokens, max_new))
     return PreparedTrace(kept, max_new.astype(np.int64), int((~keep).sum()), int(clipped.sum()), trace,
                          np.flatnonzero(keep))
@@ -429,6 +430,11 @@ class EngineInstance:
             self.clock += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
             scheduler.update(ids, ids, np.zeros(0, bool))
             self.step_cpus.append(step_cpu)
+            if plan.cache_load_ids.size or plan.swapped_in_ids.size:
+                # A host prefetch (or a swap-in) with no row yet: the copies took their time above
+                # (swap_seconds counts them; nothing runs to overlap) and the requests run from the
+                # next plan on. Progress, not a stall.
+                return np.zeros(0, np.int64), lost, False
             if np.isfinite(next_arrival_s):
                 self.clock = max(self.clock, next_arrival_s)
             if left_waiting:  # nothing fits although requests wait: held back by KV until the next event
@@ -512,6 +518,7 @@ class EngineInstance:
             _, cached = self.scheduler.reserve_incoming(
                 index, int(trace.prompt_tokens[index]), int(self.prepared.max_new_tokens[index]), num_generated,
                 num_tokens, arrival_time=arrival_s, priority=priority, block_keys=self.block_keys(index),
+                client_id=int(self._session[index]),  # its client to vtc, as when it was added
                 true_output_len=int(trace.output_tokens[index]) if self.admission == "oracle" else None)
         except OutOfBlocks:
             return None

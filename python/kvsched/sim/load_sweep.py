@@ -65,10 +65,28 @@ class SweepResult:
     points: List[PointResult]
     seeds: List[int]
     seeds_stopped: str  # why the seeds stopped: unseeded, decided, cap, or fixed (--seeds K)
+    seeded_modes: List[str] = field(default_factory=list)  # the modes whose runs depend on the seed
 
     def kv_binds_from(self) -> Optional[float]:
         """The lightest load at which the KV cache binds, or None if it binds nowhere on the grid."""
         return next((p.load for p in self.points if p.bottleneck == "kv"), None)
+
+    def exact(self, mode: str) -> bool:
+        """Whether no seed changes this mode's runs or the first mode's: their difference is exact."""
+        return mode not in self.seeded_modes and self.modes[0] not in self.seeded_modes
+
+    def gain_verdict(self, mode: str) -> str:
+        """better / worse / indistinguishable against the first mode, by the gain's interval; a mode
+        that met the target where the first never did is better (and the reverse worse)."""
+        gains = self.gains(mode)
+        finite = [g for g in gains if math.isfinite(g)]
+        if finite:
+            return verdict(float(np.mean(finite)) - 1.0, _interval(finite), len(finite), self.exact(mode))
+        mine_met = any(math.isfinite(v) for v in self.max_loads(mode))
+        first_met = any(math.isfinite(v) for v in self.max_loads(self.modes[0]))
+        if mine_met != first_met:
+            return "better" if mine_met else "worse"
+        return "neither meets the target"
 
     def max_loads(self, mode: str) -> List[float]:
         """``mode``'s max load per seed (module docstring)."""
@@ -86,11 +104,18 @@ class SweepResult:
     def summary(self) -> dict:
         """Everything the table and the JSON say, in one record."""
         loads = [p.load for p in self.points]
+        first = self.modes[0]
         out = {"kind": self.kind, "target": TARGET, "loads": loads, "seeds": self.seeds,
                "seeds_stopped": self.seeds_stopped, "kv_binds_from": self.kv_binds_from(),
-               "bottlenecks": [p.bottleneck for p in self.points], "modes": {}}
-        exact = self.seeds_stopped == "unseeded"
+               "bottlenecks": [p.bottleneck for p in self.points],
+               # What the load does to the workload itself (the same for every mode): prompts rejected
+               # (beyond the context, or larger than the whole cache) and outputs cut, per point.
+               "rejected_share": [p.records[first]["rejected"] / max(p.records[first]["num_requests"], 1)
+                                  for p in self.points],
+               "clipped_outputs": [p.records[first]["clipped_outputs"] for p in self.points],
+               "modes": {}}
         for mode in self.modes:
+            exact = self.exact(mode)
             per_seed = self.max_loads(mode)
             gains = self.gains(mode)
             finite = [g for g in gains if math.isfinite(g)]
@@ -104,14 +129,14 @@ class SweepResult:
                 "max_load": float(np.mean(met)) if met else None,
                 "max_load_ci95": _interval(met),
                 "max_load_per_seed": [v if math.isfinite(v) else None for v in per_seed],
+                "met_seeds": len(met),  # the max load is the mean over these; the others never met it
                 "capped": bool(met) and all(v == loads[-1] for v in met),
                 "never_met": not met,
                 "gain": gain if finite else None, "gain_ci95": half,
                 "paired_difference": [float(d.mean()) for d in diffs],
                 "paired_difference_ci95": [_interval(d) for d in diffs],
                 "paired_verdict": [verdict(float(d.mean()), _interval(d), len(d), exact) for d in diffs],
-                "verdict": "first" if mode == self.modes[0] else
-                verdict(gain - 1.0, half, len(finite), exact) if finite else "indistinguishable",
+                "verdict": "first" if mode == self.modes[0] else self.gain_verdict(mode),
             }
         return out
 
@@ -123,6 +148,13 @@ def _interval(values: Sequence[float]) -> float:
     if values.size and np.allclose(values, values[0], rtol=1e-9, atol=0.0):
         return 0.0
     return interval95(values)
+
+
+def _gain_decided(result: SweepResult, mode: str) -> bool:
+    """Whether more seeds could change ``mode``'s verdict: not when its gain's interval excludes one,
+    nor when no seed gives a gain to compare (a mode, or the first, never met the target)."""
+    gains = [g - 1.0 for g in result.gains(mode) if math.isfinite(g)]
+    return decided(gains) if gains else True
 
 
 def max_load(loads: Sequence[float], attainments: Sequence[float], kind: str) -> float:
@@ -164,7 +196,8 @@ def run_sweep(
     raw: Dict[tuple, List[dict]] = {}
     used: List[int] = []
     stopped = "fixed"
-    seeded = any(depends_on_seed(m) for m in modes)
+    seeded_modes = [m for m in modes if depends_on_seed(m)]
+    seeded = bool(seeded_modes)
     for seed in range(first_seed, first_seed + count):
         used.append(seed)
         for point in points:
@@ -185,8 +218,8 @@ def run_sweep(
                 stopped = "unseeded"
                 break
             if len(used) >= AUTO_MIN_SEEDS:
-                partial = SweepResult(kind, list(modes), points, used, "")
-                if all(decided([g - 1.0 for g in partial.gains(m) if math.isfinite(g)]) for m in modes[1:]):
+                partial = SweepResult(kind, list(modes), points, used, "", seeded_modes)
+                if all(_gain_decided(partial, m) for m in modes[1:]):
                     stopped = "decided"
                     break
                 if len(used) >= max_seeds:
@@ -195,7 +228,7 @@ def run_sweep(
         point.records = {mode: aggregate(raw[(point.load, mode)]) for mode in modes}
         diagnoses = [diagnose(point.records[m]) for m in modes]
         point.bottleneck = overall(diagnoses, [point.records[m]["slo_attainment"] for m in modes]).bottleneck
-    return SweepResult(kind, list(modes), points, used, stopped)
+    return SweepResult(kind, list(modes), points, used, stopped, seeded_modes)
 
 
 def describe(kind: str, load: float) -> str:
@@ -206,15 +239,16 @@ def table(result: SweepResult) -> str:
     """Attainment per mode and load point, what bound each point, then each mode's max load."""
     summary = result.summary()
     modes, loads = result.modes, summary["loads"]
-    head = f"{'load':>16} {'binds':>8} " + " ".join(f"{m:>16}" for m in modes)
-    lines = [f"{result.points[0].records[modes[0]]['slo']} attainment (%) by load; binds: what bound the runs there",
-             head, "-" * len(head)]
+    head = f"{'load':>16} {'binds':>8} {'rej':>6} " + " ".join(f"{m:>16}" for m in modes)
+    lines = [f"{result.points[0].records[modes[0]]['slo']} attainment (%) by load; binds: what bound the runs there; "
+             "rej: prompts rejected (beyond the context or the whole cache), counted as misses", head, "-" * len(head)]
     for i, load in enumerate(loads):
         cells = []
         for m in modes:
             figure = {"a": summary["modes"][m]["attainment"][i], "a_ci95": summary["modes"][m]["attainment_ci95"][i]}
             cells.append(f"{with_interval(figure, 'a', 100, bounds=(0, 100)):>16}")
-        lines.append(f"{describe(result.kind, load):>16} {result.points[i].bottleneck:>8} " + " ".join(cells))
+        lines.append(f"{describe(result.kind, load):>16} {result.points[i].bottleneck:>8} "
+                     f"{summary['rejected_share'][i]:>6.1%} " + " ".join(cells))
     lines.append("")
     unit = "rate scale" if result.kind == "rate" else "KV tokens (fewer is better)"
     lines.append(f"max load at {TARGET:.0%} attainment ({unit}; interpolated between the grid's points), "
@@ -231,9 +265,15 @@ def table(result: SweepResult) -> str:
                 if entry["max_load_ci95"] > 0 else "")
             if entry["capped"]:
                 value = (">= " if result.kind == "rate" else "<= ") + value + " (met at every point)"
-        gain = "" if m == modes[0] or entry["gain"] is None else (
-            f"; x{entry['gain']:.2f}" + (f" ± {entry['gain_ci95']:.2f}" if entry["gain_ci95"] > 0 else "")
-            + f": {entry['verdict']}")
+            if entry["met_seeds"] < len(result.seeds):
+                value += f" (met in {entry['met_seeds']} of {len(result.seeds)} seeds)"
+        if m == modes[0]:
+            gain = ""
+        elif entry["gain"] is None:
+            gain = f": {entry['verdict']}"
+        else:
+            gain = (f"; x{entry['gain']:.2f}" + (f" ± {entry['gain_ci95']:.2f}" if entry["gain_ci95"] > 0 else "")
+                    + f": {entry['verdict']}")
         lines.append(f"  {m:<13} {value}{gain}")
     kv_points = [i for i, b in enumerate(summary["bottlenecks"]) if b == "kv"]
     if kv_points and len(modes) > 1:
@@ -246,9 +286,8 @@ def table(result: SweepResult) -> str:
             lines.append(f"  {m:<13} {100 * entry['paired_difference'][i]:+.1f}"
                          + (f" ± {100 * half:.1f}" if half > 0 else "")
                          + f" pp at {describe(result.kind, result.points[i].load)}: {entry['paired_verdict'][i]}")
-    binds = summary["kv_binds_from"]
-    lines.append("KV binds from " + describe(result.kind, binds) + " on" if binds is not None
-                 else "KV binds at no point of this grid")
+    lines.append("KV binds at " + ", ".join(describe(result.kind, result.points[i].load) for i in kv_points)
+                 if kv_points else "KV binds at no point of this grid")
     return "\n".join(lines)
 
 

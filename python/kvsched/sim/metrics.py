@@ -132,7 +132,7 @@ def aggregate(records: list) -> dict:
                 # A figure some seeds lack (None: e.g. no migration to time) is the mean of the others.
                 out[key] = float(np.mean(present)) if len(group) > 1 else value
                 if all(isinstance(v, (int, np.integer)) for v in present) and float(out[key]).is_integer():
-                    out[key] = int(out[key])  # a count stays a count where every seed agrees on a whole mean
+                    out[key] = int(out[key])  # a count stays a count where its mean over seeds is whole
                 out[f"{key}_ci95"] = interval95(present)
             elif isinstance(value, bool):
                 out[key] = all(r[key] for r in group)

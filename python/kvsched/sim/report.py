@@ -30,7 +30,11 @@ def per_request_rows(log, seed: int, prepared) -> dict:
     out["preemptions"][at] = log.preemptions
     completed = ~np.isnan(log.finish_s)
     multi = completed & (log.output_tokens > 1)
-    out["arrival_s"] = workload.arrival_s.astype(np.float64)  # when a too_long prompt came, though never sent
+    # When a too_long prompt came, though never sent; a later turn of a conversation has no such time
+    # (its nominal arrival only orders it: it would have come a think time after an answer).
+    out["arrival_s"] = workload.arrival_s.astype(np.float64)
+    if workload.has_sessions:
+        out["arrival_s"][workload.parent_index >= 0] = np.nan
     out["arrival_s"][at] = log.arrival_s
     out["ttft_s"][at] = log.first_token_s - log.arrival_s
     out["tpot_s"][at] = np.where(multi, (log.finish_s - log.first_token_s) / np.maximum(log.output_tokens - 1, 1),
