@@ -18,13 +18,13 @@ def test_grid_orders_points_by_increasing_load():
 
 def test_max_load_interpolates_where_attainment_crosses_the_target():
     # Meets at 2 (0.95), misses at 4 (0.85): the crossing is halfway in attainment, so at 2 * sqrt(2).
-    assert max_load([1, 2, 4], [1.0, 0.95, 0.85], "rate") == pytest.approx(2 * math.sqrt(2))
+    assert max_load([1, 2, 4], [1.0, 0.95, 0.85]) == pytest.approx(2 * math.sqrt(2))
     # The first miss decides, even if a heavier load meets the target again (noise).
-    assert max_load([1, 2, 4, 8], [1.0, 0.5, 0.95, 0.95], "rate") < 2
-    assert max_load([1, 2], [TARGET, TARGET], "rate") == 2  # met everywhere: the grid's end
-    assert math.isnan(max_load([1, 2], [0.5, 0.1], "rate"))  # never met: no max load
+    assert max_load([1, 2, 4, 8], [1.0, 0.5, 0.95, 0.95]) < 2
+    assert max_load([1, 2], [TARGET, TARGET]) == 2  # met everywhere: the grid's end
+    assert math.isnan(max_load([1, 2], [0.5, 0.1]))  # never met: no max load
     # KV points go from large to small capacities; the max load is the smallest capacity that meets it.
-    assert max_load([4096, 2048, 1024], [1.0, 0.9, 0.5], "kv") == pytest.approx(2048)
+    assert max_load([4096, 2048, 1024], [1.0, 0.9, 0.5]) == pytest.approx(2048)
 
 
 def test_sweep_reports_each_mode_and_where_kv_binds(tmp_path, capsys):

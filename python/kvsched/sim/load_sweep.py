@@ -91,7 +91,7 @@ class SweepResult:
     def max_loads(self, mode: str) -> List[float]:
         """``mode``'s max load per seed (module docstring)."""
         loads = [p.load for p in self.points]
-        return [max_load(loads, [p.attainment[mode][s] for p in self.points], self.kind)
+        return [max_load(loads, [p.attainment[mode][s] for p in self.points])
                 for s in range(len(self.seeds))]
 
     def gains(self, mode: str) -> List[float]:
@@ -157,7 +157,7 @@ def _gain_decided(result: SweepResult, mode: str) -> bool:
     return decided(gains) if gains else True
 
 
-def max_load(loads: Sequence[float], attainments: Sequence[float], kind: str) -> float:
+def max_load(loads: Sequence[float], attainments: Sequence[float]) -> float:
     """The highest load meeting TARGET (module docstring), from points in order of increasing load."""
     failing = next((i for i, a in enumerate(attainments) if a < TARGET), None)
     if failing is None:
@@ -192,7 +192,7 @@ def run_sweep(
     auto = seeds is None
     count = max_seeds if auto else seeds
     points = [PointResult(load) for load in loads]
-    logs_of_first: Dict[tuple, dict] = {}
+    first_records: Dict[tuple, dict] = {}
     raw: Dict[tuple, List[dict]] = {}
     used: List[int] = []
     stopped = "fixed"
@@ -204,13 +204,13 @@ def run_sweep(
             prepared, engine = prepare_point(point.load, seed)
             for mode in modes:
                 key = (point.load, mode)
-                if key in logs_of_first and not depends_on_seed(mode):
-                    record = logs_of_first[key]  # nothing here depends on the seed: the first seed's run
+                if key in first_records and not depends_on_seed(mode):
+                    record = first_records[key]  # nothing here depends on the seed: the first seed's run
                 else:
                     if on_run is not None:
                         on_run(f"{mode} at {describe(kind, point.load)}, seed {seed}")
                     record = summarize(simulate(prepared, engine, mode), slo)
-                    logs_of_first.setdefault(key, record)
+                    first_records.setdefault(key, record)
                 raw.setdefault(key, []).append(record)
                 point.attainment.setdefault(mode, []).append(record["slo_attainment"])
         if auto:
