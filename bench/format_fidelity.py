@@ -37,6 +37,7 @@ def main(path: str) -> None:
     fit = data["profile"]["calibration"]["fit"]
     p = data["profile"]
     met_all, total = 0, 0
+    steady, steady_met = 0, 0  # figures the real runs reproduce within the goal themselves
     lines = [
         "# Fidelity: `kvsched simulate` against a real vLLM engine (`python bench/fidelity.py`)",
         "",
@@ -50,6 +51,12 @@ def main(path: str) -> None:
         "",
         f"Command: `{data['command']}` ({data['seconds']} s), kvsched {data['kvsched']['commit'][:12]}"
         + (" with uncommitted changes" if data["kvsched"]["uncommitted"] else "") + ".",
+        "",
+        "What the step model leaves out, each seen in these runs: attention on this CPU is not linear in the",
+        "context (a decode step at short context costs less per context token than at long), so a workload whose",
+        "contexts differ from the calibration's mix carries a few percent of bias per step; and where the load sits",
+        "at a tipping point (decode_heavy here), the same requests on the same engine schedule differently from run",
+        "to run (admission reacts to timing), so no model can come closer than the real runs' own spread.",
         "",
         "## The calibrated profile",
         "",
@@ -84,12 +91,16 @@ def main(path: str) -> None:
                 total += 1
                 met_all += bool(r["met"])
             own = max(abs(v / r["real"] - 1) for v in r["real_range"]) if r["real"] else 0.0
+            if r["met"] is not None and own <= r["goal"]:
+                steady += 1
+                steady_met += bool(r["met"])
             lines.append(f"| {label(key)} | {value(key, r['real'])}{spread(key, *r['real_range'])} | "
                          f"{value(key, r['sim'])}{spread(key, *r['sim_range'])} | {r['error']:+.1%} | ±{own:.0%} | "
                          f"{goal} | {met} |")
         lines.append("")
     at = next(i for i, line in enumerate(lines) if line.startswith("Command:")) + 1
-    lines[at:at] = ["", f"**{met_all} of {total} goals met.**"]
+    lines[at:at] = ["", f"**{met_all} of {total} goals met**; of the {steady} figures where the real runs themselves "
+                    f"stay within the goal of their median, {steady_met} met."]
     print("\n".join(lines))
 
 
