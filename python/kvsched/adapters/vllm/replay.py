@@ -37,6 +37,7 @@ import numpy as np
 from ...sim.profiles import STEP_FEATURES
 
 CLOCKS = ("cpu", "wall")
+MAX_IDLE_STEPS = 1000  # steps in a row that schedule nothing before the replay gives up
 
 
 @dataclass
@@ -93,6 +94,12 @@ def start_engine(options: dict):
     return LLM(**options)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
@@ -107,6 +114,9 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
     (the first steps of a fresh engine pay one-time costs)."""
     if clock not in CLOCKS:
         raise ValueError(f"clock: want one of {', '.join(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and torch_threads() > 1:  # the process's CPU time sums its threads
+        raise ValueError(f"clock: 'cpu' times the engine by this process's CPU time, which needs one torch thread; "
+                         f"torch has {torch_threads()} (set OMP_NUM_THREADS=1) or use clock='wall'")
     arrival_s = np.asarray(arrival_s, np.float64)
     prompt_tokens = np.asarray(prompt_tokens, np.int64)
     output_tokens = np.asarray(output_tokens, np.int64)
@@ -114,6 +124,8 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
     if arrival_s.size != n or output_tokens.size != n:
         raise ValueError(f"arrival_s, prompt_tokens, output_tokens: want equal lengths, got "
                          f"{arrival_s.size}, {n}, {output_tokens.size}")
+    if not np.all(np.isfinite(arrival_s) & (arrival_s >= 0)):
+        raise ValueError("arrival_s: want finite times >= 0")
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -138,9 +150,17 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
         return SamplingParams(temperature=0.0, max_tokens=int(min(max_new_tokens, max_model_len - length)),
                               ignore_eos=True, detokenize=False)
 
-    for w in range(warmup):  # unmeasured: one-time costs of a fresh engine
-        engine.add_request(f"warmup-{w}", TokensPrompt(prompt_token_ids=prompts[w % max(n, 1)][:64] or [4]),
-                           SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, detokenize=False))
+    # Unmeasured: one-time costs of a fresh engine. Aborted, not finished, so that admission learns
+    # no output length from them (it learns from finishes only).
+    warm = [f"warmup-{w}" for w in range(warmup)]
+    for w, req_id in enumerate(warm):
+        engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompts[w % max(n, 1)][:64] or [4]),
+                           SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, detokenize=False))
+    for _ in range(8):
+        if engine.has_unfinished_requests():
+            engine.step()
+    if warm:
+        engine.abort_request(warm)
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -176,6 +196,7 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
     next_index = 0
     now = 0.0
     finished = 0
+    idle_steps = 0  # consecutive steps that scheduled nothing
     wall0 = time.perf_counter()
     try:
         while finished < n:
@@ -227,8 +248,15 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
             finished += len(done)
             if len(seconds) != len(steps["rows"]):
                 raise RuntimeError(f"{len(seconds)} engine steps but {len(steps['rows'])} schedule() calls")
+            idle_steps = idle_steps + 1 if steps["tokens"][-1] == 0 else 0
+            if idle_steps >= MAX_IDLE_STEPS:
+                raise RuntimeError(f"{MAX_IDLE_STEPS} steps in a row scheduled nothing while {n - finished} requests "
+                                   "remain (a request the KV cache cannot hold?)")
     finally:
         scheduler.schedule = schedule
+        left = [str(i) for i in range(n) if not np.isnan(arrived[i]) and got[i] < output_tokens[i]]
+        if finished < n and left:  # an error: the engine is left without the replay's requests
+            engine.abort_request(left)
     short = np.flatnonzero(got < output_tokens)
     if short.size:
         raise RuntimeError(f"request {short[0]} ended with {got[short[0]]} of its {output_tokens[short[0]]} tokens")
