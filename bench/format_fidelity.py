@@ -52,11 +52,11 @@ def main(path: str) -> None:
         f"Command: `{data['command']}` ({data['seconds']} s), kvsched {data['kvsched']['commit'][:12]}"
         + (" with uncommitted changes" if data["kvsched"]["uncommitted"] else "") + ".",
         "",
-        "What the step model leaves out, each seen in these runs: attention on this CPU is not linear in the",
-        "context (a decode step at short context costs less per context token than at long), so a workload whose",
-        "contexts differ from the calibration's mix carries a few percent of bias per step; and where the load sits",
-        "at a tipping point (decode_heavy here), the same requests on the same engine schedule differently from run",
-        "to run (admission reacts to timing), so no model can come closer than the real runs' own spread.",
+        "What the step model leaves out: attention on this CPU is not linear in the context (a decode step at short",
+        "context costs less per context token than at long), so a workload whose contexts differ from the",
+        "calibration's mix carries a bias per step; each workload below gives the profile's error on that replay's",
+        "own steps. And the same requests on the same engine do not schedule identically from run to run (admission",
+        "reacts to timing): the real runs' own spread says by how much.",
         "",
         "## The calibrated profile",
         "",
@@ -66,7 +66,8 @@ def main(path: str) -> None:
         f"{p['decode_context_ms']:.2e} x decode context + {p['prefill_attention_ms']:.2e} x prefill attention",
         "",
         f"Fitted over {fit['steps']} calibration steps (median {fit['median_step_ms']:.2f} ms): error per step median "
-        f"{fit['median_abs_error']:.1%}, p90 {fit['p90_abs_error']:.1%}; total time {fit['total_time_error']:+.1%}.",
+        f"{fit['median_abs_error']:.1%}, p90 {fit['p90_abs_error']:.1%}; the relative fit came out "
+        f"{fit['relative_fit_bias']:+.1%} in total time and was rescaled to the measured total.",
         "",
     ]
     for name, rows in data["comparison"].items():
