@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "traces"
 ENV = dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_TARGET_DEVICE="cpu",
            HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-METRICS = ("ttft_s", "tpot_s", "max_gap_s")
 QUANTILES = (50, 90, 99)
 GOALS = {50: 0.10, 90: 0.10, 99: 0.20, "preemptions": 0.20}
 
@@ -161,9 +160,7 @@ def real_runs(args, traces: dict, model: Path, profile_path: Path, folder: Path)
 
 def _profile_error(profile, steps: dict) -> dict:
     """How well the profile predicts this replay's own steps from their features (not rows)."""
-    ms = (np.maximum(profile.floor_ms, profile.base_ms + profile.per_token_ms * steps["tokens"])
-          + profile.per_row_ms * steps["rows"] + profile.decode_context_ms * steps["decode_context"]
-          + profile.prefill_attention_ms * steps["prefill_attention"] + profile.overhead_ms)
+    ms = profile.time_ms(steps)
     real = 1e3 * steps["seconds"]
     error = ms / real - 1
     return dict(median_abs=float(np.median(np.abs(error))), total=float(ms.sum() / real.sum() - 1))

@@ -57,14 +57,14 @@ class ModelProfile:
 
     def step_time_s(self, num_tokens: np.ndarray, computed_offsets: np.ndarray, is_prefill: np.ndarray) -> float:
         """Simulated duration of one step over the plan's arrays."""
-        decode = ~is_prefill
-        n = float(num_tokens[is_prefill].sum()) + float(decode.sum())
-        chunk = num_tokens[is_prefill].astype(np.float64)
-        context = computed_offsets[is_prefill].astype(np.float64)
-        ms = max(self.floor_ms, self.base_ms + self.per_token_ms * n) + self.per_row_ms * num_tokens.size
-        ms += self.decode_context_ms * float((computed_offsets[decode] + num_tokens[decode]).sum())
-        ms += self.prefill_attention_ms * float((chunk * (context + chunk / 2)).sum())
-        return (ms + self.overhead_ms) / 1000.0
+        return float(self.time_ms(step_features(num_tokens, computed_offsets, is_prefill))) / 1000.0
+
+    def time_ms(self, features: dict):
+        """Step time in ms from step features (:func:`step_features`): one step's, or arrays of many."""
+        ms = np.maximum(self.floor_ms, self.base_ms + self.per_token_ms * np.asarray(features["tokens"], np.float64))
+        return (ms + self.per_row_ms * np.asarray(features["rows"], np.float64)
+                + self.decode_context_ms * np.asarray(features["decode_context"], np.float64)
+                + self.prefill_attention_ms * np.asarray(features["prefill_attention"], np.float64) + self.overhead_ms)
 
     def prefill_time_s(self, tokens: int) -> float:
         """Duration of a lone prefill of ``tokens`` tokens (the cost of recomputing them)."""

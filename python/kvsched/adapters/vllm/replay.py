@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from ...sim.profiles import STEP_FEATURES
+from ...sim.profiles import STEP_FEATURES, step_features
 
 CLOCKS = ("cpu", "wall")
 MAX_IDLE_STEPS = 1000  # steps in a row that schedule nothing before the replay gives up
@@ -130,7 +130,7 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
-    config = engine.vllm_config if hasattr(engine, "vllm_config") else llm.llm_engine.engine_core.vllm_config
+    config = engine.vllm_config
     max_model_len = int(config.model_config.max_model_len)
     vocab = int(vocab_size or config.model_config.get_vocab_size())
     too_long = (prompt_tokens < 1) | (prompt_tokens + np.maximum(output_tokens, 1) > max_model_len) | (output_tokens < 1)
@@ -177,7 +177,7 @@ def replay(llm, arrival_s: np.ndarray, prompt_tokens: np.ndarray, output_tokens:
         rows += list(zip(cached.req_ids, cached.num_computed_tokens))
         count = np.array([tokens[r] for r, _ in rows], np.int64)
         context = np.array([c for _, c in rows], np.int64)
-        features = _features(count, context)
+        features = step_features(count, context, count > 1)
         for name in STEP_FEATURES:
             steps[name].append(features[name])
         for req_id in output.preempted_req_ids or ():
@@ -276,9 +276,3 @@ def _stop(engine, scheduler, request_ids: list) -> None:
 
 def _finished(outputs, index: int) -> bool:
     return any(out.finished for out in outputs if out.request_id == str(index))
-
-
-def _features(count: np.ndarray, context: np.ndarray) -> dict:
-    from ...sim.profiles import step_features
-
-    return step_features(count, context, count > 1)
