@@ -59,7 +59,7 @@ def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stat
         made.append(harness.make_request(r["req_id"], r["prompt_len"], r["max_tokens"], arrival_time=r["arrival_time"],
                                          priority=r.get("priority", 0), shared_prefix=r["shared_prefix"],
                                          block_hasher=hasher, extra_args=r.get("extra_args"),
-                                         lora_id=r.get("lora_id", 0)))
+                                         lora_id=r.get("lora_id", 0), stop=r.get("stop")))
         engine.add(made[-1])
     engine.run(on_step=on_step)
     engine.preemptions = sum(r.num_preemptions for r in made)
@@ -272,6 +272,31 @@ def test_stop_from_the_frontend_counts_as_finished_with_its_true_length():
     assert stopped and stopped[0] not in engine.finish_reasons
     stats = engine.scheduler.core.stats()
     assert stats["finished"] == 6 and stats["aborted"] == 0
+    assert_drained(engine)
+
+
+def test_an_abort_at_a_stop_string_counts_as_finished_and_admission_learns_its_length():
+    # vLLM's front end ends a request at a stop string with an abort (FINISHED_ABORTED): for a request
+    # with stop strings that has produced tokens, the core counts a finish with the tokens it holds.
+    requests = script(6, seed=7, max_out=60)
+    for r in requests:
+        r["max_tokens"] = r["true_len"] = 60
+    for r in requests[:4]:
+        r["stop"] = ["\n\n"]
+    ended: dict[str, int] = {}
+
+    def end_at_three_tokens(engine):
+        s = engine.scheduler
+        for r in list(s.requests.values()):
+            if r.status == RequestStatus.RUNNING and r.num_output_tokens >= 3 and r.request_id not in ended:
+                ended[r.request_id] = r.num_output_tokens
+                s.finish_requests(r.request_id, RequestStatus.FINISHED_ABORTED)
+
+    engine = run("kvsched", requests, num_blocks=200, async_scheduling=False, on_step=end_at_three_tokens)
+    stats = engine.scheduler.core.stats()
+    assert len(ended) == 6
+    assert stats["finished"] == 4 and stats["aborted"] == 2  # the two without stop strings were aborted
+    assert engine.scheduler.stop_string_ends == 4
     assert_drained(engine)
 
 

@@ -199,6 +199,15 @@ def structured_params(i: int):
     return kind, SamplingParams(temperature=0.0, max_tokens=64, structured_outputs=StructuredOutputsParams(**constraint))
 
 
+# Words the tiny model's greedy outputs for LIGHT reach at various depths (seen in its outputs), so
+# that requests end at a stop string after a few tokens to a few dozen.
+STOP_STRINGS = ["ibility", "happen", "builtin", " class", "inherited", "tam"]
+
+
+def stop_string_params(n: int) -> list[SamplingParams]:
+    return [SamplingParams(temperature=0.0, max_tokens=80, stop=STOP_STRINGS) for _ in range(n)]
+
+
 SHARED = workload(24, seed=3, shared_prefix=3 * BLOCK, groups=4, prompt_len=(10, 150))  # 4 prefixes of 3 blocks
 
 
@@ -223,6 +232,14 @@ def run_config(model: Path, kind: str, *, enable_prefix_caching: bool) -> dict:
                       for i in range(len(PRESSURE.prompts))]
             mark = engine.counts.mark()
             results["structured"] = engine.generate_texts(PRESSURE.prompts, params), engine.counts.since(mark)
+            # vLLM's front end ends a request at a stop string by an abort; kvsched must count a finish.
+            before = engine.scheduler.core.stats() if kind == "kvsched" else None
+            results["stop_strings"] = engine.generate_texts(LIGHT.prompts, stop_string_params(len(LIGHT.prompts)))
+            if kind == "kvsched":
+                after = engine.scheduler.core.stats()
+                results["stop_string_core"] = dict(finished=after["finished"] - before["finished"],
+                                                   aborted=after["aborted"] - before["aborted"],
+                                                   stop_string_ends=engine.scheduler.stop_string_ends)
         if kind == "kvsched":
             results["core_preemptions"] = engine.scheduler.core.stats()["preemptions"]
         results["preempted"] = engine.counts.preempted
@@ -283,6 +300,17 @@ def test_aborts_mid_generation_keep_the_others_identical(runs_caching_off):
                 assert 5 <= len(tokens[i]) < len(reference[i]) and tokens[i] == reference[i][: len(tokens[i])], (kind, i)
             else:
                 assert tokens[i] == reference[i], (kind, i)
+
+
+def test_requests_ended_at_a_stop_string_are_counted_finished_so_admission_learns_them(runs_caching_off):
+    ours, theirs = runs_caching_off["kvsched"]["stop_strings"], runs_caching_off["vllm"]["stop_strings"]
+    assert ours == theirs
+    ended_at_stop_string = sum(any(stop in text for stop in STOP_STRINGS) or reason == "stop"
+                               for _, text, reason in ours)
+    assert sum(reason == "stop" for _, _, reason in ours) >= len(LIGHT.prompts) // 2, ours  # the workload stops
+    core = runs_caching_off["kvsched"]["stop_string_core"]
+    assert core["finished"] == len(LIGHT.prompts) and core["aborted"] == 0, core
+    assert core["stop_string_ends"] >= 1 and ended_at_stop_string >= core["stop_string_ends"], core
 
 
 def test_prefix_caching_hits_and_outputs_are_token_identical(runs_caching_on):

@@ -111,12 +111,13 @@ def prompt_for(req_id: str, length: int, shared_prefix: int = 0) -> list[int]:
 
 def make_request(req_id: str, prompt_len: int, max_tokens: int, *, arrival_time: float = 0.0, priority: int = 0,
                  shared_prefix: int = 0, block_hasher: Callable | None = None, ignore_eos: bool = False,
-                 stop_token_ids: list[int] | None = None, extra_args: dict | None = None, lora_id: int = 0):
+                 stop_token_ids: list[int] | None = None, extra_args: dict | None = None, lora_id: int = 0,
+                 stop: list[str] | None = None):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos, stop_token_ids=stop_token_ids,
-                            extra_args=extra_args)
+                            extra_args=extra_args, stop=stop)
     if not ignore_eos:
         params.update_from_generation_config({}, eos_token_id=EOS)
     lora_request = None

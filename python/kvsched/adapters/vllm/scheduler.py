@@ -35,6 +35,14 @@ Glossary
               its grammar is ready (one that failed to compile finishes it with an error); each step,
               its sampling rows get a bitmask row from vLLM's StructuredOutputManager
               (get_grammar_bitmask), and its sampled tokens advance the grammar (from_runner).
+  stop-string end  vLLM 0.32-0.34 find stop strings in the front end (the detokenizer) and end the
+              request in the engine by an abort (FINISHED_ABORTED), the same call a client's
+              disconnect makes. An abort of a request that has stop strings and has produced a
+              token is taken as a stop-string end: the core counts it finished with the tokens it
+              holds (a step or two past the match when the front end lags: KV that was really
+              held), so admission learns its length. A client that disconnects from such a
+              request is then learned as a short length; without this every stop-string request
+              would be learned as nothing, and admission would keep its prior.
 """
 
 from __future__ import annotations
@@ -121,6 +129,7 @@ class Scheduler(SchedulerInterface):
         self._to_add: list[Request] = []  # added since the last schedule(); passed to the core in one call
         self._steps: deque[Step] = deque()
         self._step_index = 0
+        self.stop_string_ends = 0  # aborts taken for stop-string ends (see the glossary)
         self.finished_req_ids: set[str] = set()
         self.finished_req_ids_dict: dict[int, set[str]] | None = defaultdict(set) if include_finished_set else None
         self._preempted_req_ids: set[str] = set()
@@ -243,11 +252,15 @@ class Scheduler(SchedulerInterface):
                 continue
             handle = self._handle_of.get(req_id)
             if handle is not None and self._handles.in_core[handle]:
-                if finished_status == RequestStatus.FINISHED_ABORTED:
+                if finished_status == RequestStatus.FINISHED_ABORTED and not self._ended_by_stop_string(request, handle):
                     aborted.append(handle)
-                else:  # a stop string found by the frontend: a true output length
+                else:  # ended by the front end at a stop string: a true output length
                     stopped.append(handle)
                     stopped_lens.append(int(self._handles.num_output[handle]))
+                    if finished_status == RequestStatus.FINISHED_ABORTED:  # else _retire tells priced risk
+                        self.stop_string_ends += 1
+                        if self.priced_risk is not None:
+                            self.priced_risk.finished(stopped_lens[-1])
             elif handle is not None and request in self._to_add:
                 self._to_add.remove(request)
             request.status = finished_status
@@ -259,6 +272,11 @@ class Scheduler(SchedulerInterface):
         for request in finished:
             self._retire(request)
         return finished
+
+    def _ended_by_stop_string(self, request: Request, handle: int) -> bool:
+        """An abort that is taken for a stop-string end (see the glossary)."""
+        params = request.sampling_params
+        return params is not None and bool(params.stop) and int(self._handles.num_output[handle]) > 0
 
     def _retire(self, request: Request) -> None:
         """Forgets a finished request; the core has already let it go."""
