@@ -14,7 +14,8 @@ import kvsched
 from kvsched import _core
 from kvsched.cli import main
 from kvsched.cluster import DISPATCH_POLICIES, Dispatcher, InstanceLoads, MigrationPolicy
-from kvsched.sim.driver import FleetSpec, InstanceLost, LocalPool, Driver, simulate, simulate_fleet
+from kvsched.cluster.instance import InstanceLost, LocalPool
+from kvsched.sim.driver import FleetSpec, Driver, simulate, simulate_fleet
 from kvsched.sim.engine import EngineConfig, EngineInstance, prepare
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.workloads import multi_turn_chat, synthetic

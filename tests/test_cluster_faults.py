@@ -10,7 +10,8 @@ import pytest
 from test_cluster import A100, FailingPool
 
 from kvsched.cluster import Dispatcher, Link, MigrationPolicy
-from kvsched.sim.driver import IN_FLIGHT, REJECT_REASONS, Driver, InstanceLost, LocalPool
+from kvsched.cluster.instance import InstanceLost, LocalPool
+from kvsched.sim.driver import IN_FLIGHT, REJECT_REASONS, Driver
 from kvsched.sim.engine import EngineConfig, EngineInstance, prepare
 from kvsched.sim.traces import Trace
 

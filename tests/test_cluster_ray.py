@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kvsched.cluster import Dispatcher, MigrationPolicy
-from kvsched.sim.driver import Driver, FleetSpec, simulate_fleet
-from kvsched.sim.engine import EngineConfig, prepare
+from kvsched.sim.driver import Driver, FleetSpec, simulate_fleet, simulate_on_ray
+from kvsched.sim.engine import EngineConfig, EngineInstance, prepare
 from kvsched.sim.profiles import PROFILES
 from kvsched.sim.traces import read_trace
 
@@ -18,7 +18,7 @@ if "libasan" in os.environ.get("LD_PRELOAD", ""):
     # Ray's own native processes inherit the sanitizer preload and are not built for it.
     pytest.skip("Ray's processes do not run under the AddressSanitizer preload", allow_module_level=True)
 
-from kvsched.cluster.ray import RayPool, simulate_on_ray  # noqa: E402
+from kvsched.cluster.ray import RayPool  # noqa: E402
 from test_cluster_faults import POLICY, conversations  # noqa: E402
 
 A100 = PROFILES["llama3-8b-a100"]
@@ -74,7 +74,7 @@ def test_actors_killed_at_migration_stages_lose_no_request_and_leak_no_reservati
     """The destination of a last stage in flight, then the source of a first stage: killed actors."""
     engine = EngineConfig(A100, 8192)
     prepared = prepare(conversations(), engine)
-    pool = RayPool(prepared, engine, "aggressive", 3)
+    pool = RayPool(EngineInstance, (prepared, engine, "aggressive", None, None), 3)
     killed: list = []
 
     def hook(now, _pool):

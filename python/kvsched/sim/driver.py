@@ -1,9 +1,10 @@
 """The discrete-event driver: replays a prepared trace over one or more simulated instances.
 
 Glossary
-  pool       the instances, called through ``call``/``call_many`` (in process: ``LocalPool``; on
-             Ray: ``kvsched.cluster.ray.RayPool``, one actor each). The driver's protocol is the
-             same on both, so a seed gives the same per-request results.
+  pool       the instances (``kvsched.cluster.instance``: each answers ``Instance``'s calls),
+             called through ``call``/``call_many``: in process (``LocalPool``) or on Ray
+             (``kvsched.cluster.ray.RayPool``, one actor each). The driver's protocol is the same on
+             both, so a seed gives the same per-request results.
   round      the driver's unit of work. ``now`` is the earliest clock of a busy instance (its next
              step starts then): arrivals due by ``now`` are dispatched, migration events due by
              ``now`` are handled, then every busy instance steps until the next event (the next
@@ -29,12 +30,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from ..cluster import _args
 from ..cluster.dispatch import Dispatcher, InstanceLoads
+from ..cluster.instance import InstanceLost, LocalPool
 from ..cluster.migration import Migration, MigrationPolicy, MigrationStats
 from .arrivals import ArrivalQueue
 from .engine import SLOS, EngineConfig, EngineInstance, PreparedTrace, RunLog
@@ -76,31 +78,6 @@ class FleetSpec:
     def label(self) -> str:
         return (self.dispatch + ("+queue" if self.global_queue else "")
                 + ("+migration" if self.migration is not None else ""))
-
-
-class InstanceLost(RuntimeError):
-    """An instance stopped answering (its process died); ``instance`` is its index."""
-
-    def __init__(self, instance: int, cause: object = None):
-        super().__init__(f"instance {instance} is gone: {cause}")
-        self.instance = instance
-
-
-class LocalPool:
-    """Instances in this process."""
-
-    def __init__(self, instances: Sequence[EngineInstance]):
-        self.instances = list(instances)
-
-    def __len__(self) -> int:
-        return len(self.instances)
-
-    def call(self, index: int, method: str, *args):
-        return getattr(self.instances[index], method)(*args)
-
-    def call_many(self, calls: Sequence[tuple]) -> list:
-        """[(index, method, args)] -> results in order (an InstanceLost in place of a failure)."""
-        return [self.call(i, method, *args) for i, method, args in calls]
 
 
 @dataclass
@@ -658,8 +635,37 @@ def simulate_fleet(
     """Replays ``prepared`` over ``fleet.instances`` identical engine instances in this process,
     each with its own scheduler (``engine``, ``admission``, ``policy``)."""
     pool = LocalPool([EngineInstance(prepared, engine, admission, policy, priorities) for _ in range(fleet.instances)])
-    driver = Driver(prepared, engine, pool, admission=admission, policy=policy,
-                    dispatcher=fleet.dispatcher(), migration=fleet.migration,
-                    drains=drains, progress=progress, check_every_round=check_every_round)
+    return _run_fleet(prepared, engine, pool, admission, fleet, policy, drains=drains, progress=progress,
+                      check_every_round=check_every_round)
+
+
+def simulate_on_ray(
+    prepared: PreparedTrace,
+    engine: EngineConfig,
+    admission: str,
+    fleet: FleetSpec,
+    policy: Optional[str] = None,
+    priorities: Optional[PriorityPlan] = None,
+    drains: Optional[dict] = None,
+    hook: Optional[Callable] = None,
+    check_every_round: bool = False,
+) -> FleetResult:
+    """:func:`simulate_fleet` with each instance a Ray actor (``ray.init()`` first; needs the
+    ``ray`` extra). ``hook(now, pool)`` runs every round (e.g. to kill an actor:
+    ``ray.kill(pool.actors[i])``); a killed actor's requests are dispatched again."""
+    from ..cluster.ray import RayPool
+
+    pool = RayPool(EngineInstance, (prepared, engine, admission, policy, priorities), fleet.instances)
+    try:
+        return _run_fleet(prepared, engine, pool, admission, fleet, policy, drains=drains, hook=hook,
+                          check_every_round=check_every_round)
+    finally:
+        pool.shutdown()
+
+
+def _run_fleet(prepared: PreparedTrace, engine: EngineConfig, pool, admission: str, fleet: FleetSpec,
+               policy: Optional[str], **options) -> FleetResult:
+    driver = Driver(prepared, engine, pool, admission=admission, policy=policy, dispatcher=fleet.dispatcher(),
+                    migration=fleet.migration, **options)
     driver.run()
     return driver.result(fleet.dispatch, f"{admission} {fleet.label}")
