@@ -247,6 +247,32 @@ def test_each_dispatch_policy_places_by_its_measure():
     assert Dispatcher("prefix_affinity").place(loads(), tokens, blocks, np.zeros((4, 3), np.int64)).tolist() == [0, 1, 2, 0]
 
 
+def test_least_load_weighs_load_by_capacity_in_an_unequal_fleet():
+    # Instance 0 holds four times the KV of the others and four times their tokens: an equal share
+    # (ties to the lower index). It then takes three of the next five, holding by far the most tokens;
+    # by tokens alone it would get nothing until the small ones had 400 too.
+    tokens, blocks = np.full(6, 100), np.full(6, 10)
+    unequal = loads(load=(400, 100, 100), capacity=(400, 100, 100))
+    assert Dispatcher("least_load").place(unequal, tokens, blocks).tolist() == [0, 1, 2, 0, 0, 0]
+    hits = np.array([[5, 0, 0]] * 6)  # its cache too: it keeps it while its share stays within the limit
+    affinity = Dispatcher("prefix_affinity", imbalance_limit=0.1).place(unequal, tokens, blocks, hits)
+    assert affinity.tolist()[:3] == [0, 0, 0]
+
+
+def test_an_unequal_fleet_loads_each_instance_by_its_capacity():
+    small, large = 16384, 65536
+    engine = EngineConfig(A100, small)  # the smallest: every request fits wherever it goes
+    prepared = prepare(synthetic("chat", 300, 4 * 5.0, seed=4), engine)
+    fleet = FleetSpec(3, "least_load", kv_capacity_tokens=(large, small, small))
+    result = simulate_fleet(prepared, engine, "past_future", fleet, check_every_round=True)
+    assert np.isfinite(result.log.finish_s).all()  # every request finished
+    assert result.served[0] > 1.5 * max(result.served[1:])  # the large instance takes the most
+    with pytest.raises(ValueError, match="kv_capacity_tokens: 2 capacities for 3 instances"):
+        FleetSpec(3, "least_load", kv_capacity_tokens=(large, small))
+    with pytest.raises(ValueError, match=r"kv_capacity_tokens\[1\]"):
+        FleetSpec(2, "least_load", kv_capacity_tokens=(large, 0))
+
+
 def test_the_global_queue_holds_what_fits_nowhere_first_come_first_served():
     tokens, blocks = np.full(4, 100), np.array([5, 30, 5, 5])
     held = Dispatcher("headroom", global_queue=True).place(loads(load=(10, 10, 10), headroom=(12, 6, 8)), tokens,

@@ -404,12 +404,61 @@ def test_real_traces_run_end_to_end(trace_dir, name, fmt, extra, tmp_path, capsy
     assert guess_format(trace_dir / name) == fmt
 
 
-@pytest.mark.parametrize("name", ["chat", "decode_heavy", "long_prompt"])
+@pytest.mark.parametrize("name", ["chat", "decode_heavy", "long_prompt", "reasoning"])
 def test_num_requests_takes_the_first_requests_of_the_same_workload(name):
     short, long = synthetic(name, 300, 5.0, seed=4), synthetic(name, 1500, 5.0, seed=4)
     assert np.array_equal(short.prompt_tokens, long.prompt_tokens[:300])
     assert np.array_equal(short.output_tokens, long.output_tokens[:300])
     assert np.allclose(short.arrival_s, long.arrival_s[:300])
+
+
+def test_reasoning_outputs_are_long_heavy_tailed_and_from_two_classes():
+    trace = synthetic("reasoning", 4000, 1.0, seed=1)
+    outputs = trace.output_tokens
+    assert outputs.min() >= 1024 and outputs.max() == 32768  # the tail reaches the cut
+    assert outputs.mean() > 1.5 * np.median(outputs)  # heavy-tailed: the mean far above the median
+    assert 0.3 < np.mean(outputs > 6000) < 0.5  # about the deep class's share lies beyond the quick one's bulk
+    assert np.median(trace.prompt_tokens) < 500  # short questions
+    assert synthetic("reasoning", 10, 1.0, max_tokens=4096).output_tokens.max() <= 4096
+
+
+def test_cli_reasoning_runs_with_its_long_outputs(capsys):
+    assert main(["simulate", "--workload", "reasoning", "--num-requests", "20", "--admission", "past_future"]) == 0
+    out = capsys.readouterr().out
+    assert "context 40960 tokens" in out and "KV 262144 tokens" in out
+    assert "outputs clipped" not in out  # --max-new-tokens follows the workload: 32768
+
+
+def test_cli_unequal_fleet_gives_each_instance_its_capacity(tmp_path, capsys):
+    out = tmp_path / "fleet.json"
+    argv = ["simulate", "--instances", "3", "--instance-kv-tokens", "65536,16384,16384", "--num-requests", "150",
+            "--dispatch", "least_load", "--json", str(out)]
+    assert main(argv) == 0
+    assert "KV caches of 65536, 16384, 16384 tokens" in capsys.readouterr().out
+    (record,) = json.loads(out.read_text())
+    assert record["instance_kv_tokens"] == [65536, 16384, 16384] and record["kv_capacity_tokens"] == 16384
+    served = record["fleet"]["served"]
+    assert served[0] > max(served[1:])  # the large instance takes the most
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--instances", "3", "--instance-kv-tokens", "65536,16384"], "--instance-kv-tokens: 2 capacities for --instances 3"),
+        (["--instance-kv-tokens", "65536"], "--instance-kv-tokens: only a fleet has it"),
+        (["--instances", "2", "--instance-kv-tokens", "65536,0"], "each capacity must be >= 1, got 0"),
+        (["--instances", "2", "--instance-kv-tokens", "65536,16384", "--kv-capacity-tokens", "4096"],
+         "--instance-kv-tokens: gives each instance its KV capacity; not with --kv-capacity-tokens"),
+    ],
+)
+def test_cli_refuses_bad_instance_capacities_by_name(argv, message, capsys):
+    try:
+        code = main(["simulate", "--num-requests", "20", *argv])
+    except SystemExit as exit_:  # refused by argparse, while parsing
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_aggregate_gives_means_and_student_intervals():

@@ -1,5 +1,6 @@
 #include "kvsched/dispatch.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include "kvsched/errors.h"
@@ -31,10 +32,15 @@ std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, in
   std::vector<int64_t> load(in.load_tokens, in.load_tokens + n), headroom(in.headroom_blocks, in.headroom_blocks + n);
   std::vector<int32_t> placed(in.num_requests, -1);
   std::vector<uint8_t> candidate(n);
+  // Load as a share of the instance's KV capacity: in a fleet of unequal instances a large one
+  // takes proportionally more (with equal capacities, the same order as the load in tokens).
+  auto share = [&](size_t i) {
+    return static_cast<long double>(load[i]) / static_cast<long double>(std::max<int64_t>(in.capacity_tokens[i], 1));
+  };
   auto least_loaded = [&]() {
     size_t best = n;
     for (size_t i = 0; i < n; ++i) {
-      if (candidate[i] && (best == n || load[i] < load[best])) best = i;
+      if (candidate[i] && (best == n || share(i) < share(best))) best = i;
     }
     return best;
   };
@@ -60,7 +66,7 @@ std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, in
         for (size_t i = 0; i < n; ++i) {
           if (!candidate[i]) continue;
           // Equal headroom (e.g. all idle): the lighter load, so that queues stay short too.
-          if (best == n || headroom[i] > headroom[best] || (headroom[i] == headroom[best] && load[i] < load[best])) {
+          if (best == n || headroom[i] > headroom[best] || (headroom[i] == headroom[best] && share(i) < share(best))) {
             best = i;
           }
         }
@@ -71,9 +77,8 @@ std::vector<int32_t> dispatch(DispatchPolicy policy, const DispatchInput& in, in
         best = lightest;
         for (size_t i = 0; i < n; ++i) {
           if (!candidate[i]) continue;
-          const double excess = static_cast<double>(load[i] - load[lightest]);
-          if (excess > in.imbalance_limit * static_cast<double>(in.capacity_tokens[i])) continue;
-          if (hits[i] > hits[best] || (hits[i] == hits[best] && load[i] < load[best])) best = i;
+          if (share(i) - share(lightest) > static_cast<long double>(in.imbalance_limit)) continue;
+          if (hits[i] > hits[best] || (hits[i] == hits[best] && share(i) < share(best))) best = i;
         }
         break;
       }

@@ -64,6 +64,8 @@ MAX_THINK_S = 1e6
 LINK_GBPS_RANGE = (1e-3, 1e5)
 MAX_LINK_LATENCY_US = 1e6
 DEFAULT_REQUESTS_PER_INSTANCE = 1500
+MAX_LOAD_PERIOD_S = 3600.0
+MAX_ROUTERS = 1024
 
 
 def _integer(low: int, high: Optional[int]):
@@ -83,6 +85,18 @@ def _integer(low: int, high: Optional[int]):
 
     parse.__name__ = "integer"
     return parse
+
+
+def _capacity_list(text: str) -> tuple:
+    """--instance-kv-tokens: comma-separated KV capacities in tokens, one per instance."""
+    parse = _integer(1, MAX_TOKENS * 64)
+    try:
+        return tuple(parse(part.strip()) for part in text.split(","))
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"each capacity {error}") from None
+
+
+_capacity_list.__name__ = "capacities"
 
 
 def _seed_count(text: str):
@@ -275,8 +289,12 @@ def _fleets(args: argparse.Namespace) -> list:
                   "both": [None, MigrationPolicy(link=link)]}[args.migration or "off"]
     queues = {"off": [False], "on": [True], "both": [False, True]}[args.global_queue or "off"]
     imbalance = 0.1 if args.imbalance_limit is None else args.imbalance_limit
-    return [FleetSpec(args.instances, dispatch, migration, imbalance, queue)
-            for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for queue in queues for migration in migrations]
+    counted = {"off": [False], "on": [True], "both": [True, False]}[args.count_placed or "on"]
+    reporting = dict(load_period_s=args.load_period_s or 0.0, routers=args.routers or 1)
+    return [FleetSpec(args.instances, dispatch, migration, imbalance, queue, args.instance_kv_tokens,
+                      count_placed=count, **reporting)
+            for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for queue in queues for migration in migrations
+            for count in counted]
 
 
 def _ordering_policy(text: str) -> str:
@@ -324,9 +342,21 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.policy == "deadline":
         raise ValueError("--policy deadline orders by arrival + each class's TTFT SLO; a simulated run has one "
                          "class and one SLO (--slo), so its order would be fcfs's: use --policy fcfs")
+    if args.instance_kv_tokens is not None:
+        if len(args.instance_kv_tokens) != args.instances:
+            raise ValueError(f"--instance-kv-tokens: {len(args.instance_kv_tokens)} capacities for --instances "
+                             f"{args.instances}: give one per instance")
+        if args.kv_capacity_tokens:
+            raise ValueError("--instance-kv-tokens: gives each instance its KV capacity; not with "
+                             "--kv-capacity-tokens")
+        if args.sweep:
+            raise ValueError("--instance-kv-tokens: not with --sweep (a sweep runs one instance)")
     if args.instances == 1:
         for option, value in (("--dispatch", args.dispatch), ("--migration", args.migration),
                               ("--global-queue", args.global_queue), ("--link", args.link),
+                              ("--instance-kv-tokens", args.instance_kv_tokens),
+                              ("--load-period-s", args.load_period_s), ("--routers", args.routers),
+                              ("--count-placed", args.count_placed),
                               ("--link-bandwidth-gbps", args.link_bandwidth_gbps),
                               ("--link-latency-us", args.link_latency_us), ("--imbalance-limit", args.imbalance_limit)):
             if value is not None:
@@ -336,6 +366,9 @@ def _check_options(args: argparse.Namespace) -> None:
                               ("--link-latency-us", args.link_latency_us)):
             if value is not None:
                 raise ValueError(f"{option}: only live migration uses the link (--migration on or both)")
+    if args.count_placed is not None and not args.load_period_s and (args.routers or 1) == 1:
+        raise ValueError("--count-placed: with fresh loads before every decision there is nothing placed since "
+                         "the last poll; give --load-period-s or --routers")
     if args.imbalance_limit is not None and "prefix_affinity" not in (args.dispatch or DISPATCH_POLICIES):
         raise ValueError("--imbalance-limit: only --dispatch prefix_affinity uses it")
     if args.max_num_batched_tokens < args.max_num_seqs:
@@ -391,6 +424,12 @@ def _check_memory(args: argparse.Namespace, capacity: int) -> None:
         raise ValueError(f"{option}: {host_blocks} blocks of {block} tokens; must be <= {MAX_HOST_BLOCKS} blocks "
                          f"({MAX_HOST_BLOCKS * block} tokens at --block-size {block})")
     total = args.instances * (blocks + host_blocks)
+    if args.instance_kv_tokens is not None:
+        for i, each in enumerate(args.instance_kv_tokens):
+            if each // block > MAX_KV_BLOCKS:
+                raise ValueError(f"--instance-kv-tokens: instance {i}'s {each} tokens are {each // block} blocks "
+                                 f"of {block} tokens; must be <= {MAX_KV_BLOCKS} blocks")
+        total = sum(each // block + host_blocks for each in args.instance_kv_tokens)
     if total > MAX_FLEET_BLOCKS:
         raise ValueError(f"--instances {args.instances}: {args.instances} instances of {blocks + host_blocks} KV "
                          f"blocks (device and host) make {total}; must be <= {MAX_FLEET_BLOCKS}: fewer instances "
@@ -479,8 +518,12 @@ def _run_setting(args: argparse.Namespace) -> tuple:
     profile = args.model_profile
     defaults = None if args.trace else BUILT_IN_DEFAULTS[args.workload or "chat"]
     capacity = args.kv_capacity_tokens or (defaults.kv_capacity_tokens if defaults else profile.default_kv_capacity_tokens)
+    if args.instance_kv_tokens is not None:  # the trace is cut to the smallest: every request fits anywhere
+        capacity = min(args.instance_kv_tokens)
     _check_memory(args, capacity)
     max_model_len = args.max_model_len or (defaults.max_model_len if defaults else 0)
+    if args.max_new_tokens is None:  # resolved once: every engine of the run reads it
+        args.max_new_tokens = defaults.max_new_tokens if defaults else 2048
     return profile, defaults, capacity, max_model_len, SLOS[args.slo]
 
 
@@ -655,6 +698,7 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
         record = aggregate([r for r, _ in runs[name]])
         record.update(workload=source, workload_note=defaults.note if defaults else "", rate_scale=args.rate_scale,
                       kv_capacity_tokens=capacity, max_model_len=engine.context_limit(), model_profile=profile.name,
+                      instance_kv_tokens=list(args.instance_kv_tokens) if args.instance_kv_tokens else None,
                       preemption=args.preemption, priorities=args.priorities, clients=args.clients,
                       kvsched_version=__version__, command=shlex.join(["kvsched", *args.argv]),
                       options={k: getattr(v, "name", v) for k, v in vars(args).items()  # a profile by its name
@@ -716,7 +760,10 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
           f"<= {slo.gap_s:g} s; ordering policy {policy}; preemption by {args.preemption}")
     if args.instances > 1:
         moving = next((f.migration for f in fleets if f.migration is not None), None)
-        print(f"fleet: {args.instances} instances, each with that KV cache and its own scheduler"
+        kv_each = ("each with that KV cache and its own scheduler" if args.instance_kv_tokens is None else
+                   f"with KV caches of {', '.join(map(str, args.instance_kv_tokens))} tokens (the smallest above), "
+                   "each its own scheduler")
+        print(f"fleet: {args.instances} instances, {kv_each}"
               + (f"; a built-in workload's rate and requests x{args.instances}" if defaults else "")
               + (f"; migration over {moving.link.name} ({moving.link.bandwidth_bytes_per_s / 1e9:g} GB/s, "
                  f"{moving.link.latency_s * 1e6:g} us)" if moving else ""))
@@ -740,6 +787,10 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
     if args.instances > 1:
         print("migr: running requests moved live between instances; spread: the largest minus the smallest "
               "instance's time-weighted mean KV use (0% is perfectly even)")
+        if args.load_period_s or (args.routers or 1) > 1:
+            print("+pollXs: the dispatcher saw loads polled every X s (xN: by N router replicas, none seeing the "
+                  "others' placements until its next poll); -uncounted: a router did not add what it placed since "
+                  "its last poll")
     if len(seeds) > 1:
         print("a ± interval that would pass 0 or 100% is shown clipped, as [low,high]")
     if any(r.get("max_rate_capped") for r in records):
@@ -983,8 +1034,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-model-len", type=_integer(1, MAX_TOKENS), default=0,
                      help="context limit in tokens; longer prompts are rejected and counted (default: the "
                      "built-in workload's, else the model profile's)")
-    sim.add_argument("--max-new-tokens", type=_integer(1, MAX_TOKENS), default=2048,
-                     help="max_new_tokens the scheduler sees per request (default 2048)")
+    sim.add_argument("--max-new-tokens", type=_integer(1, MAX_TOKENS), default=None,
+                     help="max_new_tokens the scheduler sees per request (default 2048; the reasoning workload's "
+                     "32768)")
     sim.add_argument("--max-num-seqs", type=_integer(1, MAX_NUM_SEQS), default=256,
                      help="most requests running at once (default 256)")
     sim.add_argument("--max-num-batched-tokens", type=_integer(1, MAX_TOKENS), default=2048,
@@ -1017,10 +1069,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "overlapping that step's forward pass, or in the step of its prefill, before the forward "
                      "pass (default prefetch)")
     sim.add_argument("--instances", type=_integer(1, MAX_INSTANCES), default=1,
-                     help="simulate a fleet of N identical instances (each its own KV cache and scheduler) behind a "
+                     help="simulate a fleet of N identical instances (each its own KV cache and scheduler; unequal "
+                     "caches with --instance-kv-tokens) behind a "
                      "dispatcher; a built-in workload's default rate and request count scale with N (default 1). "
                      "The table adds migr (running requests moved live between instances) and spread (the "
                      "largest minus the smallest instance's time-weighted mean KV use)")
+    sim.add_argument("--instance-kv-tokens", type=_capacity_list, default=None, metavar="TOKENS,TOKENS,...",
+                     help="with --instances: each instance's KV capacity in tokens, one per instance, for a fleet "
+                     "of unequal GPUs (e.g. 262144,262144,131072,131072); the trace is cut to the smallest, so "
+                     "that every request fits wherever it goes; least_load compares loads as shares of each "
+                     "instance's capacity")
     sim.add_argument("--dispatch", type=_dispatch_policies, default=None,
                      help="with --instances: comma-separated dispatch policies to compare, one row each: "
                      f"{', '.join(DISPATCH_POLICIES)} (default all)")
@@ -1031,6 +1089,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --instances: a request goes only to an instance whose predicted peak leaves room "
                      "for it, else waits at the dispatcher for the first that frees room (instead of in one "
                      "instance's queue); both: a row with and one without (default off)")
+    sim.add_argument("--load-period-s", type=_number(0.0, MAX_LOAD_PERIOD_S), default=None,
+                     help="with --instances: the dispatcher sees the instances' loads as polled every this many "
+                     "seconds, as a real router does, instead of fresh before every decision (default 0: fresh)")
+    sim.add_argument("--routers", type=_integer(1, MAX_ROUTERS), default=None,
+                     help="with --instances: router replicas deciding at once, each taking every N-th request and "
+                     "polling loads on its own (staggered) timer; none sees what the others placed until its next "
+                     "poll (default 1)")
+    sim.add_argument("--count-placed", choices=("off", "on", "both"), default=None,
+                     help="with --load-period-s or --routers: a router adds what it placed since its last poll to "
+                     "the polled loads, so that a burst between polls does not all land on the instance that "
+                     "looked emptiest (default on); both: a row with and one without")
     sim.add_argument("--link", choices=tuple(LINKS), default=None,
                      help="with --migration: the link KV moves over (default rdma: 50 GB/s, 10 us); "
                      + "; ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:g} GB/s" for k, v in LINKS.items()))

@@ -4,14 +4,15 @@
 //   instance   one engine with its own batch former; the dispatcher sees it through a few numbers
 //              per instance (InstanceLoad, batch_former.h), gathered once per batch.
 //   load       tokens of an instance's live requests, running and queued: what least-load routers
-//              balance today.
+//              balance today. Compared as a share of the instance's KV capacity, so that in a fleet
+//              of unequal instances a large one takes proportionally more.
 //   headroom   KV blocks an instance has left after the predicted future peak of every live
 //              request (capacity - demand_blocks); negative when it will have to preempt or queue.
 //   affinity   leading prompt blocks of a request already cached on an instance.
 //
 // Policies (DispatchPolicy): round robin; least load; headroom (the most headroom, the estimator's
 // prediction of what each instance will need); prefix affinity (the most cached blocks among the
-// instances whose load is within `imbalance_limit` of capacity of the least loaded one; least load
+// instances whose load share is within `imbalance_limit` of the least loaded one's; least load
 // when nothing is cached). Requests are placed in order, each seeing what the earlier ones of the
 // batch added (load += its tokens, headroom -= its predicted blocks). Ties go to the lower index.
 // With `global_queue`, only instances with room for a request are candidates (headroom at least
@@ -34,7 +35,7 @@ struct DispatchInput {
   const uint8_t* available = nullptr;        // [instance] 1: takes new requests (alive, not draining)
   const int64_t* load_tokens = nullptr;      // [instance]
   const int64_t* headroom_blocks = nullptr;  // [instance]
-  const int64_t* capacity_tokens = nullptr;  // [instance] KV capacity, scales the imbalance limit
+  const int64_t* capacity_tokens = nullptr;  // [instance] KV capacity: loads are compared as shares of it
   const int64_t* request_tokens = nullptr;   // [request] tokens it adds to the load (prompt + expected output)
   const int64_t* request_blocks = nullptr;   // [request] blocks it adds to the predicted peak
   const int64_t* prefix_hits = nullptr;      // [request][instance], row-major; prefix affinity only

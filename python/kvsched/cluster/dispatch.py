@@ -52,9 +52,10 @@ class InstanceLoads:
 
 
 class Dispatcher:
-    """Places batches of requests by ``policy`` (one of DISPATCH_POLICIES). ``imbalance_limit``
-    bounds prefix affinity: an instance whose load exceeds the least loaded one's by more than
-    this fraction of its KV capacity is not chosen for its cache. With ``global_queue``, only an
+    """Places batches of requests by ``policy`` (one of DISPATCH_POLICIES). Loads are compared as
+    shares of each instance's KV capacity (a large instance of an unequal fleet takes more).
+    ``imbalance_limit`` bounds prefix affinity: an instance whose load share exceeds the least
+    loaded one's by more than this is not chosen for its cache. With ``global_queue``, only an
     instance with room for a request (headroom for its predicted blocks, or nothing live) takes
     it; one that fits nowhere waits at the dispatcher (``place`` gives -1), first come first
     served, for the first instance that frees room."""

@@ -29,7 +29,7 @@ and what arrives later is rejected ("no instance left").
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -37,6 +37,7 @@ import numpy as np
 from ..cluster import _args
 from ..cluster.dispatch import Dispatcher, InstanceLoads
 from ..cluster.instance import InstanceLost, LocalPool
+from ..cluster.router import Router
 from ..cluster.migration import Migration, MigrationPolicy, MigrationStats
 from .arrivals import ArrivalQueue
 from .engine import SLOS, EngineConfig, EngineInstance, PreparedTrace, RunLog
@@ -53,31 +54,65 @@ MAX_INSTANCES = 4096  # a simulated fleet holds every instance's engine in memor
 
 @dataclass(frozen=True)
 class FleetSpec:
-    """A fleet to simulate: ``instances`` identical engines behind ``dispatch`` (one of
-    kvsched.cluster.DISPATCH_POLICIES), with live ``migration`` when given."""
+    """A fleet to simulate: ``instances`` engines behind ``dispatch`` (one of
+    kvsched.cluster.DISPATCH_POLICIES), with live ``migration`` when given. The engines are the
+    run's engine, each with its own KV capacity where ``kv_capacity_tokens`` gives one per
+    instance (a fleet of unequal GPUs); prepare the trace with the smallest, so that every request
+    fits wherever it is placed."""
 
     instances: int
     dispatch: str
     migration: Optional[MigrationPolicy] = None
     imbalance_limit: float = 0.1
     global_queue: bool = False
+    kv_capacity_tokens: Optional[tuple] = None
+    # Loads as a real router sees them (kvsched.cluster.router): polled every load_period_s (0: before
+    # every decision), by `routers` replicas each taking every routers-th request; count_placed adds
+    # what a replica placed since its last poll.
+    load_period_s: float = 0.0
+    routers: int = 1
+    count_placed: bool = True
 
     def __post_init__(self) -> None:
         # Frozen: the checked count is stored as a plain int. Each instance is a whole engine.
         object.__setattr__(self, "instances", _args.integer("instances", self.instances, 1, MAX_INSTANCES))
+        if self.kv_capacity_tokens is not None:
+            capacities = tuple(self.kv_capacity_tokens)
+            if len(capacities) != self.instances:
+                raise ValueError(f"kv_capacity_tokens: {len(capacities)} capacities for {self.instances} instances")
+            object.__setattr__(self, "kv_capacity_tokens", tuple(
+                _args.integer(f"kv_capacity_tokens[{i}]", c, 1, 1 << 40) for i, c in enumerate(capacities)))
         if self.migration is not None and not isinstance(self.migration, MigrationPolicy):
             raise TypeError(f"migration must be a kvsched.cluster.MigrationPolicy or None, got {self.migration!r}")
         dispatcher = self.dispatcher()  # checks the policy, the limit and the queue flag
         object.__setattr__(self, "imbalance_limit", dispatcher.imbalance_limit)
         object.__setattr__(self, "global_queue", dispatcher.global_queue)
+        object.__setattr__(self, "load_period_s", _args.real("load_period_s", self.load_period_s, 0))
+        object.__setattr__(self, "routers", _args.integer("routers", self.routers, 1, 1024))
+        object.__setattr__(self, "count_placed", _args.flag("count_placed", self.count_placed))
 
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self.dispatch, self.imbalance_limit, self.global_queue)
 
+    def make_routers(self) -> list:
+        """One Router per replica, each with its own dispatcher; their polls staggered over the period."""
+        return [Router(self.dispatcher(), self.load_period_s, self.count_placed, r * self.load_period_s / self.routers)
+                for r in range(self.routers)]
+
+    def engines(self, engine: EngineConfig) -> list:
+        """Each instance's engine: ``engine``, with its own KV capacity where the fleet gives them."""
+        if self.kv_capacity_tokens is None:
+            return [engine] * self.instances
+        return [replace(engine, kv_capacity_tokens=c) for c in self.kv_capacity_tokens]
+
     @property
     def label(self) -> str:
+        stale = ""
+        if self.load_period_s > 0 or self.routers > 1:
+            stale = (f"+poll{self.load_period_s:g}s" + (f"x{self.routers}" if self.routers > 1 else "")
+                     + ("" if self.count_placed else "-uncounted"))
         return (self.dispatch + ("+queue" if self.global_queue else "")
-                + ("+migration" if self.migration is not None else ""))
+                + ("+migration" if self.migration is not None else "") + stale)
 
 
 @dataclass
@@ -125,8 +160,10 @@ class Driver:
                  policy: Optional[str] = None, dispatcher: Optional[Dispatcher] = None,
                  migration: Optional[MigrationPolicy] = None, drains: Optional[dict] = None,
                  progress: Optional[Callable[[int], None]] = None, hook: Optional[Callable] = None,
-                 check_every_round: bool = False):
-        if dispatcher is None and len(pool) != 1:
+                 check_every_round: bool = False, routers: Optional[list] = None):
+        if routers is None and dispatcher is not None:
+            routers = [Router(dispatcher)]  # fresh loads before every decision
+        if not routers and len(pool) != 1:
             raise ValueError("dispatcher: several instances need a dispatch policy")
         for i, t in (drains or {}).items():
             _args.integer("drains: an instance", i, 0, len(pool) - 1)
@@ -136,7 +173,9 @@ class Driver:
                 raise ValueError(f"drains: instance {i}'s drain time must be a number of seconds, got {t!r}")
         self.prepared, self.engine, self.pool = prepared, engine, pool
         self.admission, self.policy = admission, policy
-        self.dispatcher, self.migration, self.progress, self.hook = dispatcher, migration, progress, hook
+        self.routers = list(routers or [])
+        self.dispatcher = self.routers[0].dispatcher if self.routers else None
+        self.migration, self.progress, self.hook = migration, progress, hook
         self.drains = dict(drains or {})
         self.check_every_round = check_every_round
         trace = prepared.trace
@@ -352,7 +391,7 @@ class Driver:
         if self.dispatcher is None:
             target = np.zeros(ids.size, np.int64)
         else:
-            target = self._place(ids)
+            target = self._place(ids, now)
             if target is None:  # an instance went away while asked: ask again next round
                 self._requeue(ids)
                 return
@@ -372,29 +411,42 @@ class Driver:
             if not was_busy:
                 self.clock[i] = max(self.clock[i], float(arrival[mine].min()))
 
-    def _place(self, ids: np.ndarray) -> Optional[np.ndarray]:
+    def _place(self, ids: np.ndarray, now: float) -> Optional[np.ndarray]:
         bs = self.engine.block_size
         prompt = self.prepared.trace.prompt_tokens[ids]
         # A new request's future KV: its prompt plus the typical output of recent ones.
         expected = int(np.median(self._recent_outputs)) if self._recent_outputs.size else 0
         blocks = -(-(prompt + expected) // bs)
-        if self.dispatcher.uses_loads:
-            loads, _ = self._loads()
-        else:
-            k = len(self.pool)
-            zeros = np.zeros(k, np.int64)
-            loads = InstanceLoads(self.alive & ~self.draining, zeros, zeros, zeros, zeros, bs)
+
+        def poll() -> InstanceLoads:  # an instance lost while polled is left out of the report
+            if not self.dispatcher.uses_loads:
+                zeros = np.zeros(len(self.pool), np.int64)
+                return InstanceLoads(self.alive & ~self.draining, zeros, zeros, zeros, zeros, bs)
+            return self._loads()[0]
+
+        available = self.alive & ~self.draining
         hits = None
         if self.dispatcher.uses_prefix_hits:
             hits = np.zeros((ids.size, len(self.pool)), np.int64)
-            calls = [(i, "prefix_hits", (ids,)) for i in np.flatnonzero(loads.available).tolist()]
+            calls = [(i, "prefix_hits", (ids,)) for i in np.flatnonzero(available).tolist()]
             for (i, _, _), column in zip(calls, self._call_many(calls)):
                 if column is not None:
                     hits[:, i] = column
-        if not (loads.available & self.alive).any():
+        if not (self.alive & ~self.draining).any():  # a call above may have lost an instance
             return None
-        loads.available &= self.alive
-        return self.dispatcher.place(loads, prompt, blocks, hits).astype(np.int64)
+        target = np.empty(ids.size, np.int64)
+        replica = ids % len(self.routers)  # each replica takes every routers-th request
+        for r, router in enumerate(self.routers):
+            mine = np.flatnonzero(replica == r)
+            if mine.size:
+                placed = router.place(now, poll, self.alive & ~self.draining, prompt[mine], blocks[mine],
+                                      None if hits is None else hits[mine])
+                if placed is None:
+                    return None  # every instance went away while polled: ask again next round
+                target[mine] = placed
+        if not self.alive[target[target >= 0]].all():
+            return None  # an instance went away while another replica polled: ask again next round
+        return target
 
     # ---- draining ----
     def _start_drains(self, now: float) -> None:
@@ -632,9 +684,9 @@ def simulate_fleet(
     progress: Optional[Callable[[int], None]] = None,
     check_every_round: bool = False,
 ) -> FleetResult:
-    """Replays ``prepared`` over ``fleet.instances`` identical engine instances in this process,
-    each with its own scheduler (``engine``, ``admission``, ``policy``)."""
-    pool = LocalPool([EngineInstance(prepared, engine, admission, policy, priorities) for _ in range(fleet.instances)])
+    """Replays ``prepared`` over ``fleet.instances`` engine instances in this process, each with
+    its own scheduler (``engine``, or ``fleet.engines(engine)``'s, ``admission``, ``policy``)."""
+    pool = LocalPool([EngineInstance(prepared, each, admission, policy, priorities) for each in fleet.engines(engine)])
     return _run_fleet(prepared, engine, pool, admission, fleet, policy, drains=drains, progress=progress,
                       check_every_round=check_every_round)
 
@@ -655,6 +707,9 @@ def simulate_on_ray(
     ``ray.kill(pool.actors[i])``); a killed actor's requests are dispatched again."""
     from ..cluster.ray import RayPool
 
+    if fleet.kv_capacity_tokens is not None:
+        raise ValueError("kv_capacity_tokens: simulate_on_ray runs identical instances (one actor class and "
+                         "arguments); use simulate_fleet for an unequal fleet")
     pool = RayPool(EngineInstance, (prepared, engine, admission, policy, priorities), fleet.instances)
     try:
         return _run_fleet(prepared, engine, pool, admission, fleet, policy, drains=drains, hook=hook,
@@ -665,7 +720,7 @@ def simulate_on_ray(
 
 def _run_fleet(prepared: PreparedTrace, engine: EngineConfig, pool, admission: str, fleet: FleetSpec,
                policy: Optional[str], **options) -> FleetResult:
-    driver = Driver(prepared, engine, pool, admission=admission, policy=policy, dispatcher=fleet.dispatcher(),
+    driver = Driver(prepared, engine, pool, admission=admission, policy=policy, routers=fleet.make_routers(),
                     migration=fleet.migration, **options)
     driver.run()
     return driver.result(fleet.dispatch, f"{admission} {fleet.label}")

@@ -52,12 +52,21 @@ DECODE_HEAVY_STATS = {"input_mean": 300.0, "input_median": 150.0, "output_mean":
 LONG_PROMPT_STATS = {**AZURE_CONV_STATS, "long_share": 0.05, "long_input_mean": 40000.0,
                      "long_input_median": 24000.0, "max_prompt": 131072}
 
+# Reasoning models (chain of thought before the answer): short questions, outputs of 1k-32k tokens
+# with a heavy tail, from two kinds of question whose output distributions differ: "quick" (a few
+# thousand tokens) and "deep" (several times longer). Published reasoning traces report mean
+# outputs of several thousand tokens with a long tail up to the model's limit; the mix, medians and
+# means here are this simulator's assumptions, chosen so that decode KV, not prefill, binds.
+REASONING_STATS = {"input_mean": 600.0, "input_median": 300.0, "output_min": 1024, "output_max": 32768,
+                   "classes": (("quick", 0.6, 2500.0, 1500.0), ("deep", 0.4, 11000.0, 8000.0))}
+
 WORKLOADS = {
     "chat": AZURE_CONV_STATS,
     "code": AZURE_CODE_STATS,
     "long_context": LONG_CONTEXT_STATS,
     "decode_heavy": DECODE_HEAVY_STATS,
     "long_prompt": LONG_PROMPT_STATS,
+    "reasoning": REASONING_STATS,
 }
 
 
@@ -75,6 +84,7 @@ class WorkloadDefaults:
     rate: float  # requests/s (conversations/s for multi_turn)
     kv_capacity_tokens: int = 65536  # a 24 GB-class GPU's KV space after an 8B model's weights
     max_model_len: int = 0  # 0: the model profile's
+    max_new_tokens: int = 2048  # what the scheduler sees per request (--max-new-tokens)
     note: str = ""  # shown in the run's header
 
 
@@ -86,6 +96,10 @@ BUILT_IN_DEFAULTS = {
     "decode_heavy": WorkloadDefaults(10.0),
     "long_prompt": WorkloadDefaults(1.0, kv_capacity_tokens=400000, max_model_len=131072, note=_PREFILL_BOUND),
     "multi_turn": WorkloadDefaults(1.75),
+    # An 80 GB-class GPU's KV (after an 8B model's weights), a context for 32k outputs. The rate is provisional
+    # (one seed of 300 requests: oracle 86% at 0.3) until bench/default_rates.py measures it.
+    "reasoning": WorkloadDefaults(0.3, kv_capacity_tokens=262144, max_model_len=40960,
+                                  max_new_tokens=32768),
 }
 
 def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0, burstiness: float = 1.0) -> np.ndarray:
@@ -104,22 +118,39 @@ def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0, burstiness: f
     return np.cumsum(gaps)
 
 
-def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, max_tokens: int = 8192) -> Trace:
+def _class_mixture(class_rng: np.random.Generator, length_rngs: list, classes: tuple, size: int) -> np.ndarray:
+    """Lengths from a mixture of log-normals: ``classes`` is ((name, share, mean, median), ...).
+    One generator per drawn quantity, so that the first N of a longer draw are a draw of N."""
+    shares = np.array([c[1] for c in classes])
+    which = class_rng.choice(len(classes), size=size, p=shares / shares.sum())
+    drawn = np.stack([_lognormal(rng, mean, median, size) for rng, (_, _, mean, median) in zip(length_rngs, classes)])
+    return drawn[which, np.arange(size)]
+
+
+def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, max_tokens: Optional[int] = None) -> Trace:
     """A built-in workload from :data:`WORKLOADS`: log-normal lengths fitted to its published mean
-    and median, Poisson arrivals at ``rate_per_s``. Outputs, and prompts of a workload without its
-    own ``prompt_limit``, are cut at ``max_tokens``."""
+    and median (a mixture of them for a workload with ``classes``), Poisson arrivals at
+    ``rate_per_s``. Outputs, and prompts of a workload without its own ``prompt_limit``, are cut at
+    ``max_tokens`` (default: the workload's ``output_max``, else 8192)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {name!r}")
     if num_requests <= 0:
         raise ValueError(f"num_requests must be > 0, got {num_requests}")
     # One generator per drawn quantity: request i's values do not depend on how many requests are
     # drawn, so a run of N requests is the first N of any longer run (--num-requests).
-    prompt_rng, output_rng, long_rng, long_length_rng = (np.random.default_rng(child)
-                                                         for child in np.random.SeedSequence(seed).spawn(4))
+    children = np.random.SeedSequence(seed).spawn(5 + len(WORKLOADS[name].get("classes", ())))
+    prompt_rng, output_rng, long_rng, long_length_rng, class_rng, *class_length_rngs = map(np.random.default_rng,
+                                                                                            children)
     s = WORKLOADS[name]
+    if max_tokens is None:
+        max_tokens = s.get("output_max", 8192)
     prompt_limit = s.get("prompt_limit", max_tokens)
     prompts = np.clip(_lognormal(prompt_rng, s["input_mean"], s["input_median"], num_requests), 1, prompt_limit)
-    outputs = np.clip(_lognormal(output_rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
+    if "classes" in s:  # a mixture: each request's class, then its output from that class's log-normal
+        outputs = _class_mixture(class_rng, class_length_rngs, s["classes"], num_requests)
+        outputs = np.clip(outputs, s["output_min"], min(s["output_max"], max_tokens))
+    else:
+        outputs = np.clip(_lognormal(output_rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
     if "long_share" in s:  # a share of long documents
         long = long_rng.random(num_requests) < s["long_share"]
         lengths = _lognormal(long_length_rng, s["long_input_mean"], s["long_input_median"], num_requests)
