@@ -203,6 +203,9 @@ def test_load_gauges_say_what_load_says():
             assert value("kv_predicted_demand_blocks") == load["demand_blocks"] >= load["peak_blocks"]
             assert value("kv_headroom_blocks") == load["capacity_blocks"] - load["demand_blocks"]
             assert value("kv_predicted_usage_perc") == pytest.approx(load["demand_blocks"] / 47)
+            assert value("running_tokens") == load["running_tokens"] > 0
+            assert value("queued_tokens") == load["queued_tokens"]
+            assert value("kv_block_size") == BLOCK
             checked.append(load["demand_blocks"])
 
     run("kvsched", script(30, seed=6), num_blocks=48, max_num_seqs=8, max_num_batched_tokens=128, log_stats=True,

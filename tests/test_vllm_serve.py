@@ -164,7 +164,7 @@ class Server:
         self.process.wait(30)
 
 
-def launch_server(directory: Path, model: Path, name: str, *extra: str) -> Server:
+def launch_server(directory: Path, model: Path, name: str, *extra: str, env: dict | None = None) -> Server:
     port = free_port()
     log_path = directory / f"{name}-server.log"
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -175,7 +175,7 @@ def launch_server(directory: Path, model: Path, name: str, *extra: str) -> Serve
                "--scheduler-cls", KVSCHED, *extra]
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=server_env(), start_new_session=True)
+                                   env={**server_env(), **(env or {})}, start_new_session=True)
     return Server(process, port, log_path, name)
 
 

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import shlex
 import sys
 from typing import List, Optional
@@ -1178,8 +1179,60 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--kvsched-options", default="{}", metavar="JSON",
                        help="kvsched's scheduler options, as vLLM's additional_config['kvsched'] (default {})")
     calib.set_defaults(run=_calibrate)
-    parser.commands.update({"allocator-replay": replay, "simulate": sim, "calibrate": calib})
+    route = commands.add_parser(
+        "route",
+        help="an OpenAI-compatible router in front of engines: places each request, forwards it, fails over",
+        description="Serves /v1/completions and /v1/chat/completions (plain and streamed), /v1/models, /health "
+        "and /router/stats on --host:--port. Each request goes to the engine the dispatch policy picks from "
+        "the engines' loads (their /metrics, polled every --load-period-s: the kvsched adapter's gauges, or "
+        "vLLM's own), and is sent again to another engine when one fails before any of its answer reached "
+        "the client; a stream broken later ends with an error event. Needs aiohttp.",
+    )
+    route.add_argument("--engine", action="append", required=True, metavar="URL",
+                       help="an engine's base URL (e.g. http://127.0.0.1:8001); once per engine")
+    route.add_argument("--dispatch", choices=tuple(p for p in DISPATCH_POLICIES if p != "prefix_affinity"),
+                       default="headroom", help="the dispatch policy (default headroom; prefix_affinity needs "
+                       "each engine's cache, which a router does not see)")
+    route.add_argument("--load-period-s", type=_number(0.05, MAX_LOAD_PERIOD_S), default=1.0,
+                       help="poll the engines' /metrics every this many seconds (default 1)")
+    route.add_argument("--count-placed", choices=("on", "off"), default="on",
+                       help="add what the router placed since its last poll to the polled loads (default on)")
+    route.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    route.add_argument("--port", type=_integer(1, 65535), default=8000, help="port to serve on (default 8000)")
+    route.add_argument("--read-timeout-s", type=_number(0.1, 86400.0), default=120.0,
+                       help="an engine silent this long in the middle of an answer has failed (default 120)")
+    route.set_defaults(run=_route)
+    parser.commands.update({"allocator-replay": replay, "simulate": sim, "calibrate": calib, "route": route})
     return parser
+
+
+def _route(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .cluster.proxy import RouterServer
+
+    for url in args.engine:
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"--engine {url!r}: must be an http:// or https:// URL")
+    server = RouterServer(args.engine, args.dispatch, args.load_period_s, args.count_placed == "on", args.host,
+                          args.port, args.read_timeout_s)
+
+    async def serve() -> None:
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(server.run(ready))
+        await asyncio.wait([task, asyncio.ensure_future(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped it
+        up = sum(e.up for e in server.engines)
+        print(f"kvsched route: serving on http://{args.host}:{args.port}, {args.dispatch} over {len(server.engines)} "
+              f"engines ({up} up)", flush=True)
+        await task
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -47,21 +47,28 @@ class Router:
         self._placed_blocks: Optional[np.ndarray] = None
         self.polls = 0
 
-    def place(self, now: float, poll: Callable[[], InstanceLoads], available: np.ndarray,
+    def report(self, loads: InstanceLoads, now: float) -> None:
+        """A new report (polled by the caller, or by :meth:`place`): it replaces what was placed since."""
+        self._report = loads
+        self.polls += 1
+        k = loads.available.size
+        self._placed_tokens, self._placed_blocks = np.zeros(k, np.int64), np.zeros(k, np.int64)
+        if self.period_s > 0:
+            self._next_poll = self.phase_s + (math.floor((now - self.phase_s) / self.period_s) + 1) * self.period_s
+
+    def place(self, now: float, poll: Optional[Callable[[], InstanceLoads]], available: np.ndarray,
               request_tokens: np.ndarray, request_blocks: np.ndarray,
               prefix_hits: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """The instance of each request (-1: held by the global queue), decided from this router's
-        view at ``now``; ``poll()`` is called when a report is due. ``available``: the instances
-        that take requests now (a router learns at once that one is gone or draining). None when
-        no instance takes requests (every one gone while polled)."""
-        if self._report is None or now >= self._next_poll:
-            self._report = poll()
-            self.polls += 1
-            k = self._report.available.size
-            self._placed_tokens, self._placed_blocks = np.zeros(k, np.int64), np.zeros(k, np.int64)
-            if self.period_s > 0:
-                self._next_poll = self.phase_s + (math.floor((now - self.phase_s) / self.period_s) + 1) * self.period_s
+        view at ``now``; ``poll()`` is called when a report is due (None: the caller polls on its
+        own timer and hands reports to :meth:`report`). ``available``: the instances that take
+        requests now (a router learns at once that one is gone or draining). None when no
+        instance takes requests, or there is no report yet."""
+        if poll is not None and (self._report is None or now >= self._next_poll):
+            self.report(poll(), now)
         report = self._report
+        if report is None:
+            return None
         view = InstanceLoads(np.asarray(available, bool) & report.available,
                              report.load_tokens + self._placed_tokens, report.headroom_blocks - self._placed_blocks,
                              report.peak_blocks, report.capacity_blocks, report.block_size, report.head_blocks)

@@ -42,6 +42,9 @@ _DOCS = {
     "kvsched:kv_headroom_blocks": "KV blocks left after the predicted demand (negative: over-committed).",
     "kvsched:kv_predicted_usage_perc": "Predicted peak KV usage of every live request; 1 means 100 percent "
                                        "(vllm:kv_cache_usage_perc with the decode growth to come).",
+    "kvsched:running_tokens": "Tokens (prompt and generated) of the running requests.",
+    "kvsched:queued_tokens": "Prompt tokens of the requests waiting to run.",
+    "kvsched:kv_block_size": "Tokens per KV block (the blocks of the kv_* gauges).",
     # Swap and the host tier (0 without a host pool); running totals since the engine started.
     "kvsched:host_free_blocks": "Free blocks of the host KV pool (swap and the host tier of the prefix cache).",
     "kvsched:swap_preemptions": "Requests preempted by swap so far (their KV copied to the host pool and back).",
@@ -89,6 +92,9 @@ class LoadGauges:
             "kvsched:kv_predicted_demand_blocks": demand,
             "kvsched:kv_headroom_blocks": capacity - demand,
             "kvsched:kv_predicted_usage_perc": demand / capacity if capacity else 0.0,
+            "kvsched:running_tokens": load["running_tokens"],
+            "kvsched:queued_tokens": load["queued_tokens"],
+            "kvsched:kv_block_size": self._scheduler.block_size,
         }
         if self._scheduler.kvsched_config.num_host_blocks:
             stats = self._scheduler.core.stats()

