@@ -96,9 +96,8 @@ BUILT_IN_DEFAULTS = {
     "decode_heavy": WorkloadDefaults(10.0),
     "long_prompt": WorkloadDefaults(1.0, kv_capacity_tokens=400000, max_model_len=131072, note=_PREFILL_BOUND),
     "multi_turn": WorkloadDefaults(1.75),
-    # An 80 GB-class GPU's KV (after an 8B model's weights), a context for 32k outputs. The rate is provisional
-    # (one seed of 300 requests: oracle 86% at 0.3) until bench/default_rates.py measures it.
-    "reasoning": WorkloadDefaults(0.3, kv_capacity_tokens=262144, max_model_len=40960,
+    # An 80 GB-class GPU's KV (after an 8B model's weights), a context for 32k outputs.
+    "reasoning": WorkloadDefaults(0.125, kv_capacity_tokens=262144, max_model_len=40960,
                                   max_new_tokens=32768),
 }
 
