@@ -168,8 +168,9 @@ class RouterServer:
                 engine.last_error = f"/metrics: {error!r}"
 
         await asyncio.gather(*(one(e) for e in self.engines))
-        self.router.report(loads_from_metrics([e.metrics if e.up else None for e in self.engines], self.block_size),
-                           time.monotonic())
+        loads = loads_from_metrics([e.metrics if e.up else None for e in self.engines], self.block_size)
+        self.block_size = loads.block_size  # the engines' own, once they publish it
+        self.router.report(loads, time.monotonic())
         self.stats.polls += 1
 
     async def _poll_forever(self) -> None:
@@ -183,7 +184,7 @@ class RouterServer:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(max_tokens, int) and max_tokens > 0:
             expected = min(expected, max_tokens)
-        blocks = -(-(tokens + expected) // self.router._report.block_size) if self.router._report else 1
+        blocks = -(-(tokens + expected) // self.block_size)
         available = np.array([e.up and i not in tried for i, e in enumerate(self.engines)])
         if not available.any():
             return None
