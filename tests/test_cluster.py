@@ -439,3 +439,99 @@ def test_seeds_without_a_migration_to_time_aggregate_with_the_others():
                {"seed": 1, "fleet": {"downtime_ms": 0.05, "committed": 2}}]
     merged = aggregate(records)["fleet"]
     assert merged["downtime_ms"] == 0.05 and merged["committed"] == 1.0
+
+
+def _decoding(scheduler, count, prompt, max_new):
+    scheduler.add_requests(np.arange(count), np.full(count, prompt), np.full(count, max_new))
+    plan = scheduler.schedule()
+    scheduler.update(plan.req_ids, np.ones(len(plan), np.int64))
+    return scheduler
+
+
+HEAVY_TAIL = np.random.default_rng(0).lognormal(6, 1.2, 1000).astype(np.int64) + 1
+
+
+def test_load_reports_the_peak_admission_acts_on():
+    """The head of the queue adds to the reported peak exactly what admitting it would add."""
+    s = kvsched.Scheduler(num_blocks=600, block_size=16, admission="past_future", sampling=False, adaptive=False)
+    s.record_output_lengths(HEAVY_TAIL)
+    report = _decoding(s, 40, 64, 20000).load()
+    assert report["num_waiting"] > 0 and report["num_running"] > 0
+    est = kvsched.PeakEstimator(window=1000, block_size=16, sampling=False, adaptive=False)
+    est.record(HEAVY_TAIL)
+    ids = np.concatenate([s.running_ids(), s.waiting_ids()[:1]])
+    info = [s.info(int(i)) for i in ids]
+    generated = np.array([r["num_generated"] for r in info])
+    held = np.array([max(r["num_computed"], r["prompt_len"]) for r in info])
+    remaining = est.predict_remaining(generated, np.full(ids.size, 20000), ids=ids)
+    running = report["num_running"]
+    assert report["peak_blocks"] == kvsched.future_peak(held[:running], remaining[:running], 16)
+    assert report["head_blocks"] == kvsched.future_peak(held, remaining, 16) - report["peak_blocks"]
+
+
+def test_sampled_load_takes_the_largest_peak_over_the_scenarios():
+    """With sampling, the reported peak is the largest over the scenarios (what an admission that
+    must fit every one acts on), not one draw: a dispatcher choosing the most room would otherwise
+    pick the instance with the luckiest draws."""
+    peaks = {}
+    for scenarios in (1, 5):
+        s = kvsched.Scheduler(num_blocks=4096, block_size=16, admission="past_future", num_scenarios=scenarios, seed=3)
+        s.record_output_lengths(HEAVY_TAIL)
+        peaks[scenarios] = _decoding(s, 12, 64, 20000).load()["peak_blocks"]
+    assert peaks[5] > peaks[1] > 0  # scenario 0 is common to both (draws keyed by request)
+
+
+def test_record_output_lengths_teaches_the_estimator_and_refuses_bad_input_whole():
+    s = kvsched.Scheduler(num_blocks=4096, block_size=16, admission="past_future", sampling=False, adaptive=False)
+    s.add_requests([1], [64], [30000])
+    plan = s.schedule()
+    s.update(plan.req_ids, np.ones(len(plan), np.int64))
+    cold = s.load()["peak_blocks"]  # no history: max_new_tokens
+    with pytest.raises(ValueError, match=r"lengths\[1\]"):
+        s.record_output_lengths([100, -1])
+    assert s.load()["peak_blocks"] == cold  # nothing recorded
+    with pytest.raises(ValueError, match="class_ids"):
+        s.record_output_lengths([100, 200], [0])
+    s.record_output_lengths([100] * 50, np.zeros(50, np.int32))
+    assert s.load()["peak_blocks"] == -(-(65 + 99) // 16) < cold  # learned: 100 tokens in all
+
+
+def test_a_declared_class_prices_dispatch_and_shared_history_reaches_every_instance():
+    """The reasoning workload declares each request's class; the dispatcher prices a new request by
+    its class's recent outputs; with shared_history every instance's estimator learns every finish."""
+    trace = synthetic("reasoning", 60, 2.0, seed=1)
+    assert trace.class_ids is not None and set(np.unique(trace.class_ids)) == {0, 1}
+    deep = trace.output_tokens[trace.class_ids == 1].mean()
+    assert deep > 2 * trace.output_tokens[trace.class_ids == 0].mean()
+    assert np.array_equal(trace.select(np.array([3, 1])).class_ids, trace.class_ids[[3, 1]])
+    engine = EngineConfig(A100, 131072, max_new_tokens=32768, max_model_len=40960)
+    prepared = prepare(trace, engine)
+    for shared in (False, True):
+        fleet = FleetSpec(2, "headroom", shared_history=shared)
+        pool = LocalPool([EngineInstance(prepared, engine, "past_future") for _ in range(2)])
+        learned = [[], []]
+        for index, instance in enumerate(pool.instances):
+            def learn(ids, index=index, original=instance.learn_outputs):
+                learned[index].extend(ids.tolist())
+                original(ids)
+            instance.learn_outputs = learn
+        driver = Driver(prepared, engine, pool, admission="past_future", routers=fleet.make_routers(),
+                        shared_history=fleet.shared_history)
+        driver.run()
+        if shared:
+            assert fleet.label == "headroom+shared"
+            assert sorted(learned[0] + learned[1]) == list(range(60))  # each learned what the other finished
+            assert len(learned[0]) == driver.served[1] and len(learned[1]) == driver.served[0]
+        else:
+            assert learned == [[], []]
+        deep = np.flatnonzero(trace.class_ids == 1)[:1]
+        assert driver._expected_outputs(deep)[0] == int(np.median(prepared.trace.output_tokens[trace.class_ids == 1]))
+
+
+def test_shared_history_is_a_fleet_option_of_the_cli(capsys):
+    assert main(["simulate", "--workload", "reasoning", "--num-requests", "24", "--instances", "2",
+                 "--dispatch", "headroom", "--shared-history", "both", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "headroom+shared" in out and "+shared: every instance's estimator" in out
+    assert main(["simulate", "--workload", "chat", "--num-requests", "24", "--shared-history", "on"]) != 0
+    assert "--shared-history: only a fleet has it" in capsys.readouterr().err

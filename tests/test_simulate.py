@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -420,6 +422,16 @@ def test_reasoning_outputs_are_long_heavy_tailed_and_from_two_classes():
     assert 0.3 < np.mean(outputs > 6000) < 0.5  # about the deep class's share lies beyond the quick one's bulk
     assert np.median(trace.prompt_tokens) < 500  # short questions
     assert synthetic("reasoning", 10, 1.0, max_tokens=4096).output_tokens.max() <= 4096
+
+
+def test_trace_class_ids_are_checked_and_follow_selection():
+    trace = synthetic("reasoning", 50, 1.0, seed=2)
+    assert trace.class_ids.dtype == np.int32 and trace.class_ids.shape == (50,)
+    for bad, match in ((trace.class_ids[:3], "one per request"), (trace.class_ids - 5, r"every class must be in \[0, 2\*\*31 - 1\]")):
+        with pytest.raises(ValueError, match="class_ids: " + match):
+            replace(trace, class_ids=bad)
+    assert np.array_equal(trace.head(7).class_ids, trace.class_ids[:7])
+    assert synthetic("chat", 5, 1.0).class_ids is None  # one class: nothing declared
 
 
 def test_cli_reasoning_runs_with_its_long_outputs(capsys):

@@ -117,6 +117,12 @@ Int32Array::Int32Array(py::handle value, const char* name) {
   size_ = static_cast<size_t>(owner_.size());
 }
 
+OutputLengthArgs::OutputLengthArgs(py::handle lengths_arg, py::handle class_ids) : lengths(lengths_arg, "lengths") {
+  if (class_ids.is_none()) return;
+  classes.emplace(class_ids, "class_ids");
+  if (classes->size() != lengths.size()) throw py::value_error("class_ids must have the same length as lengths");
+}
+
 Float64Array::Float64Array(py::handle value, const char* name) {
   owner_ = checked_array(value, name, 1, "fiu", "float");
   if (!owner_.dtype().is(py::dtype::of<double>())) {

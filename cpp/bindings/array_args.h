@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -81,6 +82,15 @@ class FlagArray {
   py::array owner_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+};
+
+// Finished output lengths and, optionally (None: class 0), one class id per length: what an
+// estimator learns from.
+struct OutputLengthArgs {
+  OutputLengthArgs(py::handle lengths, py::handle class_ids);
+  const int32_t* class_data() const { return classes ? classes->data() : nullptr; }
+  Int64Array lengths;
+  std::optional<Int32Array> classes;
 };
 
 // A C-contiguous integer array of shape (k, columns), copied as int64 (copy descriptors).

@@ -435,6 +435,14 @@ void init_batch_former(py::module_& m) {
              return d;
            })
       .def(
+          "record_output_lengths",
+          [](BatchFormer& f, py::handle lengths, py::handle class_ids) {
+            const OutputLengthArgs args(lengths, class_ids);
+            GilRelease release;
+            f.record_output_lengths(args.lengths.data(), args.class_data(), args.lengths.size());
+          },
+          py::arg("lengths"), py::arg("class_ids") = py::none())
+      .def(
           "prefix_hits",
           [](const BatchFormer& f, py::handle block_keys) {
             auto lists = key_lists(block_keys, static_cast<size_t>(py::len(block_keys)), "block_keys");

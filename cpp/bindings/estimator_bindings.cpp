@@ -122,15 +122,8 @@ void init_estimator(py::module_& m) {
       .def(
           "record",
           [](PeakEstimator& e, py::handle lengths, py::handle class_ids) {
-            Int64Array length_array(lengths, "lengths");
-            std::optional<Int32Array> classes;
-            if (!class_ids.is_none()) {
-              classes.emplace(class_ids, "class_ids");
-              if (classes->size() != length_array.size()) {
-                throw py::value_error("class_ids must have the same length as lengths");
-              }
-            }
-            e.record(length_array.data(), classes ? classes->data() : nullptr, length_array.size());
+            const OutputLengthArgs args(lengths, class_ids);
+            e.record(args.lengths.data(), args.class_data(), args.lengths.size());
           },
           py::arg("lengths"), py::arg("class_ids") = py::none())
       .def(

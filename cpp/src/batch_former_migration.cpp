@@ -42,15 +42,22 @@ InstanceLoad BatchFormer::load() {
   if (running_input_.held.empty()) return load;
   const AdmissionMode mode =
       options_.admission == AdmissionMode::kAggressive ? AdmissionMode::kPastFuture : options_.admission;
-  std::vector<int64_t> remaining(running_input_.held.size());
-  estimator_.predict_remaining(mode, running_input_.view(0), remaining.data());
-  const int32_t bs = options_.allocator.block_size;
-  load.peak_blocks = future_peak(running_input_.held.data(), remaining.data(), holders, bs);
-  load.demand_blocks = future_peak(running_input_.held.data(), remaining.data(), remaining.size(), bs);
-  if (remaining.size() > holders) {  // queued in the order they come back: swapped, then waiting
-    load.head_blocks = (running_input_.held[holders] + remaining[holders] + bs - 1) / bs;
-  }
+  // Peaks as admission sees them (over its scenarios): of the running requests, of every live
+  // one, and of the running ones plus the head of the queue (queued in the order they come back:
+  // swapped, then waiting), whose difference is the head's predicted blocks.
+  const size_t live = running_input_.held.size();
+  const size_t prefixes[3] = {holders, live, std::min(holders + 1, live)};
+  int64_t peaks[3];
+  estimator_.admission_peaks(mode, running_input_.view(0), prefixes, 3, peaks);
+  load.peak_blocks = peaks[0];
+  load.demand_blocks = peaks[1];
+  if (live > holders) load.head_blocks = std::max<int64_t>(0, peaks[2] - peaks[0]);
   return load;
+}
+
+void BatchFormer::record_output_lengths(const int64_t* lengths, const int32_t* class_ids, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  estimator_.record(lengths, class_ids, count);  // checks every value before recording any
 }
 
 std::vector<int64_t> BatchFormer::prefix_hits(const std::vector<Hash128>* keys, size_t count) const {

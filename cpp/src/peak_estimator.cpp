@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "kvsched/detail/mix64.h"
 #include "kvsched/errors.h"
@@ -313,6 +314,32 @@ void PeakEstimator::predict_remaining(AdmissionMode mode, const RequestArrays& r
   std::lock_guard<std::mutex> lock(mutex_);
   check_requests(mode, requests, "", "generated");
   predict_locked(mode, requests, out);
+}
+
+void PeakEstimator::admission_peaks(AdmissionMode mode, const RequestArrays& requests, const size_t* prefixes,
+                                    size_t num_prefixes, int64_t* peaks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_requests(mode, requests, "", "held");
+  for (size_t k = 0; k < num_prefixes; ++k) {
+    KVSCHED_EXPECTS(prefixes[k] <= requests.count, std::invalid_argument, "prefixes[", k, "] must be <= ",
+                    requests.count, ", got ", prefixes[k]);
+  }
+  const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
+  const int scenarios = sampled ? options_.num_scenarios : 1;
+  const int may_overflow = sampled ? options_.overflow_scenarios : 0;
+  std::vector<int64_t> remaining(requests.count);
+  std::vector<int64_t> by_scenario(static_cast<size_t>(scenarios) * num_prefixes);  // [prefix][scenario]
+  for (int s = 0; s < scenarios; ++s) {
+    predict_locked(mode, requests, remaining.data(), s);
+    for (size_t k = 0; k < num_prefixes; ++k) {
+      by_scenario[k * scenarios + s] = future_peak(requests.held, remaining.data(), prefixes[k], options_.block_size);
+    }
+  }
+  for (size_t k = 0; k < num_prefixes; ++k) {
+    auto first = by_scenario.begin() + static_cast<std::ptrdiff_t>(k * scenarios);
+    std::nth_element(first, first + may_overflow, first + scenarios, std::greater<int64_t>());
+    peaks[k] = first[may_overflow];
+  }
 }
 
 // The profile behind admission scans.

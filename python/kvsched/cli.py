@@ -291,11 +291,12 @@ def _fleets(args: argparse.Namespace) -> list:
     queues = {"off": [False], "on": [True], "both": [False, True]}[args.global_queue or "off"]
     imbalance = 0.1 if args.imbalance_limit is None else args.imbalance_limit
     counted = {"off": [False], "on": [True], "both": [True, False]}[args.count_placed or "on"]
+    shared = {"off": [False], "on": [True], "both": [False, True]}[args.shared_history or "off"]
     reporting = dict(load_period_s=args.load_period_s or 0.0, routers=args.routers or 1)
     return [FleetSpec(args.instances, dispatch, migration, imbalance, queue, args.instance_kv_tokens,
-                      count_placed=count, **reporting)
+                      count_placed=count, shared_history=share, **reporting)
             for dispatch in (args.dispatch or list(DISPATCH_POLICIES)) for queue in queues for migration in migrations
-            for count in counted]
+            for count in counted for share in shared]
 
 
 def _ordering_policy(text: str) -> str:
@@ -357,7 +358,7 @@ def _check_options(args: argparse.Namespace) -> None:
                               ("--global-queue", args.global_queue), ("--link", args.link),
                               ("--instance-kv-tokens", args.instance_kv_tokens),
                               ("--load-period-s", args.load_period_s), ("--routers", args.routers),
-                              ("--count-placed", args.count_placed),
+                              ("--count-placed", args.count_placed), ("--shared-history", args.shared_history),
                               ("--link-bandwidth-gbps", args.link_bandwidth_gbps),
                               ("--link-latency-us", args.link_latency_us), ("--imbalance-limit", args.imbalance_limit)):
             if value is not None:
@@ -792,6 +793,9 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
             print("+pollXs: the dispatcher saw loads polled every X s (xN: by N router replicas, none seeing the "
                   "others' placements until its next poll); -uncounted: a router did not add what it placed since "
                   "its last poll")
+        if args.shared_history in ("on", "both"):
+            print("+shared: every instance's estimator also learned the output lengths of requests that finished "
+                  "on the others")
     if len(seeds) > 1:
         print("a ± interval that would pass 0 or 100% is shown clipped, as [low,high]")
     if any(r.get("max_rate_capped") for r in records):
@@ -1101,6 +1105,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --load-period-s or --routers: a router adds what it placed since its last poll to "
                      "the polled loads, so that a burst between polls does not all land on the instance that "
                      "looked emptiest (default on); both: a row with and one without")
+    sim.add_argument("--shared-history", choices=("off", "on", "both"), default=None,
+                     help="with --instances: a fleet-wide history of output lengths: every instance's estimator "
+                     "also learns the lengths of requests that finished on the others, so that each predicts "
+                     "well sooner (default off); both: a row with and one without")
     sim.add_argument("--link", choices=tuple(LINKS), default=None,
                      help="with --migration: the link KV moves over (default rdma: 50 GB/s, 10 us); "
                      + "; ".join(f"{k} {v.bandwidth_bytes_per_s / 1e9:g} GB/s" for k, v in LINKS.items()))

@@ -751,6 +751,12 @@ class Scheduler:
         no growth, so under it the prediction is past_future's."""
         return self._former.load()
 
+    def record_output_lengths(self, lengths: Any, class_ids: Any = None) -> None:
+        """Output lengths of requests that finished elsewhere (the other instances of a fleet), with
+        their classes: the estimator learns from them as from its own finishes, so that an instance
+        predicts well before it has seen many itself. Checked whole before any is recorded."""
+        self._former.record_output_lengths(_integers(lengths), None if class_ids is None else _integers(class_ids, np.int32))
+
     def prefix_hits(self, block_keys: Sequence[Any]) -> np.ndarray:
         """Leading blocks of each key list cached in this instance's device prefix cache."""
         if isinstance(block_keys, np.ndarray) or not isinstance(block_keys, (list, tuple)):

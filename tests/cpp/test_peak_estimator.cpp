@@ -253,6 +253,53 @@ TEST(PeakEstimatorAdmit, OverflowRiskIsMonotoneAndKeyedDrawsRepeat) {
   }
 }
 
+// Why: a dispatcher reads admission_peaks as an instance's room; it is only honest if it is the
+// peak admission acts on. Capacity equal to the peak of running + k candidates admits k of them
+// (or more), one block less admits fewer, in every overflow setting.
+TEST(PeakEstimatorAdmissionPeaks, AreThePeaksAdmissionActsOn) {
+  std::mt19937 rng(9);
+  PeakEstimatorOptions o;
+  o.block_size = 16;
+  o.sampling = true;
+  o.num_scenarios = 6;
+  o.adaptive = false;
+  o.seed = 4;
+  PeakEstimator estimator(o);
+  std::vector<int64_t> lengths;
+  for (int i = 0; i < 300; ++i) lengths.push_back(1 + static_cast<int64_t>(rng() % 400));
+  estimator.record(lengths.data(), nullptr, lengths.size());
+  for (int trial = 0; trial < 60; ++trial) {
+    estimator.set_overflow_scenarios(trial % o.num_scenarios);
+    Batch running = random_batch(rng, 8, true, 0);
+    Batch candidates = random_batch(rng, 8, false, 1000);
+    Batch all = running;
+    for (size_t i = 0; i < candidates.held.size(); ++i) {
+      all.push(candidates.held[i], candidates.generated[i], candidates.max_new_tokens[i], candidates.known[i],
+               candidates.ids[i]);
+    }
+    std::vector<size_t> prefixes;
+    for (size_t k = 0; k <= candidates.held.size(); ++k) prefixes.push_back(running.held.size() + k);
+    std::vector<int64_t> peaks(prefixes.size());
+    estimator.admission_peaks(AdmissionMode::kPastFuture, all.view(), prefixes.data(), prefixes.size(), peaks.data());
+    for (size_t k = 1; k < prefixes.size(); ++k) {
+      EXPECT_GE(peaks[k], peaks[k - 1]);
+      EXPECT_GE(estimator.admit(AdmissionMode::kPastFuture, running.view(), candidates.view(), peaks[k], 0),
+                static_cast<int64_t>(k));
+      if (peaks[k] > peaks[k - 1]) {
+        EXPECT_LT(estimator.admit(AdmissionMode::kPastFuture, running.view(), candidates.view(), peaks[k] - 1, 0),
+                  static_cast<int64_t>(k));
+      }
+    }
+  }
+  const size_t too_long = 3;  // a prefix longer than the requests
+  int64_t unused = 0;
+  Batch one;
+  one.push(10, 0, 10, 5, 1);
+  one.push(10, 0, 10, 5, 2);
+  EXPECT_THROW(estimator.admission_peaks(AdmissionMode::kPastFuture, one.view(), &too_long, 1, &unused),
+               std::invalid_argument);
+}
+
 // Why: the adaptive quantile is the feedback loop that keeps the preemption rate at its target:
 // preemptions raise it, quiet admissions relax it, and it stays within [min, max].
 TEST(PeakEstimatorAdaptive, QuantileFollowsPreemptionsWithinBounds) {

@@ -221,7 +221,7 @@ struct InstanceLoad {
   int64_t used_blocks = 0;     // held by sequences now
   int64_t peak_blocks = 0;     // predicted future peak of running and incoming requests
   int64_t demand_blocks = 0;   // predicted future peak of every live request, queued ones included
-  int64_t head_blocks = 0;     // predicted blocks at the end of the next queued request (0: none queued)
+  int64_t head_blocks = 0;     // what the next queued request adds to peak_blocks (0: none queued)
 };
 
 struct RequestInfo {
@@ -311,6 +311,10 @@ class BatchFormer {
   // ---- Cluster support (batch_former_migration.cpp). Not while a plan is outstanding: the
   // engine copies migrated KV between steps. ----
   InstanceLoad load();
+  // Output lengths of requests that finished elsewhere (the other instances of a fleet): the
+  // estimator learns from them as from its own, so an instance predicts well before it has seen
+  // many finishes itself. class_ids may be null (class 0).
+  void record_output_lengths(const int64_t* lengths, const int32_t* class_ids, size_t count);
   // Leading blocks of each key list found in the device prefix cache (what a dispatch there saves).
   std::vector<int64_t> prefix_hits(const std::vector<Hash128>* keys, size_t count) const;
   // The running, decoding request with the least KV (cheapest to move), not in `exclude`; -1: none.

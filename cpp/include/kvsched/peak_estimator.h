@@ -96,6 +96,13 @@ class PeakEstimator {
   // Predicted remaining tokens of each request under `mode` (one scenario when sampling).
   void predict_remaining(AdmissionMode mode, const RequestArrays& requests, int64_t* out);
 
+  // The future peak of the first `prefixes[k]` requests, for each k, as admission sees it: with
+  // sampling, the (overflow_scenarios + 1)-th largest over the scenarios (admission lets that many
+  // overflow); otherwise the single prediction's. One scenario's draw is a poor load signal: a
+  // dispatcher choosing the instance with the most room picks the luckiest draws.
+  void admission_peaks(AdmissionMode mode, const RequestArrays& requests, const size_t* prefixes,
+                       size_t num_prefixes, int64_t* peaks);
+
   // How many leading candidates can join `running` with the future peak <= capacity - reserve.
   int64_t admit(AdmissionMode mode, const RequestArrays& running, const RequestArrays& candidates,
                 int64_t capacity, int64_t reserve);

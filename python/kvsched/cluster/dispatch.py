@@ -32,7 +32,7 @@ class InstanceLoads:
     peak_blocks: np.ndarray
     capacity_blocks: np.ndarray
     block_size: int
-    head_blocks: Optional[np.ndarray] = None  # the next queued request's predicted blocks (0: none)
+    head_blocks: Optional[np.ndarray] = None  # what the next queued request adds to peak_blocks (0: none)
 
     @classmethod
     def from_reports(cls, reports: Sequence[Optional[dict]], available: np.ndarray, block_size: int) -> "InstanceLoads":

@@ -3,8 +3,8 @@
 kvsched.cluster decides placement (``Dispatcher``) and moves (``MigrationPolicy``) from plain
 per-instance reports; it never imports an engine. An engine instance is anything that answers the
 calls of :class:`Instance`; the simulated engine (``kvsched.sim.engine.EngineInstance``) is one.
-A real vLLM engine behind an OpenAI-compatible router is the other planned implementation: not
-built yet (issue "The fleet for real").
+A real vLLM engine is reached differently: ``kvsched route`` (``kvsched.cluster.proxy``) polls
+the loads it publishes over HTTP and places with the same ``Router`` and ``Dispatcher``.
 
 Glossary
   index      a request's id across the fleet: the same number on every instance it visits.
@@ -60,6 +60,10 @@ class Instance(Protocol):
 
     def prefix_hits(self, ids: np.ndarray) -> np.ndarray:
         """Blocks of each request's prompt prefix cached here."""
+
+    def learn_outputs(self, ids: np.ndarray) -> None:
+        """Requests that finished on other instances (a fleet-wide history of output lengths):
+        the instance's estimator learns their lengths as from its own finishes."""
 
     def migration_candidate(self, exclude: list) -> Optional[int]:
         """The running request this instance would move out first, or None."""

@@ -72,6 +72,9 @@ class FleetSpec:
     load_period_s: float = 0.0
     routers: int = 1
     count_placed: bool = True
+    # A fleet-wide history of output lengths: every instance's estimator also learns the lengths of
+    # requests that finished on the others (as a router that sees every answer can share them).
+    shared_history: bool = False
 
     def __post_init__(self) -> None:
         # Frozen: the checked count is stored as a plain int. Each instance is a whole engine.
@@ -90,6 +93,7 @@ class FleetSpec:
         object.__setattr__(self, "load_period_s", _args.real("load_period_s", self.load_period_s, 0))
         object.__setattr__(self, "routers", _args.integer("routers", self.routers, 1, 1024))
         object.__setattr__(self, "count_placed", _args.flag("count_placed", self.count_placed))
+        object.__setattr__(self, "shared_history", _args.flag("shared_history", self.shared_history))
 
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self.dispatch, self.imbalance_limit, self.global_queue)
@@ -112,7 +116,8 @@ class FleetSpec:
             stale = (f"+poll{self.load_period_s:g}s" + (f"x{self.routers}" if self.routers > 1 else "")
                      + ("" if self.count_placed else "-uncounted"))
         return (self.dispatch + ("+queue" if self.global_queue else "")
-                + ("+migration" if self.migration is not None else "") + stale)
+                + ("+migration" if self.migration is not None else "")
+                + ("+shared" if self.shared_history else "") + stale)
 
 
 @dataclass
@@ -160,7 +165,7 @@ class Driver:
                  policy: Optional[str] = None, dispatcher: Optional[Dispatcher] = None,
                  migration: Optional[MigrationPolicy] = None, drains: Optional[dict] = None,
                  progress: Optional[Callable[[int], None]] = None, hook: Optional[Callable] = None,
-                 check_every_round: bool = False, routers: Optional[list] = None):
+                 check_every_round: bool = False, routers: Optional[list] = None, shared_history: bool = False):
         if routers is None and dispatcher is not None:
             routers = [Router(dispatcher)]  # fresh loads before every decision
         if not routers and len(pool) != 1:
@@ -178,6 +183,7 @@ class Driver:
         self.migration, self.progress, self.hook = migration, progress, hook
         self.drains = dict(drains or {})
         self.check_every_round = check_every_round
+        self.shared_history = _args.flag("shared_history", shared_history)
         trace = prepared.trace
         n = len(trace)
         self.n = n
@@ -208,7 +214,10 @@ class Driver:
         self.migration_stats = MigrationStats()
         self._next_check = 0.0
         self._now = 0.0
-        self._recent_outputs = np.zeros(0, np.int64)
+        # Recent output lengths by class (-1: every class pooled): the dispatcher prices a new request
+        # by its class's history, or the pooled one while its class has none. Fleet-wide, as a
+        # router sees every answer.
+        self._recent_outputs: dict = {}
         self._min_think = np.inf  # bounds a round only where another instance could run ahead
         if trace.has_sessions and k > 1:
             think = trace.think_s[trace.parent_index >= 0]
@@ -275,8 +284,9 @@ class Driver:
                     self.slow[name][ids] = counts
                 self._end(ids)
                 self.served[i] += ids.size
-                outputs = self.prepared.trace.output_tokens[ids]
-                self._recent_outputs = np.concatenate([self._recent_outputs, outputs])[-1000:]
+                self._remember_outputs(ids)
+                if self.shared_history:
+                    self._call_many([(j, "learn_outputs", (ids,)) for j in np.flatnonzero(self.alive).tolist() if j != i])
                 order = np.argsort(events.finish_s, kind="stable")
                 for t in np.unique(events.finish_s):
                     self.arrivals.finished(ids[order][events.finish_s[order] == t], float(t))
@@ -411,12 +421,36 @@ class Driver:
             if not was_busy:
                 self.clock[i] = max(self.clock[i], float(arrival[mine].min()))
 
+    _RECENT_OUTPUTS = 1000  # per class
+
+    def _classes(self, ids: np.ndarray) -> np.ndarray:
+        classes = self.prepared.trace.class_ids
+        return np.zeros(ids.size, np.int32) if classes is None else classes[ids]
+
+    def _remember_outputs(self, ids: np.ndarray) -> None:
+        outputs, classes = self.prepared.trace.output_tokens[ids], self._classes(ids)
+        for c in [-1] + np.unique(classes).tolist():
+            mine = outputs if c == -1 else outputs[classes == c]
+            seen = self._recent_outputs.get(c, np.zeros(0, np.int64))
+            self._recent_outputs[c] = np.concatenate([seen, mine])[-self._RECENT_OUTPUTS:]
+
+    def _expected_outputs(self, ids: np.ndarray) -> np.ndarray:
+        """The median recent output of each request's class (the pooled one for a class not seen yet)."""
+        classes = self._classes(ids)
+        expected = np.zeros(ids.size, np.int64)
+        for c in np.unique(classes).tolist():
+            seen = self._recent_outputs.get(c)
+            if seen is None:
+                seen = self._recent_outputs.get(-1)
+            if seen is not None:
+                expected[classes == c] = int(np.median(seen))
+        return expected
+
     def _place(self, ids: np.ndarray, now: float) -> Optional[np.ndarray]:
         bs = self.engine.block_size
         prompt = self.prepared.trace.prompt_tokens[ids]
-        # A new request's future KV: its prompt plus the typical output of recent ones.
-        expected = int(np.median(self._recent_outputs)) if self._recent_outputs.size else 0
-        blocks = -(-(prompt + expected) // bs)
+        # A new request's future KV: its prompt plus the typical output of recent ones of its class.
+        blocks = -(-(prompt + self._expected_outputs(ids)) // bs)
 
         def poll() -> InstanceLoads:  # an instance lost while polled is left out of the report
             if not self.dispatcher.uses_loads:
@@ -721,6 +755,6 @@ def simulate_on_ray(
 def _run_fleet(prepared: PreparedTrace, engine: EngineConfig, pool, admission: str, fleet: FleetSpec,
                policy: Optional[str], **options) -> FleetResult:
     driver = Driver(prepared, engine, pool, admission=admission, policy=policy, routers=fleet.make_routers(),
-                    migration=fleet.migration, **options)
+                    migration=fleet.migration, shared_history=fleet.shared_history, **options)
     driver.run()
     return driver.result(fleet.dispatch, f"{admission} {fleet.label}")

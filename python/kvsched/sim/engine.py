@@ -333,6 +333,7 @@ class EngineInstance:
             true_output_lens=output[ids] if self.admission == "oracle" else None, block_keys=keys,
             priorities=None if self._priorities is None else self._session_priority[self._session[ids]],
             client_ids=self._session[ids],  # a session (closed-loop client, conversation) is a client to vtc
+            class_ids=None if trace.class_ids is None else trace.class_ids[ids],
         )
         self.cpu += time.perf_counter() - start
         self._live_of_session[self._session[ids]] = ids
@@ -572,6 +573,13 @@ class EngineInstance:
         report = self.scheduler.load()
         report["clock"] = self.clock
         return report
+
+    def learn_outputs(self, ids: np.ndarray) -> None:
+        """Requests that finished on other instances: the estimator learns their output lengths."""
+        if ids.size:
+            classes = self.prepared.trace.class_ids
+            self.scheduler.record_output_lengths(self.prepared.trace.output_tokens[ids],
+                                                 None if classes is None else classes[ids])
 
     def prefix_hits(self, ids: np.ndarray) -> np.ndarray:
         """Blocks of each request's prefix cached here."""

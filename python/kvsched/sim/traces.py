@@ -44,8 +44,18 @@ class Trace:
     parent_index: Optional[npt.NDArray[np.int64]] = field(default=None, repr=False)
     think_s: Optional[npt.NDArray[np.float64]] = field(default=None, repr=False)
     shared_context: bool = False
+    # Optional: a class each request declares to the scheduler (e.g. a reasoning effort the client
+    # asks for), int32 >= 0. The estimator keeps a history of output lengths per class, and the
+    # fleet's dispatcher prices a new request by its class's recent outputs.
+    class_ids: Optional[npt.NDArray[np.int32]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.class_ids is not None:
+            classes = np.asarray(self.class_ids)
+            if classes.shape != (len(self),):
+                raise ValueError(f"class_ids: one per request ({len(self)}), got shape {classes.shape}")
+            if classes.size and (classes.min() < 0 or classes.max() > np.iinfo(np.int32).max):
+                raise ValueError("class_ids: every class must be in [0, 2**31 - 1]")
         if self.parent_index is not None:
             parents = self.parent_index
             index = np.arange(parents.size)
@@ -90,8 +100,9 @@ class Trace:
                 raise ValueError("select: a selected request's parent is not selected")
             sessions = dict(session_ids=self.session_ids[indices], parent_index=remapped,
                             think_s=self.think_s[indices])
+        classes = None if self.class_ids is None else self.class_ids[indices]
         return replace(self, arrival_s=self.arrival_s[indices], prompt_tokens=self.prompt_tokens[indices],
-                       output_tokens=self.output_tokens[indices], prefix_ids=prefix, **sessions)
+                       output_tokens=self.output_tokens[indices], prefix_ids=prefix, class_ids=classes, **sessions)
 
     def with_arrivals(self, arrival_s: npt.NDArray[np.float64]) -> "Trace":
         return replace(self, arrival_s=np.asarray(arrival_s, dtype=np.float64))

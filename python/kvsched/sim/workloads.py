@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -117,19 +117,21 @@ def poisson_arrivals(count: int, rate_per_s: float, seed: int = 0, burstiness: f
     return np.cumsum(gaps)
 
 
-def _class_mixture(class_rng: np.random.Generator, length_rngs: list, classes: tuple, size: int) -> np.ndarray:
-    """Lengths from a mixture of log-normals: ``classes`` is ((name, share, mean, median), ...).
-    One generator per drawn quantity, so that the first N of a longer draw are a draw of N."""
+def _class_mixture(class_rng: np.random.Generator, length_rngs: list, classes: tuple,
+                   size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Lengths from a mixture of log-normals, and each one's class (an index into ``classes``,
+    which is ((name, share, mean, median), ...)). One generator per drawn quantity, so that the
+    first N of a longer draw are a draw of N."""
     shares = np.array([c[1] for c in classes])
     which = class_rng.choice(len(classes), size=size, p=shares / shares.sum())
     drawn = np.stack([_lognormal(rng, mean, median, size) for rng, (_, _, mean, median) in zip(length_rngs, classes)])
-    return drawn[which, np.arange(size)]
+    return drawn[which, np.arange(size)], which.astype(np.int32)
 
 
 def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, max_tokens: Optional[int] = None) -> Trace:
     """A built-in workload from :data:`WORKLOADS`: log-normal lengths fitted to its published mean
-    and median (a mixture of them for a workload with ``classes``), Poisson arrivals at
-    ``rate_per_s``. Outputs, and prompts of a workload without its own ``prompt_limit``, are cut at
+    and median (a mixture of them for a workload with ``classes``, each request declaring its
+    class in ``class_ids``), Poisson arrivals at ``rate_per_s``. Outputs, and prompts of a workload without its own ``prompt_limit``, are cut at
     ``max_tokens`` (default: the workload's ``output_max``, else 8192)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {name!r}")
@@ -145,8 +147,9 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
         max_tokens = s.get("output_max", 8192)
     prompt_limit = s.get("prompt_limit", max_tokens)
     prompts = np.clip(_lognormal(prompt_rng, s["input_mean"], s["input_median"], num_requests), 1, prompt_limit)
+    classes = None
     if "classes" in s:  # a mixture: each request's class, then its output from that class's log-normal
-        outputs = _class_mixture(class_rng, class_length_rngs, s["classes"], num_requests)
+        outputs, classes = _class_mixture(class_rng, class_length_rngs, s["classes"], num_requests)
         outputs = np.clip(outputs, s["output_min"], min(s["output_max"], max_tokens))
     else:
         outputs = np.clip(_lognormal(output_rng, s["output_mean"], s["output_median"], num_requests), 1, max_tokens)
@@ -155,7 +158,7 @@ def synthetic(name: str, num_requests: int, rate_per_s: float, seed: int = 0, ma
         lengths = _lognormal(long_length_rng, s["long_input_mean"], s["long_input_median"], num_requests)
         prompts = np.where(long, np.clip(lengths, 1, s["max_prompt"]), prompts)
     arrival = poisson_arrivals(num_requests, rate_per_s, seed + 1)
-    return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64))
+    return Trace(arrival, prompts.astype(np.int64), outputs.astype(np.int64), class_ids=classes)
 
 
 # ShareGPT conversations (LMSYS-Chat-1M paper, table 1): 3.5 turns on average, user turns of 94.8
