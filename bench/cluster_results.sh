@@ -7,6 +7,8 @@
 # measured at its load only: its fleets step 5-10x more often per request, and a max-rate search
 # there would take hours on 2 cores; so is the Azure trace on 8 instances, to keep the whole run
 # within an hour.
+# The page ends with the reasoning workload over equal and unequal fleets, formatted from
+# bench/fleet_reasoning.json (python bench/fleet_reasoning.py; not rerun here).
 # Usage: bash bench/cluster_results.sh [path to ../shared/data/traces] (about 45 minutes on 2 cores)
 set -euo pipefail
 traces="${1:-$(dirname "$0")/../../shared/data/traces}"

@@ -1,6 +1,7 @@
 """Formats bench/cluster_results.sh's `kvsched simulate --instances N --json` files (named
 WORKLOAD-N-GROUP.json) into docs/cluster_results.md: per workload and fleet size, one row per
-dispatch policy, global queue and migration."""
+dispatch policy, global queue and migration; then the reasoning workload over equal and unequal
+fleets, from bench/fleet_reasoning.json (bench/fleet_reasoning.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from format_results import interval, shown_command  # bench/, beside this script
+from fleet_reasoning import format_page as format_reasoning  # bench/, beside this script
+from format_results import interval, shown_command
 
 
 def fleet_mean(record: dict, path: tuple) -> float:
@@ -64,6 +66,11 @@ def main(paths: list[str]) -> None:
         for command in dict.fromkeys(shown_command(r) for r in records):
             print(f"- `{command}`")
         print()
+    reasoning = Path(__file__).with_name("fleet_reasoning.json")
+    if reasoning.exists():  # its own page is docs/fleet_reasoning.md; here a level down
+        page = format_reasoning(json.loads(reasoning.read_text())).splitlines()
+        print("## reasoning, 4 equal or unequal instances\n")
+        print("\n".join("#" + line if line.startswith("## ") else line for line in page[2:]))
 
 
 if __name__ == "__main__":
