@@ -185,3 +185,14 @@ def test_seeds_refuses_what_is_neither_auto_nor_a_count(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--seeds", "many"])
     assert "--seeds: must be an integer" in capsys.readouterr().err
+
+
+def test_a_difference_that_decides_a_verdict_never_reads_zero():
+    from kvsched.sim.report import tenths, with_interval
+
+    # One request in 19,365 (the Azure conversation trace): a verdict of "worse" on -0.0 pp read as
+    # a contradiction; the figure keeps the digits that show it.
+    assert tenths(-100 / 19365, signed=True) == "-0.0052"
+    assert tenths(0.0, signed=True) == "+0.0" and tenths(2.34) == "2.3" and tenths(-0.04, signed=True) == "-0.04"
+    assert with_interval({"attainment": -1 / 19365, "attainment_ci95": 1e-6}, "attainment", 100, signed=True) == \
+        "-0.0052±0.0001"

@@ -21,7 +21,7 @@ from .sim.diagnosis import (AUTO_MAX_SEEDS, AUTO_MIN_SEEDS, Knobs, advise, auto_
                             verdict)
 from .sim.driver import MAX_INSTANCES
 from .sim.load_sweep import SWEEP_KINDS
-from .sim.report import OutputFiles, plot_cdfs, plot_formats, table, write_per_request
+from .sim.report import OutputFiles, plot_cdfs, plot_formats, table, tenths, write_per_request
 from .sim.traces import (MAX_ARRIVAL_SPAN_S, TRACE_FORMATS, Trace, TraceError, guess_format, read_azure,
                          read_trace)
 from .sim.workloads import (
@@ -866,14 +866,15 @@ def _print_conclusion(records: List[dict], diagnoses: list, main, advice: list, 
         low, high = pd["attainment_ci95_range"]
         words = {"better": f"better than {first}", "worse": f"worse than {first}",
                  "indistinguishable": f"indistinguishable from {first}"}[pd["verdict"]]
+        points = tenths(pd["attainment"] * 100, signed=True)
         if pd["attainment_ci95"] > 0:
-            figure = f"{pd['attainment'] * 100:+.1f} pp, 95% interval [{low * 100:+.1f}, {high * 100:+.1f}]"
+            figure = f"{points} pp, 95% interval [{tenths(low * 100, True)}, {tenths(high * 100, True)}]"
         elif pd["exact"]:
-            figure = f"{pd['attainment'] * 100:+.1f} pp exactly (no seed changes these runs)"
+            figure = f"{points} pp exactly (no seed changes these runs)"
         elif len(seeds) > 1:
-            figure = f"{pd['attainment'] * 100:+.1f} pp in every seed"
+            figure = f"{points} pp in every seed"
         else:
-            figure = f"{pd['attainment'] * 100:+.1f} pp from one seed, no interval"
+            figure = f"{points} pp from one seed, no interval"
         print(f"  {record['run']:<{width}}  {words}: {figure}")
 
 

@@ -131,13 +131,22 @@ def with_interval(record: dict, key: str, scale: float = 1.0, signed: bool = Fal
     """``mean±half-width`` of a figure (the mean alone for one seed); an interval that would pass
     ``bounds`` (what the figure can take, e.g. 0-100%) is clipped there and shown as ``mean[low,high]``."""
     value, half = record[key] * scale, (record.get(f"{key}_ci95") or 0.0) * scale
-    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    text = tenths(value, signed)
     if half <= 0:
         return text
     if bounds is not None and (value - half < bounds[0] or value + half > bounds[1]):
         low, high = max(bounds[0], value - half), min(bounds[1], value + half)
         return f"{text}[{_short(low, signed)},{_short(high, signed)}]"
-    return f"{text}±{half:.1f}"
+    return f"{text}±{tenths(half)}"
+
+
+def tenths(value: float, signed: bool = False) -> str:
+    """One decimal; a nonzero value that would read 0.0 keeps two significant digits instead (one
+    request in thousands is a difference, and a verdict may rest on it)."""
+    text = f"{value:+.1f}" if signed else f"{value:.1f}"
+    if value != 0 and float(text) == 0:
+        text = f"{value:+.2g}" if signed else f"{value:.2g}"
+    return text
 
 
 def _short(value: float, signed: bool) -> str:
