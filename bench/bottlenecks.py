@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvsched.sim.diagnosis import BOTTLENECK_TEXT  # what the bottleneck line says for each key
+
 # (trace file, extra options, the bottleneck the change should produce or None at the defaults)
 RUNS = [
     ("AzureLLMInferenceTrace_conv.csv", [], None),
@@ -68,8 +70,8 @@ def main() -> None:
                                      str(Path(args.traces) / trace), *extra, "--json", str(json_path)],
                                     check=True, capture_output=True, text=True).stdout
             records = json.loads(json_path.read_text())
-            # The line's first word, in the key the expectations use ("KV" is kv, "nothing" is idle).
-            named = {"KV": "kv", "nothing": "idle"}.get(*[re.search(r"^bottleneck: (\w+)", output, re.M).group(1)] * 2)
+            line = re.search(r"^bottleneck: (.*)$", output, re.M).group(1)
+            named = next(key for key, text in BOTTLENECK_TEXT.items() if line.startswith(text))
             attainment = ", ".join(f"{r['run']} {100 * r['slo_lax']['attainment']:.1f}" for r in records)
             verdict = "yes" if verdicts_agree(records) else "NO"
             check = "-" if expected is None else ("yes" if named == expected else "NO")

@@ -316,6 +316,11 @@ void PeakEstimator::predict_remaining(AdmissionMode mode, const RequestArrays& r
   predict_locked(mode, requests, out);
 }
 
+PeakEstimator::Scenarios PeakEstimator::scenarios_of(AdmissionMode mode) const {
+  const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
+  return {sampled ? options_.num_scenarios : 1, sampled ? options_.overflow_scenarios : 0};
+}
+
 void PeakEstimator::admission_peaks(AdmissionMode mode, const RequestArrays& requests, const size_t* prefixes,
                                     size_t num_prefixes, int64_t* peaks) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -324,9 +329,7 @@ void PeakEstimator::admission_peaks(AdmissionMode mode, const RequestArrays& req
     KVSCHED_EXPECTS(prefixes[k] <= requests.count, std::invalid_argument, "prefixes[", k, "] must be <= ",
                     requests.count, ", got ", prefixes[k]);
   }
-  const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
-  const int scenarios = sampled ? options_.num_scenarios : 1;
-  const int may_overflow = sampled ? options_.overflow_scenarios : 0;
+  const auto [scenarios, may_overflow] = scenarios_of(mode);
   std::vector<int64_t> remaining(requests.count);
   std::vector<int64_t> by_scenario(static_cast<size_t>(scenarios) * num_prefixes);  // [prefix][scenario]
   for (int s = 0; s < scenarios; ++s) {
@@ -527,9 +530,7 @@ int64_t PeakEstimator::admit(AdmissionMode mode, const RequestArrays& running, c
                   "running_held and candidate_prompt together must have < 2^31 requests, got ",
                   running.count + candidates.count);
   int64_t budget = capacity - reserve;
-  const bool sampled = options_.sampling && mode == AdmissionMode::kPastFuture;
-  const int scenarios = sampled ? options_.num_scenarios : 1;
-  const int may_overflow = sampled ? options_.overflow_scenarios : 0;
+  const auto [scenarios, may_overflow] = scenarios_of(mode);
   // The occupancy now is a lower bound of the peak in every scenario: candidates past the first
   // that does not fit now can never be admitted, so none of them is predicted (a full cache with
   // a long queue is the common case under load, and admission runs every step).

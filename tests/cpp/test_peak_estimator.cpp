@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <stdexcept>
 #include <vector>
@@ -54,6 +55,22 @@ struct Batch {
     return r;
   }
 };
+
+// A sampled past_future estimator (keyed draws, no adaptation) that has learned 300 output lengths
+// in [1, 400] drawn from `rng`.
+std::unique_ptr<PeakEstimator> sampled_estimator(std::mt19937& rng, int num_scenarios, uint64_t seed) {
+  PeakEstimatorOptions o;
+  o.block_size = 16;
+  o.sampling = true;
+  o.num_scenarios = num_scenarios;
+  o.adaptive = false;
+  o.seed = seed;
+  auto estimator = std::make_unique<PeakEstimator>(o);
+  std::vector<int64_t> lengths;
+  for (int i = 0; i < 300; ++i) lengths.push_back(1 + static_cast<int64_t>(rng() % 400));
+  estimator->record(lengths.data(), nullptr, lengths.size());
+  return estimator;
+}
 
 Batch random_batch(std::mt19937& rng, int max_count, bool running, int64_t first_id) {
   Batch b;
@@ -227,22 +244,15 @@ TEST(PeakEstimatorPredict, RemainingIsCappedByMaxNewTokens) {
 // admits fewer. Keyed draws make admission repeatable from call to call.
 TEST(PeakEstimatorAdmit, OverflowRiskIsMonotoneAndKeyedDrawsRepeat) {
   std::mt19937 rng(5);
-  PeakEstimatorOptions o;
-  o.block_size = 16;
-  o.sampling = true;
-  o.num_scenarios = 8;
-  o.adaptive = false;
-  o.seed = 11;
-  PeakEstimator estimator(o);
-  std::vector<int64_t> lengths;
-  for (int i = 0; i < 300; ++i) lengths.push_back(1 + static_cast<int64_t>(rng() % 400));
-  estimator.record(lengths.data(), nullptr, lengths.size());
+  const int num_scenarios = 8;
+  auto owned = sampled_estimator(rng, num_scenarios, 11);
+  PeakEstimator& estimator = *owned;
   for (int trial = 0; trial < 100; ++trial) {
     Batch running = random_batch(rng, 10, true, 0);
     Batch candidates = random_batch(rng, 16, false, 1000);
     const int64_t capacity = 40 + static_cast<int64_t>(rng() % 200);
     int64_t previous = -1;
-    for (int32_t overflow = 0; overflow < o.num_scenarios; ++overflow) {
+    for (int32_t overflow = 0; overflow < num_scenarios; ++overflow) {
       estimator.set_overflow_scenarios(overflow);
       const int64_t admitted =
           estimator.admit(AdmissionMode::kPastFuture, running.view(), candidates.view(), capacity, 0);
@@ -258,18 +268,11 @@ TEST(PeakEstimatorAdmit, OverflowRiskIsMonotoneAndKeyedDrawsRepeat) {
 // (or more), one block less admits fewer, in every overflow setting.
 TEST(PeakEstimatorAdmissionPeaks, AreThePeaksAdmissionActsOn) {
   std::mt19937 rng(9);
-  PeakEstimatorOptions o;
-  o.block_size = 16;
-  o.sampling = true;
-  o.num_scenarios = 6;
-  o.adaptive = false;
-  o.seed = 4;
-  PeakEstimator estimator(o);
-  std::vector<int64_t> lengths;
-  for (int i = 0; i < 300; ++i) lengths.push_back(1 + static_cast<int64_t>(rng() % 400));
-  estimator.record(lengths.data(), nullptr, lengths.size());
+  const int num_scenarios = 6;
+  auto owned = sampled_estimator(rng, num_scenarios, 4);
+  PeakEstimator& estimator = *owned;
   for (int trial = 0; trial < 60; ++trial) {
-    estimator.set_overflow_scenarios(trial % o.num_scenarios);
+    estimator.set_overflow_scenarios(trial % num_scenarios);
     Batch running = random_batch(rng, 8, true, 0);
     Batch candidates = random_batch(rng, 8, false, 1000);
     Batch all = running;

@@ -121,6 +121,13 @@ class PeakEstimator {
   void check_requests(AdmissionMode mode, const RequestArrays& requests, const char* prefix,
                       const char* held_name) const;
   void predict_locked(AdmissionMode mode, const RequestArrays& requests, int64_t* out, int scenario = 0);
+  // The scenarios admission weighs in `mode`, and how many of them may overflow: admit() and
+  // admission_peaks() must agree on both.
+  struct Scenarios {
+    int count;
+    int may_overflow;
+  };
+  Scenarios scenarios_of(AdmissionMode mode) const;
   const OutputLengthHistory* history_for(int32_t class_id) const;
   // Precomputes, for the sorted running_items_ and the candidate_items_, everything a scan of
   // "running plus a prefix of candidates" needs that does not depend on the prefix (the formulas
