@@ -22,7 +22,7 @@ from kvsched.cluster.ray import RayPool  # noqa: E402
 from test_cluster_faults import POLICY, conversations  # noqa: E402
 
 A100 = PROFILES["llama3-8b-a100"]
-PER_REQUEST = ("arrival_s", "first_token_s", "finish_s", "first_scheduled_s", "max_gap_s", "num_gaps", "preemptions",
+PER_REQUEST = ("arrival_s", "first_token_s", "finish_s", "prefill_start_s", "max_gap_s", "num_gaps", "preemptions",
                "rejected")
 
 

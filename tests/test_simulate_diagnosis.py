@@ -115,6 +115,11 @@ def _crafted(name, tmp_path):
     if name == "compute":  # small steps, a KV cache that never fills, twice the default rate
         return [*SMALL, "--rate", "13", "--kv-capacity-tokens", "1048576", "--max-num-batched-tokens", "256",
                 "--max-prefill-chunk", "256", "--max-num-seqs", "64"]
+    if name == "long prompts":  # admitted at once into a cache that never fills, then starved of steps:
+        # deep in a long prompt the chunks shrink to the prefill attention budget (compute, not KV)
+        rng = np.random.default_rng(0)
+        trace = _azure(tmp_path / "long.csv", rng.integers(30000, 60000, 60), rng.integers(20, 100, 60), 1.0)
+        return ["--trace", trace, "--seeds", "1", "--max-model-len", "65536", "--kv-capacity-tokens", "4194304"]
     if name == "context":  # a third of the prompts beyond the 8192-token context
         rng = np.random.default_rng(0)
         prompts = np.where(np.arange(150) % 3 == 0, 20000, rng.integers(100, 2000, 150))
@@ -125,13 +130,16 @@ def _crafted(name, tmp_path):
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("bottleneck", ["kv", "compute", "context", "idle"])
-def test_diagnosis_of_crafted_runs_and_advice_the_cli_accepts(bottleneck, tmp_path, capsys):
-    argv = _crafted(bottleneck, tmp_path)
+@pytest.mark.parametrize("case", ["kv", "compute", "context", "idle", "long prompts"])
+def test_diagnosis_of_crafted_runs_and_advice_the_cli_accepts(case, tmp_path, capsys):
+    argv = _crafted(case, tmp_path)
+    bottleneck = "compute" if case == "long prompts" else case
     records, text = _conclude([*argv, "--admission", "aggressive,oracle"], tmp_path, capsys)
     assert records[0]["bottleneck"] == bottleneck, text
     assert f"bottleneck: {dx.BOTTLENECK_TEXT[bottleneck]}" in text
-    if bottleneck == "compute":
+    if case == "long prompts":  # the starved prefills count as queueing, held by compute
+        assert records[0]["queueing_p90_s"] > 10 and records[0]["backlog_kv_share"] < 0.05, text
+    if case == "compute":
         assert "--rate 6.5" in text and "--rate 26" not in text  # less load, never more
     commands = _advice_commands(text)
     assert commands or bottleneck == "kv"

@@ -2,13 +2,16 @@
 
 Glossary (every figure is a run's mean over its seeds; a "run" is one admission mode, or fleet):
 
-- backlog: engine time with requests left waiting after a step's plan (not admitted, or preempted
-  and not yet back); ``backlog_share`` is that time over the run's span (first arrival to last
-  finish, times the instances).
-- KV-held backlog: backlog time whose step still had token budget and a sequence slot for more
-  (its tokens under ``STEP_FULL_SHARE`` of max_num_batched_tokens, fewer than max_num_seqs running),
-  so that only the KV cache or the admission's predicted peak held the waiting requests back; the
-  rest of the backlog waited for compute (a full step). ``backlog_kv_share`` is its share of the span.
+- backlog: engine time with requests left waiting after a step's plan (not admitted, preempted and
+  not yet back, or admitted and left out of the step); ``backlog_share`` is that time over the
+  run's span (first arrival to last finish, times the instances).
+- KV-held backlog: backlog time whose step still had room for more: its tokens under
+  ``STEP_FULL_SHARE`` of max_num_batched_tokens, its prefill attention under that share of
+  prefill_attention_budget, fewer than max_num_seqs running. Only the KV cache or the admission's
+  predicted peak held the waiting requests back; the rest of the backlog waited for compute (a full
+  step). ``backlog_kv_share`` is its share of the span.
+- queueing: the time before a request's first token that no step computed it: waiting to be
+  admitted, or admitted and left out of steps (long prompts share the prefill attention budget).
 - KV peak: the largest fraction of KV blocks in use at any step.
 - rejected share: prompts rejected (beyond the context, or larger than the whole KV cache) over all.
 - queue growth: how fast queueing delay grows with arrival time (the median delay of the last

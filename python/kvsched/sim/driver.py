@@ -159,7 +159,7 @@ class Driver:
     live migration; ``drains`` maps an instance to the time it starts draining; ``hook(now, pool)``
     is called every round (tests use it to kill an instance)."""
 
-    _ROWS = ("first_token", "finish", "first_scheduled", "max_gap", "num_gaps", "preemptions")
+    _ROWS = ("first_token", "finish", "prefill_start", "max_gap", "num_gaps", "preemptions")
 
     def __init__(self, prepared: PreparedTrace, engine: EngineConfig, pool, *, admission: str,
                  policy: Optional[str] = None, dispatcher: Optional[Dispatcher] = None,
@@ -192,7 +192,7 @@ class Driver:
         self.ended = np.zeros(n, bool)
         self.num_ended = 0
         self.sent = np.zeros(n, bool)
-        self.rows = {name: np.full(n, np.nan) for name in ("first_token", "finish", "first_scheduled")}
+        self.rows = {name: np.full(n, np.nan) for name in ("first_token", "finish", "prefill_start")}
         self.rows.update({"max_gap": np.zeros(n), "num_gaps": np.zeros(n, np.int64),
                           "preemptions": np.zeros(n, np.int64)})
         self.slow = {slo.name: np.zeros(n, np.int64) for slo in SLOS.values() if slo.gap_kind == "p99"}
@@ -664,7 +664,7 @@ class Driver:
         trace = self.prepared.trace
         log = RunLog(
             self.admission, arrival, trace.prompt_tokens, trace.output_tokens, self.rows["first_token"],
-            self.rows["finish"], self.rows["first_scheduled"], self.rows["max_gap"], self.rows["num_gaps"], self.slow,
+            self.rows["finish"], self.rows["prefill_start"], self.rows["max_gap"], self.rows["num_gaps"], self.slow,
             self.rows["preemptions"], self.rejected, self.prepared.rejected_too_long, self.prepared.clipped_outputs,
             sum(o["cpu"] for o in done), sum(o["steps"] for o in done),
             float(np.mean([o["util_time"] for o in done]) / makespan) if done else 0.0,

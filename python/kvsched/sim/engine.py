@@ -132,8 +132,9 @@ def prepare(trace: Trace, engine: EngineConfig) -> PreparedTrace:
                          np.flatnonzero(keep))
 
 
-# A step whose tokens reach this share of max_num_batched_tokens is full: a request left waiting
-# then waits for compute, not for KV (kvsched.sim.diagnosis).
+# A step whose tokens reach this share of max_num_batched_tokens, or whose prefill attention reaches
+# this share of prefill_attention_budget (deep in a long prompt the chunks shrink to stay within it),
+# is full: a request left waiting then waits for compute, not for KV (kvsched.sim.diagnosis).
 STEP_FULL_SHARE = 0.9
 
 # Session keys are tagged so that they never equal a (prefix id, position) key of a Mooncake trace.
@@ -177,7 +178,7 @@ class RunLog:
     output_tokens: np.ndarray
     first_token_s: np.ndarray  # NaN until the first token
     finish_s: np.ndarray  # NaN when not completed
-    first_scheduled_s: np.ndarray
+    prefill_start_s: np.ndarray  # first token minus its prefill steps: queueing = this - arrival
     max_gap_s: np.ndarray
     num_gaps: np.ndarray
     slow_gaps: dict  # SLO name -> per-request count of gaps above its p99 bound
@@ -233,7 +234,7 @@ class MigrationRecord:
     num_generated: int
     num_computed: int
     first_token_s: float
-    first_scheduled_s: float
+    prefill_start_s: float
     last_token_s: float
     max_gap_s: float
     num_gaps: int
@@ -280,7 +281,8 @@ class EngineInstance:
         self.generated = np.zeros(n, np.int64)
         self.first_token = np.full(n, np.nan)
         self.finish = np.full(n, np.nan)
-        self.first_scheduled = np.full(n, np.nan)
+        self.prefill_start = np.full(n, np.nan)  # when its prefill would have started, had no step left it out
+        self.prefill_busy = np.zeros(n)  # seconds of steps that computed its prompt, before its first token
         self.last_token = np.zeros(n)
         self.max_gap = np.zeros(n)
         self.num_gaps = np.zeros(n, np.int64)
@@ -343,7 +345,7 @@ class EngineInstance:
         """Clears what an earlier visit of these requests left (one that migrated away or whose
         instance failed comes back from scratch)."""
         for array, value in ((self.generated, 0), (self.first_token, np.nan), (self.finish, np.nan),
-                             (self.first_scheduled, np.nan), (self.last_token, 0), (self.max_gap, 0),
+                             (self.prefill_start, np.nan), (self.prefill_busy, 0), (self.last_token, 0), (self.max_gap, 0),
                              (self.num_gaps, 0), (self.preemptions, 0), (self.rejected, False)):
             array[ids] = value
         for counts in self.slow.values():
@@ -397,7 +399,7 @@ class EngineInstance:
         cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
         ids = cat(finished, np.int64)
         rows = {"first_token": self.first_token[ids], "finish": self.finish[ids],
-                "first_scheduled": self.first_scheduled[ids], "max_gap": self.max_gap[ids],
+                "prefill_start": self.prefill_start[ids], "max_gap": self.max_gap[ids],
                 "num_gaps": self.num_gaps[ids], "preemptions": self.preemptions[ids],
                 "slow": {name: counts[ids] for name, counts in self.slow.items()}}
         return StepEvents(ids, cat(finish_s, np.float64), cat(rejected, np.int64), self.clock, busy, rows)
@@ -425,7 +427,8 @@ class EngineInstance:
         self.swap_time += plan.swap_seconds
         ids = plan.req_ids
         counts = scheduler._former.stats()
-        left_waiting = counts["num_waiting"] + counts["num_swapped"] > 0
+        # Left waiting: in the queue, or admitted and left out of this step (its prefill waits).
+        left_waiting = counts["num_waiting"] + counts["num_swapped"] > 0 or counts["num_running"] > ids.size
         if ids.size == 0:
             before = self.clock
             self.clock += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
@@ -448,8 +451,8 @@ class EngineInstance:
         forward = engine.profile.step_time_s(plan.num_tokens, plan.computed_offsets, plan.is_prefill)
         overlap = plan.cache_overlap_seconds
         dt = max(forward, overlap) + plan.swap_seconds - overlap
-        unscheduled = np.isnan(self.first_scheduled[ids])
-        self.first_scheduled[ids[unscheduled]] = self.clock
+        prefilling = ids[self.generated[ids] == 0]
+        self.prefill_busy[prefilling] += dt
         self.clock += dt
         t = self.clock
         generated = self.generated
@@ -457,6 +460,9 @@ class EngineInstance:
         emitting = ids[reached]
         first = generated[emitting] == 0
         self.first_token[emitting[first]] = t
+        # Queueing is what the first token waited beyond its own prefill steps: in the queue, and
+        # admitted but left out of steps (long prompts share the prefill attention budget).
+        self.prefill_start[emitting[first]] = t - self.prefill_busy[emitting[first]]
         later = emitting[~first]
         gaps = t - self.last_token[later]
         self.max_gap[later] = np.maximum(self.max_gap[later], gaps)
@@ -492,10 +498,18 @@ class EngineInstance:
         if left_waiting:
             self.backlog_time += dt
             full = (ids.size >= engine.max_num_seqs
-                    or int(plan.num_tokens.sum()) >= STEP_FULL_SHARE * engine.max_num_batched_tokens)
+                    or int(plan.num_tokens.sum()) >= STEP_FULL_SHARE * engine.max_num_batched_tokens
+                    or self._prefill_attention(plan) >= STEP_FULL_SHARE * engine.prefill_attention_budget > 0)
             if not full:
                 self.backlog_kv_time += dt
         return finished, lost, False
+
+    @staticmethod
+    def _prefill_attention(plan) -> float:
+        """The step's prefill attention in token pairs, as the batch former counts it against
+        prefill_attention_budget: a chunk of n tokens after c computed ones costs n * (c + n / 2)."""
+        n = plan.num_tokens[plan.is_prefill].astype(np.float64)
+        return float((n * (plan.computed_offsets[plan.is_prefill] + n / 2)).sum())
 
     # ---- live migration (the driver copies; this instance is one end) ----
     def migration_state(self, index: int) -> Optional[tuple]:
@@ -545,7 +559,7 @@ class EngineInstance:
         was_busy = self.busy()
         self.scheduler.commit_incoming(i, record.num_generated)
         self.generated[i] = record.num_generated
-        self.first_token[i], self.first_scheduled[i] = record.first_token_s, record.first_scheduled_s
+        self.first_token[i], self.prefill_start[i] = record.first_token_s, record.prefill_start_s
         self.last_token[i], self.max_gap[i], self.num_gaps[i] = record.last_token_s, record.max_gap_s, record.num_gaps
         for name, count in record.slow_gaps.items():
             self.slow[name][i] = count
@@ -563,7 +577,7 @@ class EngineInstance:
         self._ended(np.array([index]))
         return MigrationRecord(
             index, int(info["num_generated"]), int(info["num_computed"]), float(self.first_token[index]),
-            float(self.first_scheduled[index]), float(self.last_token[index]), float(self.max_gap[index]),
+            float(self.prefill_start[index]), float(self.last_token[index]), float(self.max_gap[index]),
             int(self.num_gaps[index]), {k: int(v[index]) for k, v in self.slow.items()},
             int(self.preemptions[index]))
 
@@ -604,7 +618,7 @@ class EngineInstance:
         """Everything the driver merges into the run's log: per-request arrays and counters."""
         stats = self.scheduler.stats()
         return {
-            "first_token": self.first_token, "finish": self.finish, "first_scheduled": self.first_scheduled,
+            "first_token": self.first_token, "finish": self.finish, "prefill_start": self.prefill_start,
             "max_gap": self.max_gap, "num_gaps": self.num_gaps, "slow": self.slow, "preemptions": self.preemptions,
             "rejected": self.rejected, "cpu": self.cpu, "steps": self.steps, "util_time": self.util_time,
             "kv_peak": self.kv_peak, "busy_time": self.busy_time, "backlog_time": self.backlog_time,

@@ -36,7 +36,7 @@ def summarize(log: RunLog, slo: SLO) -> dict[str, Any]:
     tpot = np.where(multi, (log.finish_s - log.first_token_s) / np.maximum(log.output_tokens - 1, 1), np.nan)
     gaps = np.where(multi, log.max_gap_s, np.nan)
     e2e = log.finish_s - log.arrival_s
-    queueing = log.first_scheduled_s - log.arrival_s
+    queueing = log.prefill_start_s - log.arrival_s  # before the first token, neither queued nor left out of a step
     end = np.nanmax(log.finish_s) if completed.any() else np.nanmax(log.arrival_s)
     duration = max(float(end - np.nanmin(log.arrival_s)), 1e-9)
     record: dict[str, Any] = {
