@@ -164,15 +164,20 @@ class Server:
         self.process.wait(30)
 
 
+def serve_command(model: Path, port: int | str, *extra: str) -> list[str]:
+    """`vllm serve` of the tiny model with kvsched's scheduler, a small KV cache, on 127.0.0.1:port."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+            "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK),
+            "--num-gpu-blocks-override", str(NUM_BLOCKS), "--max-num-seqs", str(MAX_NUM_SEQS),
+            "--max-num-batched-tokens", "128", "--gpu-memory-utilization", "0.1", "--seed", "0",
+            "--scheduler-cls", KVSCHED, *extra]
+
+
 def launch_server(directory: Path, model: Path, name: str, *extra: str, env: dict | None = None) -> Server:
     port = free_port()
     log_path = directory / f"{name}-server.log"
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK),
-               "--num-gpu-blocks-override", str(NUM_BLOCKS), "--max-num-seqs", str(MAX_NUM_SEQS),
-               "--max-num-batched-tokens", "128", "--gpu-memory-utilization", "0.1", "--seed", "0",
-               "--scheduler-cls", KVSCHED, *extra]
+    command = serve_command(model, port, *extra)
     with open(log_path, "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env={**server_env(), **(env or {})}, start_new_session=True)

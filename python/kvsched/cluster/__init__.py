@@ -6,7 +6,9 @@ every per-request decision stays in each instance's native scheduler. An engine 
 answers ``Instance``'s calls (``kvsched.cluster.instance``): this package imports no engine and no
 simulator. Simulated by ``kvsched simulate --instances N`` (kvsched.sim.driver, whose engine
 instances live in this process or, with ``simulate_on_ray``, one Ray actor each through
-``kvsched.cluster.ray``; ``pip install 'kvsched[ray]'``).
+``kvsched.cluster.ray``; ``pip install 'kvsched[ray]'``). Real engines: ``kvsched route``
+(``kvsched.cluster.proxy``) in front of engine servers, and ``kvsched.cluster.ray_fleet`` to run
+both as Ray actors.
 """
 
 from .dispatch import DISPATCH_POLICIES, Dispatcher, InstanceLoads

@@ -314,12 +314,13 @@ class RouterServer:
         up = sum(e.up for e in self.engines)
         return web.json_response({"engines_up": up}, status=200 if up else 503)
 
+    def snapshot(self) -> dict:
+        """What /router/stats answers: the router's counts and each engine's state."""
+        return {**vars(self.stats), "engines": [vars(e) | {"metrics": None} for e in self.engines]}
+
     async def stats_page(self, request):
         _, web = _aiohttp()
-        return web.json_response({
-            **{k: v for k, v in vars(self.stats).items()},
-            "engines": [vars(e) | {"metrics": None} for e in self.engines],
-        })
+        return web.json_response(self.snapshot())
 
     async def run(self, ready: Optional[asyncio.Event] = None) -> None:
         aiohttp, web = _aiohttp()

@@ -1,0 +1,63 @@
+"""kvsched.cluster.leash: a server started under it dies with its parent, its whole process group
+with it (also when the leash itself is SIGKILLed with the parent, as Ray kills an actor's children),
+and otherwise ends with the server's own exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+LEASH = [sys.executable, "-m", "kvsched.cluster.leash", "--"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except (ProcessLookupError, OSError):
+        return False
+
+
+def test_the_leash_ends_with_the_servers_exit_code():
+    assert subprocess.run([*LEASH, sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
+    assert subprocess.run([*LEASH], capture_output=True).returncode == 2  # no command: usage
+
+
+@pytest.mark.parametrize("killed", ["the parent", "the parent and the leash"])
+def test_a_parent_killed_outright_takes_the_servers_whole_group_with_it(killed, tmp_path):
+    pids = tmp_path / "pids"
+    # The parent (standing in for a Ray actor) starts the leash, which starts a server that starts a
+    # child of its own (as vllm serve starts its engine core); then the parent is SIGKILLed, and
+    # with it, as Ray does, the leash.
+    server = (f"import os, subprocess, time; c = subprocess.Popen(['sleep', '300']); "
+              f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, time; p = subprocess.Popen({[*LEASH, sys.executable, '-c', server]!r}); "
+                               f"print(p.pid, flush=True); time.sleep(300)"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        leash = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not (pids.exists() and len(pids.read_text().split()) == 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server_pid, child_pid = map(int, pids.read_text().split())
+        assert _alive(server_pid) and _alive(child_pid)
+        parent.send_signal(signal.SIGKILL)
+        if killed == "the parent and the leash":
+            os.kill(leash, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while (_alive(server_pid) or _alive(child_pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(server_pid) and not _alive(child_pid), "the server's group outlived its parent"
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
