@@ -77,8 +77,13 @@ def main() -> None:
             check = "-" if expected is None else ("yes" if named == expected else "NO")
             rows.append(f"| {trace.split('.')[0]} | {' '.join(extra) or '(defaults)'} | {named} | "
                         f"{expected or '-'} | {check} | {attainment} | {verdict} |")
-            start = output.index("\nbottleneck:") + 1
-            details += [f"`{shlex.join(shown)}`", "", "```text", output[start:].rstrip(), "```", ""]
+            # The conclusion as the user's own command prints it: the trace by the path shown, and
+            # without this script's --json (its advice repeats the command's options).
+            conclusion = output[output.index("\nbottleneck:") + 1:]
+            conclusion = conclusion.replace(f" --json {json_path}", "").replace(str(Path(args.traces) / trace),
+                                                                             shown[3])
+            conclusion = "\n".join(line for line in conclusion.splitlines() if not line.startswith("wrote "))
+            details += [f"`{shlex.join(shown)}`", "", "```text", conclusion.rstrip(), "```", ""]
             write_page(args.out, rows, details, started, done=k + 1 == len(RUNS))
 
 

@@ -84,6 +84,15 @@ def test_advice_uses_the_load_knob_of_the_workload_and_never_more_load_when_comp
     (advice,) = dx.advise(dx.Diagnosis("idle", ""), dx.Knobs(rate=1.0, kv_capacity_tokens=65536,
                                                             largest_prompt=60000, kv_peak_tokens=15000))
     assert advice.options == {"--rate": "2"}
+    # Compute binds yet the SLO holds and KV never filled: less load shows nothing; a smaller KV cache
+    # does (but not where the cache was full, nor where the SLO is missed: then less load).
+    held = dict(timed=True, kv_capacity_tokens=65536, largest_prompt=3000, kv_peak_tokens=42000)
+    (advice,) = dx.advise(compute, dx.Knobs(**held, best_attainment=1.0))
+    assert advice.options == {"--kv-capacity-tokens": "32768"}
+    (advice,) = dx.advise(compute, dx.Knobs(**held, best_attainment=0.5))
+    assert advice.options == {"--rate-scale": "0.5"}
+    (advice,) = dx.advise(compute, dx.Knobs(**{**held, "kv_peak_tokens": 65000}, best_attainment=1.0))
+    assert advice.options == {"--rate-scale": "0.5"}
 
 
 # ---- the diagnosis of crafted runs, and their advice run as the next command ----

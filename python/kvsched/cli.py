@@ -735,6 +735,7 @@ def _run_simulations(args: argparse.Namespace, outputs: OutputFiles) -> int:
         largest_prompt=largest_prompt, kv_peak_tokens=max(int(r["kv_peak"] * capacity) for r in records),
         max_tokens=MAX_TOKENS, seeds=len(seeds), auto=auto, max_seeds=MAX_SEEDS, undecided=undecided)
     attainments = [r[f"slo_{slo.name}"]["attainment"] for r in records]
+    knobs.best_attainment = max(attainments)
     main_diagnosis = overall(diagnoses, attainments)
     advice = advise(main_diagnosis, knobs)
     for record in records:

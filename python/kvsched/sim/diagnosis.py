@@ -38,7 +38,8 @@ Bottlenecks, checked in this order:
 
 Advice follows from the bottleneck and uses only options the next run accepts (the load knob of
 this kind of workload: ``--clients`` in closed loop, ``--rate-scale`` for a trace with its own
-arrival times, ``--rate`` otherwise), and never more load where compute or bursts bind.
+arrival times, ``--rate`` otherwise), and never more load where compute or bursts bind; where they
+bind yet the SLO holds and the KV cache never filled, a smaller KV cache instead of less load.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ SUSTAINED_MIN = 0.5  # a queue present half the run or more is overload, not bur
 BURSTY_MIN = 1.5  # the busiest tenth of arrival windows at 1.5x the mean rate (Poisson: about 1.2)
 BURST_WINDOW_ARRIVALS = 50  # arrivals per window: Poisson noise about 14% of a window's count
 LOAD_STEP = 2.0  # advice changes the load by this factor
+SLO_HELD = 0.99  # the SLO holds at this attainment: less load cannot show anything more
 AUTO_MIN_SEEDS = 3  # --seeds auto starts with this many seeds (the former default)
 AUTO_MAX_SEEDS = 6  # and stops here: twice the former default's time, the budget of the default run
 
@@ -211,6 +213,7 @@ class Knobs:
     context: int = 0
     largest_prompt: int = 0  # of the whole workload, rejected ones included
     kv_peak_tokens: int = 0  # the most KV tokens any run held at once
+    best_attainment: float = 0.0  # the best run's SLO attainment
     max_tokens: int = 1 << 24  # the CLI's bound on --max-model-len
     seeds: int = 1
     auto: bool = True  # --seeds auto
@@ -239,14 +242,17 @@ def _load(knobs: Knobs, factor: float) -> Optional[Dict[str, str]]:
 
 
 def _smaller_kv(knobs: Knobs) -> Optional[int]:
-    """A KV cache about half the peak use that still holds the largest prompt, or None."""
-    target = knobs.kv_peak_tokens // 2
+    """A KV cache about three quarters of the peak use (a power of two under the peak, so that it
+    binds without starving every mode alike) that still holds the largest prompt, or None."""
+    target = 3 * knobs.kv_peak_tokens // 4
     floor = knobs.largest_prompt + 2 * knobs.block_size
     if target <= 0 or target < floor:
         return None
     tokens = 1 << int(np.round(np.log2(target)))  # a power of two, for a figure people recognise
+    if tokens >= knobs.kv_peak_tokens:
+        tokens //= 2
     tokens = max(tokens, 1 << int(np.ceil(np.log2(floor))))
-    return tokens if tokens < knobs.kv_capacity_tokens else None
+    return tokens if tokens < min(knobs.kv_capacity_tokens, knobs.kv_peak_tokens) else None
 
 
 def advise(diagnosis: Diagnosis, knobs: Knobs) -> List[Advice]:
@@ -278,7 +284,13 @@ def advise(diagnosis: Diagnosis, knobs: Knobs) -> List[Advice]:
         why = ("the steps are full: more load only queues, in every mode alike" if b == "compute" else
                f"the queue forms at arrival peaks ({'KV' if diagnosis.resource == 'kv' else 'compute'} binds "
                "there): more load only deepens them")
-        if less:
+        kv = _smaller_kv(knobs) if knobs.kv_peak_tokens < KV_FULL * knobs.kv_capacity_tokens else None
+        if knobs.best_attainment >= SLO_HELD and kv is not None:
+            # Less load only shortens a queue the SLO already absorbs; the KV cache never filled.
+            out.append(Advice(f"{why}; yet the SLO holds and the KV cache never filled, so no admission mode "
+                              "can matter here; a smaller KV cache makes admission decide at this load",
+                              {"--kv-capacity-tokens": str(kv)}))
+        elif less:
             out.append(Advice(f"{why}; less load shows where the KV cache, and so admission, decides", less))
         else:
             out.append(Advice(why))
