@@ -104,8 +104,8 @@ class Engine:
                        # (default 0.92); the KV cache itself is num_gpu_blocks_override blocks.
                        gpu_memory_utilization=0.1,
                        # JSON without free whitespace: a random-weight model would otherwise pad forever.
-                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-                       **engine_options)
+                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        options.update(engine_options)
         if kind == "kvsched":
             options["scheduler_cls"] = KVSCHED
         if speculative:  # n-gram drafts (prompt lookup): no draft model
@@ -163,6 +163,25 @@ class Engine:
                     aborted.add(i)
         assert aborted == abort, f"requests {sorted(abort - aborted)} finished before they could be aborted"
         return tokens
+
+    def first_token_steps(self, work: Workload, extra_args: list[dict]) -> tuple[dict[int, int], dict[int, list[int]]]:
+        """Runs ``work`` step by step, request i tagged with ``extra_args[i]`` (vLLM's vllm_xargs):
+        the step at which each request's first token came, and each request's tokens."""
+        engine = self.llm.llm_engine
+        for i, (prompt, params) in enumerate(zip(work.prompts, work.params())):
+            params.extra_args = extra_args[i]
+            engine.add_request(f"d{i}", TokensPrompt(prompt_token_ids=prompt), params)
+        first: dict[int, int] = {}
+        tokens: dict[int, list[int]] = {}
+        steps = 0
+        while engine.has_unfinished_requests():
+            steps += 1
+            for out in engine.step():
+                i = int(out.request_id.lstrip("d"))
+                tokens[i] = list(out.outputs[0].token_ids)
+                if tokens[i]:
+                    first.setdefault(i, steps)
+        return first, tokens
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
@@ -460,3 +479,27 @@ def test_lora_adapters_match_vllm_under_memory_pressure_with_prefix_caching(runs
         assert differ >= prompts - 2, f"adapters 1 and {k + 1} gave other outputs for {differ} of {prompts} prompts"
     assert our_most == MAX_LORAS  # the batch former kept to max_loras, and reached it
     assert their_counts.preempted > 0  # memory pressure (kvsched's admission may avoid every preemption)
+
+
+def test_deadline_policy_serves_the_tight_slo_class_first_in_a_real_engine(tiny_model):
+    """kvsched's deadline policy chosen by additional_config, the class named per request in
+    extra_args (vllm_xargs in the OpenAI server): twelve requests of a class with a 100 s TTFT SLO
+    queue ahead of four with 0.1 s, two sequences at a time. Under deadline the four get their first
+    tokens before every class-0 request but the two already running; under fcfs they wait their turn.
+    Same tokens either way (greedy, float32)."""
+    work = workload(16, seed=9, prompt_len=(20, 60), max_tokens=(10, 20))
+    tags = [{"kvsched_class": 1 if i >= 12 else 0} for i in range(16)]
+    results = {}
+    for policy in ("deadline", "fcfs"):
+        config = {"kvsched": {"policy": "deadline", "ttft_slo_s": [100.0, 0.1]}} if policy == "deadline" else {}
+        engine = Engine(tiny_model, "kvsched", enable_prefix_caching=False, max_num_seqs=2, additional_config=config)
+        try:
+            results[policy] = engine.first_token_steps(work, tags)
+            assert_drained(engine)
+        finally:
+            engine.close()
+    (deadline, deadline_tokens), (fcfs, fcfs_tokens) = results["deadline"], results["fcfs"]
+    urgent = [deadline[i] for i in range(12, 16)]
+    assert max(urgent) < min(deadline[i] for i in range(2, 12)), deadline
+    assert min(fcfs[i] for i in range(12, 16)) > max(fcfs[i] for i in range(12)), fcfs  # fcfs: behind them all
+    assert deadline_tokens == fcfs_tokens
