@@ -71,6 +71,7 @@ class FakeEngine:
         app = web.Application()
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.completions)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
@@ -125,6 +126,17 @@ def post(router: RouterServer, body: dict) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=CALL_TIMEOUT_S)
     try:
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def post_chat(router: RouterServer, body: dict) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=CALL_TIMEOUT_S)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -224,3 +236,45 @@ def test_loads_and_prompt_sizes_are_read_as_documented():
     assert prompt_tokens("/v1/completions", {"prompt": [1, 2, 3]}) == 3
     assert prompt_tokens("/v1/completions", {"prompt": "abcdefgh"}) == 2
     assert prompt_tokens("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 40}]}) == 10
+
+
+def test_prefix_affinity_keeps_a_conversation_on_the_engine_that_has_its_prefix(loop):
+    """Two idle engines; conversations of several turns, each turn the last one's prompt and more:
+    under prefix_affinity every turn of a conversation goes where its first went, and the
+    conversations still spread over both engines (the imbalance limit). Chat requests, by text.
+    (Under least_load the first conversation's second turn moves.)"""
+    first, second = engines(loop, (0, 0), (0, 0))
+    router = loop.start_router([first, second], dispatch="prefix_affinity", load_period_s=30)
+    where = {}
+    for turn in range(3):
+        for c in range(5):  # an odd count: load alone would move them from turn to turn
+            messages = [{"role": "user", "content": f"conversation {c}: " + "lorem ipsum " * (30 + 10 * c)}]
+            for t in range(turn):
+                messages += [{"role": "assistant", "content": f"answer {t} " * 20},
+                             {"role": "user", "content": f"question {t} " * 20}]
+            before = (first.answered, second.answered)
+            status, _ = post_chat(router, {"model": "m", "messages": messages, "max_tokens": 8})
+            assert status == 200
+            engine = 0 if first.answered > before[0] else 1
+            assert where.setdefault(c, engine) == engine, f"conversation {c} turn {turn} moved"
+    assert set(where.values()) == {0, 1}, where  # both engines hold conversations
+
+
+def test_prefix_history_keys_hits_and_forgetting():
+    from kvsched.cluster.prefix_history import PrefixHistory, prompt_keys
+
+    ids = list(range(100, 164))  # four blocks of 16 token ids
+    keys = prompt_keys("/v1/completions", {"prompt": ids}, 16)
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert prompt_keys("/v1/completions", {"prompt": ids + [1] * 15}, 16) == keys  # a partial block adds none
+    assert prompt_keys("/v1/completions", {"prompt": [7] + ids[1:]}, 16)[1:] != keys[1:]  # keys chain
+    text = prompt_keys("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 200}]}, 16)
+    assert len(text) == 3  # 64 characters a chunk
+    history = PrefixHistory(2)
+    history.record(1, keys[:3])
+    assert history.hits(keys).tolist() == [0, 3]
+    history.set_capacity(1, 2)  # remembers its two most recent keys: the prefix's head is gone
+    assert history.hits(keys).tolist() == [0, 0]
+    history.record(0, keys)
+    history.forget(0)
+    assert history.hits(keys).tolist() == [0, 0]

@@ -42,10 +42,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 class Router:
-    def __init__(self, directory: Path, engines: list):
+    def __init__(self, directory: Path, engines: list, dispatch: str = "headroom", *extra: str):
         self.port = free_port()
-        self.log_path = directory / "router.log"
-        command = [sys.executable, "-m", "kvsched.cli", "route", "--port", str(self.port), "--dispatch", "headroom",
+        self.log_path = directory / f"router-{dispatch}.log"
+        command = [sys.executable, "-m", "kvsched.cli", "route", "--port", str(self.port), "--dispatch", dispatch, *extra,
                    "--load-period-s", "0.5", "--read-timeout-s", "60"]
         for engine in engines:
             command += ["--engine", f"http://127.0.0.1:{engine.port}"]
@@ -102,7 +102,7 @@ def fleet(tiny_model, tmp_path_factory):
         for name in ("engine-a", "engine-b"):
             metrics_dir = directory / f"{name}-prometheus"
             metrics_dir.mkdir()
-            engines.append(launch_server(directory, tiny_model, name, "--no-enable-prefix-caching",
+            engines.append(launch_server(directory, tiny_model, name, "--enable-prefix-caching",
                                          env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}))
         for engine in engines:
             engine.wait_healthy()
@@ -169,6 +169,62 @@ def test_both_engines_answer_through_the_router(fleet):
     assert outcomes == ["done 24"] * 16, router.context(f"outcomes: {outcomes}")
     answered = [e["answered"] for e in router.stats()["engines"]]
     assert all(a > 0 for a in answered), router.context(f"answered per engine: {answered}")
+
+
+def converse_all(router: Router, seed: int, conversations: int = 5, turns: int = 3) -> tuple[int, int]:
+    """Conversations at once, each a thread sending its turns in order (each turn's prompt the last one's
+    and 64 new tokens): (later turns' prompt tokens, of which the previous turn's prompt)."""
+    later, ideal = [0] * conversations, [0] * conversations
+    failures = []
+
+    def talk(c: int) -> None:
+        rng = random.Random(seed * 100 + c)
+        prompt = [rng.randrange(4, VOCAB) for _ in range(96)]
+        for turn in range(turns):
+            body = dict(model=MODEL, prompt=prompt, max_tokens=4, temperature=0.0, ignore_eos=True)
+            result = outcome(router, {**body, "stream": False})
+            if result != "done 4":
+                failures.append(result)
+            if turn:
+                later[c] += len(prompt)
+                ideal[c] += len(prompt) - 64
+            prompt = prompt + [rng.randrange(4, VOCAB) for _ in range(64)]
+
+    threads = [threading.Thread(target=talk, args=(c,)) for c in range(conversations)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CLIENT_TIMEOUT_S * turns)
+    assert not failures, router.context(f"turns not answered: {failures}")
+    return sum(later), sum(ideal)
+
+
+def prefix_hits(engines: list) -> float:
+    return sum(e.metrics().get("vllm:prefix_cache_hits_total") for e in engines)
+
+
+def test_prefix_affinity_in_the_router_finds_each_conversation_its_cache(fleet, tmp_path):
+    """`kvsched route --dispatch prefix_affinity` (the router's own history of what it sent where) in
+    front of the same two engines: five conversations at once, three turns each. Most later turns find
+    the previous turn's prompt in their engine's prefix cache; least_load, for the record, on other
+    conversations (it moves a conversation whenever the other engine looks emptier)."""
+    engines, _ = fleet
+    found = {}
+    # One request is 10-20% of these engines' 1,280-token caches: affinity may leave an engine up to
+    # half its cache busier than the other (the default 0.1 suits caches of 100k tokens).
+    for seed, (dispatch, extra) in enumerate((("prefix_affinity", ["--imbalance-limit", "0.5"]), ("least_load", []))):
+        router = Router(tmp_path, engines, dispatch, *extra)
+        try:
+            router.wait_healthy()
+            before = prefix_hits(engines)
+            later, ideal = converse_all(router, seed + 10)
+            found[dispatch] = (prefix_hits(engines) - before) / ideal
+        finally:
+            router.stop()
+    print(f"\nlater turns' previous prompt found in cache: {found}")
+    # Measured: 0.875 against least_load's 0.80 (at this low load least_load too keeps most turns in
+    # place); the test holds affinity to most turns found, not to a margin over least_load.
+    assert found["prefix_affinity"] >= 0.75, found
 
 
 def test_an_engine_killed_mid_run_loses_no_request(fleet):

@@ -1200,9 +1200,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     route.add_argument("--engine", action="append", required=True, metavar="URL",
                        help="an engine's base URL (e.g. http://127.0.0.1:8001); once per engine")
-    route.add_argument("--dispatch", choices=tuple(p for p in DISPATCH_POLICIES if p != "prefix_affinity"),
-                       default="headroom", help="the dispatch policy (default headroom; prefix_affinity needs "
-                       "each engine's cache, which a router does not see)")
+    route.add_argument("--dispatch", choices=DISPATCH_POLICIES, default="headroom",
+                       help="the dispatch policy (default headroom; prefix_affinity places a request with the "
+                       "engine sent the longest prefix of its prompt before, by the router's own history: a router "
+                       "does not see the engines' caches)")
+    route.add_argument("--imbalance-limit", type=_number(0.0, 1.0), default=None,
+                       help="with --dispatch prefix_affinity: an engine more loaded than the least loaded one by "
+                       "this fraction of its KV capacity is not chosen for its cache (default 0.1)")
     route.add_argument("--load-period-s", type=_number(0.05, MAX_LOAD_PERIOD_S), default=1.0,
                        help="poll the engines' /metrics every this many seconds (default 1)")
     route.add_argument("--count-placed", choices=("on", "off"), default="on",
@@ -1224,8 +1228,11 @@ def _route(args: argparse.Namespace) -> int:
     for url in args.engine:
         if not re.match(r"^https?://[^/\s]+", url):
             raise ValueError(f"--engine {url!r}: must be an http:// or https:// URL")
+    if args.imbalance_limit is not None and args.dispatch != "prefix_affinity":
+        raise ValueError("--imbalance-limit: only --dispatch prefix_affinity uses it")
     server = RouterServer(args.engine, args.dispatch, args.load_period_s, args.count_placed == "on", args.host,
-                          args.port, args.read_timeout_s)
+                          args.port, args.read_timeout_s,
+                          imbalance_limit=0.1 if args.imbalance_limit is None else args.imbalance_limit)
 
     async def serve() -> None:
         ready = asyncio.Event()

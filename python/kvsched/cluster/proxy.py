@@ -23,6 +23,8 @@ Glossary
              UTF-8 bytes / 4 (the router has no tokenizer).
   expected   tokens a request will generate, for its predicted blocks: the median of the
              completions the router has seen (``usage``), capped by the request's ``max_tokens``.
+  history    with ``prefix_affinity``: the prompt prefixes sent to each engine, the router's estimate
+             of its prefix cache (kvsched.cluster.prefix_history); forgotten when the engine fails.
 
 Needs aiohttp (``pip install 'kvsched[router]'``; vLLM installs it too).
 """
@@ -41,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from .dispatch import Dispatcher, InstanceLoads
+from .prefix_history import PrefixHistory, prompt_keys
 from .router import Router
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+(\S+)$")
@@ -136,11 +139,14 @@ class RouterServer:
 
     def __init__(self, engines: list, dispatch: str = "headroom", load_period_s: float = 1.0,
                  count_placed: bool = True, host: str = "127.0.0.1", port: int = 8000,
-                 read_timeout_s: float = 120.0, connect_timeout_s: float = 5.0, block_size: int = 16):
+                 read_timeout_s: float = 120.0, connect_timeout_s: float = 5.0, block_size: int = 16,
+                 imbalance_limit: float = 0.1):
         if not engines:
             raise ValueError("engines: give at least one engine URL")
         self.engines = [EngineState(url.rstrip("/")) for url in engines]
-        self.router = Router(Dispatcher(dispatch), load_period_s, count_placed)
+        self.router = Router(Dispatcher(dispatch, imbalance_limit), load_period_s, count_placed)
+        # prefix_affinity: the engines' caches as the router can estimate them, from what it sent where.
+        self.history = PrefixHistory(len(self.engines)) if self.router.dispatcher.uses_prefix_hits else None
         self.load_period_s = load_period_s
         self.host, self.port = host, port
         self.read_timeout_s, self.connect_timeout_s = read_timeout_s, connect_timeout_s
@@ -168,6 +174,12 @@ class RouterServer:
                 engine.last_error = f"/metrics: {error!r}"
 
         await asyncio.gather(*(one(e) for e in self.engines))
+        if self.history is not None:
+            for i, engine in enumerate(self.engines):
+                if not engine.up:
+                    self.history.forget(i)  # gone, or back without its cache
+                elif engine.metrics is not None:
+                    self.history.set_capacity(i, engine.metrics.get("kvsched:kv_capacity_blocks"))
         loads = loads_from_metrics([e.metrics if e.up else None for e in self.engines], self.block_size)
         self.block_size = loads.block_size  # the engines' own, once they publish it
         self.router.report(loads, time.monotonic())
@@ -188,11 +200,19 @@ class RouterServer:
         available = np.array([e.up and i not in tried for i, e in enumerate(self.engines)])
         if not available.any():
             return None
+        keys = hits = None
+        if self.history is not None:
+            keys = prompt_keys(path, body, self.block_size)
+            hits = self.history.hits(keys)[None, :]
         placed = self.router.place(time.monotonic(), None, available, np.array([tokens], np.int64),
-                                   np.array([blocks], np.int64))
+                                   np.array([blocks], np.int64), hits)
         if placed is None or placed[0] < 0:  # no report yet, or held by a global queue: the first available
-            return int(np.flatnonzero(available)[0])
-        return int(placed[0])
+            index = int(np.flatnonzero(available)[0])
+        else:
+            index = int(placed[0])
+        if keys is not None:
+            self.history.record(index, keys)
+        return index
 
     # ---- forwarding ----
     async def _forward(self, index: int, path: str, raw: bytes, headers: dict, body: dict, request):
@@ -273,6 +293,8 @@ class RouterServer:
                 engine = self.engines[index]
                 engine.failed += 1
                 engine.up = False  # until a poll reaches it again
+                if self.history is not None:
+                    self.history.forget(index)
                 engine.last_error = failure.reason
                 reasons.append(f"{engine.url}: {failure.reason}")
                 if failure.stream is not None:  # the client has part of a stream: end it with an error event
