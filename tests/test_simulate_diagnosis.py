@@ -95,6 +95,15 @@ def test_advice_uses_the_load_knob_of_the_workload_and_never_more_load_when_comp
     assert advice.options == {"--rate-scale": "0.5"}
 
 
+def test_overall_is_compute_only_where_even_the_best_run_cannot_keep_up():
+    kv, compute = dx.Diagnosis("kv", "", "kv"), dx.Diagnosis("compute", "", "compute")
+    overloaded = dx.Diagnosis("compute", "", "compute", overloaded=True)
+    # The best run queues for full steps but keeps up, the other is held by KV: admission decided.
+    assert dx.overall([kv, compute], [0.89, 0.93]).bottleneck == "kv"
+    assert dx.overall([kv, overloaded], [0.02, 0.03]).bottleneck == "compute"
+    assert dx.overall([compute, compute], [1.0, 1.0]).bottleneck == "compute"
+
+
 # ---- the diagnosis of crafted runs, and their advice run as the next command ----
 
 def _azure(path, prompts, outputs, gap_s):

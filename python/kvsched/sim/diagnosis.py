@@ -143,7 +143,7 @@ def overall(diagnoses: Sequence[Diagnosis], attainments: Optional[Sequence[float
         return diagnoses[names.index("context")]
     if attainments is not None:
         best = int(np.argmax(attainments))
-        if names[best] == "compute":
+        if names[best] == "compute" and diagnoses[best].overloaded:
             return diagnoses[best]
     best = max(names, key=lambda n: (names.count(n), -names.index(n)))
     return diagnoses[names.index(best)]
