@@ -61,3 +61,23 @@ def test_a_parent_killed_outright_takes_the_servers_whole_group_with_it(killed, 
             os.killpg(parent.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_an_owner_that_dies_while_the_leash_starts_leaves_no_server(tmp_path):
+    """The owner passes its pid (--parent) and exits at once, before the leash has even read its
+    parent: the server never runs, or dies within the poll."""
+    pids = tmp_path / "pid"
+    server = f"import os, time; open({str(pids)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    owner = subprocess.run([sys.executable, "-c",
+                            "import os, subprocess, sys; subprocess.Popen([sys.executable, '-m', 'kvsched.cluster.leash', "
+                            f"'--parent', str(os.getpid()), '--', sys.executable, '-c', {server!r}]); os._exit(0)"])
+    assert owner.returncode == 0
+    time.sleep(3)
+    if pids.exists() and pids.read_text():
+        assert not _alive(int(pids.read_text())), "the server outlived an owner that died at its start"
+
+
+def test_the_leash_refuses_a_bad_parent_by_name():
+    result = subprocess.run([sys.executable, "-m", "kvsched.cluster.leash", "--parent", "x", "--", "true"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--parent" in result.stderr

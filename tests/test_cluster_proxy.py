@@ -273,8 +273,14 @@ def test_prefix_history_keys_hits_and_forgetting():
     history = PrefixHistory(2)
     history.record(1, keys[:3])
     assert history.hits(keys).tolist() == [0, 3]
-    history.set_capacity(1, 2)  # remembers its two most recent keys: the prefix's head is gone
-    assert history.hits(keys).tolist() == [0, 0]
+    history.set_capacity(1, 2)  # remembers two keys: the prefix's head, forgotten last (as a cache does)
+    assert history.hits(keys).tolist() == [0, 2]
+    other = prompt_keys("/v1/completions", {"prompt": list(range(500, 564))}, 16)
+    history.record(1, other)  # another prompt pushes the first out whole, tail first
+    assert history.hits(keys).tolist() == [0, 0] and history.hits(other).tolist() == [0, 2]
+    # A prompt this cannot read has no keys (placed by load; the engine answers it), never an error.
+    assert prompt_keys("/v1/completions", {"prompt": [2 ** 64]}, 16) == []
+    assert prompt_keys("/v1/completions", {"prompt": [[1, [2]]]}, 16) == []
     history.record(0, keys)
     history.forget(0)
     assert history.hits(keys).tolist() == [0, 0]

@@ -27,7 +27,8 @@ from typing import Optional
 import numpy as np
 
 CHARS_PER_TOKEN = 4
-MAX_KEYS = 1 << 20  # per engine, before its KV capacity is known
+MAX_KEYS = 1 << 18  # per engine, before its KV capacity is known (about 30 MB)
+MAX_REQUEST_KEYS = 8192  # a request's leading chunks that count (128k tokens at 16 a block)
 
 
 def _prompt_parts(path: str, body: dict) -> tuple[list, bool]:
@@ -45,16 +46,20 @@ def _prompt_parts(path: str, body: dict) -> tuple[list, bool]:
 
 
 def prompt_keys(path: str, body: dict, block_tokens: int) -> list:
-    """The chained keys of a request's full chunks (see the glossary)."""
-    parts, tokens = _prompt_parts(path, body)
-    if tokens:
-        data = np.asarray(parts, np.int64)
-        width = block_tokens
-        chunks = [data[i:i + width].tobytes() for i in range(0, data.size - width + 1, width)]
-    else:
-        text = "".join(parts).encode()
-        width = CHARS_PER_TOKEN * block_tokens
-        chunks = [text[i:i + width] for i in range(0, len(text) - width + 1, width)]
+    """The chained keys of a request's full chunks, at most MAX_REQUEST_KEYS (see the glossary).
+    A prompt this cannot read (the engine will answer it) has none: it is placed by load alone."""
+    try:
+        parts, tokens = _prompt_parts(path, body)
+        if tokens:
+            width = block_tokens
+            data = np.asarray(parts[:width * MAX_REQUEST_KEYS], np.int64)
+            chunks = [data[i:i + width].tobytes() for i in range(0, data.size - width + 1, width)]
+        else:
+            width = CHARS_PER_TOKEN * block_tokens
+            text = "".join(parts).encode()[:width * MAX_REQUEST_KEYS]
+            chunks = [text[i:i + width] for i in range(0, len(text) - width + 1, width)]
+    except (TypeError, ValueError, OverflowError):
+        return []
     keys, previous = [], b""
     for chunk in chunks:
         previous = hashlib.blake2b(previous + chunk, digest_size=8).digest()
@@ -82,9 +87,10 @@ class PrefixHistory:
         return out
 
     def record(self, engine: int, keys: list) -> None:
-        """``keys`` were sent to ``engine``: remembered as its most recent."""
+        """``keys`` were sent to ``engine``: remembered as its most recent, the head of the prompt
+        most recent of all (forgotten last, as a cache evicts a prefix's tail first)."""
         known = self._keys[engine]
-        for key in keys:
+        for key in reversed(keys):
             known[key] = None
             known.move_to_end(key)
         while len(known) > self._capacity[engine]:
@@ -100,3 +106,8 @@ class PrefixHistory:
     def forget(self, engine: int) -> None:
         """``engine`` lost its cache (it failed, or restarted)."""
         self._keys[engine].clear()
+
+    def forget_all(self) -> None:
+        """Every key is stale (the block size changed)."""
+        for known in self._keys:
+            known.clear()

@@ -181,6 +181,8 @@ class RouterServer:
                 elif engine.metrics is not None:
                     self.history.set_capacity(i, engine.metrics.get("kvsched:kv_capacity_blocks"))
         loads = loads_from_metrics([e.metrics if e.up else None for e in self.engines], self.block_size)
+        if self.history is not None and loads.block_size != self.block_size:
+            self.history.forget_all()  # keys of another chunk size never match again
         self.block_size = loads.block_size  # the engines' own, once they publish it
         self.router.report(loads, time.monotonic())
         self.stats.polls += 1

@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 from .ray import _ray
 
 HEALTH_POLL_S = 0.5
+START_SLACK_S = 120.0  # for Ray to place and start an actor, beyond an engine's own health wait
 
 
 def _free_port(host: str) -> int:
@@ -61,12 +62,15 @@ class EngineServer:
                  env: Optional[dict] = None, log_path: Optional[str] = None):
         if not command:
             raise ValueError("command: give the engine server's command line")
-        self.host = host or _node_address()
-        self.port = port or _free_port(self.host)
+        bind = host or _node_address()
+        # Where others reach it: this node's address when it binds every interface.
+        self.host = _node_address() if bind in ("0.0.0.0", "::") else bind
+        self.port = port or _free_port(bind)
         self.log_path = log_path
-        args = [part.replace("{host}", self.host).replace("{port}", str(self.port)) for part in command]
+        args = [part.replace("{host}", bind).replace("{port}", str(self.port)) for part in command]
         with open(log_path or os.devnull, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "kvsched.cluster.leash", "--", *args],
+            self.process = subprocess.Popen([sys.executable, "-m", "kvsched.cluster.leash", "--parent",
+                                             str(os.getpid()), "--", *args],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env={**os.environ, **(env or {})},
                                             # out of the actor's process group: Ray kills a worker's
@@ -126,8 +130,9 @@ class RouterActor:
     def __init__(self, engine_urls: Sequence[str], host: Optional[str] = None, port: int = 0, **options):
         from .proxy import RouterServer  # needs aiohttp, which only the router's node must have
 
-        host = host or _node_address()
-        self.server = RouterServer(list(engine_urls), host=host, port=port or _free_port(host), **options)
+        bind = host or _node_address()
+        self.server = RouterServer(list(engine_urls), host=bind, port=port or _free_port(bind), **options)
+        self.advertised = _node_address() if bind in ("0.0.0.0", "::") else bind
         self._task: Optional[asyncio.Task] = None
 
     async def start(self) -> str:
@@ -139,7 +144,7 @@ class RouterActor:
         if self._task.done():
             waiting.cancel()
             self._task.result()
-        return f"http://{self.server.host}:{self.server.port}"
+        return f"http://{self.advertised}:{self.server.port}"
 
     async def stats(self) -> dict:
         return self.server.snapshot()
@@ -174,10 +179,12 @@ class RayFleet:
                         for i, command in enumerate(engine_commands)]
         self.router = None
         try:
-            self.engine_urls = ray.get([engine.wait_healthy.remote(health_timeout_s) for engine in self.engines])
+            # Bounded also where Ray cannot place an engine (no free GPU): its health wait never starts.
+            self.engine_urls = ray.get([engine.wait_healthy.remote(health_timeout_s) for engine in self.engines],
+                                       timeout=health_timeout_s + START_SLACK_S)
             router_actor = ray.remote(RouterActor).options(num_cpus=0, max_concurrency=64)
             self.router = router_actor.remote(self.engine_urls, host, 0, **(router_options or {}))
-            self.router_url = ray.get(self.router.start.remote())
+            self.router_url = ray.get(self.router.start.remote(), timeout=START_SLACK_S)
         except BaseException:
             self.shutdown()
             raise
@@ -190,13 +197,14 @@ class RayFleet:
         kills the server's processes."""
         _ray().kill(self.engines[index], no_restart=True)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Stops every engine server (all at once, up to ``timeout_s``), then kills the actors (an
+        engine's leash kills whatever of its server is left)."""
         ray = _ray()
-        for engine in self.engines:
-            try:
-                ray.get(engine.stop.remote(), timeout=60)
-            except Exception:  # noqa: BLE001 (an engine already dead or killed: its leash cleaned up)
-                pass
-            ray.kill(engine, no_restart=True)
-        if self.router is not None:
-            ray.kill(self.router, no_restart=True)
+        stops = [engine.stop.remote() for engine in self.engines]
+        try:
+            ray.wait(stops, num_returns=len(stops), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 (an engine already dead or killed: its leash cleaned up)
+            pass
+        for actor in [*self.engines, *([self.router] if self.router is not None else [])]:
+            ray.kill(actor, no_restart=True)

@@ -427,8 +427,12 @@ class EngineInstance:
         self.swap_time += plan.swap_seconds
         ids = plan.req_ids
         counts = scheduler._former.stats()
-        # Left waiting: in the queue, or admitted and left out of this step (its prefill waits).
-        left_waiting = counts["num_waiting"] + counts["num_swapped"] > 0 or counts["num_running"] > ids.size
+        # Left waiting: in the queue, or admitted and left out of this step (its prefill waits); a
+        # request whose KV this step's copies bring back (a host prefetch, a swap-in) is not left out.
+        queued = counts["num_waiting"] + counts["num_swapped"] > 0
+        copied_in = np.union1d(plan.cache_load_ids, plan.swapped_in_ids)
+        left_out = counts["num_running"] > ids.size + np.setdiff1d(copied_in, ids, assume_unique=True).size
+        left_waiting = queued or left_out
         if ids.size == 0:
             before = self.clock
             self.clock += plan.swap_seconds  # swap-outs of a step that runs nothing still take their time
@@ -441,7 +445,7 @@ class EngineInstance:
                 return np.zeros(0, np.int64), lost, False
             if np.isfinite(next_arrival_s):
                 self.clock = max(self.clock, next_arrival_s)
-            if left_waiting:  # nothing fits although requests wait: held back by KV until the next event
+            if queued:  # nothing fits although requests wait: held back by KV until the next event
                 self.backlog_time += self.clock - before
                 self.backlog_kv_time += self.clock - before
             elif scheduler.has_unfinished_requests():
