@@ -122,21 +122,10 @@ def loop():
     each.close()
 
 
-def post(router: RouterServer, body: dict) -> tuple[int, bytes]:
+def post(router: RouterServer, body: dict, path: str = "/v1/completions") -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=CALL_TIMEOUT_S)
     try:
-        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def post_chat(router: RouterServer, body: dict) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=CALL_TIMEOUT_S)
-    try:
-        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -253,7 +242,7 @@ def test_prefix_affinity_keeps_a_conversation_on_the_engine_that_has_its_prefix(
                 messages += [{"role": "assistant", "content": f"answer {t} " * 20},
                              {"role": "user", "content": f"question {t} " * 20}]
             before = (first.answered, second.answered)
-            status, _ = post_chat(router, {"model": "m", "messages": messages, "max_tokens": 8})
+            status, _ = post(router, {"model": "m", "messages": messages, "max_tokens": 8}, "/v1/chat/completions")
             assert status == 200
             engine = 0 if first.answered > before[0] else 1
             assert where.setdefault(c, engine) == engine, f"conversation {c} turn {turn} moved"

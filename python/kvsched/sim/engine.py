@@ -430,8 +430,11 @@ class EngineInstance:
         # Left waiting: in the queue, or admitted and left out of this step (its prefill waits); a
         # request whose KV this step's copies bring back (a host prefetch, a swap-in) is not left out.
         queued = counts["num_waiting"] + counts["num_swapped"] > 0
-        copied_in = np.union1d(plan.cache_load_ids, plan.swapped_in_ids)
-        left_out = counts["num_running"] > ids.size + np.setdiff1d(copied_in, ids, assume_unique=True).size
+        copying = 0
+        if plan.cache_load_ids.size or plan.swapped_in_ids.size:  # most steps copy nothing: no set work
+            copied_in = np.union1d(plan.cache_load_ids, plan.swapped_in_ids)
+            copying = np.setdiff1d(copied_in, ids, assume_unique=True).size
+        left_out = counts["num_running"] > ids.size + copying
         left_waiting = queued or left_out
         if ids.size == 0:
             before = self.clock
