@@ -49,7 +49,9 @@ class FakeEngine:
 
     async def completions(self, request):
         body = await request.json()
-        if self.mode == "refuse":
+        if self.mode in ("refuse", "close_once"):
+            if self.mode == "close_once":  # as an engine closing an idle keep-alive connection would
+                self.mode = "ok"
             request.transport.close()  # the connection breaks before any answer
             await asyncio.sleep(1)
             return web.Response()
@@ -157,8 +159,21 @@ def test_a_request_an_engine_drops_is_answered_by_another(loop):
     status, data = post(router, {"model": "m", "prompt": "hello", "max_tokens": 8})
     assert status == 200 and json.loads(data)["choices"][0]["text"] == f"from {good.port}"
     assert router.stats.retried == 1 and not router.engines[0].up  # down until a poll reaches it
+    assert router.stats.reconnected == 1  # refused twice: once more on a new connection, then given up
     status, _ = post(router, {"model": "m", "prompt": "again", "stream": True})
     assert status == 200 and router.stats.retried == 1  # the next goes straight to the good one
+
+
+def test_a_connection_closed_unanswered_goes_once_more_to_the_same_engine(loop):
+    """An engine that closes a connection before answering (it was closing an idle one) gets the
+    request again on a new connection; it is not marked down and no other engine is tried."""
+    closing, other = engines(loop, (0, 0), (100, 10))
+    closing.mode = "close_once"
+    router = loop.start_router([closing, other], dispatch="least_load", load_period_s=30)
+    status, data = post(router, {"model": "m", "prompt": "hello", "max_tokens": 8})
+    assert status == 200 and json.loads(data)["choices"][0]["text"] == f"from {closing.port}"
+    assert router.stats.reconnected == 1 and router.stats.retried == 0 and router.engines[0].up
+    assert other.answered == 0
 
 
 def test_a_stream_broken_after_its_first_bytes_ends_with_an_error_event(loop):

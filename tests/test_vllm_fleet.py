@@ -262,7 +262,14 @@ def test_an_engine_killed_mid_run_loses_no_request(fleet):
     victim = engines[1]
 
     def kill_one_engine() -> None:
-        time.sleep(1.5)  # requests are running on both (400 tokens take several seconds here)
+        # Kill once the router holds requests open on the victim: a fixed delay missed them all on a
+        # fast machine (400 tokens took under 1.5 s in CI, 2026-12-04).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            held = router.stats()["engines"][1]
+            if held["sent"] - held["answered"] - held["failed"] >= 2:
+                break
+            time.sleep(0.02)
         os.killpg(victim.process.pid, signal.SIGKILL)
 
     outcomes = run_clients(router, bodies, during=kill_one_engine)

@@ -17,6 +17,12 @@ SSE error event naming the engine (a client cannot be handed a second, different
 engine answers, the client gets HTTP 503 with the reasons. Every forwarded call has a timeout
 between bytes (``read_timeout_s``), so a hung engine is a failed one, not a hung client.
 
+Idle connections. The router keeps connections to each engine open between requests for at most
+``KEEPALIVE_S`` seconds, under the 5 s after which uvicorn (``vllm serve``) closes an idle one. A
+call whose connection the engine closed before answering anything (it was closing the idle
+connection as the request went out) goes to the same engine once more, on a new connection, before
+the engine counts as failed: a healthy engine is not marked down for closing an idle connection.
+
 Glossary
   engine     one OpenAI-compatible server (``vllm serve`` with kvsched's adapter, or any other).
   prompt     estimated in tokens for placement: token-id prompts by their length, text by its
@@ -121,17 +127,23 @@ class RouterStats:
     retried: int = 0  # requests sent again to another engine after a failure
     broken_streams: int = 0  # streams ended with an error event after their first byte
     unanswered: int = 0  # requests no engine answered (HTTP 503)
+    reconnected: int = 0  # calls sent again to the same engine after it closed the connection unanswered
     polls: int = 0
     errors: list = field(default_factory=list)
 
 
 class EngineFailed(Exception):
     """A forwarded call failed at ``engine``; ``stream``: the client's stream, when it has bytes of
-    the answer already (it can then only be ended, not sent again)."""
+    the answer already (it can then only be ended, not sent again); ``closed_unanswered``: the engine
+    closed the connection before any answer (possibly an idle connection it was closing)."""
 
-    def __init__(self, engine: int, reason: str, stream=None):
+    def __init__(self, engine: int, reason: str, stream=None, closed_unanswered: bool = False):
         super().__init__(reason)
         self.engine, self.reason, self.stream = engine, reason, stream
+        self.closed_unanswered = closed_unanswered
+
+
+KEEPALIVE_S = 3.0  # idle connections to an engine: closed by the router before uvicorn's 5 s
 
 
 class RouterServer:
@@ -225,8 +237,10 @@ class RouterServer:
         engine.sent += 1
         timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s, sock_read=self.read_timeout_s)
         response = None
+        answered = False
         try:
             async with self._session.post(engine.url + path, data=raw, headers=headers, timeout=timeout) as r:
+                answered = True
                 if r.status >= 500:
                     raise EngineFailed(index, f"HTTP {r.status}: {(await r.text())[:500]}")
                 if not body.get("stream") or r.status != 200:
@@ -242,7 +256,12 @@ class RouterServer:
                 return response
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
             started = response is not None and response.prepared
-            raise EngineFailed(index, f"{type(error).__name__}: {error}", response if started else None) from None
+            # A refused connection (ClientConnectorError) is a down engine; a connection closed or reset
+            # before the status line may be an idle one the engine was closing.
+            closed = (not answered and isinstance(error, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+                      and not isinstance(error, aiohttp.ClientConnectorError))
+            raise EngineFailed(index, f"{type(error).__name__}: {error}", response if started else None,
+                               closed_unanswered=closed) from None
 
     @staticmethod
     async def _to_client(response, request, chunk: bytes, eof: bool = False) -> bool:
@@ -290,7 +309,13 @@ class RouterServer:
             if len(tried) > 1:
                 self.stats.retried += 1
             try:
-                result = await self._forward(index, path, raw, headers, body, request)
+                try:
+                    result = await self._forward(index, path, raw, headers, body, request)
+                except EngineFailed as failure:
+                    if not failure.closed_unanswered:
+                        raise
+                    self.stats.reconnected += 1  # once more, on a new connection (module docstring)
+                    result = await self._forward(index, path, raw, headers, body, request)
             except EngineFailed as failure:
                 engine = self.engines[index]
                 engine.failed += 1
@@ -348,7 +373,7 @@ class RouterServer:
 
     async def run(self, ready: Optional[asyncio.Event] = None) -> None:
         aiohttp, web = _aiohttp()
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S))
         app = web.Application(client_max_size=64 << 20)
         for path in _FORWARDED:
             app.router.add_post(path, self.handle)
