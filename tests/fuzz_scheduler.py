@@ -125,9 +125,12 @@ def test_one_input(data: bytes) -> None:
                     s.cancel_incoming([rid])
                     incoming.discard(rid)
             else:
-                action = fdp.ConsumeIntInRange(0, 3)
+                action = fdp.ConsumeIntInRange(0, 4)
                 if action == 0:
                     s.preempt_running()
+                elif action == 4:  # a failed copy: its requests drop their KV, some generated tokens taken back
+                    victims = [known_id() for _ in range(fdp.ConsumeIntInRange(1, 3))]
+                    s.recompute(victims, [any_int() for _ in victims])
                 elif action == 1:
                     s.reset_prefix_cache()
                 elif action == 2:

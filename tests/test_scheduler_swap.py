@@ -179,3 +179,54 @@ def test_swap_configuration_errors():
         kvsched.Scheduler(num_blocks=8, preemption="sometimes", num_host_blocks=4)
     with pytest.raises(ValueError, match="recompute_seconds_per_token"):
         kvsched.Scheduler(num_blocks=8, preemption="auto", num_host_blocks=4, recompute_seconds_per_token=-1.0)
+
+
+def test_recompute_drops_corrupt_kv_wherever_the_request_is():
+    """An engine whose copy failed names the requests that read or wrote the bad blocks: running,
+    swapped or waiting, each drops its KV and prefills again from its true length, and finishes with
+    every token (the fake engine checks every KV position it reads)."""
+    scheduler, engine = pressured("swap")
+    while not scheduler.swapped_ids().size:
+        engine.step()
+    swapped = int(scheduler.swapped_ids()[0])
+    running = [int(r) for r in scheduler.running_ids()[:2]]
+    ids = [swapped, *running]
+    # The last token of each running request is taken back, as if it had been sampled from bad KV.
+    true_lengths = [engine.generated[swapped]] + [engine.generated[r] - 1 for r in running]
+    before = scheduler.stats()["swap"]["num_free_host_blocks"]
+    scheduler.recompute(ids, true_lengths)
+    for req, generated in zip(ids, true_lengths):
+        info = scheduler.info(req)
+        assert info["state"] == "waiting" and info["num_computed"] == 0 and info["num_generated"] == generated
+        assert scheduler.block_table(req).size == 0
+        engine.generated[req] = generated
+    assert scheduler.stats()["swap"]["num_free_host_blocks"] > before  # the swapped copy is gone
+    plan = engine.step()
+    assert not set(ids) & set(plan.req_ids.tolist())  # they sit out one step (tokens may be in flight)
+    scheduler.check_invariants()
+    engine.run()
+    assert all(engine.generated[r] == 40 for r in range(6))
+    stats = scheduler.stats()
+    assert stats["swap"]["num_free_host_blocks"] == stats["swap"]["num_host_blocks"]
+
+
+def test_recompute_refuses_bad_input_and_changes_nothing():
+    scheduler, engine = pressured("swap")
+    for _ in range(3):
+        engine.step()
+    running = int(scheduler.running_ids()[0])
+    generated = scheduler.info(running)["num_generated"]
+    with pytest.raises(ValueError, match=r"num_generated\[0\]"):
+        scheduler.recompute([running], [generated + 1])
+    with pytest.raises(ValueError, match="num_generated must have the same length"):
+        scheduler.recompute([running], [1, 2])
+    with pytest.raises((ValueError, KeyError), match="req_ids"):
+        scheduler.recompute([running, 999], [0, 0])
+    with pytest.raises(ValueError, match="req_ids"):
+        scheduler.recompute([running, running], [0, 0])
+    assert scheduler.info(running)["state"] == "running" and scheduler.info(running)["num_generated"] == generated
+    plan = scheduler.schedule()
+    with pytest.raises(ValueError, match="recompute: a plan is outstanding"):
+        scheduler.recompute([running], [0])
+    scheduler.update(plan.req_ids, np.ones(len(plan), np.int64), np.zeros(len(plan), bool))
+    scheduler.check_invariants()

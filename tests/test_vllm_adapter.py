@@ -46,13 +46,20 @@ def script(n: int, seed: int, *, max_prompt: int = 150, max_out: int = 80, share
 
 
 def run(kind, requests, *, num_blocks, async_scheduling, caching=False, log_stats=False, on_step=None,
-        **config):
+        kvsched_connector=False, fail_copy=None, **config):
     cfg, kv = harness.make_vllm_config(num_blocks=num_blocks, block_size=BLOCK, max_model_len=1024,
                                        async_scheduling=async_scheduling, enable_prefix_caching=caching, **config)
+    if kvsched_connector:
+        from vllm.config import KVTransferConfig
+
+        from kvsched.adapters.vllm.connector import CONNECTOR_MODULE, CONNECTOR_NAME
+
+        cfg.kv_transfer_config = KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                                                  kv_connector_module_path=CONNECTOR_MODULE)
     scheduler = harness.make_scheduler(kind, cfg, kv, log_stats=log_stats)
     hasher = harness.vllm_block_hasher(BLOCK) if caching and kind == "vllm" else None
     worker = harness.FakeWorker(BLOCK, num_blocks, {r["req_id"]: r["true_len"] for r in requests},
-                                v2=versions.uses_v2_model_runner(cfg))
+                                v2=versions.uses_v2_model_runner(cfg), fail_copy=fail_copy)
     engine = harness.FakeEngine(scheduler, worker, async_scheduling)
     made = []
     for r in requests:
@@ -138,6 +145,44 @@ def test_under_memory_pressure_the_adapter_preempts_less(runner, async_schedulin
     assert ours.preemptions < theirs.preemptions / 2
     assert ours.scheduler.core.stats()["preemptions"] == ours.preemptions
     assert_drained(ours)
+
+
+def expected_tokens(r: dict) -> list:
+    return [harness.token_for(r["req_id"], i, r["true_len"]) for i in range(min(r["true_len"], r["max_tokens"]))]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_failed_kv_copies_recompute_the_requests_they_touched(runner, async_scheduling):
+    """Swap preemption and the host tier, their copies executed by the fake runner, one device -> host
+    call in three and one host -> device call in two failing: the blocks those calls were writing hold garbage, and a request that reads garbage samples
+    CORRUPT. The adapter recomputes every request the bad bytes reached (through later copies and
+    steps in flight too), so no client receives a CORRUPT token and every request's tokens are its
+    own; only a request the core had already finished at its max tokens ends with an error."""
+    requests = script(60, seed=2, shared_prefix=48)
+    options = {"kvsched": {"preemption": "swap", "host_kv_gib": 0.25, "host_prefix_cache": True,
+                           "admission": "aggressive"}}
+    kw = dict(num_blocks=48, async_scheduling=async_scheduling, caching=True, max_num_seqs=32,
+              max_num_batched_tokens=512, kvsched_connector=True, additional_config=options)
+    clean = run("kvsched", requests, **kw)
+    assert clean.worker.copy_calls["out"] > 10 and clean.worker.copy_calls["in"] > 5  # swaps and cache copies
+    assert all(clean.tokens[r["req_id"]] == expected_tokens(r) for r in requests)
+    faulty = run("kvsched", requests, fail_copy=lambda direction, call: call % (3 if direction == "out" else 2) == 0,
+                 **kw)
+    worker, s = faulty.worker, faulty.scheduler
+    print({"failed calls": worker.failed_copies, "corrupt reads": worker.corrupt_reads,
+           "recomputed": s.recomputed_after_copy_failures,
+           "errors": sum(str(f) == "error" or getattr(f, "name", "") == "ERROR" for f in faulty.finish_reasons.values())})
+    assert worker.failed_copies > 5 and worker.corrupt_reads > 0  # the failures did reach requests
+    assert s.recomputed_after_copy_failures > 0
+    assert set(faulty.finish_reasons) == {r["req_id"] for r in requests}
+    for r in requests:
+        tokens, wanted = faulty.tokens[r["req_id"]], expected_tokens(r)
+        assert harness.CORRUPT not in tokens, r["req_id"]
+        if getattr(faulty.finish_reasons[r["req_id"]], "name", "") == "ERROR":
+            assert tokens == wanted[: len(tokens)], r["req_id"]
+        else:
+            assert tokens == wanted, r["req_id"]
+    assert_drained(faulty)
 
 
 def test_preempted_requests_come_back_the_way_this_vllm_expects(runner, monkeypatch):

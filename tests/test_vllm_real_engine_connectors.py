@@ -68,6 +68,35 @@ class BlockWitness:
         return self.connector._copier(meta.num_host_blocks).device_block_bytes(block)
 
 
+class CopyFaults:
+    """Makes the worker's block copier fail the calls ``fails(direction, call)`` names (direction "out"
+    or "in", calls of each direction counted from 1), as a copy that raises would."""
+
+    def __init__(self, fails) -> None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        connector = get_kv_transfer_group()
+        self.calls, self.failed = {"out": 0, "in": 0}, 0
+        make = connector._copier
+
+        def faulty(num_host_blocks):
+            copier = make(num_host_blocks)
+            if not getattr(copier, "faulty", False):
+                copy = copier.copy
+
+                def maybe_fail(extents, direction, **kwargs):
+                    self.calls[direction] += 1
+                    if fails(direction, self.calls[direction]):
+                        self.failed += 1
+                        raise RuntimeError(f"injected failure of {direction}-copy call {self.calls[direction]}")
+                    return copy(extents, direction, **kwargs)
+
+                copier.copy, copier.faulty = maybe_fail, True
+            return copier
+
+        connector._copier = faulty
+
+
 def kvsched_engine(model: Path, *, prefix_caching: bool, **kvsched_options) -> Engine:
     options = {"admission": "aggressive", **kvsched_options}  # aggressive: preempts under pressure
     extra = {}
@@ -103,6 +132,20 @@ def pressure(tiny_model) -> dict:
         "swap": pressure_run(kvsched_engine(tiny_model, prefix_caching=False, preemption="swap"), witness=True),
         "auto": pressure_run(kvsched_engine(tiny_model, prefix_caching=False, preemption="auto")),
     }
+
+
+def test_failed_copies_recompute_the_requests_they_touched_and_change_no_output(pressure, tiny_model):
+    """One swap-out call in three and one swap-in call in two raise: the connector reports the blocks
+    they were writing, the adapter recomputes the requests those reached and discards what they
+    sampled from them; every output is still vLLM's."""
+    engine = kvsched_engine(tiny_model, prefix_caching=False, preemption="swap")
+    faults = CopyFaults(lambda direction, call: call % (3 if direction == "out" else 2) == 0)
+    scheduler = engine.scheduler  # close() lets the engine go
+    run = pressure_run(engine)
+    recomputed = scheduler.recomputed_after_copy_failures
+    print({"failed calls": faults.failed, "calls": faults.calls, "recomputed requests": recomputed})
+    assert faults.failed >= 2 and recomputed > 0
+    assert run["outputs"] == pressure["vllm"]["outputs"]
 
 
 def test_swap_preemption_recomputes_nothing_and_changes_no_output(pressure):

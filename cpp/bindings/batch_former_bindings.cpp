@@ -343,6 +343,16 @@ void init_batch_former(py::module_& m) {
           },
           py::arg("req_ids"), py::arg("output_lens") = py::none())
       .def("preempt_running", [](BatchFormer& f) { return to_numpy(f.preempt_running()); })
+      .def(
+          "recompute",
+          [](BatchFormer& f, py::handle ids, py::handle num_generated) {
+            Int64Array id_array(ids, "req_ids"), generated(num_generated, "num_generated");
+            if (generated.size() != id_array.size()) {
+              throw py::value_error("num_generated must have the same length as req_ids");
+            }
+            f.recompute(id_array.data(), generated.data(), id_array.size());
+          },
+          py::arg("req_ids"), py::arg("num_generated"))
       .def("reset_prefix_cache", &BatchFormer::reset_prefix_cache)
       .def("pop_cache_events",
            [](BatchFormer& f) {

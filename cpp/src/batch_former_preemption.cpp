@@ -3,6 +3,10 @@
 // always the back of the running list (batch_former.h: lowest priority, then newest).
 #include "kvsched/batch_former.h"
 
+#include <algorithm>
+
+#include "kvsched/errors.h"
+
 namespace kvsched {
 
 bool BatchFormer::should_swap(const Request& r) const {
@@ -50,6 +54,44 @@ void BatchFormer::preempt_by_recompute(Request& r) {
                                           // schedule() when preempted between steps)
   ++r.num_preemptions;
   waiting_.insert(&r);
+}
+
+void BatchFormer::recompute(const RequestId* ids, const int64_t* num_generated, size_t count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  expect_between_steps("recompute");
+  check_distinct_settled(ids, count, "recompute");
+  for (size_t i = 0; i < count; ++i) {
+    const Request& r = lookup(ids[i], "req_ids", i);
+    KVSCHED_EXPECTS(num_generated[i] >= 0 && num_generated[i] <= r.num_generated, std::invalid_argument,
+                    "num_generated[", i, "]: request ", r.id, " has generated ", r.num_generated,
+                    " tokens, so it is between 0 and that; got ", num_generated[i]);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    Request& r = lookup(ids[i], "req_ids", i);
+    switch (r.state) {
+      case RequestState::kRunning:
+        running_.erase(std::find(running_.begin(), running_.end(), &r));
+        preempt_by_recompute(r);
+        break;
+      case RequestState::kSwapped:  // its host copy is dropped: it comes back by recompute
+        swapped_.erase(&r);
+        swap_planner_->release(&r.id, 1);
+        r.num_computed = 0;
+        r.state = RequestState::kWaiting;
+        r.bypassed = 0;
+        r.preempted_at_step = counters_.steps;
+        waiting_.insert(&r);
+        break;
+      case RequestState::kWaiting:  // its device KV is already gone; a host copy kept for reuse goes too
+        if (swap_planner_) swap_planner_->release(&r.id, 1);
+        r.num_computed = 0;
+        r.preempted_at_step = counters_.steps;
+        break;
+      case RequestState::kIncoming:
+        break;  // refused above
+    }
+    r.num_generated = num_generated[i];
+  }
 }
 
 void BatchFormer::preempt_for_priority() {

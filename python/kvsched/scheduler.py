@@ -647,6 +647,15 @@ class Scheduler:
         return self._former.preempt_running()
 
     @_serialized
+    def recompute(self, req_ids: Any, num_generated: Any) -> None:
+        """The engine found these requests' KV corrupt (a copy that moved it failed): each is preempted
+        by recompute wherever it is, with ``num_generated`` tokens generated (what the engine really
+        has; at most what the core counts), and sits out the next step. Between steps only; the
+        corrupt blocks may be cached too: ``reset_prefix_cache()`` forgets them."""
+        ids = np.atleast_1d(_integers(req_ids))
+        self._former.recompute(ids, np.atleast_1d(_integers(num_generated)))
+
+    @_serialized
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix; returns how many cached blocks were dropped."""
         return int(self._former.reset_prefix_cache())

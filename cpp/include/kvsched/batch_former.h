@@ -277,6 +277,13 @@ class BatchFormer {
   // generated tokens kept, and sit out the next schedule()) and returns their ids. Not while a plan
   // is outstanding.
   std::vector<RequestId> preempt_running();
+  // The engine found KV these requests hold corrupt (a copy that moved it failed): each is preempted
+  // by recompute wherever it is (running: its blocks are freed; swapped: its host copy is dropped;
+  // waiting: it holds none) with `num_generated[i]` tokens generated, what the engine really has (at
+  // most what the core counts: tokens committed ahead of their output are generated again). They
+  // sit out the next schedule(). Not while a plan is outstanding; incoming requests are refused
+  // (cancel the migration). The corrupt blocks may also be cached: reset_prefix_cache() forgets them.
+  void recompute(const RequestId* ids, const int64_t* num_generated, size_t count);
   // Forgets every cached prefix (after a weight update the cached KV is stale); returns how many
   // cached blocks were dropped. Blocks held by running requests stay theirs but are not matched again.
   int64_t reset_prefix_cache();

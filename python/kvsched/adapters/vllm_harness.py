@@ -5,7 +5,12 @@ an adapter against vLLM's own scheduler on the same request script.
 configs vLLM's engine core would hand a scheduler. ``FakeWorker`` plays vLLM's model runner: it
 keeps the state a real runner keeps (block table, computed tokens, token ids per request), checks
 every ``SchedulerOutput`` against it, and keeps a fake KV cache (which token sits in which slot of
-which block) so that a request reading a block someone else overwrote is caught. ``FakeEngine``
+which block) so that a request reading a block someone else overwrote is caught. With kvsched's KV
+connector it also executes each step's copies (``KvschedConnectorMetadata``) between that fake KV
+cache and a fake host pool, and can be told to fail some of them (``fail_copy``): the blocks a
+failed call was writing hold garbage and are reported as the real connector reports them, and a
+request that reads garbage samples ``CORRUPT`` instead of its token (a real model would compute
+from the garbage), so that a scheduler that lets one through is caught by the tokens. ``FakeEngine``
 calls schedule / execute / update_from_output the way vLLM's engine core does, synchronously or with
 its batch queue of two (asynchronous scheduling).
 
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 EOS = 2
+CORRUPT = 3  # sampled by a request whose attention read garbage KV (a failed copy's destination)
+_GARBAGE = -1
 
 
 def make_vllm_config(
@@ -159,11 +166,38 @@ class FakeWorker:
     requests: dict[str, _RunnerRequest] = field(default_factory=dict)
     kv: dict[int, list] = field(default_factory=dict)  # block -> token id per slot (None: unwritten)
     steps: int = 0
+    host: dict[int, list] = field(default_factory=dict)  # host block -> slots, as ``kv``
+    # (direction "out" or "in", index of that direction's call from 1) -> whether the call fails
+    fail_copy: Callable[[str, int], bool] | None = None
+    copy_calls: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
+    failed_copies: int = 0
+    corrupt_reads: int = 0  # rows that read garbage (with fail_copy set; otherwise that fails the check)
+
+    def _copy(self, extents, direction: str, reported: set) -> None:
+        """One direction's copies of a step, as one connector call (connector.py)."""
+        if not len(extents):
+            return
+        self.copy_calls[direction] += 1
+        src, dst = (self.kv, self.host) if direction == "out" else (self.host, self.kv)
+        fails = self.fail_copy is not None and self.fail_copy(direction, self.copy_calls[direction])
+        for s, d, n in extents.tolist():
+            for k in range(n):
+                if fails:
+                    dst[d + k] = [_GARBAGE] * self.block_size
+                    reported.add(-1 - (d + k) if direction == "out" else d + k)
+                else:
+                    dst[d + k] = list(src.get(s + k) or [None] * self.block_size)
+        self.failed_copies += fails
 
     def execute(self, so) -> Any:
         from vllm.v1.outputs import ModelRunnerOutput
 
         self.steps += 1
+        reported: set = set()
+        meta = getattr(so, "kv_connector_metadata", None)
+        if meta is not None and hasattr(meta, "out") and hasattr(meta, "into"):  # kvsched's connector
+            self._copy(meta.out, "out", reported)
+            self._copy(meta.into, "in", reported)
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
         for req_id in so.preempted_req_ids or ():
@@ -194,6 +228,9 @@ class FakeWorker:
             if req_id not in resumed:  # a resumed one restarts (after any prefix-cache hit)
                 assert cached.num_computed_tokens[i] == r.computed, (req_id, cached.num_computed_tokens[i], r.computed)
             r.computed = cached.num_computed_tokens[i]
+            if cached.num_output_tokens[i] < r.num_sampled:  # tokens the scheduler discarded, as vLLM's runner
+                del r.tokens[r.prompt_len + cached.num_output_tokens[i]:]
+                r.num_sampled = cached.num_output_tokens[i]
             assert cached.num_output_tokens[i] == r.num_sampled, (req_id, cached.num_output_tokens[i], r.num_sampled)
         assert sum(so.num_scheduled_tokens.values()) == so.total_num_scheduled_tokens
         sampled = {}
@@ -203,15 +240,20 @@ class FakeWorker:
             assert n > 0 and end <= len(r.tokens), (req_id, r.computed, n, len(r.tokens))
             assert len(r.blocks) * self.block_size >= end, (req_id, len(r.blocks), end)
             assert all(0 < b < self.num_blocks for b in r.blocks), (req_id, r.blocks)
+            corrupt = False
             for pos in range(r.computed):  # what attention reads must be this request's own KV
                 slot = self.kv.get(r.blocks[pos // self.block_size])
+                if self.fail_copy is not None and slot is not None and slot[pos % self.block_size] == _GARBAGE:
+                    corrupt = True
+                    continue
                 assert slot is not None and slot[pos % self.block_size] == r.tokens[pos], (req_id, pos)
+            self.corrupt_reads += corrupt
             for pos in range(r.computed, end):
                 slot = self.kv.setdefault(r.blocks[pos // self.block_size], [None] * self.block_size)
                 slot[pos % self.block_size] = r.tokens[pos]
             r.computed = end
             if end == len(r.tokens):
-                token = token_for(req_id, r.num_sampled, r.true_len)
+                token = CORRUPT if corrupt else token_for(req_id, r.num_sampled, r.true_len)
                 r.tokens.append(token)
                 r.num_sampled += 1
                 sampled[req_id] = [token]
@@ -222,6 +264,10 @@ class FakeWorker:
         extra = {}
         if "req_id_to_index" in ModelRunnerOutput.__dataclass_fields__:  # vLLM < 0.34
             extra["req_id_to_index"] = {r: i for i, r in enumerate(order)}
+        if reported:
+            from vllm.v1.outputs import KVConnectorOutput
+
+            extra["kv_connector_output"] = KVConnectorOutput(invalid_block_ids=reported)
         return ModelRunnerOutput(req_ids=order, sampled_token_ids=[sampled[r] for r in order], **extra)
 
 

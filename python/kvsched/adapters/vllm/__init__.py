@@ -50,6 +50,7 @@ Files, one job each:
   events.py       KV events for routers from the native prefix cache's log
   metrics.py      kvsched's load report as Prometheus gauges for routers
   connector.py    the KV connector whose worker side executes the plans' swap and host-tier copies
+  copy_failures.py  which requests a failed copy's bad blocks reached (they are recomputed)
   hosted_connector.py  vLLM's own KV connectors: their scheduler side called as vLLM's scheduler does
   preemption_costs.py  copy and recompute prices measured on the engine (preemption "auto", host tier)
 """

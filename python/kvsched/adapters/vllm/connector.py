@@ -20,8 +20,14 @@ stream, which first waits for the work already queued (the last step's writes); 
 waits for that stream. Not yet: letting write-throughs and prefetches overlap the forward pass
 (``cache_overlap_seconds``).
 
-A copy that fails raises: the step fails and the engine reports it; a request is never run on KV
-that did not arrive. (Recomputing only the requests whose copies failed is not built.)
+A copy that fails is reported, and only the requests it touched are recomputed
+(``copy_failures``): the worker logs the error and reports the blocks whose bytes it cannot vouch
+for through vLLM's ``invalid_block_ids`` of that step: device blocks (vLLM ids, >= 0) that a
+failed host -> device call was writing, and host blocks h, as ``-1 - h``, that a failed device ->
+host call was writing. Each call is one direction's extents; when it fails, all blocks it was
+writing count as failed. The step itself goes on (vLLM runs its forward pass; the adapter discards
+what the touched requests sampled from it). On CUDA a copy error that surfaces only when the stream
+is synchronized is not caught here: it fails the step, as every CUDA error does.
 
 The scheduler side of this class does nothing: kvsched's adapter is the scheduler, and it builds
 the metadata itself (``metadata_from_plan``). vLLM's own connectors are refused by the adapter.
@@ -29,6 +35,7 @@ the metadata itself (``metadata_from_plan``). vLLM's own connectors are refused 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +44,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                 KVConnectorRole)
 
 from kvsched.block_copier import BlockCopier, block_pieces
+
+from .state import LOGGER_NAME
 
 CONNECTOR_NAME = "KvschedConnector"
 CONNECTOR_MODULE = __name__
@@ -77,6 +86,7 @@ class KvschedConnector(KVConnectorBase_V1):
         self.copier: BlockCopier | None = None
         self._stream = None  # CUDA: the copier's stream
         self.num_copied = {"out": 0, "into": 0}  # extents executed, for tests and logs
+        self._failed_blocks: set[int] = set()  # this step's, until vLLM collects them (module docstring)
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -120,18 +130,41 @@ class KvschedConnector(KVConnectorBase_V1):
             return
         copier = self._copier(meta.num_host_blocks)
         if self._stream is None:
-            copier.copy(meta.out, "out")
-            copier.copy(meta.into, "in")
+            self._copy(copier, meta.out, "out")
+            self._copy(copier, meta.into, "in")
         else:
             import torch
 
             compute = torch.cuda.current_stream(self._stream.device)
             self._stream.wait_stream(compute)  # the KV the last steps wrote
-            copier.copy(meta.out, "out", stream=self._stream.cuda_stream)
-            copier.copy(meta.into, "in", stream=self._stream.cuda_stream)
+            self._copy(copier, meta.out, "out", self._stream.cuda_stream)
+            self._copy(copier, meta.into, "in", self._stream.cuda_stream)
             compute.wait_stream(self._stream)
-        self.num_copied["out"] += int(meta.out.shape[0])
-        self.num_copied["into"] += int(meta.into.shape[0])
+
+    def _copy(self, copier: BlockCopier, extents: np.ndarray, direction: str, stream: Any = None) -> None:
+        """One direction's copies; a failure is logged and its destination blocks reported, and the
+        other direction still runs (its extents do not depend on these)."""
+        if not extents.size:
+            return
+        try:
+            if stream is None:
+                copier.copy(extents, direction)
+            else:
+                copier.copy(extents, direction, stream=stream)
+        except Exception as error:  # noqa: BLE001 (any failure: the blocks are reported, the step goes on)
+            written = np.concatenate([np.arange(d, d + n) for _, d, n in extents.tolist()])
+            failed = (-1 - written) if direction == "out" else written
+            self._failed_blocks.update(failed.tolist())
+            logging.getLogger(LOGGER_NAME).error(
+                "KvschedConnector: %d %s-copies failed (%s: %s); their %d blocks are reported, and the requests "
+                "that read or wrote them are recomputed", extents.shape[0], direction, type(error).__name__, error,
+                written.size)
+            return
+        self.num_copied["out" if direction == "out" else "into"] += int(extents.shape[0])
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         pass  # loads ran in handle_preemptions, before the step

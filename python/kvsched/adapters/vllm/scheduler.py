@@ -47,6 +47,7 @@ Glossary
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections import defaultdict, deque
 from typing import Any, Iterable
@@ -63,7 +64,7 @@ from vllm.v1.request import Request, RequestStatus
 
 import kvsched
 
-from . import events, from_runner, metrics, to_runner, versions
+from . import copy_failures, events, from_runner, metrics, to_runner, versions
 from .config import kvsched_config, num_speculative_tokens, request_tags, unsupported_features, user_options
 from .connector import is_kvsched_connector, metadata_from_plan
 from .hosted_connector import HostedConnector
@@ -145,6 +146,7 @@ class Scheduler(SchedulerInterface):
         self.drafts = Drafts(num_drafts) if num_drafts else None  # None without speculative decoding
         # kvsched's KV connector runs on the workers: every step carries its copies (none: empty metadata).
         self._copies = is_kvsched_connector(vllm_config.kv_transfer_config)
+        self.recomputed_after_copy_failures = 0  # requests recomputed because a copy of their KV failed
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -391,7 +393,7 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
-        self._steps.append(Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids))
+        self._steps.append(Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids, plan))
         return output
 
     def _structured_rows(self, output: SchedulerOutput, hs: np.ndarray, samples: np.ndarray,
@@ -464,6 +466,9 @@ class Scheduler(SchedulerInterface):
             self.recompute_cost.step_reported(scheduler_output)
         if self.hosted is not None:
             self.hosted.reported(model_runner_output)
+        kv_output = getattr(model_runner_output, "kv_connector_output", None)
+        if self._copies and kv_output is not None and kv_output.invalid_block_ids:
+            self._recompute_after_failed_copies(step, kv_output.invalid_block_ids)
         h = self._handles
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         for client, output in self._pending_outputs:
@@ -495,6 +500,50 @@ class Scheduler(SchedulerInterface):
                 if clock is not None:
                     clock.idle()
         return engine_outputs
+
+    def _recompute_after_failed_copies(self, step: Step, reported: set) -> None:
+        """kvsched's connector could not copy some blocks in ``step`` (connector.py): the requests
+        those bytes reached (copy_failures.py) are recomputed from the tokens they had before it, and
+        what they sampled from it, and from later steps in flight, is discarded (their generation
+        changes, so those rows are not applied). A request the core already finished at its max
+        tokens cannot be run again: it ends with an error. Every cached prefix is forgotten: a bad
+        block may be cached, and a failed copy is rare enough not to track which."""
+        h = self._handles
+        steps = [step, *self._steps]
+        touched, _ = copy_failures.touched_requests(*copy_failures.split_reported(reported),
+                                                    [s.plan for s in steps if s.plan is not None])
+        row_generation = {}
+        for s in steps:
+            row_generation.update(zip(s.handles.tolist(), s.generations.tolist()))
+        handles = [t for t in sorted(touched) if h.alive[t] and row_generation.get(t, h.generation[t]) == h.generation[t]]
+        logging.getLogger(LOGGER_NAME).error(
+            "KV copies failed in a step (blocks %s; host blocks h as -1 - h): requests recomputed: %s; every "
+            "cached prefix forgotten", sorted(reported), [h.req_id[t] for t in handles] or "none")
+        again, generated, ended = [], [], []
+        for handle in handles:
+            h.generation[handle] += 1  # rows of this step and later ones in flight are not applied
+            if h.in_core[handle]:
+                again.append(handle)
+                generated.append(min(int(h.num_output[handle]), self.core.info(handle)["num_generated"]))
+            else:
+                ended.append(h.request[handle])
+        if again:
+            ids = np.asarray(again, np.int64)
+            self.core.recompute(ids, np.asarray(generated, np.int64))
+            running = ids[h.state[ids] == RUNNING]
+            self._handle_preempted(running)
+            for request in h.request[ids].tolist():
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.PREEMPTED
+        for request in ended:
+            request.status = RequestStatus.FINISHED_ERROR
+            self._emit_finished(request)
+        self.recomputed_after_copy_failures += len(again)
+        self.core.reset_prefix_cache()
+        if self._prefix_stats is not None:
+            self._prefix_stats.reset = True
+        if self.kv_events:
+            self.kv_events.flush()
 
     def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> Any:
         """vLLM's GrammarOutput for a scheduled step: a bitmask row per row sampling under a grammar

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -120,6 +121,7 @@ class Step:
     samples: np.ndarray  # the row's chunk reaches the end of its sequence: one token comes back
     capped: np.ndarray  # the core finished the request at this row (max tokens, or what the cache holds)
     structured_ids: list[str]  # rows that sample under a grammar, in row order (the bitmask's rows)
+    plan: Any = None  # the core's plan (kvsched.StepPlan); None for an empty step
 
 
 def consume(iterator) -> None:

@@ -1,0 +1,102 @@
+"""Which requests a failed KV copy touched, so that only they are recomputed.
+
+kvsched's KV connector reports, with a step's output, the blocks a failed copy was writing
+(``connector.py``: device blocks as vLLM ids, host blocks h as ``-1 - h``). By the time that output
+arrives the adapter may have scheduled later steps (asynchronous scheduling), which may already
+have read the bad blocks or copied them on. ``touched_requests`` follows the bad bytes through the
+reported step and every later step in flight, in each step's copy order (the out copies, device ->
+host, then the loads, host -> device, then the forward pass), and returns the requests whose KV
+they reached:
+
+- a step's rows whose block tables hold a bad device block (a request that started or restarted in
+  a step is sent its whole table, and a running one only its new blocks, but a running request's
+  older blocks were computed by its own forward passes, which a failed copy does not reach);
+- requests swapped out of bad device blocks (their host copy is bad) and, in the reported step,
+  those whose swap-out copies failed;
+- requests swapped in from bad host blocks.
+
+A device block loaded from a bad host block is bad, and a host block written from a bad device block
+is bad, from that step on. Blocks freed and given to another request count as bad too: that request
+is recomputed without need (rare; never wrong).
+
+Glossary
+  plan   a ``kvsched.StepPlan``; block ids in it are the core's (vLLM's id - 1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import kvsched
+
+
+def split_reported(block_ids: Iterable[int]) -> tuple[set, set]:
+    """(bad device blocks, bad host blocks) in the core's ids, from the connector's report."""
+    device, host = set(), set()
+    for block in block_ids:
+        if block >= 0:
+            device.add(block - 1)
+        else:
+            host.add(-1 - block)
+    return device, host
+
+
+def _blocks(extents: np.ndarray, column: int) -> np.ndarray:
+    """Every block of column 0 (source) or 1 (destination) of (src, dst, n) extents, one per block."""
+    if not extents.size:
+        return np.zeros(0, np.int64)
+    return np.concatenate([np.arange(row[column], row[column] + row[2]) for row in extents.tolist()])
+
+
+def _copied(extents: np.ndarray, bad_sources: set) -> tuple[np.ndarray, np.ndarray]:
+    """Per extent whether it read a bad source block, and the destination blocks those wrote."""
+    extents = np.asarray(extents).reshape(-1, 3)
+    if not extents.size or not bad_sources:
+        return np.zeros(len(extents), bool), np.zeros(0, np.int64)
+    reads_bad = np.array([any(s + k in bad_sources for k in range(n)) for s, _, n in extents.tolist()])
+    written = _blocks(extents[reads_bad], 1) if reads_bad.any() else np.zeros(0, np.int64)
+    return reads_bad, written
+
+
+def _owners(ids: np.ndarray, indptr: np.ndarray, extent_flags: np.ndarray) -> set:
+    """The requests of a swap list (ids, extent indptr) with at least one flagged extent."""
+    if not extent_flags.any():
+        return set()
+    return {int(ids[i]) for i in range(ids.size) if extent_flags[indptr[i]:indptr[i + 1]].any()}
+
+
+def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.StepPlan]) -> tuple[set, set]:
+    """Handles whose KV the bad blocks reached, through ``plans`` (the reported step first, then the
+    later ones in flight, in order); and the bad device blocks, grown as copies carried them on.
+    ``bad_device`` and ``bad_host`` are what the reported step's copies failed to write."""
+    bad_device, bad_host = set(bad_device), set(bad_host)
+    touched: set = set()
+    for index, plan in enumerate(plans):
+        if index == 0:
+            # The reported step's own out copies that failed: their requests' host copies are bad.
+            if bad_host and plan.swap_out.size:
+                flags = np.array([any(d + k in bad_host for k in range(n))
+                                  for _, d, n in plan.swap_out.reshape(-1, 3).tolist()])
+                touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, flags)
+        else:
+            # Out copies run first and read the device as the earlier steps left it.
+            swapped, written = _copied(plan.swap_out, bad_device)
+            touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, swapped)
+            bad_host.update(written.tolist())
+            bad_host.update(_copied(plan.cache_write, bad_device)[1].tolist())
+            # Then the loads: from a bad host block, the device block is bad.
+            swapped_in, written = _copied(plan.swap_in, bad_host)
+            touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, swapped_in)
+            bad_device.update(written.tolist())
+            bad_device.update(_copied(plan.cache_load, bad_host)[1].tolist())
+        if bad_device and len(plan):
+            hit = np.isin(plan.new_blocks, np.fromiter(bad_device, np.int64, len(bad_device)))
+            if hit.any():
+                row_of_block = np.searchsorted(plan.block_indptr, np.flatnonzero(hit), side="right") - 1
+                touched.update(plan.req_ids[np.unique(row_of_block)].tolist())
+    return touched, bad_device
+
+
+__all__ = ["split_reported", "touched_requests"]
