@@ -151,16 +151,18 @@ def expected_tokens(r: dict) -> list:
     return [harness.token_for(r["req_id"], i, r["true_len"]) for i in range(min(r["true_len"], r["max_tokens"]))]
 
 
+@pytest.mark.parametrize("load", ["inline", "prefetch"])
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_failed_kv_copies_recompute_the_requests_they_touched(runner, async_scheduling):
+def test_failed_kv_copies_recompute_the_requests_they_touched(runner, async_scheduling, load):
     """Swap preemption and the host tier, their copies executed by the fake runner, one device -> host
     call in three and one host -> device call in two failing: the blocks those calls were writing hold garbage, and a request that reads garbage samples
     CORRUPT. The adapter recomputes every request the bad bytes reached (through later copies and
     steps in flight too), so no client receives a CORRUPT token and every request's tokens are its
-    own; only a request the core had already finished at its max tokens ends with an error."""
+    own; only a request the core had already finished at its max tokens ends with an error. A
+    prefetched request (host_cache_load "prefetch") has no row in the step that loads it."""
     requests = script(60, seed=2, shared_prefix=48)
     options = {"kvsched": {"preemption": "swap", "host_kv_gib": 0.25, "host_prefix_cache": True,
-                           "admission": "aggressive"}}
+                           "host_cache_load": load, "admission": "aggressive"}}
     kw = dict(num_blocks=48, async_scheduling=async_scheduling, caching=True, max_num_seqs=32,
               max_num_batched_tokens=512, kvsched_connector=True, additional_config=options)
     clean = run("kvsched", requests, **kw)

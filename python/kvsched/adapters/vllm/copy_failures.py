@@ -13,7 +13,8 @@ they reached:
   older blocks were computed by its own forward passes, which a failed copy does not reach);
 - requests swapped out of bad device blocks (their host copy is bad) and, in the reported step,
   those whose swap-out copies failed;
-- requests swapped in from bad host blocks.
+- requests swapped in from bad host blocks, and those whose swap-in or host-tier load failed
+  (a prefetched request has no row in the step that loads it).
 
 A device block loaded from a bad host block is bad, and a host block written from a bad device block
 is bad, from that step on. Blocks freed and given to another request count as bad too: that request
@@ -60,6 +61,14 @@ def _copied(extents: np.ndarray, bad_sources: set) -> tuple[np.ndarray, np.ndarr
     return reads_bad, written
 
 
+def _writes(extents: np.ndarray, bad_destinations: set) -> np.ndarray:
+    """Per extent whether it was writing a bad destination block."""
+    extents = np.asarray(extents).reshape(-1, 3)
+    if not extents.size or not bad_destinations:
+        return np.zeros(len(extents), bool)
+    return np.array([any(d + k in bad_destinations for k in range(n)) for _, d, n in extents.tolist()])
+
+
 def _owners(ids: np.ndarray, indptr: np.ndarray, extent_flags: np.ndarray) -> set:
     """The requests of a swap list (ids, extent indptr) with at least one flagged extent."""
     if not extent_flags.any():
@@ -75,11 +84,11 @@ def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.Ste
     touched: set = set()
     for index, plan in enumerate(plans):
         if index == 0:
-            # The reported step's own out copies that failed: their requests' host copies are bad.
-            if bad_host and plan.swap_out.size:
-                flags = np.array([any(d + k in bad_host for k in range(n))
-                                  for _, d, n in plan.swap_out.reshape(-1, 3).tolist()])
-                touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, flags)
+            # The reported step's own copies that failed: the requests they were writing for (a
+            # prefetched request has no row in this step, so its load must name it).
+            touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, _writes(plan.swap_out, bad_host))
+            touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, _writes(plan.swap_in, bad_device))
+            touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, _writes(plan.cache_load, bad_device))
         else:
             # Out copies run first and read the device as the earlier steps left it.
             swapped, written = _copied(plan.swap_out, bad_device)
@@ -90,7 +99,9 @@ def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.Ste
             swapped_in, written = _copied(plan.swap_in, bad_host)
             touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, swapped_in)
             bad_device.update(written.tolist())
-            bad_device.update(_copied(plan.cache_load, bad_host)[1].tolist())
+            loaded, written = _copied(plan.cache_load, bad_host)
+            touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, loaded)
+            bad_device.update(written.tolist())
         if bad_device and len(plan):
             hit = np.isin(plan.new_blocks, np.fromiter(bad_device, np.int64, len(bad_device)))
             if hit.any():
