@@ -798,3 +798,40 @@ def test_overflow_scenarios_auto_prices_the_risk_from_the_steps_it_times(monkeyp
     clock[0] += 100.0
     s.priced_risk.step_reported(SimpleNamespace(num_scheduled_tokens={0: 1}, total_num_scheduled_tokens=1))
     assert s.priced_risk.admission.pricer.steps == steps and s.priced_risk.admission.pricer.outliers == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_copies_that_overlap_the_forward_pass_touch_no_block_the_step_uses(runner, async_scheduling, monkeypatch):
+    """With the host tier writing finished requests' blocks through and prefetching loads, the copies
+    the forward pass does not wait for (out_overlap, into_overlap) read and write only blocks no row
+    of the step holds and no other copy of it uses; the fake runner executes them after the step's
+    rows, and every request still reads its own KV and gets its own tokens."""
+    requests = script(60, seed=3, shared_prefix=48)
+    options = {"kvsched": {"preemption": "swap", "host_kv_gib": 0.25, "host_prefix_cache": True,
+                           "host_cache_write": "finish", "host_cache_load": "prefetch"}}
+    seen = Counter()
+    execute = harness.FakeWorker.execute
+
+    def blocks(extents, column):
+        return {int(e[column]) + k for e in extents for k in range(int(e[2]))}
+
+    def checked(worker, so):
+        meta = so.kv_connector_metadata
+        rows = {b for new in so.scheduled_new_reqs for b in new.block_ids[0]}
+        rows |= {b for new_blocks in so.scheduled_cached_reqs.new_block_ids if new_blocks for b in new_blocks[0]}
+        loaded = blocks(meta.into, 1) | blocks(meta.into_overlap, 1)
+        read_on_host = blocks(meta.into, 0) | blocks(meta.into_overlap, 0)
+        assert not blocks(meta.out_overlap, 0) & (rows | loaded)
+        assert not blocks(meta.out_overlap, 1) & read_on_host
+        assert not blocks(meta.into_overlap, 1) & rows
+        seen["out_overlap"] += bool(meta.out_overlap.size)
+        seen["into_overlap"] += bool(meta.into_overlap.size)
+        return execute(worker, so)
+
+    monkeypatch.setattr(harness.FakeWorker, "execute", checked)
+    engine = run("kvsched", requests, num_blocks=48, async_scheduling=async_scheduling, caching=True,
+                 max_num_seqs=32, max_num_batched_tokens=512, kvsched_connector=True, additional_config=options)
+    print(dict(seen))
+    assert seen["out_overlap"] > 0 and seen["into_overlap"] > 0
+    assert all(engine.tokens[r["req_id"]] == expected_tokens(r) for r in requests)
+    assert_drained(engine)

@@ -54,10 +54,11 @@ class BlockWitness:
         handle = self.connector.handle_preemptions
 
         def witnessed(meta):
-            saved = {host + k: self._read(dev + k, meta) for dev, host, n in meta.out.tolist() for k in range(n)}
+            out = np.concatenate([meta.out, meta.out_overlap])
+            saved = {host + k: self._read(dev + k, meta) for dev, host, n in out.tolist() for k in range(n)}
             handle(meta)
             self.host.update(saved)
-            for host, dev, n in meta.into.tolist():
+            for host, dev, n in np.concatenate([meta.into, meta.into_overlap]).tolist():
                 for k in range(n):
                     self.checked += 1
                     self.mismatched += self.connector.copier.device_block_bytes(dev + k) != self.host[host + k]

@@ -7,7 +7,8 @@ keeps the state a real runner keeps (block table, computed tokens, token ids per
 every ``SchedulerOutput`` against it, and keeps a fake KV cache (which token sits in which slot of
 which block) so that a request reading a block someone else overwrote is caught. With kvsched's KV
 connector it also executes each step's copies (``KvschedConnectorMetadata``) between that fake KV
-cache and a fake host pool, and can be told to fail some of them (``fail_copy``): the blocks a
+cache and a fake host pool (those that may overlap the forward pass after the step's rows, the
+latest they may land), and can be told to fail some of them (``fail_copy``): the blocks a
 failed call was writing hold garbage and are reported as the real connector reports them, and a
 request that reads garbage samples ``CORRUPT`` instead of its token (a real model would compute
 from the garbage), so that a scheduler that lets one through is caught by the tokens. ``FakeEngine``
@@ -195,9 +196,9 @@ class FakeWorker:
         self.steps += 1
         reported: set = set()
         meta = getattr(so, "kv_connector_metadata", None)
-        if meta is not None and hasattr(meta, "out") and hasattr(meta, "into"):  # kvsched's connector
-            self._copy(meta.out, "out", reported)
-            self._copy(meta.into, "in", reported)
+        if meta is not None and hasattr(meta, "waited"):  # kvsched's connector
+            for extents, direction in meta.waited:
+                self._copy(extents, direction, reported)
         for req_id in so.finished_req_ids:
             self.requests.pop(req_id, None)
         for req_id in so.preempted_req_ids or ():
@@ -228,7 +229,8 @@ class FakeWorker:
             if req_id not in resumed:  # a resumed one restarts (after any prefix-cache hit)
                 assert cached.num_computed_tokens[i] == r.computed, (req_id, cached.num_computed_tokens[i], r.computed)
             r.computed = cached.num_computed_tokens[i]
-            if cached.num_output_tokens[i] < r.num_sampled:  # tokens the scheduler discarded, as vLLM's runner
+            if self.fail_copy is not None and cached.num_output_tokens[i] < r.num_sampled:
+                # Tokens the scheduler discarded (sampled from a failed copy's KV): trimmed as vLLM's runner does.
                 del r.tokens[r.prompt_len + cached.num_output_tokens[i]:]
                 r.num_sampled = cached.num_output_tokens[i]
             assert cached.num_output_tokens[i] == r.num_sampled, (req_id, cached.num_output_tokens[i], r.num_sampled)
@@ -259,6 +261,10 @@ class FakeWorker:
                 sampled[req_id] = [token]
             else:
                 sampled[req_id] = []
+        if meta is not None and hasattr(meta, "overlapping"):
+            # After the rows: copies that overlap the forward pass may land after it (strictest case).
+            for extents, direction in meta.overlapping:
+                self._copy(extents, direction, reported)
         # The runner's batch order is its own: reversed here so that schedulers cannot rely on it.
         order = list(reversed(list(so.num_scheduled_tokens)))
         extra = {}

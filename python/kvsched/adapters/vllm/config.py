@@ -183,8 +183,10 @@ def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int,
         if vllm_config.device_config.device_type == "cpu":  # copies are memmoves: timed here (preemption_costs.py)
             options["swap_cost"] = kvsched.swap.host_copy_cost()
         if options.get("host_prefix_cache") and options.get("host_cache_load") is None:
-            # The connector copies before the step, never during the forward pass: a prefetch would
-            # only start the prefill a step later (bench/README.md, "Swap and the host tier in a real vLLM").
+            # On CPU every copy runs before the forward pass: a prefetch would only start the prefill a
+            # step later (bench/README.md, "Swap and the host tier in a real vLLM"). On CUDA a prefetch
+            # overlaps the forward pass (connector.py), but that is not measured on a GPU yet: inline
+            # stays the default there too; "prefetch" is the user's to choose.
             options["host_cache_load"] = "inline"
         # For the cost model's descriptor count: a K and a V run per layer (the workers' real layout
         # may coalesce them; BlockCopier reads it from the tensors).

@@ -17,8 +17,13 @@ cache (before its blocks are written or read); the connector executes there, in 
 order, device -> host (swap-outs, cache writes: the blocks they read may be handed to others in
 this step) and then host -> device (swap-ins, cache loads). On CUDA both go on the copier's own
 stream, which first waits for the work already queued (the last step's writes); the forward pass
-waits for that stream. Not yet: letting write-throughs and prefetches overlap the forward pass
-(``cache_overlap_seconds``).
+waits for those copies only. The copies no row of the step needs (the plan's
+``cache_overlap_seconds``) are queued after them and overlap the forward pass: write-throughs of
+blocks the step neither hands to a row nor loads into, to host blocks no load of the step reads
+(``out_overlap``), and prefetches, loads into blocks no row of the step holds (``into_overlap``). The next step's forward pass waits for them,
+as for everything on that stream, and its rows are the first to read what they wrote. On CPU every
+copy is a memmove in this call, the overlapping ones last. (CUDA overlap is not measured on a GPU
+yet.)
 
 A copy that fails is reported, and only the requests it touched are recomputed
 (``copy_failures``): the worker logs the error and reports the blocks whose bytes it cannot vouch
@@ -55,26 +60,67 @@ _NO_EXTENTS = np.zeros((0, 3), np.int64)
 @dataclass
 class KvschedConnectorMetadata(KVConnectorMetadata):
     """One step's copies, as ``(src_block, dst_block, n_blocks)`` rows in vLLM's block ids (device)
-    and host pool block ids, in execution order: ``out`` (device -> host), then ``into`` (host -> device)."""
+    and host pool block ids, in execution order: ``out`` (device -> host), then ``into`` (host ->
+    device), which the forward pass waits for; then ``out_overlap`` and ``into_overlap``, which it
+    does not (the module docstring)."""
 
     num_host_blocks: int = 0
     out: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
     into: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
+    out_overlap: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
+    into_overlap: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
 
     @property
     def empty(self) -> bool:
-        return not (self.out.size or self.into.size)
+        return not (self.out.size or self.into.size or self.out_overlap.size or self.into_overlap.size)
+
+    @property
+    def waited(self) -> tuple:
+        """(extents, direction) the forward pass waits for, in execution order."""
+        return (self.out, "out"), (self.into, "in")
+
+    @property
+    def overlapping(self) -> tuple:
+        """(extents, direction) that may overlap the forward pass, after ``waited``, in order."""
+        return (self.out_overlap, "out"), (self.into_overlap, "in")
+
+
+def _touches(extents: np.ndarray, column: int, blocks: np.ndarray) -> np.ndarray:
+    """Per extent whether any block of its column 0 (source) or 1 (destination) is in ``blocks``."""
+    if not extents.size or not blocks.size:
+        return np.zeros(len(extents), bool)
+    each = np.repeat(extents[:, column], extents[:, 2]) + _offsets(extents)
+    return np.add.reduceat(np.isin(each, blocks), np.cumsum(extents[:, 2]) - extents[:, 2]) > 0
 
 
 def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetadata:
     """The copies of a ``kvsched.StepPlan``. The core's device block b is vLLM's block b + 1."""
     if plan is None or not (plan.swap_out.size or plan.cache_write.size or plan.swap_in.size or plan.cache_load.size):
         return KvschedConnectorMetadata(num_host_blocks)
-    out = np.concatenate([plan.swap_out, plan.cache_write]).astype(np.int64).reshape(-1, 3)
-    into = np.concatenate([plan.swap_in, plan.cache_load]).astype(np.int64).reshape(-1, 3)
-    out[:, 0] += 1
-    into[:, 1] += 1
-    return KvschedConnectorMetadata(num_host_blocks, out, into)
+    extents = [np.asarray(e, np.int64).reshape(-1, 3) for e in (plan.swap_out, plan.cache_write, plan.swap_in,
+                                                                plan.cache_load)]
+    swap_out, cache_write, swap_in, cache_load = extents
+    # What the step's rows hold (a row that starts lists its whole table), what its loads write on
+    # the device and what they read on the host (a load may read a block this plan writes there).
+    rows = np.asarray(plan.new_blocks, np.int64)
+    loaded = np.concatenate([np.repeat(e[:, 1], e[:, 2]) + _offsets(e) for e in (swap_in, cache_load)])
+    read_on_host = np.concatenate([np.repeat(e[:, 0], e[:, 2]) + _offsets(e) for e in (swap_in, cache_load)])
+    later_write = ~(_touches(cache_write, 0, np.concatenate([rows, loaded])) | _touches(cache_write, 1, read_on_host))
+    later_load = ~_touches(cache_load, 1, rows)
+    out = np.concatenate([swap_out, cache_write[~later_write]])
+    into = np.concatenate([swap_in, cache_load[~later_load]])
+    out_overlap, into_overlap = cache_write[later_write], cache_load[later_load]
+    for e in (out, out_overlap):
+        e[:, 0] += 1
+    for e in (into, into_overlap):
+        e[:, 1] += 1
+    return KvschedConnectorMetadata(num_host_blocks, out, into, out_overlap, into_overlap)
+
+
+def _offsets(extents: np.ndarray) -> np.ndarray:
+    """0, 1, ..., n - 1 for each (src, dst, n) extent, concatenated."""
+    lengths = extents[:, 2]
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 class KvschedConnector(KVConnectorBase_V1):
@@ -87,6 +133,7 @@ class KvschedConnector(KVConnectorBase_V1):
         self._stream = None  # CUDA: the copier's stream
         self.num_copied = {"out": 0, "into": 0}  # extents executed, for tests and logs
         self._failed_blocks: set[int] = set()  # this step's, until vLLM collects them (module docstring)
+        self._overlapping = False  # CUDA: copies queued that no forward pass has waited for yet
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -127,19 +174,29 @@ class KvschedConnector(KVConnectorBase_V1):
             raise TypeError(f"KvschedConnector: expected kvsched's metadata, got {type(meta).__name__} "
                             "(is the scheduler kvsched.adapters.vllm.Scheduler?)")
         if meta.empty:
+            if self._overlapping:  # the last step's overlapping copies wrote what this step's rows read
+                import torch
+
+                torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+                self._overlapping = False
             return
         copier = self._copier(meta.num_host_blocks)
-        if self._stream is None:
-            self._copy(copier, meta.out, "out")
-            self._copy(copier, meta.into, "in")
-        else:
-            import torch
+        if self._stream is None:  # CPU: memmoves, in order
+            for extents, direction in meta.waited + meta.overlapping:
+                self._copy(copier, extents, direction)
+            return
+        import torch
 
-            compute = torch.cuda.current_stream(self._stream.device)
-            self._stream.wait_stream(compute)  # the KV the last steps wrote
-            self._copy(copier, meta.out, "out", self._stream.cuda_stream)
-            self._copy(copier, meta.into, "in", self._stream.cuda_stream)
-            compute.wait_stream(self._stream)
+        compute = torch.cuda.current_stream(self._stream.device)
+        self._stream.wait_stream(compute)  # the KV the last steps' forward passes wrote
+        for extents, direction in meta.waited:
+            self._copy(copier, extents, direction, self._stream.cuda_stream)
+        compute.wait_stream(self._stream)  # these, and every copy queued before (one stream, in order)
+        self._overlapping = False
+        for extents, direction in meta.overlapping:
+            if extents.size:
+                self._copy(copier, extents, direction, self._stream.cuda_stream)
+                self._overlapping = True
 
     def _copy(self, copier: BlockCopier, extents: np.ndarray, direction: str, stream: Any = None) -> None:
         """One direction's copies; a failure is logged and its destination blocks reported, and the

@@ -13,7 +13,8 @@ they reached:
   older blocks were computed by its own forward passes, which a failed copy does not reach);
 - requests swapped out of bad device blocks (their host copy is bad) and, in the reported step,
   those whose swap-out copies failed;
-- requests swapped in from bad host blocks, and those whose swap-in or host-tier load failed
+- requests swapped in or loaded from bad host blocks (a step's loads may read what its own failed
+  out copies were writing: they run after them), and those whose swap-in or host-tier load failed
   (a prefetched request has no row in the step that loads it).
 
 A device block loaded from a bad host block is bad, and a host block written from a bad device block
@@ -95,13 +96,14 @@ def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.Ste
             touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, swapped)
             bad_host.update(written.tolist())
             bad_host.update(_copied(plan.cache_write, bad_device)[1].tolist())
-            # Then the loads: from a bad host block, the device block is bad.
-            swapped_in, written = _copied(plan.swap_in, bad_host)
-            touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, swapped_in)
-            bad_device.update(written.tolist())
-            loaded, written = _copied(plan.cache_load, bad_host)
-            touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, loaded)
-            bad_device.update(written.tolist())
+        # Then the loads, which may read host blocks this very step's out copies wrote: from a bad
+        # host block, the device block is bad.
+        swapped_in, written = _copied(plan.swap_in, bad_host)
+        touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, swapped_in)
+        bad_device.update(written.tolist())
+        loaded, written = _copied(plan.cache_load, bad_host)
+        touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, loaded)
+        bad_device.update(written.tolist())
         if bad_device and len(plan):
             hit = np.isin(plan.new_blocks, np.fromiter(bad_device, np.int64, len(bad_device)))
             if hit.any():

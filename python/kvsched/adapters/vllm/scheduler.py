@@ -393,7 +393,12 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
-        self._steps.append(Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids, plan))
+        step = Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids, plan)
+        if self._copies and (plan.swapped_out_ids.size or plan.swapped_in_ids.size or plan.cache_load_ids.size):
+            # Requests the step's copies name, rows or not: a failed copy is traced to them by generation.
+            step.copy_handles = np.concatenate([plan.swapped_out_ids, plan.swapped_in_ids, plan.cache_load_ids])
+            step.copy_generations = h.generation[step.copy_handles]
+        self._steps.append(step)
         return output
 
     def _structured_rows(self, output: SchedulerOutput, hs: np.ndarray, samples: np.ndarray,
@@ -445,7 +450,11 @@ class Scheduler(SchedulerInterface):
         if not preempted_ids.size:
             return
         timestamp = monotonic() if self.log_stats else None
-        for handle, request in zip(preempted_ids.tolist(), self._handles.request[preempted_ids].tolist()):
+        # A request admitted by a host prefetch holds blocks before its first row: preempted then, the
+        # runner has never seen it, and it is sent afresh when it comes back.
+        seen = self._handles.state[preempted_ids] != UNSENT
+        for handle, request, told in zip(preempted_ids.tolist(), self._handles.request[preempted_ids].tolist(),
+                                         seen.tolist()):
             request.status = RequestStatus.PREEMPTED
             if not swapped:
                 request.num_computed_tokens = 0
@@ -453,8 +462,9 @@ class Scheduler(SchedulerInterface):
                 self.drafts.drop(handle)
             request.num_preemptions += 1
             self._record(request, handle, EngineCoreEventType.PREEMPTED, timestamp)
-            self._preempted_req_ids.add(request.request_id)
-        self._handles.state[preempted_ids] = PREEMPTED
+            if told:
+                self._preempted_req_ids.add(request.request_id)
+        self._handles.state[preempted_ids[seen]] = PREEMPTED
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: Any) -> dict[int, EngineCoreOutputs]:
         step = self._steps.popleft()
@@ -506,27 +516,34 @@ class Scheduler(SchedulerInterface):
         those bytes reached (copy_failures.py) are recomputed from the tokens they had before it, and
         what they sampled from it, and from later steps in flight, is discarded (their generation
         changes, so those rows are not applied). A request the core already finished at its max
-        tokens cannot be run again: it ends with an error. Every cached prefix is forgotten: a bad
-        block may be cached, and a failed copy is rare enough not to track which."""
+        tokens cannot be run again: it ends with an error (it could be added back with the tokens it
+        has: not built). Every cached prefix is forgotten: a bad block may be cached, and a failed
+        copy is rare enough not to track which."""
         h = self._handles
         steps = [step, *self._steps]
         touched, _ = copy_failures.touched_requests(*copy_failures.split_reported(reported),
                                                     [s.plan for s in steps if s.plan is not None])
-        row_generation = {}
+        # A handle named in these steps may since belong to another request: only the one named counts.
+        named, capped = {}, set()
         for s in steps:
-            row_generation.update(zip(s.handles.tolist(), s.generations.tolist()))
-        handles = [t for t in sorted(touched) if h.alive[t] and row_generation.get(t, h.generation[t]) == h.generation[t]]
+            if s.copy_handles is not None:
+                named.update(zip(s.copy_handles.tolist(), s.copy_generations.tolist()))
+            named.update(zip(s.handles.tolist(), s.generations.tolist()))
+            capped.update((t, g) for t, g in zip(s.handles[s.capped].tolist(), s.generations[s.capped].tolist()))
+        handles = [t for t in sorted(touched) if h.alive[t] and named.get(t) == h.generation[t]]
         logging.getLogger(LOGGER_NAME).error(
             "KV copies failed in a step (blocks %s; host blocks h as -1 - h): requests recomputed: %s; every "
             "cached prefix forgotten", sorted(reported), [h.req_id[t] for t in handles] or "none")
         again, generated, ended = [], [], []
         for handle in handles:
-            h.generation[handle] += 1  # rows of this step and later ones in flight are not applied
             if h.in_core[handle]:
                 again.append(handle)
                 generated.append(min(int(h.num_output[handle]), self.core.info(handle)["num_generated"]))
-            else:
+            elif (handle, int(h.generation[handle])) in capped:
                 ended.append(h.request[handle])
+            else:
+                continue  # not in the core for another reason (its grammar still compiling): nothing ran
+            h.generation[handle] += 1  # rows of this step and later ones in flight are not applied
         if again:
             ids = np.asarray(again, np.int64)
             self.core.recompute(ids, np.asarray(generated, np.int64))

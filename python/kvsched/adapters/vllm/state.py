@@ -122,6 +122,10 @@ class Step:
     capped: np.ndarray  # the core finished the request at this row (max tokens, or what the cache holds)
     structured_ids: list[str]  # rows that sample under a grammar, in row order (the bitmask's rows)
     plan: Any = None  # the core's plan (kvsched.StepPlan); None for an empty step
+    # With kvsched's connector: the handles its copies name (swapped out or in, loaded from the host
+    # tier) and their generations then, rows or not (scheduler.py, failed copies).
+    copy_handles: Any = None  # np.ndarray, or None when none
+    copy_generations: Any = None
 
 
 def consume(iterator) -> None:
