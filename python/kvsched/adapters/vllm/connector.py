@@ -200,7 +200,8 @@ class KvschedConnector(KVConnectorBase_V1):
 
     def _copy(self, copier: BlockCopier, extents: np.ndarray, direction: str, stream: Any = None) -> None:
         """One direction's copies; a failure is logged and its destination blocks reported, and the
-        other direction still runs (its extents do not depend on these)."""
+        step's other copies still run (a load that reads what a failed out copy was writing copies
+        its garbage: the adapter traces that too, copy_failures.py)."""
         if not extents.size:
             return
         try:
