@@ -81,3 +81,34 @@ def test_the_leash_refuses_a_bad_parent_by_name():
     result = subprocess.run([sys.executable, "-m", "kvsched.cluster.leash", "--parent", "x", "--", "true"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "--parent" in result.stderr
+
+
+def test_an_engine_whose_chosen_port_was_taken_starts_again_on_another(tmp_path, monkeypatch):
+    """Two engines started at once on one node may be handed the same free port: the one that lost
+    it exits, and its actor starts it again on another port instead of failing (or answering for the
+    other engine's /health)."""
+    import socket
+
+    from kvsched.cluster import ray_fleet
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    free = ray_fleet._free_port
+    monkeypatch.setattr(ray_fleet, "_free_port", lambda host: next(ports, None) or free(host))
+    server = ("import http.server, sys\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        self.send_response(200); self.end_headers()\n"
+              "    def log_message(self, *args): pass\n"
+              "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+    engine = ray_fleet.EngineServer([sys.executable, "-c", server, "{port}"], host="127.0.0.1",
+                                    log_path=str(tmp_path / "engine.log"))
+    try:
+        assert engine.port == taken.getsockname()[1]
+        url = engine.wait_healthy(timeout_s=30)
+        assert engine.port != taken.getsockname()[1] and url == f"http://127.0.0.1:{engine.port}"
+    finally:
+        engine.stop()
+        taken.close()

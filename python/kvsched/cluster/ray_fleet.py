@@ -39,6 +39,7 @@ from .ray import _ray
 
 HEALTH_POLL_S = 0.5
 START_SLACK_S = 120.0  # for Ray to place and start an actor, beyond an engine's own health wait
+PORT_RETRIES = 3  # starts on another free port when the one chosen was taken meanwhile
 
 
 def _free_port(host: str) -> int:
@@ -62,17 +63,24 @@ class EngineServer:
                  env: Optional[dict] = None, log_path: Optional[str] = None):
         if not command:
             raise ValueError("command: give the engine server's command line")
-        bind = host or _node_address()
+        self._bind = host or _node_address()
         # Where others reach it: this node's address when it binds every interface.
-        self.host = _node_address() if bind in ("0.0.0.0", "::") else bind
-        self.port = port or _free_port(bind)
+        self.host = _node_address() if self._bind in ("0.0.0.0", "::") else self._bind
+        self._command, self._env = list(command), env
+        # A port this actor chose may be taken by another process before the server binds it (two
+        # engines started at once on one node): the server is then started again on another.
+        self._port_retries = 0 if port else PORT_RETRIES
+        self.port = port or _free_port(self._bind)
         self.log_path = log_path
-        args = [part.replace("{host}", bind).replace("{port}", str(self.port)) for part in command]
-        with open(log_path or os.devnull, "ab") as log:
+        self._launch()
+
+    def _launch(self) -> None:
+        args = [part.replace("{host}", self._bind).replace("{port}", str(self.port)) for part in self._command]
+        with open(self.log_path or os.devnull, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "kvsched.cluster.leash", "--parent",
                                              str(os.getpid()), "--", *args],
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, **(env or {})},
+                                            env={**os.environ, **(self._env or {})},
                                             # out of the actor's process group: Ray kills a worker's
                                             # group, and the leash must outlive the actor to act
                                             start_new_session=True)
@@ -93,6 +101,11 @@ class EngineServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if self._port_retries and self._port_taken():
+                    self._port_retries -= 1
+                    self.port = _free_port(self._bind)
+                    self._launch()
+                    continue
                 raise RuntimeError(f"engine server {self.url()} exited with {self.process.returncode}"
                                    f"{self._log_tail()}")
             try:
@@ -103,6 +116,15 @@ class EngineServer:
                 pass
             time.sleep(HEALTH_POLL_S)
         raise RuntimeError(f"engine server {self.url()} did not answer /health within {timeout_s:g} s{self._log_tail()}")
+
+    def _port_taken(self) -> bool:
+        """Whether another process holds the server's port now (its start then failed for that)."""
+        try:
+            with socket.socket() as s:
+                s.bind((self._bind, self.port))
+        except OSError:
+            return True
+        return False
 
     def stop(self, timeout_s: float = 30.0) -> Optional[int]:
         """Stops the server (the leash kills its group) and returns its exit code."""
