@@ -169,8 +169,12 @@ def test_failed_kv_copies_recompute_the_requests_they_touched(runner, async_sche
     assert clean.worker.copy_calls["out"] > 10 and clean.worker.copy_calls["in"] > 5  # swaps and cache copies
     assert all(clean.tokens[r["req_id"]] == expected_tokens(r) for r in requests)
     faulty = run("kvsched", requests, fail_copy=lambda direction, call: call % (3 if direction == "out" else 2) == 0,
-                 **kw)
+                 log_stats=True, **kw)
     worker, s = faulty.worker, faulty.scheduler
+    from prometheus_client import REGISTRY
+
+    labels = {"model_name": s.vllm_config.model_config.served_model_name, "engine": "0"}
+    assert REGISTRY.get_sample_value("kvsched:copy_failure_recomputes", labels) == s.recomputed_after_copy_failures
     print({"failed calls": worker.failed_copies, "corrupt reads": worker.corrupt_reads,
            "recomputed": s.recomputed_after_copy_failures,
            "errors": sum(str(f) == "error" or getattr(f, "name", "") == "ERROR" for f in faulty.finish_reasons.values())})

@@ -49,6 +49,7 @@ _DOCS = {
     "kvsched:host_free_blocks": "Free blocks of the host KV pool (swap and the host tier of the prefix cache).",
     "kvsched:swap_preemptions": "Requests preempted by swap so far (their KV copied to the host pool and back).",
     "kvsched:host_hit_blocks": "Prefix-cache blocks found in the host tier and loaded by copy, so far.",
+    "kvsched:copy_failure_recomputes": "Requests recomputed because a KV copy that moved their KV failed, so far.",
 }
 _gauges: dict[str, Gauge] = {}  # one per name in the process, shared by every engine (label `engine`)
 
@@ -101,5 +102,6 @@ class LoadGauges:
             values["kvsched:host_free_blocks"] = stats["swap"]["num_free_host_blocks"]
             values["kvsched:swap_preemptions"] = stats["swap_preemptions"]
             values["kvsched:host_hit_blocks"] = stats["host_hit_blocks"]
+            values["kvsched:copy_failure_recomputes"] = self._scheduler.recomputed_after_copy_failures
         for name, value in values.items():
             self._gauges[name].set(value)
