@@ -71,7 +71,8 @@ KVSCHED = "kvsched.adapters.vllm.Scheduler"
 # name -> additional_config["kvsched"] (None: vLLM's own scheduler)
 CONFIGS: dict[str, dict | None] = {
     "vllm": None,
-    "kvsched": {},  # past_future, sampled scenarios (the default)
+    "kvsched": {},  # past_future, sampled scenarios, overflow_scenarios "auto" (the default)
+    "kvsched risk 0": {"overflow_scenarios": 0},  # the default before 2026-12-04
     "kvsched q r=0.01": {"sampling": False, "target_preemption_rate": 0.01},
     "kvsched q r=0.05": {"sampling": False, "target_preemption_rate": 0.05},
     "kvsched q r=0.2": {"sampling": False, "target_preemption_rate": 0.2},

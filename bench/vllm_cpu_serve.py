@@ -50,8 +50,8 @@ from vllm_cpu_admission import (KVSCHED, add_workload_arguments, cell, config_na
 # name -> additional_config["kvsched"] (None: vLLM's own scheduler)
 CONFIGS: dict[str, dict | None] = {
     "vllm": None,
-    "kvsched": {},
-    "kvsched auto": {"overflow_scenarios": "auto"},
+    "kvsched": {},  # overflow_scenarios "auto" (the adapter's default)
+    "kvsched risk 0": {"overflow_scenarios": 0},  # the default before 2026-12-04
 }
 START_TIMEOUT_S = 300
 CALL_TIMEOUT_S = 300

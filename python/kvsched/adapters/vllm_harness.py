@@ -72,8 +72,18 @@ def make_vllm_config(
     if max_loras:
         from vllm.config import LoRAConfig
         lora = LoRAConfig(max_loras=max_loras)
+    # The fake runner's steps take no model time: there is nothing for overflow_scenarios "auto" (the
+    # adapter's default) to price, so its comparisons pin the risk at 0 unless a test sets it.
+    additional_config = dict(additional_config or {})
+    kvsched_options = additional_config.get("kvsched")
+    if isinstance(kvsched_options, dict) and "overflow_scenarios" not in kvsched_options:
+        admission, sampling = kvsched_options.get("admission", "past_future"), kvsched_options.get("sampling", True)
+        if admission == "past_future" and sampling:
+            additional_config["kvsched"] = {**kvsched_options, "overflow_scenarios": 0}
+    elif kvsched_options is None:
+        additional_config["kvsched"] = {"overflow_scenarios": 0}
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model, cache_config=cache,
-                             device_config=DeviceConfig("cpu"), additional_config=additional_config or {},
+                             device_config=DeviceConfig("cpu"), additional_config=additional_config,
                              lora_config=lora)
     # The CPU platform turns asynchronous scheduling off while the config is built; the GPU path keeps
     # it. Turned back on here, so that "async" runs drive vLLM's real AsyncScheduler.

@@ -1,4 +1,5 @@
-"""``overflow_scenarios: "auto"``: admission's risk priced from this engine's measured steps.
+"""``overflow_scenarios: "auto"``: admission's risk priced from this engine's measured steps (the
+adapter's default wherever admission draws scenarios: config.py).
 
 The adapter times each step as the interval between consecutive ``update_from_output()`` calls (the
 engine's step period: forward pass plus scheduling, in synchronous and asynchronous scheduling

@@ -125,8 +125,13 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int, bl
     elif policy == "vtc":
         policy = kvsched.policies.FairSharePolicy(**policy_options)
     # "auto": admission's risk priced from this engine's measured steps (admission_risk.py, which
-    # refuses it where admission draws no scenarios); it starts at 0.
-    priced = options.get("overflow_scenarios") == "auto"
+    # refuses it where admission draws no scenarios); it starts at 0. The default wherever admission
+    # draws scenarios: an engine where a preemption costs little beside a step's fixed cost admits
+    # into the risk that pays there, and one where it costs much (a GPU) prices the risk at 0.
+    defaults = kvsched.SchedulerConfig
+    draws = (options.get("admission", defaults.admission) == "past_future"
+             and options.get("sampling", defaults.sampling))
+    priced = options.get("overflow_scenarios", "auto" if draws else 0) == "auto"
     if priced:
         options["overflow_scenarios"] = 0
     _host_pool_options(vllm_config, options, block_bytes, num_kv_tensors)
