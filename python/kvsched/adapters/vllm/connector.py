@@ -21,9 +21,10 @@ waits for those copies only. The copies no row of the step needs (the plan's
 ``cache_overlap_seconds``) are queued after them and overlap the forward pass: write-throughs of
 blocks the step neither hands to a row nor loads into, to host blocks no load of the step reads
 (``out_overlap``), and prefetches, loads into blocks no row of the step holds (``into_overlap``). The next step's forward pass waits for them,
-as for everything on that stream, and its rows are the first to read what they wrote. On CPU every
-copy is a memmove in this call, the overlapping ones last. (CUDA overlap is not measured on a GPU
-yet.)
+as for everything on that stream, and its rows are the first to read what they wrote. A direction
+that has copies to wait for takes its overlapping ones into the same call (a second call on a copy
+lane would wait on the CPU for the first). On CPU every copy is a memmove in this call, the
+overlapping ones last. (CUDA overlap is not measured on a GPU yet.)
 
 A copy that fails is reported, and only the requests it touched are recomputed
 (``copy_failures``): the worker logs the error and reports the blocks whose bytes it cannot vouch
@@ -83,6 +84,19 @@ class KvschedConnectorMetadata(KVConnectorMetadata):
     def overlapping(self) -> tuple:
         """(extents, direction) that may overlap the forward pass, after ``waited``, in order."""
         return (self.out_overlap, "out"), (self.into_overlap, "in")
+
+    def one_call_per_lane(self) -> tuple[list, list]:
+        """``waited`` and ``overlapping`` for CUDA, where each direction is a copy lane and a lane's
+        second call in a step waits on the CPU for the first's descriptor upload
+        (cuda_copy_engine.cu), which sits behind the last forward pass: a direction that has copies
+        to wait for takes its overlapping ones into the same call."""
+        waited, overlapping = [], []
+        for (now, direction), (later, _) in zip(self.waited, self.overlapping):
+            if now.size and later.size:
+                now, later = np.concatenate([now, later]), _NO_EXTENTS
+            waited.append((now, direction))
+            overlapping.append((later, direction))
+        return waited, overlapping
 
 
 def _touches(extents: np.ndarray, column: int, blocks: np.ndarray) -> np.ndarray:
@@ -189,11 +203,12 @@ class KvschedConnector(KVConnectorBase_V1):
 
         compute = torch.cuda.current_stream(self._stream.device)
         self._stream.wait_stream(compute)  # the KV the last steps' forward passes wrote
-        for extents, direction in meta.waited:
+        waited, overlapping = meta.one_call_per_lane()
+        for extents, direction in waited:
             self._copy(copier, extents, direction, self._stream.cuda_stream)
         compute.wait_stream(self._stream)  # these, and every copy queued before (one stream, in order)
         self._overlapping = False
-        for extents, direction in meta.overlapping:
+        for extents, direction in overlapping:
             if extents.size:
                 self._copy(copier, extents, direction, self._stream.cuda_stream)
                 self._overlapping = True

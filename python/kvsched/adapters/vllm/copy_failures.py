@@ -6,7 +6,9 @@ arrives the adapter may have scheduled later steps (asynchronous scheduling), wh
 have read the bad blocks or copied them on. ``touched_requests`` follows the bad bytes through the
 reported step and every later step in flight, in each step's copy order (the out copies, device ->
 host, then the loads, host -> device, then the forward pass), and returns the requests whose KV
-they reached:
+they reached. Copies that overlap the forward pass run after it (connector.py), but they touch no
+block a row of their step uses, and an overlapping write-through writes no host block a load of
+its step reads, so the trace is the same in either order:
 
 - a step's rows whose block tables hold a bad device block (a request that started or restarted in
   a step is sent its whole table, and a running one only its new blocks, but a running request's
