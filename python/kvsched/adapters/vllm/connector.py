@@ -51,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 
 from kvsched.block_copier import BlockCopier, block_pieces
 
+from .copy_failures import extent_blocks, extent_touches
 from .state import LOGGER_NAME
 
 CONNECTOR_NAME = "KvschedConnector"
@@ -99,14 +100,6 @@ class KvschedConnectorMetadata(KVConnectorMetadata):
         return waited, overlapping
 
 
-def _touches(extents: np.ndarray, column: int, blocks: np.ndarray) -> np.ndarray:
-    """Per extent whether any block of its column 0 (source) or 1 (destination) is in ``blocks``."""
-    if not extents.size or not blocks.size:
-        return np.zeros(len(extents), bool)
-    each = np.repeat(extents[:, column], extents[:, 2]) + _offsets(extents)
-    return np.add.reduceat(np.isin(each, blocks), np.cumsum(extents[:, 2]) - extents[:, 2]) > 0
-
-
 def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetadata:
     """The copies of a ``kvsched.StepPlan``. The core's device block b is vLLM's block b + 1."""
     if plan is None or not (plan.swap_out.size or plan.cache_write.size or plan.swap_in.size or plan.cache_load.size):
@@ -117,10 +110,11 @@ def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetad
     # What the step's rows hold (a row that starts lists its whole table), what its loads write on
     # the device and what they read on the host (a load may read a block this plan writes there).
     rows = np.asarray(plan.new_blocks, np.int64)
-    loaded = np.concatenate([np.repeat(e[:, 1], e[:, 2]) + _offsets(e) for e in (swap_in, cache_load)])
-    read_on_host = np.concatenate([np.repeat(e[:, 0], e[:, 2]) + _offsets(e) for e in (swap_in, cache_load)])
-    later_write = ~(_touches(cache_write, 0, np.concatenate([rows, loaded])) | _touches(cache_write, 1, read_on_host))
-    later_load = ~_touches(cache_load, 1, rows)
+    loaded = np.concatenate([extent_blocks(e, 1) for e in (swap_in, cache_load)])
+    read_on_host = np.concatenate([extent_blocks(e, 0) for e in (swap_in, cache_load)])
+    later_write = ~(extent_touches(cache_write, 0, np.concatenate([rows, loaded]))
+                    | extent_touches(cache_write, 1, read_on_host))
+    later_load = ~extent_touches(cache_load, 1, rows)
     out = np.concatenate([swap_out, cache_write[~later_write]])
     into = np.concatenate([swap_in, cache_load[~later_load]])
     out_overlap, into_overlap = cache_write[later_write], cache_load[later_load]
@@ -129,12 +123,6 @@ def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetad
     for e in (into, into_overlap):
         e[:, 1] += 1
     return KvschedConnectorMetadata(num_host_blocks, out, into, out_overlap, into_overlap)
-
-
-def _offsets(extents: np.ndarray) -> np.ndarray:
-    """0, 1, ..., n - 1 for each (src, dst, n) extent, concatenated."""
-    lengths = extents[:, 2]
-    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 class KvschedConnector(KVConnectorBase_V1):
@@ -225,7 +213,7 @@ class KvschedConnector(KVConnectorBase_V1):
             else:
                 copier.copy(extents, direction, stream=stream)
         except Exception as error:  # noqa: BLE001 (any failure: the blocks are reported, the step goes on)
-            written = np.concatenate([np.arange(d, d + n) for _, d, n in extents.tolist()])
+            written = extent_blocks(extents, 1)
             failed = (-1 - written) if direction == "out" else written
             self._failed_blocks.update(failed.tolist())
             logging.getLogger(LOGGER_NAME).error(

@@ -24,7 +24,9 @@ is bad, from that step on. Blocks freed and given to another request count as ba
 is recomputed without need (rare; never wrong).
 
 Glossary
-  plan   a ``kvsched.StepPlan``; block ids in it are the core's (vLLM's id - 1).
+  plan    a ``kvsched.StepPlan``; block ids in it are the core's (vLLM's id - 1).
+  extent  a copy's ``(src_block, dst_block, n_blocks)`` row; ``extent_blocks`` and
+          ``extent_touches`` read them for connector.py too.
 """
 
 from __future__ import annotations
@@ -47,29 +49,29 @@ def split_reported(block_ids: Iterable[int]) -> tuple[set, set]:
     return device, host
 
 
-def _blocks(extents: np.ndarray, column: int) -> np.ndarray:
-    """Every block of column 0 (source) or 1 (destination) of (src, dst, n) extents, one per block."""
-    if not extents.size:
-        return np.zeros(0, np.int64)
-    return np.concatenate([np.arange(row[column], row[column] + row[2]) for row in extents.tolist()])
+def extent_blocks(extents: np.ndarray, column: int) -> np.ndarray:
+    """Every block of column 0 (source) or 1 (destination) of extents, one per block, in order."""
+    extents = np.asarray(extents, np.int64).reshape(-1, 3)
+    lengths = extents[:, 2]
+    starts = np.cumsum(lengths) - lengths
+    return np.repeat(extents[:, column], lengths) + np.arange(lengths.sum()) - np.repeat(starts, lengths)
+
+
+def extent_touches(extents: np.ndarray, column: int, blocks) -> np.ndarray:
+    """Per extent whether any block of its column 0 (source) or 1 (destination) is in ``blocks``
+    (an array or a set)."""
+    extents = np.asarray(extents, np.int64).reshape(-1, 3)
+    if isinstance(blocks, (set, frozenset)):
+        blocks = np.fromiter(blocks, np.int64, len(blocks))
+    if not extents.size or not len(blocks):
+        return np.zeros(len(extents), bool)
+    return np.add.reduceat(np.isin(extent_blocks(extents, column), blocks), np.cumsum(extents[:, 2]) - extents[:, 2]) > 0
 
 
 def _copied(extents: np.ndarray, bad_sources: set) -> tuple[np.ndarray, np.ndarray]:
     """Per extent whether it read a bad source block, and the destination blocks those wrote."""
-    extents = np.asarray(extents).reshape(-1, 3)
-    if not extents.size or not bad_sources:
-        return np.zeros(len(extents), bool), np.zeros(0, np.int64)
-    reads_bad = np.array([any(s + k in bad_sources for k in range(n)) for s, _, n in extents.tolist()])
-    written = _blocks(extents[reads_bad], 1) if reads_bad.any() else np.zeros(0, np.int64)
-    return reads_bad, written
-
-
-def _writes(extents: np.ndarray, bad_destinations: set) -> np.ndarray:
-    """Per extent whether it was writing a bad destination block."""
-    extents = np.asarray(extents).reshape(-1, 3)
-    if not extents.size or not bad_destinations:
-        return np.zeros(len(extents), bool)
-    return np.array([any(d + k in bad_destinations for k in range(n)) for _, d, n in extents.tolist()])
+    reads_bad = extent_touches(extents, 0, bad_sources)
+    return reads_bad, extent_blocks(np.asarray(extents).reshape(-1, 3)[reads_bad], 1)
 
 
 def _owners(ids: np.ndarray, indptr: np.ndarray, extent_flags: np.ndarray) -> set:
@@ -79,19 +81,19 @@ def _owners(ids: np.ndarray, indptr: np.ndarray, extent_flags: np.ndarray) -> se
     return {int(ids[i]) for i in range(ids.size) if extent_flags[indptr[i]:indptr[i + 1]].any()}
 
 
-def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.StepPlan]) -> tuple[set, set]:
+def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.StepPlan]) -> set:
     """Handles whose KV the bad blocks reached, through ``plans`` (the reported step first, then the
-    later ones in flight, in order); and the bad device blocks, grown as copies carried them on.
-    ``bad_device`` and ``bad_host`` are what the reported step's copies failed to write."""
+    later ones in flight, in order). ``bad_device`` and ``bad_host`` are what the reported step's
+    copies failed to write; copies carry them on."""
     bad_device, bad_host = set(bad_device), set(bad_host)
     touched: set = set()
     for index, plan in enumerate(plans):
         if index == 0:
             # The reported step's own copies that failed: the requests they were writing for (a
             # prefetched request has no row in this step, so its load must name it).
-            touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, _writes(plan.swap_out, bad_host))
-            touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, _writes(plan.swap_in, bad_device))
-            touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, _writes(plan.cache_load, bad_device))
+            touched |= _owners(plan.swapped_out_ids, plan.swap_out_indptr, extent_touches(plan.swap_out, 1, bad_host))
+            touched |= _owners(plan.swapped_in_ids, plan.swap_in_indptr, extent_touches(plan.swap_in, 1, bad_device))
+            touched |= _owners(plan.cache_load_ids, plan.cache_load_indptr, extent_touches(plan.cache_load, 1, bad_device))
         else:
             # Out copies run first and read the device as the earlier steps left it.
             swapped, written = _copied(plan.swap_out, bad_device)
@@ -111,7 +113,7 @@ def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.Ste
             if hit.any():
                 row_of_block = np.searchsorted(plan.block_indptr, np.flatnonzero(hit), side="right") - 1
                 touched.update(plan.req_ids[np.unique(row_of_block)].tolist())
-    return touched, bad_device
+    return touched
 
 
-__all__ = ["split_reported", "touched_requests"]
+__all__ = ["extent_blocks", "extent_touches", "split_reported", "touched_requests"]

@@ -521,8 +521,8 @@ class Scheduler(SchedulerInterface):
         copy is rare enough not to track which."""
         h = self._handles
         steps = [step, *self._steps]
-        touched, _ = copy_failures.touched_requests(*copy_failures.split_reported(reported),
-                                                    [s.plan for s in steps if s.plan is not None])
+        touched = copy_failures.touched_requests(*copy_failures.split_reported(reported),
+                                                 [s.plan for s in steps if s.plan is not None])
         # A handle named in these steps may since belong to another request: only the one named counts.
         named, capped = {}, set()
         for s in steps:
