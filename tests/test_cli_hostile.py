@@ -98,8 +98,9 @@ def test_azure_timestamps_spanning_centuries_are_refused(tmp_path, capsys):
 
 MOONCAKE_CASES = [
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    # Python 3.12's parser takes 5000 levels where 3.11's recursed too deeply: refused either way.
     ('{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": ' + "[" * 5000 + "]" * 5000 + "}",
-     "nested too deeply"),
+     ("nested too deeply", "'hash_ids' item 0 must be an integer")),
     ('{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [1, 18446744073709551621]}',
      "'hash_ids' item 1"),
     ('{"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": [9223372036854775813]}',
@@ -129,7 +130,7 @@ def test_bad_mooncake_lines_name_the_file_line_and_field(text, what, tmp_path, c
     path.write_text(MOONCAKE_ROW + text + "\n")
     argv = ["simulate", "--trace", str(path), "--trace-format", "mooncake", *TINY, "--json", str(tmp_path / "r.json")]
     line = refusal(argv, capsys)
-    assert f"{path}:2:" in line and what in line
+    assert f"{path}:2:" in line and any(w in line for w in ((what,) if isinstance(what, str) else what))
     assert files(tmp_path) == {"t.jsonl"}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "python" / "kvsched"
 NATIVE = PACKAGE.parent.parent / "cpp"
-CORE_API = {"_core", "allocator", "estimator", "swap", "cuda", "block_copier", "policies", "scheduler", "risk",
+CORE_API = {"_core", "allocator", "estimator", "swap", "cuda", "block_copier", "step_copies", "policies", "scheduler", "risk",
             "__version__"}
 
 # The first name under kvsched of everything a layer may import (besides itself).

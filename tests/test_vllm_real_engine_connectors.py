@@ -66,7 +66,7 @@ class BlockWitness:
         self.connector.handle_preemptions = witnessed
 
     def _read(self, block: int, meta) -> bytes:
-        return self.connector._copier(meta.num_host_blocks).device_block_bytes(block)
+        return self.connector.runner._copier(meta.num_host_blocks).device_block_bytes(block)
 
 
 class CopyFaults:
@@ -78,7 +78,7 @@ class CopyFaults:
 
         connector = get_kv_transfer_group()
         self.calls, self.failed = {"out": 0, "in": 0}, 0
-        make = connector._copier
+        make = connector.runner._copier
 
         def faulty(num_host_blocks):
             copier = make(num_host_blocks)
@@ -95,7 +95,7 @@ class CopyFaults:
                 copier.copy, copier.faulty = maybe_fail, True
             return copier
 
-        connector._copier = faulty
+        connector.runner._copier = faulty
 
 
 def kvsched_engine(model: Path, *, prefix_caching: bool, **kvsched_options) -> Engine:

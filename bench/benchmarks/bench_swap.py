@@ -73,3 +73,24 @@ class HostExecutor:
 
     def time_copy_64mib_fragmented(self):
         copy_host(self.descriptors, self.src, self.dst)
+
+
+class BlockCopierDescriptors:
+    """A step's 32 random blocks of Llama-3-8B in vLLM's flash-attention layout (32 layers of
+    (2, blocks, 16, 8, 128) fp16: 64 pieces), as BlockCopier's byte descriptors (2,048 rows): the
+    CPU work of every copy call of the vLLM connector. The tensors are host memory with the same
+    strides as the GPU's (numpy, head_dim 16 so that they stay small: the descriptor count is the same)."""
+
+    def setup(self):
+        if KvLayout is None:
+            raise NotImplementedError("kvsched is not importable")
+        from kvsched.block_copier import BlockCopier
+
+        tensors = {f"layer.{i}": np.zeros((2, 1024, 16, 8, 16), np.float16) for i in range(32)}
+        self.copier = BlockCopier(tensors, 1024, 512)
+        rng = np.random.default_rng(0)
+        self.extents = np.stack([rng.choice(1024, 32, replace=False), rng.choice(512, 32, replace=False),
+                                 np.ones(32, np.int64)], axis=1)
+
+    def time_descriptors_32_blocks(self):
+        self.copier.descriptors(self.extents, "out")

@@ -148,32 +148,49 @@ class BlockCopier:
             raise ValueError(f"direction: expected 'out' or 'in', got {direction!r}")
         if not extents.size:
             return np.zeros((0, 4), np.int64)
+        out = direction == "out"
+        device, host, count = (extents[:, 0], extents[:, 1], extents[:, 2]) if out else \
+            (extents[:, 1], extents[:, 0], extents[:, 2])
+        dense = self._strides == self._block_bytes
+        groups = []  # (pieces, device blocks, host blocks, blocks per run): one run per extent where dense
+        if dense.any():
+            groups.append((np.flatnonzero(dense), device, host, count))
+        if not dense.all():  # a run per block
+            step = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+            groups.append((np.flatnonzero(~dense), np.repeat(device, count) + step, np.repeat(host, count) + step,
+                           np.ones(int(count.sum()), np.int64)))
         rows = []
-        for p, (block_bytes, stride) in enumerate(zip(self._block_bytes.tolist(), self._strides.tolist())):
-            if stride == block_bytes:  # dense: one run per extent
-                device, host, count = extents[:, 0 if direction == "out" else 1], \
-                    extents[:, 1 if direction == "out" else 0], extents[:, 2]
-            else:  # a run per block
-                count_per = extents[:, 2]
-                step = np.arange(int(count_per.sum())) - np.repeat(np.cumsum(count_per) - count_per, count_per)
-                device = np.repeat(extents[:, 0 if direction == "out" else 1], count_per) + step
-                host = np.repeat(extents[:, 1 if direction == "out" else 0], count_per) + step
-                count = np.ones_like(device)
-            src, dst = (device * stride, host * block_bytes) if direction == "out" else \
-                (host * block_bytes, device * stride)
-            rows.append(np.stack([np.full_like(src, p), src, dst, count * block_bytes], axis=1))
-        return np.concatenate(rows)
+        for pieces, dev, hst, n in groups:  # one (pieces x runs) grid per group, piece-major
+            stride, block_bytes = self._strides[pieces, None], self._block_bytes[pieces, None]
+            on_device, on_host = dev[None, :] * stride, hst[None, :] * block_bytes
+            src, dst = (on_device, on_host) if out else (on_host, on_device)
+            rows.append(np.stack(np.broadcast_arrays(pieces[:, None], src, dst, n[None, :] * block_bytes),
+                                 axis=2).reshape(-1, 4))
+        rows = np.concatenate(rows)
+        return rows[np.argsort(rows[:, 0], kind="stable")] if len(groups) > 1 else rows
 
-    def copy(self, extents: np.ndarray, direction: str, *, stream: int = 0) -> Any:
+    @property
+    def engine(self) -> Any:
+        """The ``kvsched.cuda.CopyEngine`` that runs the copies on CUDA (None on CPU)."""
+        return self._engine if self._cuda else None
+
+    def copy(self, extents: np.ndarray, direction: str, *, stream: int = 0, strategy: str = "auto") -> Any:
         """Executes extents in one direction. On CPU it returns when the bytes moved; on CUDA it
-        enqueues on ``stream`` and returns the CopyEvent."""
+        enqueues on ``stream`` with ``strategy`` (``kvsched.cuda.CopyEngine``'s) and returns the CopyEvent."""
+        if self._cuda:
+            from .cuda import _strategy
+
+            strategy_index = _strategy(strategy)
+        elif strategy != "auto":
+            raise ValueError(f"strategy: host-memory KV tensors are copied with memmove, not {strategy!r}")
         descriptors = self.descriptors(extents, direction)
         if not descriptors.shape[0]:
             return None
         src, dst = (self._device_spans, self._host_spans) if direction == "out" else \
             (self._host_spans, self._device_spans)
         if self._cuda:
-            return self._engine._core.copy(0 if direction == "out" else 1, descriptors, src, dst, -1, int(stream))
+            return self._engine._core.copy(0 if direction == "out" else 1, descriptors, src, dst, strategy_index,
+                                           int(stream))
         _core.copy_descriptors_host(descriptors, src, dst)
         return None
 
@@ -190,4 +207,23 @@ class BlockCopier:
         return bytes(out)
 
 
-__all__ = ["BlockCopier", "Piece", "block_pieces"]
+def extent_blocks(extents: np.ndarray, column: int) -> np.ndarray:
+    """Every block of column 0 (source) or 1 (destination) of extents, one per block, in order."""
+    extents = np.asarray(extents, np.int64).reshape(-1, 3)
+    lengths = extents[:, 2]
+    starts = np.cumsum(lengths) - lengths
+    return np.repeat(extents[:, column], lengths) + np.arange(lengths.sum()) - np.repeat(starts, lengths)
+
+
+def extent_touches(extents: np.ndarray, column: int, blocks) -> np.ndarray:
+    """Per extent whether any block of its column 0 (source) or 1 (destination) is in ``blocks``
+    (an array or a set)."""
+    extents = np.asarray(extents, np.int64).reshape(-1, 3)
+    if isinstance(blocks, (set, frozenset)):
+        blocks = np.fromiter(blocks, np.int64, len(blocks))
+    if not extents.size or not len(blocks):
+        return np.zeros(len(extents), bool)
+    return np.add.reduceat(np.isin(extent_blocks(extents, column), blocks), np.cumsum(extents[:, 2]) - extents[:, 2]) > 0
+
+
+__all__ = ["BlockCopier", "Piece", "block_pieces", "extent_blocks", "extent_touches"]

@@ -190,8 +190,9 @@ def _host_pool_options(vllm_config: VllmConfig, options: dict, block_bytes: int,
         if options.get("host_prefix_cache") and options.get("host_cache_load") is None:
             # On CPU every copy runs before the forward pass: a prefetch would only start the prefill a
             # step later (bench/README.md, "Swap and the host tier in a real vLLM"). On CUDA a prefetch
-            # overlaps the forward pass (connector.py), but that is not measured on a GPU yet: inline
-            # stays the default there too; "prefetch" is the user's to choose.
+            # runs beside the forward pass (measured: bench/README.md, "GPU: step copies beside the
+            # forward pass"), but what that buys in TTFT against a step's delay is not measured in a GPU
+            # engine: inline stays the default there too; "prefetch" is the user's to choose.
             options["host_cache_load"] = "inline"
         # For the cost model's descriptor count: a K and a V run per layer (the workers' real layout
         # may coalesce them; BlockCopier reads it from the tensors).

@@ -13,27 +13,18 @@ Turn it on with::
     --additional-config '{"kvsched": {"preemption": "swap", "host_kv_gib": 4}}'
 
 When copies run: vLLM calls ``handle_preemptions`` on every step before the step touches the KV
-cache (before its blocks are written or read); the connector executes there, in the plan's copy
-order, device -> host (swap-outs, cache writes: the blocks they read may be handed to others in
-this step) and then host -> device (swap-ins, cache loads). On CUDA both go on the copier's own
-stream, which first waits for the work already queued (the last step's writes); the forward pass
-waits for those copies only. The copies no row of the step needs (the plan's
-``cache_overlap_seconds``) are queued after them and overlap the forward pass: write-throughs of
-blocks the step neither hands to a row nor loads into, to host blocks no load of the step reads
-(``out_overlap``), and prefetches, loads into blocks no row of the step holds (``into_overlap``). The next step's forward pass waits for them,
-as for everything on that stream, and its rows are the first to read what they wrote. A direction
-that has copies to wait for takes its overlapping ones into the same call (a second call on a copy
-lane would wait on the CPU for the first). On CPU every copy is a memmove in this call, the
-overlapping ones last. (CUDA overlap is not measured on a GPU yet.)
+cache (before its blocks are written or read); the connector hands the step's copies to a
+``kvsched.step_copies.StepCopyRunner``, which says in which order they run, and which overlap the
+forward pass on CUDA: write-throughs of blocks the step neither hands to a row nor loads into, to
+host blocks no load of the step reads (``out_overlap``), and prefetches, loads into blocks no row
+of the step holds (``into_overlap``); ``metadata_from_plan`` sorts them.
 
 A copy that fails is reported, and only the requests it touched are recomputed
-(``copy_failures``): the worker logs the error and reports the blocks whose bytes it cannot vouch
-for through vLLM's ``invalid_block_ids`` of that step: device blocks (vLLM ids, >= 0) that a
-failed host -> device call was writing, and host blocks h, as ``-1 - h``, that a failed device ->
-host call was writing. Each call is one direction's extents; when it fails, all blocks it was
-writing count as failed. The step itself goes on (vLLM runs its forward pass; the adapter discards
-what the touched requests sampled from it). On CUDA a copy error that surfaces only when the stream
-is synchronized is not caught here: it fails the step, as every CUDA error does.
+(``copy_failures``): the runner logs the error and keeps the blocks whose bytes it cannot vouch
+for, which the connector reports through vLLM's ``invalid_block_ids`` of that step: device blocks
+(vLLM ids, >= 0) that a failed host -> device call was writing, and host blocks h, as ``-1 - h``,
+that a failed device -> host call was writing. The step itself goes on (vLLM runs its forward
+pass; the adapter discards what the touched requests sampled from it).
 
 The scheduler side of this class does nothing: kvsched's adapter is the scheduler, and it builds
 the metadata itself (``metadata_from_plan``). vLLM's own connectors are refused by the adapter.
@@ -42,62 +33,26 @@ the metadata itself (``metadata_from_plan``). vLLM's own connectors are refused 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                 KVConnectorRole)
 
-from kvsched.block_copier import BlockCopier, block_pieces
+from kvsched.block_copier import BlockCopier, block_pieces, extent_blocks, extent_touches
+from kvsched.step_copies import StepCopies, StepCopyRunner
 
-from .copy_failures import extent_blocks, extent_touches
 from .state import LOGGER_NAME
 
 CONNECTOR_NAME = "KvschedConnector"
 CONNECTOR_MODULE = __name__
-_NO_EXTENTS = np.zeros((0, 3), np.int64)
 
 
 @dataclass
-class KvschedConnectorMetadata(KVConnectorMetadata):
-    """One step's copies, as ``(src_block, dst_block, n_blocks)`` rows in vLLM's block ids (device)
-    and host pool block ids, in execution order: ``out`` (device -> host), then ``into`` (host ->
-    device), which the forward pass waits for; then ``out_overlap`` and ``into_overlap``, which it
-    does not (the module docstring)."""
-
-    num_host_blocks: int = 0
-    out: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
-    into: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
-    out_overlap: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
-    into_overlap: np.ndarray = field(default_factory=lambda: _NO_EXTENTS)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.out.size or self.into.size or self.out_overlap.size or self.into_overlap.size)
-
-    @property
-    def waited(self) -> tuple:
-        """(extents, direction) the forward pass waits for, in execution order."""
-        return (self.out, "out"), (self.into, "in")
-
-    @property
-    def overlapping(self) -> tuple:
-        """(extents, direction) that may overlap the forward pass, after ``waited``, in order."""
-        return (self.out_overlap, "out"), (self.into_overlap, "in")
-
-    def one_call_per_lane(self) -> tuple[list, list]:
-        """``waited`` and ``overlapping`` for CUDA, where each direction is a copy lane and a lane's
-        second call in a step waits on the CPU for the first's descriptor upload
-        (cuda_copy_engine.cu), which sits behind the last forward pass: a direction that has copies
-        to wait for takes its overlapping ones into the same call."""
-        waited, overlapping = [], []
-        for (now, direction), (later, _) in zip(self.waited, self.overlapping):
-            if now.size and later.size:
-                now, later = np.concatenate([now, later]), _NO_EXTENTS
-            waited.append((now, direction))
-            overlapping.append((later, direction))
-        return waited, overlapping
+class KvschedConnectorMetadata(StepCopies, KVConnectorMetadata):
+    """One step's copies (``kvsched.step_copies.StepCopies``) as vLLM's connector metadata: device
+    blocks are vLLM's block ids, host blocks the host pool's."""
 
 
 def metadata_from_plan(plan: Any, num_host_blocks: int) -> KvschedConnectorMetadata:
@@ -130,12 +85,7 @@ class KvschedConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        self._kv_caches: dict[str, Any] = {}
-        self.copier: BlockCopier | None = None
-        self._stream = None  # CUDA: the copier's stream
-        self.num_copied = {"out": 0, "into": 0}  # extents executed, for tests and logs
-        self._failed_blocks: set[int] = set()  # this step's, until vLLM collects them (module docstring)
-        self._overlapping = False  # CUDA: copies queued that no forward pass has waited for yet
+        self.runner: StepCopyRunner | None = None  # worker side, once vLLM registers its KV caches
 
     # ---- worker side ----
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -151,81 +101,26 @@ class KvschedConnector(KVConnectorBase_V1):
                                  "it copies between host memory and CPU or CUDA KV caches only")
             block_pieces(tensor, self._kv_cache_config.num_blocks, name)
             unique.setdefault((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())), (name, tensor))
-        self._kv_caches = dict(unique.values())
+        self.runner = StepCopyRunner(dict(unique.values()), self._kv_cache_config.num_blocks,
+                                     logging.getLogger(LOGGER_NAME), label=CONNECTOR_NAME)
 
-    def _copier(self, num_host_blocks: int) -> BlockCopier:
-        if self.copier is None:
-            if not self._kv_caches:
-                raise RuntimeError("KvschedConnector: copies planned before vLLM registered its KV caches")
-            first = next(iter(self._kv_caches.values()))
-            cuda = first.device.type == "cuda"
-            self.copier = BlockCopier(self._kv_caches, self._kv_cache_config.num_blocks, num_host_blocks,
-                                      cuda=cuda, cuda_device=(first.device.index or 0) if cuda else 0)
-            if cuda:
-                import torch
-
-                self._stream = torch.cuda.Stream(device=first.device)
-        elif self.copier.num_host_blocks != num_host_blocks:
-            raise RuntimeError(f"KvschedConnector: the host pool has {self.copier.num_host_blocks} blocks, "
-                               f"the plan {num_host_blocks}")
-        return self.copier
+    @property
+    def copier(self) -> BlockCopier | None:
+        return self.runner.copier if self.runner is not None else None
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
         if not isinstance(meta, KvschedConnectorMetadata):
             raise TypeError(f"KvschedConnector: expected kvsched's metadata, got {type(meta).__name__} "
                             "(is the scheduler kvsched.adapters.vllm.Scheduler?)")
-        if meta.empty:
-            if self._overlapping:  # the last step's overlapping copies wrote what this step's rows read
-                import torch
-
-                torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-                self._overlapping = False
+        if meta.empty and self.runner is None:
             return
-        copier = self._copier(meta.num_host_blocks)
-        if self._stream is None:  # CPU: memmoves, in order
-            for extents, direction in meta.waited + meta.overlapping:
-                self._copy(copier, extents, direction)
-            return
-        import torch
-
-        compute = torch.cuda.current_stream(self._stream.device)
-        self._stream.wait_stream(compute)  # the KV the last steps' forward passes wrote
-        waited, overlapping = meta.one_call_per_lane()
-        for extents, direction in waited:
-            self._copy(copier, extents, direction, self._stream.cuda_stream)
-        compute.wait_stream(self._stream)  # these, and every copy queued before (one stream, in order)
-        self._overlapping = False
-        for extents, direction in overlapping:
-            if extents.size:
-                self._copy(copier, extents, direction, self._stream.cuda_stream)
-                self._overlapping = True
-
-    def _copy(self, copier: BlockCopier, extents: np.ndarray, direction: str, stream: Any = None) -> None:
-        """One direction's copies; a failure is logged and its destination blocks reported, and the
-        step's other copies still run (a load that reads what a failed out copy was writing copies
-        its garbage: the adapter traces that too, copy_failures.py)."""
-        if not extents.size:
-            return
-        try:
-            if stream is None:
-                copier.copy(extents, direction)
-            else:
-                copier.copy(extents, direction, stream=stream)
-        except Exception as error:  # noqa: BLE001 (any failure: the blocks are reported, the step goes on)
-            written = extent_blocks(extents, 1)
-            failed = (-1 - written) if direction == "out" else written
-            self._failed_blocks.update(failed.tolist())
-            logging.getLogger(LOGGER_NAME).error(
-                "KvschedConnector: %d %s-copies failed (%s: %s); their %d blocks are reported, and the requests "
-                "that read or wrote them are recomputed", extents.shape[0], direction, type(error).__name__, error,
-                written.size)
-            return
-        self.num_copied["out" if direction == "out" else "into"] += int(extents.shape[0])
+        if self.runner is None:
+            raise RuntimeError("KvschedConnector: copies planned before vLLM registered its KV caches")
+        self.runner.run(meta)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
-        return failed
+        return self.runner.take_failed_blocks() if self.runner is not None else set()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         pass  # loads ran in handle_preemptions, before the step

@@ -25,8 +25,8 @@ is recomputed without need (rare; never wrong).
 
 Glossary
   plan    a ``kvsched.StepPlan``; block ids in it are the core's (vLLM's id - 1).
-  extent  a copy's ``(src_block, dst_block, n_blocks)`` row; ``extent_blocks`` and
-          ``extent_touches`` read them for connector.py too.
+  extent  a copy's ``(src_block, dst_block, n_blocks)`` row, read with ``kvsched.block_copier``'s
+          ``extent_blocks`` and ``extent_touches``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 import kvsched
+from kvsched.block_copier import extent_blocks, extent_touches
 
 
 def split_reported(block_ids: Iterable[int]) -> tuple[set, set]:
@@ -47,25 +48,6 @@ def split_reported(block_ids: Iterable[int]) -> tuple[set, set]:
         else:
             host.add(-1 - block)
     return device, host
-
-
-def extent_blocks(extents: np.ndarray, column: int) -> np.ndarray:
-    """Every block of column 0 (source) or 1 (destination) of extents, one per block, in order."""
-    extents = np.asarray(extents, np.int64).reshape(-1, 3)
-    lengths = extents[:, 2]
-    starts = np.cumsum(lengths) - lengths
-    return np.repeat(extents[:, column], lengths) + np.arange(lengths.sum()) - np.repeat(starts, lengths)
-
-
-def extent_touches(extents: np.ndarray, column: int, blocks) -> np.ndarray:
-    """Per extent whether any block of its column 0 (source) or 1 (destination) is in ``blocks``
-    (an array or a set)."""
-    extents = np.asarray(extents, np.int64).reshape(-1, 3)
-    if isinstance(blocks, (set, frozenset)):
-        blocks = np.fromiter(blocks, np.int64, len(blocks))
-    if not extents.size or not len(blocks):
-        return np.zeros(len(extents), bool)
-    return np.add.reduceat(np.isin(extent_blocks(extents, column), blocks), np.cumsum(extents[:, 2]) - extents[:, 2]) > 0
 
 
 def _copied(extents: np.ndarray, bad_sources: set) -> tuple[np.ndarray, np.ndarray]:
