@@ -257,6 +257,10 @@ void init_batch_former(py::module_& m) {
              {
                plan = f.schedule();
              }
+             // Every row's arrays always; a section (preemptions, swaps, the host tier, external
+             // loads, rejections) only when the step has one: StepPlan reads an absent one as empty.
+             // Most steps have none, and a numpy array costs microseconds when the caches are cold,
+             // as they are after a forward pass.
              py::dict d;
              d["req_ids"] = plan_array(plan.req_ids);
              d["client_ids"] = plan_array(plan.client_ids);
@@ -268,33 +272,45 @@ void init_batch_former(py::module_& m) {
              d["samples"] = plan_array<bool>(plan.samples);
              d["block_indptr"] = plan_array(plan.block_indptr);
              d["new_blocks"] = plan_array(plan.new_blocks);
-             d["copy_on_writes"] = plan_array(plan.copy_on_writes, 3);
-             d["preempted_ids"] = plan_array(plan.preempted_ids);
-             d["swapped_out_ids"] = plan_array(plan.swapped_out_ids);
-             d["swap_out_indptr"] = plan_array(plan.swap_out_indptr);
-             d["swap_out"] = plan_array(plan.swap_out, 3);
-             d["swap_out_descriptors"] = plan_array(plan.swap_out_descriptors, 4);
-             d["swapped_in_ids"] = plan_array(plan.swapped_in_ids);
-             d["swap_in_indptr"] = plan_array(plan.swap_in_indptr);
-             d["swap_in"] = plan_array(plan.swap_in, 3);
-             d["swap_in_descriptors"] = plan_array(plan.swap_in_descriptors, 4);
-             d["swap_out_bytes"] = plan.swap_out_bytes;
-             d["swap_in_bytes"] = plan.swap_in_bytes;
-             d["cache_write"] = plan_array(plan.cache_write, 3);
-             d["cache_write_descriptors"] = plan_array(plan.cache_write_descriptors, 4);
-             d["cache_load_ids"] = plan_array(plan.cache_load_ids);
-             d["cache_load_indptr"] = plan_array(plan.cache_load_indptr);
-             d["cache_load"] = plan_array(plan.cache_load, 3);
-             d["cache_load_descriptors"] = plan_array(plan.cache_load_descriptors, 4);
-             d["cache_write_bytes"] = plan.cache_write_bytes;
-             d["cache_load_bytes"] = plan.cache_load_bytes;
-             d["swap_seconds"] = plan.swap_seconds;
-             d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
-             d["external_load_ids"] = plan_array(plan.external_load_ids);
-             d["external_load_tokens"] = plan_array(plan.external_load_tokens);
-             d["rejected_ids"] = plan_array(plan.rejected_ids);
-             d["rejected_reasons"] = plan_array(plan.rejected_reasons);
              d["num_admitted"] = plan.num_admitted;
+             if (!plan.copy_on_writes.empty()) d["copy_on_writes"] = plan_array(plan.copy_on_writes, 3);
+             if (!plan.preempted_ids.empty()) d["preempted_ids"] = plan_array(plan.preempted_ids);
+             if (!plan.swapped_out_ids.empty() || !plan.swap_out.empty()) {
+               d["swapped_out_ids"] = plan_array(plan.swapped_out_ids);
+               d["swap_out_indptr"] = plan_array(plan.swap_out_indptr);
+               d["swap_out"] = plan_array(plan.swap_out, 3);
+               d["swap_out_descriptors"] = plan_array(plan.swap_out_descriptors, 4);
+               d["swap_out_bytes"] = plan.swap_out_bytes;
+             }
+             if (!plan.swapped_in_ids.empty() || !plan.swap_in.empty()) {
+               d["swapped_in_ids"] = plan_array(plan.swapped_in_ids);
+               d["swap_in_indptr"] = plan_array(plan.swap_in_indptr);
+               d["swap_in"] = plan_array(plan.swap_in, 3);
+               d["swap_in_descriptors"] = plan_array(plan.swap_in_descriptors, 4);
+               d["swap_in_bytes"] = plan.swap_in_bytes;
+             }
+             if (!plan.cache_write.empty()) {
+               d["cache_write"] = plan_array(plan.cache_write, 3);
+               d["cache_write_descriptors"] = plan_array(plan.cache_write_descriptors, 4);
+               d["cache_write_bytes"] = plan.cache_write_bytes;
+             }
+             if (!plan.cache_load_ids.empty() || !plan.cache_load.empty()) {
+               d["cache_load_ids"] = plan_array(plan.cache_load_ids);
+               d["cache_load_indptr"] = plan_array(plan.cache_load_indptr);
+               d["cache_load"] = plan_array(plan.cache_load, 3);
+               d["cache_load_descriptors"] = plan_array(plan.cache_load_descriptors, 4);
+               d["cache_load_bytes"] = plan.cache_load_bytes;
+             }
+             if (plan.swap_seconds != 0.0) d["swap_seconds"] = plan.swap_seconds;
+             if (plan.cache_overlap_seconds != 0.0) d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
+             if (!plan.external_load_ids.empty()) {
+               d["external_load_ids"] = plan_array(plan.external_load_ids);
+               d["external_load_tokens"] = plan_array(plan.external_load_tokens);
+             }
+             if (!plan.rejected_ids.empty()) {
+               d["rejected_ids"] = plan_array(plan.rejected_ids);
+               d["rejected_reasons"] = plan_array(plan.rejected_reasons);
+             }
              return d;
            })
       .def(

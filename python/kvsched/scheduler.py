@@ -239,6 +239,11 @@ class SchedulerConfig:
         return options
 
 
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
 class StepPlan:
     """What to run this step, as flat numpy arrays (index i is one scheduled request).
 
@@ -268,41 +273,40 @@ class StepPlan:
     plan does not reuse, loads for requests without a row).
     """
 
-    __slots__ = (
-        "req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "prompt_lens", "is_prefill",
-        "samples", "block_indptr", "new_blocks",
-        "copy_on_writes", "preempted_ids", "rejected_ids", "rejected_reason_codes", "num_admitted",
-        "swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
-        "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes", "swap_seconds",
-        "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr", "cache_load",
-        "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes", "cache_overlap_seconds",
-        "external_load_ids", "external_load_tokens",
-    )
+    # Every row's arrays are slots; a section the step lacks is absent from the core's dict and read
+    # from the class's read-only empties below (no array per step for what most steps never have).
+    __slots__ = ("req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "prompt_lens",
+                 "is_prefill", "samples", "block_indptr", "new_blocks", "num_admitted", "__dict__")
+    copy_on_writes = _frozen(np.zeros((0, 3), np.int64))
+    preempted_ids = swapped_out_ids = swapped_in_ids = cache_load_ids = _frozen(np.zeros(0, np.int64))
+    external_load_ids = external_load_tokens = rejected_ids = _frozen(np.zeros(0, np.int64))
+    rejected_reason_codes = _frozen(np.zeros(0, np.int32))
+    swap_out_indptr = swap_in_indptr = cache_load_indptr = _frozen(np.zeros(1, np.int64))
+    swap_out = swap_in = cache_write = cache_load = _frozen(np.zeros((0, 3), np.int64))
+    swap_out_descriptors = swap_in_descriptors = _frozen(np.zeros((0, 4), np.int64))
+    cache_write_descriptors = cache_load_descriptors = _frozen(np.zeros((0, 4), np.int64))
+    swap_out_bytes = swap_in_bytes = cache_write_bytes = cache_load_bytes = 0
+    swap_seconds = cache_overlap_seconds = 0.0
 
     def __init__(self, arrays: dict[str, Any]) -> None:
         # The arrays come read-only from the core: update() and the policy read the plan after the
         # engine had it, so an engine that reused its arrays as scratch would change what they read.
-        self.req_ids = arrays["req_ids"]
-        self.client_ids = arrays["client_ids"]
-        self.num_tokens = arrays["num_tokens"]
-        self.computed_offsets = arrays["computed_offsets"]
-        self.num_generated = arrays["num_generated"]
-        self.is_prefill = arrays["is_prefill"]
-        self.prompt_lens = arrays["prompt_lens"]
-        self.samples = arrays["samples"]
-        self.block_indptr = arrays["block_indptr"]
-        self.new_blocks = arrays["new_blocks"]
-        self.copy_on_writes = arrays["copy_on_writes"]
-        self.preempted_ids = arrays["preempted_ids"]
-        for name in ("swapped_out_ids", "swap_out_indptr", "swap_out", "swap_out_descriptors", "swapped_in_ids",
-                     "swap_in_indptr", "swap_in", "swap_in_descriptors", "swap_out_bytes", "swap_in_bytes",
-                     "swap_seconds", "cache_write", "cache_write_descriptors", "cache_load_ids", "cache_load_indptr",
-                     "cache_load", "cache_load_descriptors", "cache_write_bytes", "cache_load_bytes",
-                     "cache_overlap_seconds", "external_load_ids", "external_load_tokens"):
-            setattr(self, name, arrays[name])
-        self.rejected_ids = arrays["rejected_ids"]
-        self.rejected_reason_codes = arrays["rejected_reasons"]
-        self.num_admitted: int = arrays["num_admitted"]
+        arrays = dict(arrays)
+        self.req_ids = arrays.pop("req_ids")
+        self.client_ids = arrays.pop("client_ids")
+        self.num_tokens = arrays.pop("num_tokens")
+        self.computed_offsets = arrays.pop("computed_offsets")
+        self.num_generated = arrays.pop("num_generated")
+        self.is_prefill = arrays.pop("is_prefill")
+        self.prompt_lens = arrays.pop("prompt_lens")
+        self.samples = arrays.pop("samples")
+        self.block_indptr = arrays.pop("block_indptr")
+        self.new_blocks = arrays.pop("new_blocks")
+        self.num_admitted: int = arrays.pop("num_admitted")
+        if "rejected_reasons" in arrays:
+            arrays["rejected_reason_codes"] = arrays.pop("rejected_reasons")
+        if arrays:
+            self.__dict__.update(arrays)
 
     def __len__(self) -> int:
         return int(self.req_ids.size)

@@ -53,7 +53,9 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray, runner: Any, ou
         done = sched.drafts.accept(sched, hs, row_ids, sampled, spec_tokens)
         if done.size:
             capped = capped | np.isin(hs, done)
-    fast = h.plain[hs] & ~h.has_events[hs] & (h.num_output[hs] > 0) & ~capped
+    fast = h.fast[hs]
+    if capped.any():
+        fast &= ~capped
     if set(map(len, sampled)) == {1}:
         tokens = np.fromiter(chain.from_iterable(sampled), np.int64, len(sampled))
     else:
@@ -123,8 +125,10 @@ def apply_row(sched: Scheduler, request: Request, new_token_ids: list[int], inde
         request.status = RequestStatus.FINISHED_ERROR
         stopped = True
     handle = sched._handle_of[request.request_id]
-    sched._handles.num_output[handle] = request.num_output_tokens
-    sched._handles.has_events[handle] = False
+    h = sched._handles
+    h.num_output[handle] = request.num_output_tokens
+    h.has_events[handle] = False
+    h.fast[handle] = h.plain[handle] and request.num_output_tokens > 0
     if capped and not stopped:  # the core cut max_tokens to what the KV cache can ever hold
         request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         stopped = True

@@ -167,6 +167,7 @@ class Scheduler(SchedulerInterface):
         if self.log_stats:
             request.record_event(event, timestamp)
             self._handles.has_events[handle] = True
+            self._handles.fast[handle] = False
 
     def _refusal(self, request: Request) -> str | None:
         if request.resumable:
@@ -323,9 +324,13 @@ class Scheduler(SchedulerInterface):
         hs = plan.req_ids
         samples = plan.samples
         done = self.core.update(hs, samples.astype(np.int64), None)
-        capped = np.isin(hs, done) if done.size else np.zeros(hs.size, bool)
-        h.in_core[done] = False
-        h.in_core[plan.rejected_ids] = False
+        if done.size:
+            capped = np.isin(hs, done)
+            h.in_core[done] = False
+        else:
+            capped = np.zeros(hs.size, bool)
+        if plan.rejected_ids.size:
+            h.in_core[plan.rejected_ids] = False
         if plan.copy_on_writes.size:
             raise RuntimeError("kvsched bug: a copy-on-write without forked sequences")
         self._handle_rejected(plan.rejected_ids)
@@ -393,7 +398,8 @@ class Scheduler(SchedulerInterface):
         self.finished_req_ids = set()
         self._preempted_req_ids = set()
         structured_ids = self._structured_rows(output, hs, samples, req_ids)
-        step = Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids, plan)
+        step = Step(output, hs, h.generation[hs], req_ids, samples, capped, structured_ids, plan,
+                    handle_changes=h.changes)
         if self._copies and (plan.swapped_out_ids.size or plan.swapped_in_ids.size or plan.cache_load_ids.size):
             # Requests the step's copies name, rows or not: a failed copy is traced to them by generation.
             step.copy_handles = np.concatenate([plan.swapped_out_ids, plan.swapped_in_ids, plan.cache_load_ids])
@@ -486,7 +492,10 @@ class Scheduler(SchedulerInterface):
         self._pending_outputs = []
 
         hs = step.handles
-        live = h.alive[hs] & (h.generation[hs] == step.generations) & step.samples
+        if h.changes == step.handle_changes:  # no row retired or recomputed since it was scheduled
+            live = step.samples
+        else:
+            live = h.alive[hs] & (h.generation[hs] == step.generations) & step.samples
         rows = np.arange(live.size) if live.all() else np.flatnonzero(live)
         if rows.size and model_runner_output.sampled_token_ids:
             from_runner.apply_tokens(self, step, rows, model_runner_output, outputs)
@@ -544,6 +553,7 @@ class Scheduler(SchedulerInterface):
             else:
                 continue  # not in the core for another reason (its grammar still compiling): nothing ran
             h.generation[handle] += 1  # rows of this step and later ones in flight are not applied
+            h.changes += 1
         if again:
             ids = np.asarray(again, np.int64)
             self.core.recompute(ids, np.asarray(generated, np.int64))

@@ -38,6 +38,10 @@ class Handles:
         self.structured = np.zeros(capacity, bool)  # its tokens follow a grammar (structured output)
         self.num_structured = 0  # live handles with structured set: steps without any skip the bitmask rows
         self.has_events = np.zeros(capacity, bool)  # events recorded, not yet sent
+        # plain, no events pending and a token already out (a first token takes the per-row path):
+        # its next token is applied by the array path. Kept where those change, so that a step reads
+        # one column instead of three.
+        self.fast = np.zeros(capacity, bool)
         self.in_core = np.zeros(capacity, bool)  # the native core still holds it
         self.last_step = np.full(capacity, -2, np.int64)  # last step that scheduled it
         self.client = np.zeros(capacity, np.int64)
@@ -48,6 +52,9 @@ class Handles:
         self.all_ids = np.empty(capacity, object)
         self._free: list[int] = []
         self._next = 0
+        # Counts releases and generation bumps: a step scheduled when it had the value it has now
+        # has every row still alive and of the same generation (update_from_output skips the check).
+        self.changes = 0
 
     def take(self, request: Request) -> int:
         if self._free:
@@ -82,6 +89,7 @@ class Handles:
         self.num_structured += bool(request.use_structured_output)
         self.last_step[handle] = -2
         self.has_events[handle] = False
+        self.fast[handle] = False
         self.in_core[handle] = False
         self.client[handle] = request.client_index
         self.request[handle] = request
@@ -91,6 +99,7 @@ class Handles:
         return handle
 
     def release(self, handle: int) -> None:
+        self.changes += 1
         self.alive[handle] = False
         self.in_core[handle] = False
         self.num_structured -= bool(self.structured[handle])
@@ -126,6 +135,7 @@ class Step:
     # tier) and their generations then, rows or not (scheduler.py, failed copies).
     copy_handles: Any = None  # np.ndarray, or None when none
     copy_generations: Any = None
+    handle_changes: int = -1  # Handles.changes when the step was scheduled
 
 
 def consume(iterator) -> None:
