@@ -317,16 +317,24 @@ void init_batch_former(py::module_& m) {
           "update",
           [](BatchFormer& f, py::handle ids, py::handle num_new_tokens, py::handle finished) {
             Int64Array id_array(ids, "req_ids"), new_tokens(num_new_tokens, "num_new_tokens");
-            FlagArray finished_array(finished, "finished");
             if (new_tokens.size() != id_array.size()) {
               throw py::value_error("num_new_tokens must have the same length as req_ids");
             }
-            if (finished_array.size() != id_array.size()) {
-              throw py::value_error("finished must have the same length as req_ids");
+            // finished=None: nothing finished (the common report; no array to build and copy).
+            std::optional<FlagArray> finished_array;
+            std::vector<uint8_t> none_finished;
+            if (finished.is_none()) {
+              none_finished.assign(id_array.size(), 0);
+            } else {
+              finished_array.emplace(finished, "finished");
+              if (finished_array->size() != id_array.size()) {
+                throw py::value_error("finished must have the same length as req_ids");
+              }
             }
             std::vector<RequestId> done;
             {
-              done = f.update(id_array.data(), new_tokens.data(), finished_array.data(), id_array.size());
+              done = f.update(id_array.data(), new_tokens.data(),
+                              finished_array ? finished_array->data() : none_finished.data(), id_array.size());
             }
             return to_numpy(std::move(done));
           },

@@ -606,11 +606,12 @@ class Scheduler:
         # The plan's own ids (read-only) need none: an engine that reports in plan order, as
         # kvsched's vLLM adapter does, pays for no copy and no comparison.
         in_plan_order = plan is not None and req_ids is plan.req_ids
-        ids = req_ids if in_plan_order else np.array(_integers(req_ids), copy=True)
-        new_tokens = np.array(_integers(num_new_tokens), copy=True)
-        done_flags = np.zeros(ids.shape, dtype=bool) if finished is None else _integers(finished, bool)
-        done = self._former.update(ids, new_tokens, done_flags)
-        if plan is not None and len(plan):
+        # A policy that reads the report (after_update) gets private copies; the core takes its own.
+        reads = type(self.policy).after_update is not Policy.after_update
+        ids = req_ids if in_plan_order else np.array(_integers(req_ids), copy=True if reads else None)
+        new_tokens = np.array(_integers(num_new_tokens), copy=True if reads else None)
+        done = self._former.update(ids, new_tokens, None if finished is None else _integers(finished, bool))
+        if reads and plan is not None and len(plan):
             # Policies see tokens in plan order; the engine may report in any order, and requests
             # aborted since the plan are not reported (they generated nothing the policy counts).
             if not in_plan_order and not np.array_equal(ids, plan.req_ids):
