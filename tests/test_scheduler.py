@@ -529,3 +529,37 @@ def test_fair_share_charges_accepted_drafts_to_their_client():
     assert after[0] == before[0] + 3 * s.policy.output_weight and after[1] == before[1]
     s.accept_drafts(np.zeros(0, np.int64), np.zeros(0, np.int64))  # nothing accepted: nothing charged
     assert np.array_equal(s.policy.counter([5, 6]), after)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "vtc"])
+def test_update_takes_columns_and_reversed_views_of_a_report(policy):
+    # update() passes reports to the core without a copy when the policy reads none: a strided
+    # view must still be taken (made contiguous), whatever the policy.
+    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=256, policy=policy)
+    s.add_requests(np.arange(2), np.array([20, 20]), np.array([5, 5]))
+    plan = s.schedule()
+    report = np.stack([plan.req_ids, np.ones(len(plan), np.int64)], axis=1)
+    s.update(report[:, 0], report[:, 1])
+    plan = s.schedule()
+    s.update(plan.req_ids[::-1], np.ones(len(plan), np.int64)[::-1])
+    assert s.stats()["num_running"] == 2
+
+
+def test_an_after_update_set_on_the_policy_instance_is_called():
+    policy = kvsched.policies.Policy()
+    seen = []
+    policy.after_update = lambda scheduler, plan, tokens: seen.append(tokens.tolist())
+    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=256, policy=policy)
+    s.add_requests(np.arange(1), np.array([20]), np.array([5]))
+    plan = s.schedule()
+    s.update(plan.req_ids, [1])
+    assert seen == [[1]]
+
+
+def test_a_plans_absent_sections_are_empties_no_one_can_write():
+    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=256)
+    s.add_requests(np.arange(1), np.array([20]), np.array([5]))
+    plan = s.schedule()
+    assert plan.swap_out_indptr.tolist() == [0] and plan.swap_out.shape == (0, 3)
+    with pytest.raises(ValueError):
+        plan.swap_out_indptr.flags.writeable = True

@@ -239,9 +239,9 @@ class SchedulerConfig:
         return options
 
 
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
+def _frozen(dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A zero array no one can write: a view of immutable bytes (its writeable flag cannot be set)."""
+    return np.frombuffer(bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype).reshape(shape)
 
 
 class StepPlan:
@@ -277,14 +277,14 @@ class StepPlan:
     # from the class's read-only empties below (no array per step for what most steps never have).
     __slots__ = ("req_ids", "client_ids", "num_tokens", "computed_offsets", "num_generated", "prompt_lens",
                  "is_prefill", "samples", "block_indptr", "new_blocks", "num_admitted", "__dict__")
-    copy_on_writes = _frozen(np.zeros((0, 3), np.int64))
-    preempted_ids = swapped_out_ids = swapped_in_ids = cache_load_ids = _frozen(np.zeros(0, np.int64))
-    external_load_ids = external_load_tokens = rejected_ids = _frozen(np.zeros(0, np.int64))
-    rejected_reason_codes = _frozen(np.zeros(0, np.int32))
-    swap_out_indptr = swap_in_indptr = cache_load_indptr = _frozen(np.zeros(1, np.int64))
-    swap_out = swap_in = cache_write = cache_load = _frozen(np.zeros((0, 3), np.int64))
-    swap_out_descriptors = swap_in_descriptors = _frozen(np.zeros((0, 4), np.int64))
-    cache_write_descriptors = cache_load_descriptors = _frozen(np.zeros((0, 4), np.int64))
+    copy_on_writes = _frozen(np.int64, (0, 3))
+    preempted_ids = swapped_out_ids = swapped_in_ids = cache_load_ids = _frozen(np.int64, (0,))
+    external_load_ids = external_load_tokens = rejected_ids = _frozen(np.int64, (0,))
+    rejected_reason_codes = _frozen(np.int32, (0,))
+    swap_out_indptr = swap_in_indptr = cache_load_indptr = _frozen(np.int64, (1,))
+    swap_out = swap_in = cache_write = cache_load = _frozen(np.int64, (0, 3))
+    swap_out_descriptors = swap_in_descriptors = _frozen(np.int64, (0, 4))
+    cache_write_descriptors = cache_load_descriptors = _frozen(np.int64, (0, 4))
     swap_out_bytes = swap_in_bytes = cache_write_bytes = cache_load_bytes = 0
     swap_seconds = cache_overlap_seconds = 0.0
 
@@ -606,10 +606,13 @@ class Scheduler:
         # The plan's own ids (read-only) need none: an engine that reports in plan order, as
         # kvsched's vLLM adapter does, pays for no copy and no comparison.
         in_plan_order = plan is not None and req_ids is plan.req_ids
-        # A policy that reads the report (after_update) gets private copies; the core takes its own.
-        reads = type(self.policy).after_update is not Policy.after_update
-        ids = req_ids if in_plan_order else np.array(_integers(req_ids), copy=True if reads else None)
-        new_tokens = np.array(_integers(num_new_tokens), copy=True if reads else None)
+        # A policy that reads the report (after_update) gets private copies; the core takes its own
+        # (of a C-contiguous array: a column or a reversed view is made one here).
+        reads = getattr(self.policy.after_update, "__func__", None) is not Policy.after_update
+        ids = req_ids if in_plan_order else \
+            np.array(_integers(req_ids), copy=True) if reads else np.ascontiguousarray(_integers(req_ids))
+        new_tokens = np.array(_integers(num_new_tokens), copy=True) if reads else \
+            np.ascontiguousarray(_integers(num_new_tokens))
         done = self._former.update(ids, new_tokens, None if finished is None else _integers(finished, bool))
         if reads and plan is not None and len(plan):
             # Policies see tokens in plan order; the engine may report in any order, and requests

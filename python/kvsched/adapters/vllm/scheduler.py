@@ -130,6 +130,7 @@ class Scheduler(SchedulerInterface):
         self._to_add: list[Request] = []  # added since the last schedule(); passed to the core in one call
         self._steps: deque[Step] = deque()
         self._step_index = 0
+        self._previous_rows: tuple[int, list[str]] = (-1, [])  # (step index, row ids) of the last step with rows
         self.stop_string_ends = 0  # aborts taken for stop-string ends (see the glossary)
         self.finished_req_ids: set[str] = set()
         self.finished_req_ids_dict: dict[int, set[str]] | None = defaultdict(set) if include_finished_set else None
@@ -375,6 +376,7 @@ class Scheduler(SchedulerInterface):
 
         cached = to_runner.cached_request_data(self, plan, hs, rows_state, req_ids, requests, resumed_rows)
         h.last_step[hs] = self._step_index
+        self._previous_rows = (self._step_index, req_ids)
         spec_tokens: dict[str, list[int]] = {}
         if self.drafts is None:
             num_tokens = plan.num_tokens.tolist()

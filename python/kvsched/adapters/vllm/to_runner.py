@@ -40,13 +40,12 @@ def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray
     every_row = bool(rows_state.size) and bool(is_running.all())  # the steady state: rows is 0..n-1
     if every_row:
         rows = running = np.arange(rows_state.size)
-        counts = indptr[1:] - indptr[:-1]
     else:
         running = np.flatnonzero(is_running)
         rows = np.concatenate([running, np.asarray(resumed_rows, np.int64)]) if resumed_rows else running
-        counts = (indptr[1:] - indptr[:-1])[rows]
     new_block_ids: list[tuple[list[int], ...] | None] = [None] * rows.size
-    if plan.new_blocks.size and counts.any():
+    if plan.new_blocks.size:  # most decode steps add no block
+        counts = indptr[1:] - indptr[:-1] if every_row else (indptr[1:] - indptr[:-1])[rows]
         starts = indptr[rows]
         blocks = plan.new_blocks + 1
         for k in np.flatnonzero(counts).tolist():
@@ -56,8 +55,9 @@ def cached_request_data(sched: Scheduler, plan: kvsched.StepPlan, hs: np.ndarray
     row_list = rows.tolist()
     cached_ids = list(req_ids) if every_row else [req_ids[r] for r in row_list]
     all_token_ids: dict[str, list[int]] = {}
-    if not sched.use_v2_model_runner:
-        # The v1 runner needs the tokens of a request it did not see in the previous step.
+    # The v1 runner needs the tokens of a request it did not see in the previous step (none, when
+    # the previous step had exactly these rows).
+    if not sched.use_v2_model_runner and not (every_row and sched._previous_rows == (sched._step_index - 1, req_ids)):
         absent = sched._handles.last_step[hs if every_row else hs[rows]] != sched._step_index - 1
         if absent.any():
             absent = np.flatnonzero(absent)
