@@ -77,3 +77,29 @@ def test_a_descriptor_outside_the_pool_copies_nothing():
         copier.copy(np.array([(1, NUM_BLOCKS, 1)]), "in")
     for name, value in tensors.items():
         assert np.array_equal(value, snapshot[name])
+
+
+class _DeviceArray:
+    """Stands for a CUDA array (CuPy, Numba): only its interface, never dereferenced here."""
+
+    def __init__(self, shape):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f2", "data": (1 << 40, False),
+                                         "version": 3, "strides": None}
+
+
+def test_device_memory_without_cuda_is_refused_by_name():
+    # A memmove through a device pointer would crash the process.
+    with pytest.raises(ValueError, match=r"kv_tensors\['layer.1'\]: device memory, but cuda=False"):
+        BlockCopier({"layer.0": np.zeros((2, 8, 4), np.float16), "layer.1": _DeviceArray((2, 8, 4))}, 8, 4)
+
+
+def test_step_copy_runner_refuses_cuda_arrays_it_has_no_streams_for():
+    from kvsched.step_copies import StepCopyRunner
+
+    with pytest.raises(TypeError, match="kv_tensors: CUDA arrays other than torch tensors"):
+        StepCopyRunner({"layer.0": _DeviceArray((2, 8, 4))}, 8)
+
+
+def test_host_memory_with_cuda_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"kv_tensors\['layer.0'\]: host memory, but cuda=True"):
+        BlockCopier({"layer.0": np.zeros((2, 8, 4), np.float16)}, 8, 4, cuda=True)

@@ -66,6 +66,15 @@ def _geometry(tensor: Any, name: str) -> tuple[int, tuple[int, ...], tuple[int, 
     raise TypeError(f"{name}: expected a torch tensor, a numpy array or a CUDA array, got {type(tensor).__name__}")
 
 
+def _on_device(tensor: Any) -> bool:
+    """Whether a KV tensor is in device memory: a torch tensor off the CPU, or any array that exposes
+    ``__cuda_array_interface__`` (CuPy, Numba; a torch CUDA tensor exposes it too)."""
+    device = getattr(tensor, "device", None)
+    if getattr(device, "type", None) is not None:  # torch
+        return device.type != "cpu"
+    return hasattr(tensor, "__cuda_array_interface__")
+
+
 def block_pieces(tensor: Any, num_blocks: int, name: str = "tensor") -> list[Piece]:
     """The pieces of one KV tensor of ``num_blocks`` blocks (see the glossary)."""
     _, shape, strides, itemsize = _geometry(tensor, name)
@@ -116,6 +125,11 @@ class BlockCopier:
         self.pieces: list[Piece] = []
         self._device_spans: list[tuple[int, int]] = []
         for name, tensor in self._tensors.items():
+            if _on_device(tensor) != bool(cuda):
+                # A memmove through a device pointer, or a CUDA copy from host memory, would crash.
+                where = "host" if cuda else "device"
+                raise ValueError(f"kv_tensors[{name!r}]: {where} memory, but cuda={bool(cuda)}"
+                                 f"{'' if cuda else ' (pass cuda=True)'}")
             pointer = _geometry(tensor, name)[0]
             for piece in block_pieces(tensor, self.num_device_blocks, name):
                 self.pieces.append(piece)

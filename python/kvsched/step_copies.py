@@ -101,6 +101,10 @@ class StepCopyRunner:
         first = next(iter(self._kv_tensors.values()))
         device = getattr(first, "device", None)
         self._cuda_device = device if getattr(device, "type", "cpu") == "cuda" else None
+        if self._cuda_device is None and hasattr(first, "__cuda_array_interface__"):
+            # The stream order is kept with torch's streams: another framework's arrays have none here.
+            raise TypeError("kv_tensors: CUDA arrays other than torch tensors are not supported "
+                            f"(got {type(first).__name__}); use BlockCopier with your own streams")
         self.copier: BlockCopier | None = None
         self._stream = None  # CUDA: the copier's stream (torch)
         self._overlapping = False  # CUDA: copies queued that no forward pass has waited for yet
