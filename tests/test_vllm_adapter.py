@@ -839,17 +839,3 @@ def test_copies_that_overlap_the_forward_pass_touch_no_block_the_step_uses(runne
     assert seen["out_overlap"] > 0 and seen["into_overlap"] > 0
     assert all(engine.tokens[r["req_id"]] == expected_tokens(r) for r in requests)
     assert_drained(engine)
-
-
-def test_on_cuda_a_direction_with_copies_to_wait_for_takes_its_overlapping_ones_along():
-    from kvsched.adapters.vllm.connector import KvschedConnectorMetadata
-
-    def extents(*rows):
-        return np.array(rows, np.int64).reshape(-1, 3)
-
-    meta = KvschedConnectorMetadata(8, out=extents([1, 0, 1]), into=extents(), out_overlap=extents([2, 1, 2]),
-                                    into_overlap=extents([3, 5, 1]))
-    waited, overlapping = meta.one_call_per_lane()
-    assert [d for _, d in waited] == ["out", "in"] and [d for _, d in overlapping] == ["out", "in"]
-    assert waited[0][0].tolist() == [[1, 0, 1], [2, 1, 2]] and not overlapping[0][0].size  # one out call
-    assert not waited[1][0].size and overlapping[1][0].tolist() == [[3, 5, 1]]  # the prefetch still overlaps

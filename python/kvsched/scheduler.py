@@ -609,10 +609,9 @@ class Scheduler:
         # A policy that reads the report (after_update) gets private copies; the core takes its own
         # (of a C-contiguous array: a column or a reversed view is made one here).
         reads = getattr(self.policy.after_update, "__func__", None) is not Policy.after_update
-        ids = req_ids if in_plan_order else \
-            np.array(_integers(req_ids), copy=True) if reads else np.ascontiguousarray(_integers(req_ids))
-        new_tokens = np.array(_integers(num_new_tokens), copy=True) if reads else \
-            np.ascontiguousarray(_integers(num_new_tokens))
+        private = (lambda a: np.array(a, copy=True)) if reads else np.ascontiguousarray
+        ids = req_ids if in_plan_order else private(_integers(req_ids))
+        new_tokens = private(_integers(num_new_tokens))
         done = self._former.update(ids, new_tokens, None if finished is None else _integers(finished, bool))
         if reads and plan is not None and len(plan):
             # Policies see tokens in plan order; the engine may report in any order, and requests

@@ -6,7 +6,7 @@ arrives the adapter may have scheduled later steps (asynchronous scheduling), wh
 have read the bad blocks or copied them on. ``touched_requests`` follows the bad bytes through the
 reported step and every later step in flight, in each step's copy order (the out copies, device ->
 host, then the loads, host -> device, then the forward pass), and returns the requests whose KV
-they reached. Copies that overlap the forward pass run after it (connector.py), but they touch no
+they reached. Copies that overlap the forward pass run after it (kvsched.step_copies), but they touch no
 block a row of their step uses, and an overlapping write-through writes no host block a load of
 its step reads, so the trace is the same in either order:
 
@@ -98,4 +98,4 @@ def touched_requests(bad_device: set, bad_host: set, plans: Sequence[kvsched.Ste
     return touched
 
 
-__all__ = ["extent_blocks", "extent_touches", "split_reported", "touched_requests"]
+__all__ = ["split_reported", "touched_requests"]
