@@ -563,3 +563,59 @@ def test_a_plans_absent_sections_are_empties_no_one_can_write():
     assert plan.swap_out_indptr.tolist() == [0] and plan.swap_out.shape == (0, 3)
     with pytest.raises(ValueError):
         plan.swap_out_indptr.flags.writeable = True
+
+
+def _run_committed(commit_in_schedule: bool, policy: str, seed: int) -> list:
+    """An engine that reports each plan at once with one token per sampling row and stops requests
+    early through stop(), as kvsched's vLLM adapter does: every plan and finish, in order."""
+    rng = np.random.default_rng(seed)
+    s = kvsched.Scheduler(num_blocks=24, block_size=16, max_num_batched_tokens=96, max_num_seqs=16, policy=policy,
+                          admission="aggressive")
+    n = 30
+    s.add_requests(np.arange(n), rng.integers(1, 120, n), rng.integers(1, 40, n),
+                   client_ids=rng.integers(0, 3, n).astype(np.int32))
+    stop_at = dict(enumerate(rng.integers(1, 40, n).tolist()))
+    generated = dict.fromkeys(range(n), 0)
+    trace = []
+    for _ in range(2000):
+        if commit_in_schedule:
+            plan = s.schedule(commit=True)
+            done = plan.finished_ids
+        else:
+            plan = s.schedule()
+            done = s.update(plan.req_ids, plan.samples.astype(np.int64))
+        trace.append((plan.req_ids.tolist(), plan.num_tokens.tolist(), plan.preempted_ids.tolist(), done.tolist()))
+        early = []
+        for rid in plan.req_ids[plan.samples].tolist():
+            generated[rid] += 1
+            if generated[rid] == stop_at[rid] and rid not in done.tolist():
+                early.append(rid)
+        if early:
+            s.stop(early)
+            trace.append(("stop", early))
+        if s.stats()["finished"] == n:
+            return trace
+    raise AssertionError("the run did not finish")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "vtc"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_schedule_with_commit_is_schedule_then_update_with_one_token_per_sampling_row(policy, seed):
+    committed = _run_committed(True, policy, seed)
+    assert committed == _run_committed(False, policy, seed)
+    assert any(step[0] != "stop" and step[2] for step in committed)  # the small cache preempted
+    assert any(step[0] != "stop" and step[3] for step in committed)  # and some reached max_new_tokens
+
+
+def test_schedule_with_commit_leaves_no_plan_to_update_and_takes_only_a_bool():
+    s = kvsched.Scheduler(num_blocks=32, block_size=16, max_num_batched_tokens=256)
+    s.add_requests(np.arange(2), np.array([20, 20]), np.array([1, 5]))
+    plan = s.schedule(commit=True)
+    assert plan.finished_ids.tolist() == [0] and not plan.finished_ids.flags.writeable
+    with pytest.raises(ValueError, match="no outstanding plan"):
+        s.update(plan.req_ids, [1, 1])
+    with pytest.raises(TypeError, match="commit"):
+        s.schedule(commit="yes")
+    plan = s.schedule()  # the refused call changed nothing: the next step plans as usual
+    assert plan.req_ids.tolist() == [1] and plan.finished_ids.size == 0
+    s.update(plan.req_ids, [1])

@@ -46,3 +46,34 @@ class SchedulerStep:
     def time_schedule_and_update(self, running, admission):
         plan = self.scheduler.schedule()
         self.scheduler.update(plan.req_ids, self.ones, self.no)
+
+
+class SmallBatchStep:
+    """The same all-decode step at a few rows, where the call's fixed cost is the step's cost: the
+    two calls an engine that knows its tokens makes, against schedule(commit=True), the one call of
+    an engine that learns them a step later (kvsched's vLLM adapter)."""
+
+    params = ([4, 16], ["schedule + update", "schedule(commit=True)"])
+    param_names = ["running", "calls"]
+
+    def setup(self, running, calls):
+        if kvsched is None:
+            raise NotImplementedError("kvsched is not importable")
+        self.scheduler = s = kvsched.Scheduler(
+            num_blocks=running * (PROMPT_LEN + 4096) // 16, block_size=16, max_num_seqs=running,
+            max_num_batched_tokens=8192, admission="aggressive", enable_prefix_caching=False)
+        s.add_requests(np.arange(running + 100), PROMPT_LEN, 4000)
+        while True:
+            plan = s.schedule()
+            s.update(plan.req_ids, plan.samples.astype(np.int64))
+            if len(plan) == running and not plan.is_prefill.any():
+                break
+        self.ones = np.ones(running, np.int64)
+        self.commit = calls == "schedule(commit=True)"
+
+    def time_step(self, running, calls):
+        if self.commit:
+            self.scheduler.schedule(commit=True)
+        else:
+            plan = self.scheduler.schedule()
+            self.scheduler.update(plan.req_ids, self.ones)

@@ -251,68 +251,78 @@ void init_batch_former(py::module_& m) {
             f.set_client_keys(client_array.data(), key_array.data(), client_array.size());
           },
           py::arg("client_ids"), py::arg("keys"))
-      .def("schedule",
-           [](BatchFormer& f) {
-             StepPlan plan;
-             {
-               plan = f.schedule();
-             }
-             // Every row's arrays always; a section (preemptions, swaps, the host tier, external
-             // loads, rejections) only when the step has one: StepPlan reads an absent one as empty.
-             // Most steps have none, and a numpy array costs microseconds when the caches are cold,
-             // as they are after a forward pass.
-             py::dict d;
-             d["req_ids"] = plan_array(plan.req_ids);
-             d["client_ids"] = plan_array(plan.client_ids);
-             d["num_tokens"] = plan_array(plan.num_tokens);
-             d["computed_offsets"] = plan_array(plan.computed_offsets);
-             d["num_generated"] = plan_array(plan.num_generated);
-             d["is_prefill"] = plan_array<bool>(plan.is_prefill);
-             d["prompt_lens"] = plan_array(plan.prompt_lens);
-             d["samples"] = plan_array<bool>(plan.samples);
-             d["block_indptr"] = plan_array(plan.block_indptr);
-             d["new_blocks"] = plan_array(plan.new_blocks);
-             d["num_admitted"] = plan.num_admitted;
-             if (!plan.copy_on_writes.empty()) d["copy_on_writes"] = plan_array(plan.copy_on_writes, 3);
-             if (!plan.preempted_ids.empty()) d["preempted_ids"] = plan_array(plan.preempted_ids);
-             if (!plan.swapped_out_ids.empty() || !plan.swap_out.empty()) {
-               d["swapped_out_ids"] = plan_array(plan.swapped_out_ids);
-               d["swap_out_indptr"] = plan_array(plan.swap_out_indptr);
-               d["swap_out"] = plan_array(plan.swap_out, 3);
-               d["swap_out_descriptors"] = plan_array(plan.swap_out_descriptors, 4);
-               d["swap_out_bytes"] = plan.swap_out_bytes;
-             }
-             if (!plan.swapped_in_ids.empty() || !plan.swap_in.empty()) {
-               d["swapped_in_ids"] = plan_array(plan.swapped_in_ids);
-               d["swap_in_indptr"] = plan_array(plan.swap_in_indptr);
-               d["swap_in"] = plan_array(plan.swap_in, 3);
-               d["swap_in_descriptors"] = plan_array(plan.swap_in_descriptors, 4);
-               d["swap_in_bytes"] = plan.swap_in_bytes;
-             }
-             if (!plan.cache_write.empty()) {
-               d["cache_write"] = plan_array(plan.cache_write, 3);
-               d["cache_write_descriptors"] = plan_array(plan.cache_write_descriptors, 4);
-               d["cache_write_bytes"] = plan.cache_write_bytes;
-             }
-             if (!plan.cache_load_ids.empty() || !plan.cache_load.empty()) {
-               d["cache_load_ids"] = plan_array(plan.cache_load_ids);
-               d["cache_load_indptr"] = plan_array(plan.cache_load_indptr);
-               d["cache_load"] = plan_array(plan.cache_load, 3);
-               d["cache_load_descriptors"] = plan_array(plan.cache_load_descriptors, 4);
-               d["cache_load_bytes"] = plan.cache_load_bytes;
-             }
-             if (plan.swap_seconds != 0.0) d["swap_seconds"] = plan.swap_seconds;
-             if (plan.cache_overlap_seconds != 0.0) d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
-             if (!plan.external_load_ids.empty()) {
-               d["external_load_ids"] = plan_array(plan.external_load_ids);
-               d["external_load_tokens"] = plan_array(plan.external_load_tokens);
-             }
-             if (!plan.rejected_ids.empty()) {
-               d["rejected_ids"] = plan_array(plan.rejected_ids);
-               d["rejected_reasons"] = plan_array(plan.rejected_reasons);
-             }
-             return d;
-           })
+      .def(
+          "schedule",
+          [](BatchFormer& f, bool commit) {
+            StepPlan plan = f.schedule();
+            // commit: the plan is reported at once, one token for every sampling row (an engine that
+            // learns its tokens a step later, as vLLM's asynchronous scheduling does). One call
+            // instead of two saves a step's worth of argument checks and arrays at small batches.
+            std::vector<RequestId> finished;
+            if (commit) {
+              const size_t rows = plan.req_ids.size();
+              std::vector<int64_t> one_token(plan.samples.begin(), plan.samples.end());
+              std::vector<uint8_t> none_finished(rows, 0);
+              finished = f.update(plan.req_ids.data(), one_token.data(), none_finished.data(), rows);
+            }
+            // Every row's arrays always; a section (preemptions, swaps, the host tier, external
+            // loads, rejections) only when the step has one: StepPlan reads an absent one as empty.
+            // Most steps have none, and a numpy array costs microseconds when the caches are cold,
+            // as they are after a forward pass.
+            py::dict d;
+            d["req_ids"] = plan_array(plan.req_ids);
+            d["client_ids"] = plan_array(plan.client_ids);
+            d["num_tokens"] = plan_array(plan.num_tokens);
+            d["computed_offsets"] = plan_array(plan.computed_offsets);
+            d["num_generated"] = plan_array(plan.num_generated);
+            d["is_prefill"] = plan_array<bool>(plan.is_prefill);
+            d["prompt_lens"] = plan_array(plan.prompt_lens);
+            d["samples"] = plan_array<bool>(plan.samples);
+            d["block_indptr"] = plan_array(plan.block_indptr);
+            d["new_blocks"] = plan_array(plan.new_blocks);
+            d["num_admitted"] = plan.num_admitted;
+            if (!plan.copy_on_writes.empty()) d["copy_on_writes"] = plan_array(plan.copy_on_writes, 3);
+            if (!plan.preempted_ids.empty()) d["preempted_ids"] = plan_array(plan.preempted_ids);
+            if (!plan.swapped_out_ids.empty() || !plan.swap_out.empty()) {
+              d["swapped_out_ids"] = plan_array(plan.swapped_out_ids);
+              d["swap_out_indptr"] = plan_array(plan.swap_out_indptr);
+              d["swap_out"] = plan_array(plan.swap_out, 3);
+              d["swap_out_descriptors"] = plan_array(plan.swap_out_descriptors, 4);
+              d["swap_out_bytes"] = plan.swap_out_bytes;
+            }
+            if (!plan.swapped_in_ids.empty() || !plan.swap_in.empty()) {
+              d["swapped_in_ids"] = plan_array(plan.swapped_in_ids);
+              d["swap_in_indptr"] = plan_array(plan.swap_in_indptr);
+              d["swap_in"] = plan_array(plan.swap_in, 3);
+              d["swap_in_descriptors"] = plan_array(plan.swap_in_descriptors, 4);
+              d["swap_in_bytes"] = plan.swap_in_bytes;
+            }
+            if (!plan.cache_write.empty()) {
+              d["cache_write"] = plan_array(plan.cache_write, 3);
+              d["cache_write_descriptors"] = plan_array(plan.cache_write_descriptors, 4);
+              d["cache_write_bytes"] = plan.cache_write_bytes;
+            }
+            if (!plan.cache_load_ids.empty() || !plan.cache_load.empty()) {
+              d["cache_load_ids"] = plan_array(plan.cache_load_ids);
+              d["cache_load_indptr"] = plan_array(plan.cache_load_indptr);
+              d["cache_load"] = plan_array(plan.cache_load, 3);
+              d["cache_load_descriptors"] = plan_array(plan.cache_load_descriptors, 4);
+              d["cache_load_bytes"] = plan.cache_load_bytes;
+            }
+            if (plan.swap_seconds != 0.0) d["swap_seconds"] = plan.swap_seconds;
+            if (plan.cache_overlap_seconds != 0.0) d["cache_overlap_seconds"] = plan.cache_overlap_seconds;
+            if (!plan.external_load_ids.empty()) {
+              d["external_load_ids"] = plan_array(plan.external_load_ids);
+              d["external_load_tokens"] = plan_array(plan.external_load_tokens);
+            }
+            if (!plan.rejected_ids.empty()) {
+              d["rejected_ids"] = plan_array(plan.rejected_ids);
+              d["rejected_reasons"] = plan_array(plan.rejected_reasons);
+            }
+            if (!finished.empty()) d["finished_ids"] = plan_array(finished);
+            return d;
+          },
+          py::arg("commit") = false)
       .def(
           "update",
           [](BatchFormer& f, py::handle ids, py::handle num_new_tokens, py::handle finished) {

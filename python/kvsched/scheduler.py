@@ -254,7 +254,9 @@ class StepPlan:
     new KV blocks in CSR form: those of request i are ``new_blocks[block_indptr[i]:block_indptr[i + 1]]``
     (a request that starts or restarts gets its whole table, prefix-cache hits included);
     ``copy_on_writes`` rows are ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted
-    by recompute (their KV is gone); ``rejected_ids`` with ``rejected_reasons`` will never run.
+    by recompute (their KV is gone); ``rejected_ids`` with ``rejected_reasons`` will never run;
+    ``finished_ids``, from ``schedule(commit=True)`` only, the rows its commit finished (they reached
+    ``max_new_tokens``).
 
     Swaps: ``swapped_out_ids`` moved device -> host, ``swapped_in_ids`` host -> device (and run in
     this plan). ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)``, request i's
@@ -279,7 +281,7 @@ class StepPlan:
                  "is_prefill", "samples", "block_indptr", "new_blocks", "num_admitted", "__dict__")
     copy_on_writes = _frozen(np.int64, (0, 3))
     preempted_ids = swapped_out_ids = swapped_in_ids = cache_load_ids = _frozen(np.int64, (0,))
-    external_load_ids = external_load_tokens = rejected_ids = _frozen(np.int64, (0,))
+    external_load_ids = external_load_tokens = rejected_ids = finished_ids = _frozen(np.int64, (0,))
     rejected_reason_codes = _frozen(np.int32, (0,))
     swap_out_indptr = swap_in_indptr = cache_load_indptr = _frozen(np.int64, (1,))
     swap_out = swap_in = cache_write = cache_load = _frozen(np.int64, (0, 3))
@@ -590,10 +592,23 @@ class Scheduler:
 
     # ---- steps ----
     @_serialized
-    def schedule(self) -> StepPlan:
-        """Plans one engine step. Call ``update()`` with its results before the next ``schedule()``."""
-        plan = StepPlan(self._former.schedule())
-        self._last_plan = plan
+    def schedule(self, commit: bool = False) -> StepPlan:
+        """Plans one engine step. Call ``update()`` with its results before the next ``schedule()``.
+
+        ``commit=True`` reports the plan in the same call, as ``update()`` would with one token for
+        every sampling row and nothing finished: for an engine that learns its tokens a step later
+        (vLLM's asynchronous scheduling), which then ends a request that stopped early with ``stop()``.
+        No ``update()`` follows; ``plan.finished_ids`` are the rows that reached ``max_new_tokens``.
+        """
+        if not isinstance(commit, (bool, np.bool_)):
+            raise TypeError(f"commit must be a bool, got {type(commit).__name__}")
+        plan = StepPlan(self._former.schedule(bool(commit)))
+        if not commit:
+            self._last_plan = plan
+            return plan
+        self._last_plan = None
+        if len(plan) and self._policy_reads_reports():
+            self.policy.after_update(self, plan, plan.samples.astype(np.int64))
         return plan
 
     @_serialized
@@ -608,7 +623,7 @@ class Scheduler:
         in_plan_order = plan is not None and req_ids is plan.req_ids
         # A policy that reads the report (after_update) gets private copies; the core takes its own
         # (of a C-contiguous array: a column or a reversed view is made one here).
-        reads = getattr(self.policy.after_update, "__func__", None) is not Policy.after_update
+        reads = self._policy_reads_reports()
         private = (lambda a: np.array(a, copy=True)) if reads else np.ascontiguousarray
         ids = req_ids if in_plan_order else private(_integers(req_ids))
         new_tokens = private(_integers(num_new_tokens))
@@ -624,6 +639,10 @@ class Scheduler:
                 new_tokens = np.where(reported, new_tokens[order][position] if ids.size else 0, 0)
             self.policy.after_update(self, plan, new_tokens)
         return done
+
+    def _policy_reads_reports(self) -> bool:
+        """Whether the policy overrides ``after_update`` (on its class or the instance)."""
+        return getattr(self.policy.after_update, "__func__", None) is not Policy.after_update
 
     @_serialized
     def accept_drafts(self, req_ids: Any, num_accepted: Any) -> np.ndarray:

@@ -53,6 +53,7 @@ from collections import defaultdict, deque
 from typing import Any, Iterable
 
 import numpy as np
+from numpy import count_nonzero
 from vllm.config import VllmConfig
 from vllm.multimodal import MULTIMODAL_REGISTRY, MultiModalRegistry
 from vllm.v1.core.sched.interface import PauseState, SchedulerInterface
@@ -319,12 +320,12 @@ class Scheduler(SchedulerInterface):
         if self._pause_state == PauseState.PAUSED_ALL:
             return self._empty_output()
         h = self._handles
-        plan = self.core.schedule()
+        plan = self.core.schedule(commit=True)
         if self.kv_events:
             self.kv_events.collect(plan)
         hs = plan.req_ids
         samples = plan.samples
-        done = self.core.update(hs, samples.astype(np.int64), None)
+        done = plan.finished_ids
         if done.size:
             capped = np.isin(hs, done)
             h.in_core[done] = False
@@ -342,7 +343,7 @@ class Scheduler(SchedulerInterface):
         rows_state = h.state[hs]
         req_ids: list[str] = h.req_id[hs].tolist()
         sent = rows_state != RUNNING
-        sent_rows = np.flatnonzero(sent) if sent.any() else _NO_ROWS
+        sent_rows = np.flatnonzero(sent) if count_nonzero(sent) else _NO_ROWS
         # The Request objects are needed for rows sent afresh and rows the v1 runner did not see last
         # step: at steady state, none.
         requests: list[Request] = h.request[hs].tolist() if sent_rows.size else []
@@ -498,8 +499,9 @@ class Scheduler(SchedulerInterface):
             live = step.samples
         else:
             live = h.alive[hs] & (h.generation[hs] == step.generations) & step.samples
-        rows = np.arange(live.size) if live.all() else np.flatnonzero(live)
-        if rows.size and model_runner_output.sampled_token_ids:
+        num_live = count_nonzero(live)
+        if num_live and model_runner_output.sampled_token_ids:
+            rows = None if num_live == live.size else np.flatnonzero(live)  # None: every row
             from_runner.apply_tokens(self, step, rows, model_runner_output, outputs)
 
         engine_outputs = {client: EngineCoreOutputs(outputs=outs) for client, outs in outputs.items()}
