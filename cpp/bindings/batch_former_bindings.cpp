@@ -257,7 +257,9 @@ void init_batch_former(py::module_& m) {
             StepPlan plan = f.schedule();
             // commit: the plan is reported at once, one token for every sampling row (an engine that
             // learns its tokens a step later, as vLLM's asynchronous scheduling does). One call
-            // instead of two saves a step's worth of argument checks and arrays at small batches.
+            // instead of two saves a step's worth of argument checks and arrays at small batches. The
+            // update cannot be refused: every row is the plan's own, and a row samples exactly when
+            // its chunk reaches the end of its sequence, which is what update() checks.
             std::vector<RequestId> finished;
             if (commit) {
               const size_t rows = plan.req_ids.size();

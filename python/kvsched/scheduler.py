@@ -255,8 +255,8 @@ class StepPlan:
     (a request that starts or restarts gets its whole table, prefix-cache hits included);
     ``copy_on_writes`` rows are ``(req_id, src_block, dst_block)``; ``preempted_ids`` were preempted
     by recompute (their KV is gone); ``rejected_ids`` with ``rejected_reasons`` will never run;
-    ``finished_ids``, from ``schedule(commit=True)`` only, the rows its commit finished (they reached
-    ``max_new_tokens``).
+    ``finished_ids``, from ``schedule(commit=True)`` only, the ids of the requests its commit finished
+    (they reached ``max_new_tokens``).
 
     Swaps: ``swapped_out_ids`` moved device -> host, ``swapped_in_ids`` host -> device (and run in
     this plan). ``swap_out``/``swap_in`` rows are ``(src_block, dst_block, n_blocks)``, request i's
@@ -439,7 +439,7 @@ def _serialized(method: _Call) -> _Call:
 class Scheduler:
     """Continuous batching with chunked prefill, peak-memory admission and preemption.
 
-    Every added request ends as finished (``update``), aborted (``abort``) or rejected (reported
+    Every added request ends as finished (``update``, ``schedule(commit=True)``, ``stop``), aborted (``abort``) or rejected (reported
     in a plan's ``rejected_ids``). Bad arguments raise ValueError/KeyError/TypeError naming the
     argument and change nothing.
 
@@ -598,7 +598,7 @@ class Scheduler:
         ``commit=True`` reports the plan in the same call, as ``update()`` would with one token for
         every sampling row and nothing finished: for an engine that learns its tokens a step later
         (vLLM's asynchronous scheduling), which then ends a request that stopped early with ``stop()``.
-        No ``update()`` follows; ``plan.finished_ids`` are the rows that reached ``max_new_tokens``.
+        No ``update()`` follows; ``plan.finished_ids`` are the requests that reached ``max_new_tokens``.
         """
         if not isinstance(commit, (bool, np.bool_)):
             raise TypeError(f"commit must be a bool, got {type(commit).__name__}")
@@ -647,7 +647,7 @@ class Scheduler:
     @_serialized
     def accept_drafts(self, req_ids: Any, num_accepted: Any) -> np.ndarray:
         """Speculative decoding with an engine that reports a step before its tokens are known
-        (``update()`` with one token per sampling row, as kvsched's vLLM adapter does): adds the draft
+        (``schedule(commit=True)``, as kvsched's vLLM adapter does): adds the draft
         tokens each request then accepted to its generated and computed tokens. The drafts ran in the
         step's lookahead slots (``num_lookahead_tokens``). Each request must be running, outside an
         outstanding plan, with that many slots; a request reaching ``max_new_tokens`` finishes, as in
