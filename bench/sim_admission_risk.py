@@ -47,10 +47,11 @@ def _risk(text: str):
     return text if text == "auto" else int(text)
 
 
-def run(workload: str, seed: int, risk, profile: str) -> dict:
+def run(workload: str, seed: int, risk, profile: str, num_scenarios: int = 5) -> dict:
     defaults = BUILT_IN_DEFAULTS[workload]
     engine = EngineConfig(PROFILES[profile], defaults.kv_capacity_tokens, max_model_len=defaults.max_model_len,
-                          scheduler_overrides={"seed": seed, "overflow_scenarios": risk})
+                          scheduler_overrides={"seed": seed, "overflow_scenarios": risk,
+                                               "num_scenarios": num_scenarios})
     log = simulate(prepare(trace_for(workload, seed), engine), engine, "past_future")
     return summarize(log, SLOS["lax"])
 
@@ -59,7 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=["chat", "decode_heavy", "multi_turn"])
     parser.add_argument("--risks", type=_risk, nargs="+", default=[0, 2, 4],
-                        help="overflow_scenarios of 5, or auto (priced from the simulated steps)")
+                        help="overflow_scenarios of --num-scenarios, or auto (priced from the simulated steps)")
+    parser.add_argument("--num-scenarios", type=int, default=5, help="draws per request (num_scenarios)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--profile", choices=tuple(PROFILES), default="llama3-8b-a100")
     parser.add_argument("--out", type=Path)
@@ -67,9 +69,9 @@ def main() -> None:
     if args.risks[0] != 0:
         parser.error("--risks: the first is the reference the others are compared with; start with 0")
     began = time.monotonic()
-    records = {w: {r: [run(w, s, r, args.profile) for s in range(args.seeds)] for r in args.risks}
-               for w in args.workloads}
-    print(f"past_future, 5 scenarios, {args.profile}, {REQUESTS} requests, {args.seeds} seeds; "
+    records = {w: {r: [run(w, s, r, args.profile, args.num_scenarios) for s in range(args.seeds)]
+                   for r in args.risks} for w in args.workloads}
+    print(f"past_future, {args.num_scenarios} scenarios, {args.profile}, {REQUESTS} requests, {args.seeds} seeds; "
           "mean [95% interval] (paired difference from risk 0)")
     header = "| workload | overflow_scenarios | " + " | ".join(label for _, label, _ in METRICS) + " |"
     print(header + "\n" + "|---|---:|" + "---:|" * len(METRICS))

