@@ -439,9 +439,9 @@ def _serialized(method: _Call) -> _Call:
 class Scheduler:
     """Continuous batching with chunked prefill, peak-memory admission and preemption.
 
-    Every added request ends as finished (``update``, ``schedule(commit=True)``, ``stop``), aborted (``abort``) or rejected (reported
-    in a plan's ``rejected_ids``). Bad arguments raise ValueError/KeyError/TypeError naming the
-    argument and change nothing.
+    Every added request ends as finished (``update``, ``schedule(commit=True)``, ``stop``), aborted
+    (``abort``) or rejected (reported in a plan's ``rejected_ids``). Bad arguments raise
+    ValueError/KeyError/TypeError naming the argument and change nothing.
 
     Threads: every call is safe from any thread. Calls that change state (adding, aborting,
     ``schedule``, ``update``, the migration calls) run one at a time under a lock, with the

@@ -51,7 +51,7 @@ def apply_tokens(sched: Scheduler, step: Step, rows: np.ndarray | None, runner: 
     hs = step.handles if every_row else step.handles[rows]
     row_ids = step.req_ids if every_row else [step.req_ids[r] for r in rows.tolist()]
     if runner.req_ids == step.req_ids:
-        index = list(range(len(row_ids))) if every_row else rows.tolist()
+        index = range(len(row_ids)) if every_row else rows.tolist()
     else:
         index = sched._runner_order.index(runner, row_ids)
     sampled = list(map(runner.sampled_token_ids.__getitem__, index))
