@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from scheduler_driver import FakeEngine
+
 import kvsched
 from kvsched.risk import RiskPricer
 from kvsched.sim.profiles import PROFILES
@@ -161,3 +163,23 @@ def test_the_simulator_refuses_auto_where_admission_draws_no_scenarios():
     prepared = prepare(synthetic("chat", 20, 5.0, seed=0), engine)
     with pytest.raises(ValueError, match="overflow_scenarios"):
         EngineInstance(prepared, engine, "aggressive")
+
+
+def test_the_price_moves_from_the_running_mean_to_what_victims_held(rng):
+    # Before any preemption a victim is priced at the running requests' mean context; each
+    # preemption the core counts (preempted_tokens) moves the price toward what victims held.
+    from kvsched.risk import PRIOR_PREEMPTIONS, PricedAdmission
+
+    s = kvsched.Scheduler(num_blocks=48, block_size=16, max_num_batched_tokens=300, max_num_seqs=8,
+                          overflow_scenarios=4)  # a risk that preempts on this small cache
+    priced = PricedAdmission(s)
+    priced._context_tokens, priced._context_requests = 3000, 10  # as if repriced: a mean of 300
+    assert priced.victim_context() == pytest.approx(300.0)
+    engine = FakeEngine(s)
+    for i in range(40):
+        engine.add(i, int(rng.integers(1, 200)), int(rng.integers(1, 150)))
+    engine.run()
+    stats = s.stats()
+    assert stats["preemptions"] > 0
+    expected = (PRIOR_PREEMPTIONS * 300 + stats["preempted_tokens"]) / (PRIOR_PREEMPTIONS + stats["preemptions"])
+    assert priced.victim_context() == pytest.approx(expected) and expected < 300

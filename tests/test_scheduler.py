@@ -56,6 +56,21 @@ def test_budgets_hold_in_a_crowded_run(rng):
     assert stats["preemptions"] == e.preemptions and stats["finished"] == 60 and stats["kv"]["num_used"] == 0
 
 
+def test_preempted_tokens_counts_what_each_victim_held(rng):
+    # Admission's priced risk reads it as what a preemption drops (kvsched.risk).
+    s = make(num_blocks=48, max_num_batched_tokens=300, max_num_seqs=8, admission="aggressive")
+    e = FakeEngine(s)
+    for i in range(40):
+        e.add(i, int(rng.integers(1, 200)), int(rng.integers(1, 150)), arrival_time=i * 0.1)
+    dropped = 0
+    while s.has_unfinished_requests():
+        held = {r: s.info(r)["num_computed"] for r in e.prompt if r in s}
+        plan = e.step()
+        dropped += sum(held[r] for r in plan.preempted_ids.tolist())
+    stats = s.stats()
+    assert stats["preemptions"] > 0 and stats["preempted_tokens"] == dropped > 0
+
+
 def test_preempted_request_resumes_with_its_tokens_and_victim_is_the_newest():
     s = make(num_blocks=12, block_size=16, max_num_batched_tokens=512, admission="aggressive")
     e = FakeEngine(s)

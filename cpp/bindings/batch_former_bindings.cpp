@@ -145,6 +145,7 @@ py::dict stats_dict(const BatchFormerStats& s) {
   d["rejected"] = s.rejected;
   d["admitted"] = s.admitted;
   d["preemptions"] = s.preemptions;
+  d["preempted_tokens"] = s.preempted_tokens;
   d["priority_preemptions"] = s.priority_preemptions;
   d["swap_preemptions"] = s.swap_preemptions;
   d["swapped_in"] = s.swapped_in;

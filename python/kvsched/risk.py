@@ -14,6 +14,11 @@ Glossary
               `rows` rows a step's fixed cost is a / rows per row-step.
   price       what a preemption costs, in row-steps: recomputing the victim's tokens, c x its
               context, over a / rows.
+  victim's context  what the core's preemptions for memory dropped, per preemption (its
+              ``preempted_tokens`` over ``preemptions``), with the running requests' mean context
+              as a prior worth PRIOR_PREEMPTIONS of them. The victim is the back of the running
+              list, the newest request, which holds less than the mean; before any preemption the
+              mean prices it from above.
   gain        what a candidate admitted now rather than later buys, in row-steps: the steps until
               a running request finishes and makes room anyway, about the mean output length
               over rows (the first of `rows` finishings).
@@ -37,6 +42,8 @@ HYSTERESIS = 0.25
 # A step that took this many times what the last fit predicts is not a step (the engine sat idle,
 # or the process stalled): it would stay in the sums for good, so it is left out.
 OUTLIER_FACTOR = 5.0
+# How many preemptions the running requests' mean context counts as, beside the victims measured.
+PRIOR_PREEMPTIONS = 8
 
 
 @dataclass(frozen=True)
@@ -128,10 +135,10 @@ class PricedAdmission:
 
     The engine integration reports every step (``step``: its duration, rows and scheduled tokens)
     and every request that finished normally (``finished``: its output length). Every
-    ``reprice_steps`` steps the risk is priced for the running requests' mean context, averaged
-    over every repricing (at small batches one step's running set is a handful of requests whose
-    mean swings), and the finished requests' mean output; a change is applied between steps and
-    passed to ``on_change(old, new, cost)`` when given.
+    ``reprice_steps`` steps the risk is priced for the victim's context (see the glossary; the
+    running requests' mean is averaged over every repricing, since at small batches one step's
+    running set is a handful of requests whose mean swings) and the finished requests' mean output;
+    a change is applied between steps and passed to ``on_change(old, new, cost)`` when given.
     """
 
     def __init__(self, scheduler, reprice_steps: int = 64, on_change=None) -> None:
@@ -143,6 +150,8 @@ class PricedAdmission:
         self.on_change = on_change
         self._outputs = self._finished = 0
         self._context_tokens = self._context_requests = 0
+        stats = scheduler.stats()  # the victims are counted from here on
+        self._preempted_base = (stats["preempted_tokens"], stats["preemptions"])
 
     def finished(self, output_tokens: int, count: int = 1) -> None:
         """``count`` requests finished normally with ``output_tokens`` tokens in all."""
@@ -155,6 +164,14 @@ class PricedAdmission:
         if self.pricer.steps != before and self.pricer.steps % self.reprice_steps == 0:
             self._reprice()
 
+    def victim_context(self) -> float:
+        """The tokens a preemption drops, as priced (the glossary's victim's context)."""
+        stats = self.scheduler.stats()
+        tokens = stats["preempted_tokens"] - self._preempted_base[0]
+        preemptions = stats["preemptions"] - self._preempted_base[1]
+        prior = self._context_tokens / self._context_requests if self._context_requests else 0.0
+        return (PRIOR_PREEMPTIONS * prior + tokens) / (PRIOR_PREEMPTIONS + preemptions)
+
     def _reprice(self) -> None:
         if self.pricer.fit() is None:
             return  # no evidence yet: the configured value stands
@@ -163,8 +180,8 @@ class PricedAdmission:
         self._context_requests += load["num_running"]
         if not self._context_requests or not self._finished:
             return
-        m = self.pricer.overflow_scenarios(self._context_tokens / self._context_requests,
-                                           self._outputs / self._finished, self.overflow_scenarios)
+        m = self.pricer.overflow_scenarios(self.victim_context(), self._outputs / self._finished,
+                                           self.overflow_scenarios)
         if m != self.overflow_scenarios:
             self.scheduler.set_overflow_scenarios(m)
             if self.on_change is not None:

@@ -195,6 +195,8 @@ struct BatchFormerStats {
   int64_t rejected = 0;
   int64_t admitted = 0;            // admissions, counting re-admissions after preemption
   int64_t preemptions = 0;         // for memory, by swap or recompute
+  int64_t preempted_tokens = 0;    // computed tokens those preemptions' victims held (what a
+                                   // recompute computes again; admission's risk prices it)
   // Swaps, read from the SwapPlanner's counters.
   int64_t swap_preemptions = 0;    // preemptions (counted above) that swapped
   int64_t swapped_in = 0;
