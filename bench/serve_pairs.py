@@ -29,14 +29,18 @@ METRICS = (("tokens_per_s", "throughput", True), ("ttft_mean_ms", "TTFT mean", F
            ("preemptions", "preemptions", False))
 
 
-def pairs_of(path: Path, config: str) -> tuple[dict, list[tuple[dict, dict]]]:
+def pairs_of(path: Path, config: str) -> tuple[dict, list[tuple[dict, dict]], list[int]]:
+    """The file's runs, its (vLLM run, ``config`` run) pairs, and the pairs left out because a run
+    in them failed requests (a failure is no throughput: such a pair is reported, not compared)."""
     data = json.loads(path.read_text())
     runs = data["runs"]
     if config not in runs:
         raise SystemExit(f"{path}: no config {config!r} (it has {', '.join(runs)})")
     by_pair = {r["pair"]: r for r in runs["vllm"] if not r.get("failed")}
     pairs = [(by_pair[r["pair"]], r) for r in runs[config] if r["pair"] in by_pair and not r.get("failed")]
-    return data, pairs
+    kept = {r["pair"] for _, r in pairs}
+    left_out = sorted({r["pair"] for r in runs["vllm"] + runs[config]} - kept)
+    return data, pairs, left_out
 
 
 def summarize(ratios: list[float], higher_is_better: bool) -> dict:
@@ -55,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     by_rate: dict[float, dict[str, list[float]]] = {}
     for path in args.files:
-        data, pairs = pairs_of(path, args.config)
+        data, pairs, left_out = pairs_of(path, args.config)
         rate = float(data["options"]["rate"])
         commit = data.get("kvsched", {}).get("commit", "?")[:8]
         ratios = by_rate.setdefault(rate, {key: [] for key, _, _ in METRICS})
@@ -65,7 +69,8 @@ def main() -> None:
                 ratios[key].append(max(run[key], 1e-9) / max(reference[key], 1e-9))
             cells.append(f"{run['tokens_per_s'] / reference['tokens_per_s'] - 1:+.1%}")
         print(f"{path.name}: rate {rate:g}, seed {data['options']['seed']}, kvsched {commit}, "
-              f"throughput per pair {', '.join(cells)}")
+              f"throughput per pair {', '.join(cells)}"
+              + (f"; pairs {left_out} left out: a run failed requests" if left_out else ""))
     summary = {}
     print(f"\n{args.config} against vLLM's scheduler, pooled pairs: geometric mean of the ratios "
           "[95% interval], pairs won")
