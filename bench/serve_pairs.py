@@ -7,9 +7,15 @@ A serve on this 2-core machine swings by 10% between runs of the same scheduler,
 schedulers differ, so one file's three pairs cannot say which is ahead. Each pair ran both
 schedulers back to back on the same workload, so each pair gives one ratio per metric (kvsched over
 vLLM); the pooled figure is the geometric mean of the ratios with a 95% interval (Student's t on
-the log ratios, pairs taken as independent), and how many pairs kvsched won. Files are grouped by
-request rate; pool only files whose kvsched commit you mean to judge (each file's commit is
-printed).
+the log ratios), and how many pairs kvsched won. Preemptions are counts that can be 0: their ratio
+is (kvsched + 1) / (vLLM + 1). Files are grouped by request rate; pool only files whose kvsched
+commit you mean to judge (each file's commit is printed).
+
+The interval takes the pairs as independent. They are not quite: a file's pairs share a workload
+seed and a stretch of the machine's time, and its pairs alternate which scheduler runs first, so
+with three pairs a file runs vLLM first twice or once. Read the interval as a lower bound on the
+uncertainty. A pair in which a run failed requests is left out of the ratios and named, with the
+scheduler whose run failed: failures are never a throughput.
 """
 
 from __future__ import annotations
@@ -27,20 +33,35 @@ from kvsched.sim.metrics import interval95
 METRICS = (("tokens_per_s", "throughput", True), ("ttft_mean_ms", "TTFT mean", False),
            ("ttft_p99_ms", "TTFT p99", False), ("tpot_p99_ms", "TPOT p99", False),
            ("preemptions", "preemptions", False))
+COUNTS = {"preemptions"}  # ratios of (count + 1): a pair where one side had none stays finite
 
 
-def pairs_of(path: Path, config: str) -> tuple[dict, list[tuple[dict, dict]], list[int]]:
-    """The file's runs, its (vLLM run, ``config`` run) pairs, and the pairs left out because a run
-    in them failed requests (a failure is no throughput: such a pair is reported, not compared)."""
+def pairs_of(path: Path, config: str) -> tuple[dict, list[tuple[dict, dict]], list[str]]:
+    """The file's runs, its (vLLM run, ``config`` run) pairs, and why each pair left out was:
+    a run that failed requests (named with its scheduler) or a pair one scheduler has no run in."""
     data = json.loads(path.read_text())
     runs = data["runs"]
     if config not in runs:
         raise SystemExit(f"{path}: no config {config!r} (it has {', '.join(runs)})")
-    by_pair = {r["pair"]: r for r in runs["vllm"] if not r.get("failed")}
-    pairs = [(by_pair[r["pair"]], r) for r in runs[config] if r["pair"] in by_pair and not r.get("failed")]
-    kept = {r["pair"] for _, r in pairs}
-    left_out = sorted({r["pair"] for r in runs["vllm"] + runs[config]} - kept)
+    reference = {r["pair"]: r for r in runs["vllm"]}
+    compared = {r["pair"]: r for r in runs[config]}
+    pairs, left_out = [], []
+    for pair in sorted(set(reference) | set(compared)):
+        if pair not in reference or pair not in compared:
+            left_out.append(f"pair {pair}: no {'vllm' if pair not in reference else config} run")
+            continue
+        failed = [f"{name} failed {run['failed']}" for name, run in (("vllm", reference[pair]), (config, compared[pair]))
+                  if run.get("failed")]
+        if failed:
+            left_out.append(f"pair {pair}: " + ", ".join(failed))
+        else:
+            pairs.append((reference[pair], compared[pair]))
     return data, pairs, left_out
+
+
+def ratio(key: str, run: dict, reference: dict) -> float:
+    shift = 1 if key in COUNTS else 0
+    return (run[key] + shift) / (reference[key] + shift)
 
 
 def summarize(ratios: list[float], higher_is_better: bool) -> dict:
@@ -66,11 +87,11 @@ def main() -> None:
         cells = []
         for reference, run in pairs:
             for key, _, _ in METRICS:
-                ratios[key].append(max(run[key], 1e-9) / max(reference[key], 1e-9))
+                ratios[key].append(ratio(key, run, reference))
             cells.append(f"{run['tokens_per_s'] / reference['tokens_per_s'] - 1:+.1%}")
         print(f"{path.name}: rate {rate:g}, seed {data['options']['seed']}, kvsched {commit}, "
               f"throughput per pair {', '.join(cells)}"
-              + (f"; pairs {left_out} left out: a run failed requests" if left_out else ""))
+              + (f"; left out: {'; '.join(left_out)}" if left_out else ""))
     summary = {}
     print(f"\n{args.config} against vLLM's scheduler, pooled pairs: geometric mean of the ratios "
           "[95% interval], pairs won")

@@ -27,6 +27,18 @@ def pressured(preemption: str, num_host_blocks: int = 64, **overrides) -> tuple[
     return scheduler, engine
 
 
+def test_preempted_tokens_count_swapped_victims_too():
+    # A victim's size, whether its KV is copied out or dropped (admission's priced risk reads it).
+    scheduler, engine = pressured("swap")
+    held_by_victims = 0
+    while scheduler.has_unfinished_requests():
+        held = {r: scheduler.info(r)["num_computed"] for r in engine.prompt if r in scheduler}
+        plan = engine.step()
+        held_by_victims += sum(held[r] for r in plan.swapped_out_ids.tolist() + plan.preempted_ids.tolist())
+    stats = scheduler.stats()
+    assert stats["swap_preemptions"] > 0 and stats["preempted_tokens"] == held_by_victims > 0
+
+
 def test_swap_preemption_keeps_kv_and_recomputes_nothing():
     swap_scheduler, swap_engine = pressured("swap")
     seen_swapped = False

@@ -573,6 +573,7 @@ StepPlan BatchFormer::schedule() {
   plan_.rejected_ids.swap(pending_rejected_ids_);
   plan_.rejected_reasons.swap(pending_rejected_reasons_);
   step_memory_preemptions_ = 0;
+  step_preempted_tokens_ = 0;
   step_attention_left_ = options_.prefill_attention_budget > 0 ? options_.prefill_attention_budget
                                                                 : std::numeric_limits<int64_t>::max();
   step_has_prefill_ = false;
@@ -595,6 +596,7 @@ StepPlan BatchFormer::schedule() {
   if (options_.host_prefix_cache) write_back_evictions();
   estimator_.observe(step_memory_preemptions_, plan_.num_admitted);
   counters_.preemptions += step_memory_preemptions_;
+  counters_.preempted_tokens += step_preempted_tokens_;
   counters_.admitted += plan_.num_admitted;
   counters_.estimator_quantile = estimator_.quantile();
   ++counters_.steps;

@@ -51,7 +51,7 @@ bool BatchFormer::place_running(Request& r, int64_t n, int64_t& budget, bool& pr
     Request& victim = *running_.back();
     running_.pop_back();
     if (victim.scheduled >= 0) budget += unemit(victim);  // placed earlier in this step
-    counters_.preempted_tokens += victim.num_computed;
+    step_preempted_tokens_ += victim.num_computed;  // before preempt(): a recompute zeroes it
     preempt(victim);
     preempted_for_memory = true;
     ++step_memory_preemptions_;

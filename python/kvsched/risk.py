@@ -14,9 +14,10 @@ Glossary
               `rows` rows a step's fixed cost is a / rows per row-step.
   price       what a preemption costs, in row-steps: recomputing the victim's tokens, c x its
               context, over a / rows.
-  victim's context  what the core's preemptions for memory dropped, per preemption (its
-              ``preempted_tokens`` over ``preemptions``), with the running requests' mean context
-              as a prior worth PRIOR_PREEMPTIONS of them. The victim is the back of the running
+  victim's context  what the core's preemptions for memory took off the device, per preemption
+              (its ``preempted_tokens`` over ``preemptions``; a swapped victim is priced as a
+              recompute too, an upper bound), with the running requests' mean context as a prior
+              worth PRIOR_PREEMPTIONS of them. The victim is the back of the running
               list, the newest request, which holds less than the mean; before any preemption the
               mean prices it from above.
   gain        what a candidate admitted now rather than later buys, in row-steps: the steps until

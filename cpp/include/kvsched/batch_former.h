@@ -195,8 +195,9 @@ struct BatchFormerStats {
   int64_t rejected = 0;
   int64_t admitted = 0;            // admissions, counting re-admissions after preemption
   int64_t preemptions = 0;         // for memory, by swap or recompute
-  int64_t preempted_tokens = 0;    // computed tokens those preemptions' victims held (what a
-                                   // recompute computes again; admission's risk prices it)
+  int64_t preempted_tokens = 0;    // computed tokens those preemptions' victims held: what a
+                                   // recompute computes again, or a swap copies (admission's
+                                   // priced risk reads it as a victim's size)
   // Swaps, read from the SwapPlanner's counters.
   int64_t swap_preemptions = 0;    // preemptions (counted above) that swapped
   int64_t swapped_in = 0;
@@ -456,6 +457,7 @@ class BatchFormer {
   BatchFormerStats counters_;
   int64_t next_add_order_ = 0, next_admit_order_ = 0, update_stamp_ = 0;
   int64_t step_memory_preemptions_ = 0;
+  int64_t step_preempted_tokens_ = 0;  // their victims' computed tokens (added with them at the end)
   int64_t step_attention_left_ = 0;  // token pairs; INT64_MAX without a prefill_attention_budget
   bool step_has_prefill_ = false;
   // Scratch reused every step.
