@@ -17,9 +17,9 @@ Glossary
   victim's context  what the core's preemptions for memory took off the device, per preemption
               (its ``preempted_tokens`` over ``preemptions``; a swapped victim is priced as a
               recompute too, an upper bound), with the running requests' mean context as a prior
-              worth PRIOR_PREEMPTIONS of them. The victim is the back of the running
-              list, the newest request, which holds less than the mean; before any preemption the
-              mean prices it from above.
+              worth PRIOR_PREEMPTIONS of them. The victim is the back of the running list, the
+              newest request, which holds less than the mean; before any preemption the mean
+              prices it from above.
   gain        what a candidate admitted now rather than later buys, in row-steps: the steps until
               a running request finishes and makes room anyway, about the mean output length
               over rows (the first of `rows` finishings).
@@ -166,7 +166,7 @@ class PricedAdmission:
             self._reprice()
 
     def victim_context(self) -> float:
-        """The tokens a preemption drops, as priced (the glossary's victim's context)."""
+        """The tokens a preemption takes off the device, as priced (the glossary's victim's context)."""
         stats = self.scheduler.stats()
         tokens = stats["preempted_tokens"] - self._preempted_base[0]
         preemptions = stats["preemptions"] - self._preempted_base[1]
